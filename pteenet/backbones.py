@@ -1,0 +1,310 @@
+"""Backbones: resolve a name, build the model, load its weights, freeze it.
+
+A name is ``cifar:NAME``, ``timm:NAME`` or ``torchvision:NAME``; a bare name is looked up in the
+built-in CIFAR ResNet family first, then timm, then torchvision (like timm's ``create_model``, this
+is the one way in). The returned :class:`Backbone` is frozen: ``requires_grad_(False)`` and eval
+mode, so BatchNorm running statistics never move while branches train (the reference PTEEnet code
+left BN in train mode and silently changed the pretrained backbone).
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import hashlib
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .cifar_resnet import CIFAR_DEPTHS, cifar_resnet
+from .errors import CheckpointError, ModelNotFoundError, OfflineError
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+
+__all__ = [
+    "Backbone",
+    "CIFAR_URLS",
+    "SOURCES",
+    "create_backbone",
+    "freeze",
+    "load_state_dict_file",
+    "resolve_name",
+    "sha256_file",
+]
+
+SOURCES = ("cifar", "timm", "torchvision")
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".th", ".bin", ".safetensors", ".ckpt")
+
+_CIFAR_BASE = "https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models/"
+CIFAR_URLS = {
+    name: _CIFAR_BASE + file
+    for name, file in {
+        "resnet20": "resnet20-12fca82f.th",
+        "resnet32": "resnet32-d509ac18.th",
+        "resnet44": "resnet44-014dd654.th",
+        "resnet56": "resnet56-4bfd9763.th",
+        "resnet110": "resnet110-1d1ed7c2.th",
+        "resnet1202": "resnet1202-f3b1deed.th",
+    }.items()
+}
+CIFAR_PREPROCESS = Preprocess(input_size=(32, 32), mean=IMAGENET_MEAN, std=IMAGENET_STD)
+_PREFIXES = ("module.", "_orig_mod.")
+
+
+@dataclass
+class Backbone:
+    """A frozen pretrained classifier and what pteenet needs to know about it."""
+
+    model: nn.Module
+    name: str
+    source: str
+    num_classes: int
+    preprocess: Preprocess
+    checkpoint: str | None = None
+    checkpoint_sha256: str | None = None
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.source}:{self.name}"
+
+
+@functools.cache
+def _timm_names() -> frozenset[str]:
+    import timm
+
+    return frozenset(timm.list_models())
+
+
+@functools.cache
+def _torchvision_names() -> frozenset[str]:
+    import torchvision
+
+    return frozenset(torchvision.models.list_models())
+
+
+def _known(source: str) -> frozenset[str]:
+    if source == "cifar":
+        return frozenset(CIFAR_DEPTHS)
+    return _timm_names() if source == "timm" else _torchvision_names()
+
+
+def resolve_name(name: str) -> tuple[str, str]:
+    """Return ``(source, model_name)`` for a possibly prefixed name, or raise with suggestions."""
+    source, sep, bare = name.partition(":")
+    if sep and source in SOURCES:
+        candidates = (source,)
+    elif sep:
+        raise ModelNotFoundError(
+            f"unknown model source '{source}' in '{name}': use one of {', '.join(SOURCES)}"
+        )
+    else:
+        candidates, bare = SOURCES, name
+    for src in candidates:
+        if bare in _known(src):
+            return src, bare
+    pool = sorted(set().union(*(_known(s) for s in candidates)))
+    close = difflib.get_close_matches(bare, pool, n=5, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see `pteenet inspect --list`"
+    raise ModelNotFoundError(f"unknown model '{name}'{hint}")
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_raw(path: Path) -> object:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    # weights_only=True: a checkpoint must never be able to run code on the user's machine.
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a checkpoint safely and return a flat ``name -> tensor`` state dict.
+
+    Accepts a bare state dict or one nested under ``state_dict``/``model`` and strips the
+    ``module.`` (DataParallel) and ``_orig_mod.`` (torch.compile) prefixes.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty")
+    try:
+        raw = _read_raw(path)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"checkpoint {path} was refused: it is a pickle that loads more than tensors "
+            f"(weights_only=True), which could run code; re-save it as a plain state_dict "
+            f"or .safetensors ({str(e).splitlines()[0][:120]})"
+        ) from e
+    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile, Exception) as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        raise CheckpointError(
+            f"checkpoint {path} is not a readable PyTorch or safetensors file "
+            f"(truncated or not a checkpoint?): {first}"
+        ) from e
+    return _flatten(raw, path)
+
+
+def _flatten(raw: object, path: Path) -> dict[str, torch.Tensor]:
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(raw, dict) and isinstance(raw.get(key), dict):
+            raw = raw[key]
+            break
+    if not isinstance(raw, dict) or not raw:
+        raise CheckpointError(f"checkpoint {path} holds no state_dict (found {type(raw).__name__})")
+    out: dict[str, torch.Tensor] = {}
+    for k, v in raw.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        for prefix in _PREFIXES:
+            while k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    if not out:
+        raise CheckpointError(f"checkpoint {path} holds no tensors")
+    return out
+
+
+def _apply_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], path: Path, label: str) -> None:
+    own = model.state_dict()
+    # Checkpoints saved before PyTorch 0.4.1 have no BatchNorm step counters; they carry no
+    # information for a frozen model, so the model's own are kept.
+    sd = {**{k: v for k, v in own.items() if k.endswith("num_batches_tracked")}, **sd}
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [k for k in own if k in sd and own[k].shape != sd[k].shape]
+    if not (missing or unexpected or wrong):
+        model.load_state_dict(sd, strict=True)
+        return
+
+    def few(keys: list[str]) -> str:
+        return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys ({few(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys ({few(unexpected)})")
+    if wrong:
+        k = wrong[0]
+        parts.append(f"{len(wrong)} shape mismatches ({k}: {tuple(sd[k].shape)} in file, "
+                     f"{tuple(own[k].shape)} in model)")
+    hint = "is it for another architecture?"
+    if wrong and not missing and not unexpected and sd[wrong[-1]].ndim <= 2:
+        hint = f"wrong number of classes? pass --num-classes {sd[wrong[-1]].shape[0]}"
+    raise CheckpointError(f"checkpoint {path} does not fit {label}: {'; '.join(parts)}; {hint}")
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Freeze for good: no gradients and eval mode, so BatchNorm statistics never move."""
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def _build(source: str, name: str, num_classes: int | None, pretrained: bool) -> nn.Module:
+    if source == "cifar":
+        model = cifar_resnet(name, num_classes or 10)
+        if pretrained:
+            _download_cifar(model, name)
+        return model
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    try:
+        if source == "timm":
+            import timm
+
+            return timm.create_model(name, pretrained=pretrained, **kwargs)
+        import torchvision
+
+        return torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None,
+                                            **kwargs)
+    except (OSError, RuntimeError, ValueError, ConnectionError) as e:
+        if not pretrained:
+            raise
+        raise OfflineError(
+            f"could not download pretrained weights for {source}:{name} (offline?): "
+            f"pass --checkpoint PATH"
+        ) from e
+
+
+def _download_cifar(model: nn.Module, name: str) -> None:
+    url = CIFAR_URLS[name]
+    try:
+        sd = torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=True,
+                                                weights_only=True, progress=False)
+    except Exception as e:
+        raise OfflineError(
+            f"could not download pretrained weights for cifar:{name} from {url} (offline?): "
+            f"pass --checkpoint PATH"
+        ) from e
+    _apply_state_dict(model, _flatten(sd, Path(url)), Path(url), f"cifar:{name}")
+
+
+def _default_preprocess(source: str, name: str, model: nn.Module) -> Preprocess:
+    if source == "cifar":
+        return CIFAR_PREPROCESS
+    if source == "timm":
+        from timm.data import resolve_data_config
+
+        cfg = resolve_data_config({}, model=model)
+        return Preprocess(tuple(cfg["input_size"][1:]), tuple(cfg["mean"]), tuple(cfg["std"]))
+    import torchvision
+
+    try:
+        t = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+        return Preprocess((t.crop_size[0], t.crop_size[0]), tuple(t.mean), tuple(t.std))
+    except (ValueError, AttributeError, KeyError):
+        return Preprocess((224, 224))
+
+
+def _head_size(model: nn.Module, preprocess: Preprocess) -> int:
+    with torch.no_grad():
+        out = model(torch.zeros(1, 3, *preprocess.input_size))
+    return int(out.shape[-1])
+
+
+def create_backbone(
+    name: str,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    pretrained: bool = False,
+    num_classes: int | None = None,
+    input_size: tuple[int, int] | None = None,
+    mean: tuple[float, float, float] | None = None,
+    std: tuple[float, float, float] | None = None,
+) -> Backbone:
+    """Build a frozen backbone from a name, with weights from ``checkpoint`` or the registry.
+
+    ``pretrained=True`` downloads the registry's weights when no checkpoint is given (timm's and
+    torchvision's own mechanisms; the CIFAR family from its public URLs, hash-checked, into the
+    torch hub cache). Offline that fails with :class:`OfflineError` saying to pass a checkpoint.
+    """
+    source, bare = resolve_name(name)
+    model = _build(source, bare, num_classes, pretrained and checkpoint is None)
+    sha = None
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        _apply_state_dict(model, load_state_dict_file(path), path, f"{source}:{bare}")
+        sha = sha256_file(path)
+    pre = _default_preprocess(source, bare, model)
+    pre = Preprocess(
+        tuple(input_size) if input_size else pre.input_size,
+        tuple(mean) if mean else pre.mean,
+        tuple(std) if std else pre.std,
+    )
+    freeze(model)
+    return Backbone(model=model, name=bare, source=source,
+                    num_classes=num_classes or _head_size(model, pre), preprocess=pre,
+                    checkpoint=str(checkpoint) if checkpoint is not None else None,
+                    checkpoint_sha256=sha)

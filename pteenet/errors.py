@@ -1,0 +1,67 @@
+"""pteenet's own exceptions.
+
+Every failure a user can cause (a bad name, a bad file, a bad option) is raised as a subclass of
+:class:`PteenetError` whose message is one line that names the problem and the fix. The CLI turns
+each into that one line and a non-zero exit (see ``cli/_errors.py``); Python callers can catch them
+by type.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BundleError",
+    "CalibrationError",
+    "CheckpointError",
+    "DataError",
+    "ModelNotFoundError",
+    "OfflineError",
+    "OptionError",
+    "PlacementError",
+    "PteenetError",
+    "TraceError",
+    "TrainingError",
+]
+
+
+class PteenetError(Exception):
+    """Base class: a problem with the user's input, explained in one line."""
+
+
+class ModelNotFoundError(PteenetError):
+    """A backbone name that no registry (CIFAR family, timm, torchvision) knows."""
+
+
+class CheckpointError(PteenetError):
+    """A checkpoint file that is missing, unreadable, unsafe or for another architecture."""
+
+
+class OfflineError(PteenetError):
+    """Something had to be downloaded and the network could not be reached."""
+
+
+class TraceError(PteenetError):
+    """A backbone that torch.fx cannot trace, or a cut that does not exist."""
+
+
+class PlacementError(PteenetError):
+    """Exits cannot be placed as asked (too many branches, bad fractions)."""
+
+
+class DataError(PteenetError):
+    """A dataset that is missing, empty or unusable."""
+
+
+class BundleError(PteenetError):
+    """A bundle or threshold table that is missing, corrupt or inconsistent."""
+
+
+class TrainingError(PteenetError):
+    """Training could not go on (e.g. the loss became NaN)."""
+
+
+class CalibrationError(PteenetError):
+    """Thresholds cannot be calibrated as asked."""
+
+
+class OptionError(PteenetError):
+    """An option value out of range, or options that conflict."""
