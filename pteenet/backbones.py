@@ -177,7 +177,8 @@ def _flatten(raw: object, path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def _apply_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], path: Path, label: str) -> None:
+def _apply_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], path: Path,
+                      label: str) -> None:
     own = model.state_dict()
     # Checkpoints saved before PyTorch 0.4.1 have no BatchNorm step counters; they carry no
     # information for a frozen model, so the model's own are kept.

@@ -25,9 +25,10 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .atomic import atomic_path, write_text
 from .backbones import Backbone, create_backbone
-from .early_exit import EarlyExitModel, build_early_exit, threshold_table
+from .early_exit import EarlyExitModel, build_early_exit
 from .errors import BundleError, OptionError, PteenetError
 from .preprocess import Preprocess
+from .thresholds import as_table
 from .tracing import trace_backbone
 
 __all__ = [
@@ -136,7 +137,8 @@ def write_thresholds(out: str | os.PathLike, table: ThresholdTable) -> None:
 # -- reading ----------------------------------------------------------------------------------
 def _need(d: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
     if not isinstance(d, dict) or key not in d or not isinstance(d[key], kind):
-        raise BundleError(f"{where}: field '{key}' is missing or malformed; re-run `pteenet attach`")
+        raise BundleError(
+            f"{where}: field '{key}' is missing or malformed; re-run `pteenet attach`")
     return d[key]
 
 
@@ -162,7 +164,7 @@ def read_info(path: str | os.PathLike) -> BundleInfo:
 
         with safe_open(str(f), "pt") as h:
             header = h.metadata() or {}
-            idx = h.get_tensor("calibration_indices") if "calibration_indices" in h.keys() else None
+            idx = h.get_tensor("calibration_indices") if "calibration_indices" in h.keys()  # noqa: SIM118 else None
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise BundleError(f"{f} is not a readable bundle (truncated or edited?): {e}") from e
     where = str(f)
@@ -208,7 +210,7 @@ def read_thresholds(path: str | os.PathLike, info: BundleInfo) -> ThresholdTable
     """Read the bundle's threshold table, checked against the bundle (branches, classes)."""
     f = Path(path) / THRESHOLDS_FILE if Path(path).is_dir() else Path(path)
     if not f.is_file():
-        return ThresholdTable(threshold_table(0.5, info.num_branches, info.num_classes))
+        return ThresholdTable(as_table(0.5, info.num_branches, info.num_classes))
     try:
         doc = json.loads(f.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -216,8 +218,9 @@ def read_thresholds(path: str | os.PathLike, info: BundleInfo) -> ThresholdTable
     rows = _need(doc, "thresholds", list, str(f))
     shape = (len(rows), len(rows[0]) if rows and isinstance(rows[0], list) else -1)
     if shape != (info.num_branches, info.num_classes):
-        raise BundleError(f"{f} is for {shape[0]} branches x {shape[1]} classes but the bundle "
-                          f"has {info.num_branches} x {info.num_classes}; re-run `pteenet calibrate`")
+        raise BundleError(
+            f"{f} is for {shape[0]} branches x {shape[1]} classes but the bundle has "
+            f"{info.num_branches} x {info.num_classes}; re-run `pteenet calibrate`")
     ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) or v is None
              for row in rows if isinstance(row, list) for v in row)
     if not ok or any(not isinstance(r, list) for r in rows):
@@ -228,7 +231,7 @@ def read_thresholds(path: str | os.PathLike, info: BundleInfo) -> ThresholdTable
     score = doc.get("score", "head")
     if score not in ("head", "softmax"):
         raise BundleError(f"{f}: unknown score '{score}'")
-    return ThresholdTable(threshold_table(rows, info.num_branches, info.num_classes), score,
+    return ThresholdTable(as_table(rows, info.num_branches, info.num_classes), score,
                           str(doc.get("method", "global")), dict(doc.get("params") or {}),
                           dict(doc.get("summary") or {}))
 

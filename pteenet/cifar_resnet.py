@@ -2,9 +2,9 @@
 
 6n+2 layers: a 3x3 stem, three stages of n BasicBlocks with 16, 32 and 64 channels, global average
 pooling and a linear head. Down-sampling blocks use "option A" shortcuts (stride-2 subsampling,
-zero-padded channels), which have no parameters. Parameter names follow the widely used pretrained
-checkpoints of Yerlan Idelbayev (``conv1``, ``bn1``, ``layer{1,2,3}.{i}.*``, ``linear``) so they load
-strictly.
+zero-padded channels), which have no parameters. Parameter names follow the widely used
+pretrained checkpoints of Yerlan Idelbayev (``conv1``, ``bn1``, ``layer{1,2,3}.{i}.*``,
+``linear``) so they load strictly.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from torch import nn
 
 from .branches import branch_flops, make_branch
 from .errors import OptionError
+from .thresholds import as_table
 from .tracing import Trace, split_at
 
 __all__ = [
@@ -30,7 +31,6 @@ __all__ = [
     "EarlyExitResult",
     "TrainOutputs",
     "build_early_exit",
-    "threshold_table",
 ]
 
 SCORES = ("head", "softmax")
@@ -56,35 +56,6 @@ class EarlyExitResult:
     @property
     def preds(self) -> torch.Tensor:
         return self.logits.argmax(1)
-
-
-def threshold_table(value: object, num_branches: int, num_classes: int) -> torch.Tensor:
-    """A ``[B, K]`` table from a float, B floats, a BxK nested list or a tensor (None = never)."""
-    if isinstance(value, torch.Tensor):
-        t = value.detach().to(torch.float32).clone()
-    elif isinstance(value, (int, float)):
-        t = torch.tensor(float(value))
-    else:
-        t = torch.tensor(_nones_to_inf(value), dtype=torch.float32)
-    try:
-        t = t.reshape(t.shape + (1,) * (2 - t.dim())) if t.dim() == 1 else t
-        t = torch.broadcast_to(t, (num_branches, num_classes)).clone()
-    except RuntimeError as e:
-        raise OptionError(
-            f"thresholds of shape {tuple(t.shape)} do not fit {num_branches} branches x "
-            f"{num_classes} classes"
-        ) from e
-    if torch.isnan(t).any() or (t < 0).any():
-        raise OptionError("thresholds must be numbers >= 0 (NaN and negatives are refused)")
-    return t
-
-
-def _nones_to_inf(value: object) -> object:
-    if value is None:
-        return float("inf")
-    if isinstance(value, (list, tuple)):
-        return [_nones_to_inf(v) for v in value]
-    return value
 
 
 class EarlyExitModel(nn.Module):
@@ -141,7 +112,7 @@ class EarlyExitModel(nn.Module):
             if score not in SCORES:
                 raise OptionError(f"unknown score '{score}': use one of {', '.join(SCORES)}")
             self.score = score
-        t = threshold_table(value, self.num_branches, self.num_classes)
+        t = as_table(value, self.num_branches, self.num_classes).float()
         self.thresholds = t.to(self.thresholds.device if self.thresholds.numel() else "cpu")
 
     def train(self, mode: bool = True) -> EarlyExitModel:

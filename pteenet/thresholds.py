@@ -27,6 +27,7 @@ runs models.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -66,12 +67,14 @@ _BISECT_STEPS = 60
 
 
 def as_table(value, num_branches: int, num_classes: int) -> Tensor:
-    """Turn a global, per-branch or per-class threshold spec into a float32 ``[B, K]`` table.
+    """Turn a global, per-branch or per-class threshold spec into a float ``[B, K]`` CPU table.
 
     One table shape for every granularity keeps a single exit rule (:func:`exit_index`) and a
     single on-disk format. Accepted: a number (global), a sequence of ``B`` numbers (per branch),
     a ``B x K`` nested sequence (per class; a row may also be a single number), or a tensor of
     shape ``[]``, ``[B]`` or ``[B, K]``. ``None`` anywhere means ``inf`` ("never exits").
+    The table is float32, except that a floating tensor keeps its dtype (so thresholds picked
+    from float64 scores stay exact).
     """
     if num_branches < 0 or num_classes < 1:
         raise OptionError(
@@ -79,8 +82,9 @@ def as_table(value, num_branches: int, num_classes: int) -> Tensor:
         )
     shape = (num_branches, num_classes)
     if isinstance(value, Tensor):
-        table = _tensor_table(value.detach().to("cpu", torch.float32), shape)
-    elif value is None or isinstance(value, (int, float)):
+        dtype = value.dtype if value.dtype.is_floating_point else torch.float32
+        table = _tensor_table(value.detach().to("cpu", dtype), shape)
+    elif value is None or isinstance(value, numbers.Real):
         table = torch.full(shape, _number(value))
     elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
         table = _nested_table(value, shape)
@@ -94,7 +98,7 @@ def _number(value) -> float:
     """One threshold entry as a float; ``None`` is ``inf`` (never exits)."""
     if value is None:
         return math.inf
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise OptionError(f"a threshold must be a number or None, not {value!r}")
     return float(value)
 
@@ -158,9 +162,10 @@ def scaled_candidates(table: Tensor, steps: int = 101) -> list[Tensor]:
     _check_steps(steps)
     base = as_table(table, *_table_shape(table))
     never = base > 1.0
+    ones = torch.ones_like(base)
     out = []
     for s in torch.linspace(0.0, 1.0, steps).tolist():
-        scaled = 1.0 - s * (1.0 - base)
+        scaled = torch.lerp(ones, base, s)  # exact at both ends: s=1 returns the table itself
         out.append(torch.where(never, base, scaled))
     return out
 
@@ -442,7 +447,7 @@ def risk_control(
     losses = _check_losses(candidate_losses)
     _check_level(epsilon, "epsilon")
     _check_level(delta, "delta")
-    empiricals = losses.mean(dim=1).tolist()
+    empiricals = losses.mean(dim=1).clamp(0.0, 1.0).tolist()
     if bound == "hb":
         ucbs = [hoeffding_bentkus_ucb(r, losses.shape[1], delta) for r in empiricals]
     elif bound == "wsr":

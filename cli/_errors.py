@@ -1,0 +1,50 @@
+"""The one place where library exceptions become one-line messages and exit codes."""
+
+from __future__ import annotations
+
+from pteenet.errors import (
+    BundleError,
+    CalibrationError,
+    CheckpointError,
+    DataError,
+    ModelNotFoundError,
+    OfflineError,
+    OptionError,
+    PlacementError,
+    PteenetError,
+    TraceError,
+    TrainingError,
+)
+
+# exception type -> (label, exit code). Codes: 2 bad usage/options, 3 input files, 4 network,
+# 5 training, 1 anything else of ours.
+ERROR_TABLE: dict[type[PteenetError], tuple[str, int]] = {
+    OptionError: ("bad option", 2),
+    ModelNotFoundError: ("unknown model", 2),
+    PlacementError: ("placement", 2),
+    CheckpointError: ("checkpoint", 3),
+    DataError: ("data", 3),
+    BundleError: ("bundle", 3),
+    TraceError: ("tracing", 3),
+    OfflineError: ("offline", 4),
+    TrainingError: ("training", 5),
+    CalibrationError: ("calibration", 5),
+}
+
+
+def describe(exc: BaseException) -> tuple[str, int]:
+    """Return the one line to print and the exit code for ``exc``."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted: nothing was written (earlier results are intact)", 130
+    for kind, (label, code) in ERROR_TABLE.items():
+        if isinstance(exc, kind):
+            return f"error ({label}): {_one_line(exc)}", code
+    if isinstance(exc, PteenetError):
+        return f"error: {_one_line(exc)}", 1
+    return (f"internal error: {type(exc).__name__}: {_one_line(exc)} "
+            f"(run again with --debug for the traceback and please report it)"), 1
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__

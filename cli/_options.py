@@ -1,0 +1,44 @@
+"""Option types shared by every command (``Annotated`` aliases, as in the ``hf`` CLI)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+Checkpoint = Annotated[Path | None, typer.Option(
+    "--checkpoint", "-c", help="Weights file (.pt/.pth/.th/.bin/.safetensors). Without it the "
+    "registry's pretrained weights are downloaded.")]
+NumClasses = Annotated[int | None, typer.Option(
+    "--num-classes", help="Classes of the backbone's head, when the checkpoint's differ from "
+    "the default.", min=1)]
+Branches = Annotated[int, typer.Option("--branches", "-n", help="Number of exit branches.", min=1)]
+Placement = Annotated[str, typer.Option(
+    "--placement", "-p", help="pareto (20/80 splits), golden (61.8/38.2), fine (5/95), linear "
+    "(equal FLOPs between exits) or quadratic (gaps grow quadratically).")]
+At = Annotated[str | None, typer.Option(
+    "--at", help="Explicit FLOP fractions for the exits, e.g. 0.15,0.3,0.5 (overrides "
+    "--placement).")]
+Cuts = Annotated[str | None, typer.Option(
+    "--cuts", help="Module names to split at, e.g. layer1,layer2 (for models torch.fx cannot "
+    "trace whole).")]
+Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+Bundle = Annotated[Path, typer.Option("--bundle", "-b", help="Bundle folder written by attach.")]
+Device = Annotated[str, typer.Option("--device", help="cpu or cuda.")]
+
+
+def floats(text: str | None, what: str) -> list[float] | None:
+    """Parse ``0.1,0.2`` into floats, or raise one clear line."""
+    from pteenet.errors import OptionError
+
+    if text is None:
+        return None
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError as e:
+        raise OptionError(f"{what} takes comma-separated numbers, got '{text}'") from e
+
+
+def names(text: str | None) -> list[str] | None:
+    return None if text is None else [t.strip() for t in text.split(",") if t.strip()]

@@ -1,0 +1,71 @@
+"""The root of the CLI: registers one command per file; errors become one line here only."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from typing import Annotated
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from ._errors import describe
+
+
+class _Group(TyperGroup):
+    """Overrides ``invoke`` so every library error ends as one line on stderr and an exit code
+    (the traceback only with ``--debug``)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except (Exception, KeyboardInterrupt) as exc:
+            if ctx.params.get("debug"):
+                traceback.print_exc()
+            message, code = describe(exc)
+            click.echo(message, err=True)
+            ctx.exit(code)
+
+
+app = typer.Typer(
+    cls=_Group,
+    name="pteenet",
+    help="Retrofit early exits onto a pretrained image classifier: inspect where its FLOPs go, "
+    "attach and train exit branches on its own predictions, calibrate when they may answer, and "
+    "benchmark the saving against the untouched backbone.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+) -> None:
+    """pteenet: early exits for pretrained classifiers."""
+
+
+def _register() -> None:
+    from .inspect_cmd import inspect
+
+    app.command(no_args_is_help=True)(inspect)
+    for module, name in (("attach_cmd", "attach"), ("calibrate_cmd", "calibrate"),
+                         ("bench_cmd", "bench"), ("demo_cmd", "demo"), ("export_cmd", "export")):
+        try:
+            mod = __import__(f"{__package__}.{module}", fromlist=[name])
+        except ModuleNotFoundError:
+            continue
+        app.command()(getattr(mod, name))
+
+
+_register()
+
+
+def main() -> None:
+    """Console entry point."""
+    sys.exit(app())

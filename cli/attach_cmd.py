@@ -1,0 +1,76 @@
+"""``pteenet attach``: place and train exit branches, write the bundle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pteenet.retrofit import attach as run_attach
+from pteenet.training import TrainConfig
+
+from ._options import At, Branches, Checkpoint, Cuts, Device, NumClasses, Placement, floats, names
+from ._output import Output, human, pct
+
+
+def attach(
+    model: Annotated[str, typer.Argument(help="Backbone name, e.g. resnet44 or timm:resnet18.")],
+    data: Annotated[str, typer.Option(
+        "--data", "-d", help="Image folder (<class>/<image>, or train/ + test/ inside) or a "
+        "dataset name: cifar10, cifar100, svhn, mnist, fashion-mnist. Labels are optional.")],
+    checkpoint: Checkpoint = None,
+    num_classes: NumClasses = None,
+    branches: Branches = 5,
+    placement: Placement = "pareto",
+    at: At = None,
+    cuts: Cuts = None,
+    branch: Annotated[str, typer.Option(
+        "--branch", help="Branch type: conv1/conv2/conv3 (PTEEnet ConvX), conv1d (BTS-EE, "
+        "lightweight), pool (EENets Bnpool) or sdn.")] = "conv2",
+    epochs: Annotated[int, typer.Option(help="Training epochs (per branch when boosted).")] = 10,
+    lam: Annotated[float, typer.Option(help="EENets cost weight lambda in the L_v2 loss.")] = 0.05,
+    target: Annotated[str, typer.Option(
+        help="hard (backbone argmax), soft (its softmax: distillation) or labels "
+        "(ground truth).")] = "hard",
+    boosted: Annotated[str | None, typer.Option(
+        help="BTS-EE sequential training: hard (drop samples earlier exits take) or soft "
+        "(down-weight them).")] = None,
+    margin: Annotated[float, typer.Option(help="CPM margin used between boosted stages.")] = 0.02,
+    val_fraction: Annotated[float, typer.Option(
+        help="Share of the data held out for calibration (never trained on).")] = 0.1,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Bundle folder.")] = Path("pteenet-out"),
+    seed: Annotated[int, typer.Option(help="Random seed (split, init, order).")] = 0,
+    device: Device = "cpu",
+    batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 128,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    no_cache: Annotated[bool, typer.Option(
+        "--no-cache", help="Recompute backbone features every epoch instead of caching them.")]
+    = False,
+    max_samples: Annotated[int | None, typer.Option(
+        help="Use a seeded subset of this many images (quick runs).", min=2)] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Attach N exit branches to MODEL and train them on the backbone's own predictions.
+
+    The backbone stays frozen; its features at the exits are computed once and cached. The
+    bundle (branches.safetensors + thresholds.json/csv) is written atomically to --out.
+    """
+    out_ = Output(quiet=quiet)
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, lam=lam, target=target,
+                         boosted=boosted, margin=margin, seed=seed, device=device,
+                         cache=not no_cache)
+    res = run_attach(model, data, checkpoint=checkpoint, branches=branches, placement=placement,
+                     at=floats(at, "--at"), cuts=names(cuts), branch=branch,
+                     val_fraction=val_fraction, out=out, config=config, num_classes=num_classes,
+                     max_samples=max_samples, progress=not quiet)
+    rows = [[r["branch"], r["cut"], r["type"], pct(r["exit_flops"]), pct(r["branch_flops"], 2),
+             pct(r["agreement"])] for r in res.rows()]
+    out_.table(f"{res.info.backbone['source']}:{res.info.backbone['name']}: "
+               f"{len(rows)} exits ({res.info.training['mode']})",
+               ["branch", "cut", "type", "FLOPs at exit", "branch FLOPs", "agrees (held-out)"],
+               rows)
+    if res.report.skipped:
+        out_.note(f"skipped {res.report.skipped} unreadable images")
+    out_.note(f"backbone {human(res.model.backbone_flops)}FLOPs; trained in {res.seconds:.1f}s; "
+              f"bundle written to {out}/ (next: pteenet calibrate --bundle {out})")

@@ -1,0 +1,84 @@
+"""``pteenet calibrate``: choose when each exit may answer and write the threshold table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pteenet.calibration import DEFAULT_MARGIN
+from pteenet.calibration import calibrate as run_calibrate
+
+from ._options import Bundle, Checkpoint, Device, Json
+from ._output import Output, pct
+
+
+def calibrate(
+    bundle: Bundle = Path("pteenet-out"),
+    threshold: Annotated[float | None, typer.Option(
+        "--threshold", "-t", help="One global threshold T in [0, 1] on every exit score.")] = None,
+    cpm: Annotated[bool, typer.Option(
+        "--cpm", help="Class Precision Margin (BTS-EE): per branch and class, keep each class's "
+        "precision within --margin of the backbone's. The default method.")] = False,
+    margin: Annotated[float, typer.Option(help="CPM precision margin m.")] = DEFAULT_MARGIN,
+    min_support: Annotated[int, typer.Option(
+        help="CPM: fewest calibration samples a (branch, class) exit must take.")] = 20,
+    max_drop: Annotated[float | None, typer.Option(
+        "--max-drop", help="Risk control (Jazbec et al. 2024): most permissive thresholds whose "
+        "upper confidence bound on disagreement with the backbone (accuracy drop with labels) is "
+        "at most this. Scans global thresholds, or the CPM table with --cpm.")] = None,
+    delta: Annotated[float, typer.Option(help="Risk control: the bound holds w.p. 1-delta.")]
+    = 0.1,
+    bound: Annotated[str, typer.Option(
+        help="Risk control bound: hb (Hoeffding-Bentkus) or wsr (Waudby-Smith-Ramdas).")] = "hb",
+    score: Annotated[str, typer.Option(
+        help="Exit score: head (the learned confidence head) or softmax (top probability).")]
+    = "head",
+    data: Annotated[str | None, typer.Option(
+        "--data", "-d", help="Calibrate on other data (labels used if present) instead of the "
+        "bundle's held-out split.")] = None,
+    checkpoint: Checkpoint = None,
+    force: Annotated[bool, typer.Option(
+        help="Use a checkpoint whose hash differs from the bundle's.")] = False,
+    device: Device = "cpu",
+    json: Json = False,
+) -> None:
+    """Calibrate exit thresholds on the bundle's held-out split and write thresholds.json/.csv.
+
+    The table shows, per branch (and class where per class), the threshold, the share of
+    calibration samples it takes, its precision on what it takes, and the expected accuracy and
+    relative FLOPs of the whole cascade.
+    """
+    out = Output(json)
+    res = run_calibrate(bundle, threshold=threshold, cpm=cpm, margin=margin,
+                        min_support=min_support, max_drop=max_drop, delta=delta, bound=bound,
+                        score=score, data=data, checkpoint=checkpoint, force=force,
+                        device=device)
+    t = res.table
+    per_class = bool((t.thresholds != t.thresholds[:, :1]).any())
+    rows = [[r["branch"], r["class"], _thr(r["threshold"]), pct(r["share"]),
+             pct(r["precision"]), r["support"]] for r in res.rows] if per_class else [
+        [b, "all", _thr(float(t.thresholds[b, 0])), pct(sum(r["share"] for r in rs)), "",
+         sum(r["support"] for r in rs)]
+        for b in range(t.thresholds.shape[0])
+        for rs in [[r for r in res.rows if r["branch"] == b]]]
+    out.table(f"thresholds ({t.method}, score={t.score})",
+              ["branch", "class", "threshold", "takes", "precision", "support"], rows)
+    s = res.summary
+    exits = " ".join(pct(e["share"], 0) for e in s["exits"])
+    acc = f"accuracy {pct(s['accuracy'])} (backbone {pct(s['backbone_accuracy'])}), " \
+        if s["accuracy"] is not None else ""
+    out.note(f"expected on {s['num_samples']} calibration samples: {acc}agreement "
+             f"{pct(s['agreement'])}, relative FLOPs {s['mean_relative_flops']:.3f}; exits {exits}")
+    if t.method == "risk":
+        p = t.params
+        out.note(f"risk control: {p['bound']} bound {p['ucb']:.4f} <= {p['max_drop']} "
+                 f"(empirical {p['empirical']:.4f}) with probability {1 - p['delta']:.2f}")
+    out.note(f"wrote {bundle}/thresholds.json and thresholds.csv")
+    out.result({"method": t.method, "score": t.score, "params": t.params, "summary": s,
+                "rows": res.rows})
+
+
+def _thr(v: float) -> str:
+    return "never" if v > 1 else f"{v:.3f}"

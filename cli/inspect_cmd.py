@@ -1,0 +1,45 @@
+"""``pteenet inspect``: cut points, FLOPs and the placement's choice."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from pteenet.inspection import inspect_backbone
+
+from ._options import At, Checkpoint, Cuts, Json, NumClasses, Placement, floats, names
+from ._output import Output, human, pct
+
+
+def inspect(
+    model: Annotated[str, typer.Argument(help="Backbone: NAME, cifar:NAME, timm:NAME or "
+                                         "torchvision:NAME (e.g. resnet56).")],
+    checkpoint: Checkpoint = None,
+    num_classes: NumClasses = None,
+    branches: Annotated[int | None, typer.Option("--branches", "-n", min=1,
+                                                 help="Mark where N exits would go.")] = None,
+    placement: Placement = "pareto",
+    at: At = None,
+    cuts: Cuts = None,
+    json: Json = False,
+) -> None:
+    """Show where MODEL's FLOPs go: every cut point with its cumulative FLOPs and parameters."""
+    out = Output(json)
+    info = inspect_backbone(model, checkpoint=checkpoint, num_classes=num_classes,
+                            branches=branches, placement=placement, at=floats(at, "--at"),
+                            cuts=names(cuts))
+    out.note(f"[bold]{info['model']}[/] (resolved from '{model}' via {info['source']}), "
+             f"input {info['input_size'][0]}x{info['input_size'][1]}, "
+             f"{info['num_classes']} classes")
+    rows = [[c["name"], "x".join(map(str, c["shape"])), human(c["flops"]), pct(c["fraction"]),
+             human(c["params"]), "<-- exit" if c["chosen"] else ""] for c in info["cuts"]]
+    out.table(f"{len(info['cuts'])} cut points", ["cut", "shape", "FLOPs", "FLOPs %", "params",
+                                                   "exit"], rows)
+    thop = human(info["thop_macs"]) if info["thop_macs"] else "n/a"
+    out.note(f"total: {human(info['total_flops'])}FLOPs = {human(info['total_macs'])}MACs "
+             f"(aten-level FlopCounterMode), {human(info['total_params'])} params; "
+             f"thop: {thop}MACs (module hooks only: misses residual adds and functional ops)")
+    if info["chosen"]:
+        out.note(f"placement {info['placement']}: {', '.join(info['chosen'])}")
+    out.result(info)

@@ -1,0 +1,57 @@
+"""``pteenet inspect``: where a backbone's compute goes and where exits would sit."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from .backbones import create_backbone
+from .placement import choose_cuts
+from .tracing import trace_backbone
+
+__all__ = ["inspect_backbone"]
+
+
+def inspect_backbone(
+    model: str,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    num_classes: int | None = None,
+    branches: int | None = None,
+    placement: str = "pareto",
+    at: Sequence[float] | None = None,
+    cuts: Sequence[str] | None = None,
+    input_size: tuple[int, int] | None = None,
+) -> dict[str, Any]:
+    """Trace ``model`` and describe every cut point; mark those a placement would choose.
+
+    Returns a JSON-serialisable dict (the same data ``--json`` prints).
+    """
+    bb = create_backbone(model, checkpoint=checkpoint, num_classes=num_classes,
+                         input_size=input_size)
+    trace = trace_backbone(bb.model, bb.preprocess.input_size, cuts=cuts)
+    chosen: list[str] = []
+    if cuts:
+        chosen = list(cuts)
+    elif branches or at:
+        chosen = choose_cuts(trace, branches, placement, at)
+    total = trace.total_flops
+    return {
+        "model": bb.full_name,
+        "source": bb.source,
+        "input_size": list(bb.preprocess.input_size),
+        "num_classes": bb.num_classes,
+        "total_flops": total,
+        "total_macs": total // 2,
+        "total_params": trace.total_params,
+        "thop_macs": trace.thop_macs,
+        "placement": None if cuts else ("at" if at else placement) if chosen else None,
+        "chosen": chosen,
+        "cuts": [
+            {"name": c.name, "shape": list(c.shape), "flops": c.flops,
+             "fraction": c.flops / total if total else 0.0, "params": c.params,
+             "chosen": c.name in chosen}
+            for c in trace.cuts
+        ],
+    }

@@ -1,0 +1,158 @@
+"""The whole attach job: backbone -> trace -> placement -> branches -> training -> bundle.
+
+:func:`attach` is what ``pteenet attach`` runs; every step is also public on its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from . import __version__
+from .backbones import Backbone, create_backbone
+from .bundle import BundleInfo, ThresholdTable, save_bundle, write_thresholds
+from .data import open_data
+from .early_exit import EarlyExitModel, build_early_exit
+from .errors import OptionError
+from .placement import choose_cuts
+from .tracing import Trace, trace_backbone
+from .training import TrainConfig, TrainReport, compute_features, split_indices, train_branches
+
+__all__ = ["AttachResult", "attach"]
+
+
+@dataclass
+class AttachResult:
+    """What :func:`attach` produced: the trained model, where it went, and how training went."""
+
+    model: EarlyExitModel
+    info: BundleInfo
+    trace: Trace
+    report: TrainReport
+    seconds: float
+
+    def rows(self) -> list[dict]:
+        """Per branch: cut, FLOPs fraction at the exit, and held-out agreement with the backbone."""
+        costs = self.model.exit_costs()
+        return [{"branch": i, "cut": c, "type": b["type"], "exit_flops": costs[i],
+                 "branch_flops": b["flops"] / self.model.backbone_flops,
+                 "agreement": self.report.agreement[i] if self.report.agreement else None}
+                for i, (c, b) in enumerate(zip(self.info.cuts, self.info.branches))]
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+                    console=Console(stderr=True), disable=not enabled, transient=False)
+
+
+def attach(
+    model: str,
+    data: str | os.PathLike,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    branches: int = 5,
+    placement: str = "pareto",
+    at: Sequence[float] | None = None,
+    cuts: Sequence[str] | None = None,
+    branch: str = "conv2",
+    val_fraction: float = 0.1,
+    out: str | os.PathLike = "pteenet-out",
+    config: TrainConfig | None = None,
+    num_classes: int | None = None,
+    max_samples: int | None = None,
+    progress: bool = True,
+    backbone: Backbone | None = None,
+) -> AttachResult:
+    """Place exits on a frozen backbone, train them on its pseudo-labels and write the bundle.
+
+    ``cuts`` names modules to split at (for models fx cannot trace whole); otherwise ``at`` or
+    ``placement`` with ``branches`` choose among the traced cut points. ``max_samples`` trains on
+    a seeded subset (quick runs). Nothing is written until training has finished.
+    """
+    config = config or TrainConfig()
+    start = time.perf_counter()
+    bb = backbone or create_backbone(model, checkpoint=checkpoint, pretrained=checkpoint is None,
+                                     num_classes=num_classes)
+    dataset = open_data(data, bb.preprocess, split="train")
+    config.validate(dataset.has_labels)
+    if dataset.classes is not None and len(dataset.classes) != bb.num_classes and \
+            config.target == "labels":
+        raise OptionError(f"the data has {len(dataset.classes)} classes but the backbone "
+                          f"predicts {bb.num_classes}; --target labels needs them to match")
+    trace = trace_backbone(bb.model, bb.preprocess.input_size, cuts=cuts)
+    names = list(cuts) if cuts else choose_cuts(trace, branches, placement, at)
+    torch.manual_seed(config.seed)
+    ee = build_early_exit(trace, names, bb.num_classes, branch).to(config.device)
+    n = len(dataset)
+    pool = list(range(n))
+    if max_samples is not None and max_samples < n:
+        g = torch.Generator().manual_seed(config.seed)
+        pool = sorted(torch.randperm(n, generator=g)[:max_samples].tolist())
+    train_pos, held_pos = split_indices(len(pool), val_fraction, config.seed)
+    train_idx, held_idx = [pool[i] for i in train_pos], [pool[i] for i in held_pos]
+    with contextlib.ExitStack() as stack, _progress(progress) as bar:
+        task = bar.add_task("backbone features", total=len(pool), info="")
+        kw = dict(batch_size=256, device=config.device, num_workers=config.num_workers,
+                  cache_limit=config.cache_limit, stack=stack,
+                  progress=lambda m: bar.advance(task, m))
+        train = compute_features(ee, dataset, train_idx, **kw)
+        held = compute_features(ee, dataset, held_idx, **kw)
+        epochs = config.epochs * (ee.num_branches if config.boosted else 1)
+        etask = bar.add_task("training", total=epochs, info="")
+
+        def on_epoch(epoch: int, loss: float, agree: list[float]) -> None:
+            shown = " ".join(f"{a:.0%}" for a in agree)
+            bar.update(etask, completed=epoch + 1,
+                       info=f"loss {loss:.3f}" + (f"  agree {shown}" if shown else ""))
+
+        report = train_branches(ee, train, held, config, on_epoch)
+        report.skipped = train.skipped + held.skipped
+    ee.eval()
+    if report.thresholds is not None:
+        ee.set_thresholds(report.thresholds)
+    info = _bundle_info(bb, ee, names, bool(cuts), branch, dataset, config, report, held,
+                        val_fraction, len(pool), data)
+    save_bundle(out, ee, info)
+    if report.thresholds is not None:
+        write_thresholds(out, ThresholdTable(report.thresholds, ee.score, "cpm",
+                                             {"margin": config.margin, "boosted": True}))
+    return AttachResult(ee, info, trace, report, time.perf_counter() - start)
+
+
+def _bundle_info(bb: Backbone, ee: EarlyExitModel, names, module_cuts, branch, dataset, config,
+                 report, held, val_fraction, n_pool, data) -> BundleInfo:
+    ckpt = bb.checkpoint
+    held_idx = sorted(held.indices.tolist())
+    digest = hashlib.sha256(",".join(map(str, held_idx)).encode()).hexdigest()
+    return BundleInfo(
+        path=Path("."),
+        backbone={"name": bb.name, "source": bb.source, "num_classes": bb.num_classes,
+                  "checkpoint": Path(ckpt).name if ckpt else None,
+                  "checkpoint_path": str(Path(ckpt).resolve()) if ckpt else None,
+                  "checkpoint_sha256": bb.checkpoint_sha256},
+        preprocess=bb.preprocess, cuts=list(names), module_cuts=module_cuts,
+        branches=[{"type": branch, "flops": f, "channels": int(b.classifier.in_features)}
+                  for b, f in zip(ee.branches, ee.branch_flops)],
+        segment_flops=ee.segment_flops,
+        classes=list(dataset.classes) if dataset.classes and
+        len(dataset.classes) == bb.num_classes else None,
+        training={**asdict(config), "mode": f"boosted-{config.boosted}" if config.boosted
+                  else "joint", "losses": report.losses, "agreement": report.agreement,
+                  "survivors": report.survivors, "skipped_images": report.skipped,
+                  "pteenet_version": __version__},
+        data={"spec": str(Path(data).resolve()) if Path(str(data)).exists() else str(data),
+              "split": "train", "num_samples": n_pool, "val_fraction": val_fraction,
+              "has_labels": dataset.has_labels},
+        calibration_indices=held_idx,
+        extra={"calibration_sha256": digest},
+    )
