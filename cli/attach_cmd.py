@@ -56,7 +56,7 @@ def attach(
     The backbone stays frozen; its features at the exits are computed once and cached. The
     bundle (branches.safetensors + thresholds.json/csv) is written atomically to --out.
     """
-    out_ = Output(quiet=quiet)
+    out_ = Output()
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, lam=lam, target=target,
                          boosted=boosted, margin=margin, seed=seed, device=device,
                          cache=not no_cache)

@@ -164,7 +164,8 @@ def read_info(path: str | os.PathLike) -> BundleInfo:
 
         with safe_open(str(f), "pt") as h:
             header = h.metadata() or {}
-            idx = h.get_tensor("calibration_indices") if "calibration_indices" in h.keys()  # noqa: SIM118 else None
+            names = set(h.keys())
+            idx = h.get_tensor("calibration_indices") if "calibration_indices" in names else None
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise BundleError(f"{f} is not a readable bundle (truncated or edited?): {e}") from e
     where = str(f)

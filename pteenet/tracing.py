@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -167,12 +168,16 @@ def thop_macs(model: nn.Module, input_size: tuple[int, int]) -> int | None:
     a deep copy and the backbone's state_dict stays clean.
     """
     try:
-        from thop import profile
+        with warnings.catch_warnings():  # thop uses distutils' LooseVersion
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from thop import profile
     except ImportError:
         return None
     clone = copy.deepcopy(model)
     try:
-        macs, _ = profile(clone, inputs=(torch.zeros(1, 3, *input_size),), verbose=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            macs, _ = profile(clone, inputs=(torch.zeros(1, 3, *input_size),), verbose=False)
     except Exception:  # thop cannot profile every model; its figure is only informative
         return None
     return int(macs)

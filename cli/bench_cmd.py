@@ -1,0 +1,130 @@
+"""``pteenet bench``: measured savings of a bundle's early exits against the untouched backbone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from pteenet.benchmarking import bench as run_bench
+
+from ._options import Bundle, Device, Json
+from ._output import Output, pct
+
+BAR_WIDTH = 30
+
+
+def _num(x: float | None, fmt: str) -> str:
+    return "" if x is None else format(x, fmt)
+
+
+def _times(x: float | None) -> str:
+    return "" if x is None else f"{x:.2f}x"
+
+
+def _comparison_rows(res: dict[str, Any]) -> list[list[Any]]:
+    ee, bb, orc = res["early_exit"], res["backbone"], res["oracle"]
+    t, sp = res["timing"], res["speedup"]
+    lat = t["latency"] or {"early_exit": {}, "backbone": {}}
+    rows = [
+        ["top-1", pct(ee["top1"]), pct(bb["top1"]), ""],
+        ["agreement with backbone", pct(ee["agreement"]), pct(bb["agreement"]), ""],
+        ["mean FLOPs / sample", pct(ee["relative_flops"]), pct(bb["relative_flops"]),
+         _times(sp["flops"])],
+        ["oracle FLOPs (floor)", pct(orc["relative_flops"]), "", _times(1 / orc["relative_flops"])],
+    ]
+    for key, label in (("median_ms", "batch-1 median (ms)"), ("p90_ms", "batch-1 p90 (ms)")):
+        rows.append([label, _num(lat["early_exit"].get(key), ".2f"),
+                     _num(lat["backbone"].get(key), ".2f"),
+                     _times(sp["latency"]) if key == "median_ms" else ""])
+    rows.append([f"throughput @ {t['batch_size']} (img/s)",
+                 _num(t["throughput"]["early_exit"], ".1f"),
+                 _num(t["throughput"]["backbone"], ".1f"), _times(sp["throughput"])])
+    return rows
+
+
+def _bar(share: float) -> str:
+    return "█" * round(share * BAR_WIDTH)
+
+
+def _exit_rows(res: dict[str, Any]) -> list[list[Any]]:
+    return [[e["name"], pct(e["relative_flops"]), pct(e["share"]), _bar(e["share"]),
+             pct(e["agreement"]), pct(e["top1"]), pct(e["oracle_share"])]
+            for e in res["early_exit"]["exits"]]
+
+
+def _notes(out: Output, res: dict[str, Any]) -> None:
+    d, th = res["data"], res["thresholds"]
+    how = f"table ({th['method']})" if th["source"] == "bundle" else \
+        f"--threshold {'never' if th['value'] is None else th['value']}"
+    out.note(f"{res['bundle']['backbone']} on {d['spec']} [{d['split']}, {d['subset']}]: "
+             f"{d['num_samples']} images" + (f" ({d['skipped']} unreadable skipped)"
+                                             if d["skipped"] else "") + f"; thresholds: {how}")
+    for n in res["notes"]:
+        out.note(f"note: {n}")
+    for name, path in res["files"].items():
+        out.note(f"{name.replace('_', '.', 1)} -> {path}")
+
+
+def bench(
+    bundle: Bundle = Path("pteenet-out"),
+    data: Annotated[str | None, typer.Option(
+        "--data", "-d", help="Images to measure on (folder or dataset name). Default: the "
+        "bundle's data, its test split, else its held-out calibration samples.")] = None,
+    split: Annotated[str | None, typer.Option(
+        "--split", help="train or test (val = test). Default: test when there is one.")] = None,
+    threshold: Annotated[float | None, typer.Option(
+        "--threshold", "-t", help="One global exit threshold instead of the bundle's table: "
+        "0 = every sample leaves at the first exit, above 1 (or inf) = none leaves early.")]
+    = None,
+    batch_size: Annotated[int, typer.Option(
+        "--batch-size", help="Batch size of the measuring pass and of the throughput "
+        "timing.")] = 256,
+    latency_samples: Annotated[int, typer.Option(
+        "--latency-samples", help="Images timed one by one for batch-1 latency (0 skips "
+        "it).")] = 200,
+    repeats: Annotated[int, typer.Option(
+        "--repeats", help="Throughput repeats (the median is reported).")] = 5,
+    sweep: Annotated[bool, typer.Option(
+        "--sweep", help="Also trace quality vs FLOPs over thresholds from conservative to "
+        "permissive: writes sweep.png and sweep.csv into the bundle.")] = False,
+    device: Device = "cpu",
+    checkpoint: Annotated[Path | None, typer.Option(
+        "--checkpoint", "-c", help="Backbone weights, when the file the bundle records has "
+        "moved.")] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Use --checkpoint even if it is not the one the branches were trained "
+        "on.")] = False,
+    max_samples: Annotated[int | None, typer.Option(
+        "--max-samples", help="Measure a seeded subset of this many images (quick runs).")]
+    = None,
+    json: Json = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Measure what the early exits save against the untouched backbone, and what it costs.
+
+    Quality: top-1 (only with labels matching the backbone's classes) and agreement, the share of
+    samples whose answer equals the backbone's. Work: mean FLOPs per sample relative to the
+    backbone, counted by the real early-exit run (the segments each sample went through plus
+    every branch it was tested at, so a sample that never leaves costs MORE than 100 %). Oracle:
+    the FLOPs if each sample left at the first branch that already agrees with the backbone, the
+    floor no threshold table reaches with these branches. Exit shares: where samples left (bars),
+    with the oracle's share beside. Wall clock: backbone and early-exit model timed alternately
+    in this process after warm-up: batch-1 latency (median, p90) and throughput at --batch-size;
+    speedup = backbone time / early-exit time (above 1 is faster). Early exits save FLOPs for
+    sure, wall clock only when the skipped work outweighs the branch and bookkeeping overhead,
+    which is less likely on small models and large GPU batches. Results go to bench.json in the
+    bundle.
+    """
+    out = Output(json)
+    res = run_bench(bundle, data=data, split=split, threshold=threshold, batch_size=batch_size,
+                    latency_samples=latency_samples, repeats=repeats, sweep=sweep, device=device,
+                    checkpoint=checkpoint, force=force, max_samples=max_samples,
+                    progress=not (quiet or json))
+    out.table("early exit vs backbone", ["metric", "early exit", "backbone", "speedup"],
+              _comparison_rows(res))
+    out.table("where samples left", ["exit", "FLOPs at exit", "share", "", "agrees", "top-1",
+                                     "oracle share"], _exit_rows(res))
+    _notes(out, res)
+    out.result(res)

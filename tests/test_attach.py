@@ -1,0 +1,142 @@
+"""attach end to end: real backbone, real training, real files; the bundle round-trips."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from pteenet_cli.app import app
+from typer.testing import CliRunner
+
+from pteenet.backbones import create_backbone
+from pteenet.bundle import BRANCHES_FILE, THRESHOLDS_FILE, load, read_info
+from pteenet.retrofit import attach
+from pteenet.training import TrainConfig, eenet_loss
+from tests._helpers import tiny  # noqa: F401  (fixture)
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny, tmp_path_factory):  # noqa: F811
+    data, ckpt = tiny
+    out = tmp_path_factory.mktemp("bundle")
+    before = create_backbone("resnet20", checkpoint=ckpt, num_classes=3).model.state_dict()
+    result = runner.invoke(app, ["attach", "resnet20", "--data", str(data), "--checkpoint",
+                                 str(ckpt), "--num-classes", "3", "--branches", "2",
+                                 "--branch", "conv1", "--epochs", "4", "--out", str(out),
+                                 "--batch-size", "16", "--quiet"])
+    assert result.exit_code == 0, result.output
+    return out, result, before
+
+
+def test_attach_writes_a_complete_bundle(bundle):
+    out, result, _ = bundle
+    assert (out / BRANCHES_FILE).is_file() and (out / THRESHOLDS_FILE).is_file()
+    assert (out / "thresholds.csv").read_text().startswith("branch,class,threshold")
+    assert "agrees (held-out)" in result.output
+    info = read_info(out)
+    assert info.num_branches == 2 and info.num_classes == 3
+    assert info.backbone["checkpoint_sha256"] and info.preprocess.input_size == (32, 32)
+    assert len(info.calibration_indices) == round(0.1 * 72)
+    assert info.classes == ["blue", "green", "red"]
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_training_lowers_the_loss_and_branches_agree_far_above_chance(bundle):
+    info = read_info(bundle[0])
+    losses, agreement = info.training["losses"], info.training["agreement"]
+    assert losses[-1] < losses[0]
+    assert max(agreement) > 0.6  # chance is 1/3
+
+
+def test_backbone_weights_and_bn_buffers_are_byte_identical(tiny, tmp_path):  # noqa: F811
+    data, ckpt = tiny
+    bb = create_backbone("resnet20", checkpoint=ckpt, num_classes=3)
+    before = {k: v.clone() for k, v in bb.model.state_dict().items()}
+    attach("resnet20", data, backbone=bb, branches=2, branch="conv1", out=tmp_path,
+           config=TrainConfig(epochs=2, batch_size=16), progress=False)
+    after = bb.model.state_dict()
+    assert before.keys() == after.keys()
+    for k, v in before.items():  # running means/vars and num_batches_tracked included
+        assert torch.equal(v, after[k]), k
+    assert not bb.model.training
+
+
+def test_bundle_round_trips_to_identical_outputs(tiny, tmp_path):  # noqa: F811
+    data, ckpt = tiny
+    res = attach("resnet20", data, checkpoint=ckpt, num_classes=3, branches=2, branch="pool",
+                 out=tmp_path, config=TrainConfig(epochs=1, batch_size=16), progress=False)
+    loaded = load(tmp_path)
+    res.model.eval()
+    x = torch.randn(10, 3, 32, 32)
+    for t in (0.0, 0.3, 0.6, 2.0):
+        res.model.set_thresholds(t)
+        loaded.set_thresholds(t)
+        a, b = res.model(x), loaded(x)
+        assert torch.equal(a.logits, b.logits) and torch.equal(a.exit_index, b.exit_index)
+
+
+def test_same_seed_gives_byte_identical_bundles(tiny, tmp_path):  # noqa: F811
+    data, ckpt = tiny
+    for name in ("a", "b"):
+        attach("resnet20", data, checkpoint=ckpt, num_classes=3, branches=1, branch="pool",
+               out=tmp_path / name, config=TrainConfig(epochs=1, batch_size=16), progress=False)
+    a = (tmp_path / "a" / BRANCHES_FILE).read_bytes()
+    b = (tmp_path / "b" / BRANCHES_FILE).read_bytes()
+    assert a == b
+
+
+def test_interrupted_attach_leaves_no_partial_bundle(tiny, tmp_path, monkeypatch):  # noqa: F811
+    data, ckpt = tiny
+    import pteenet.retrofit as retrofit
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(retrofit, "train_branches", boom)
+    result = runner.invoke(app, ["attach", "resnet20", "--data", str(data), "--checkpoint",
+                                 str(ckpt), "--num-classes", "3", "-n", "1", "--out",
+                                 str(tmp_path / "b"), "--quiet"])
+    assert result.exit_code == 130
+    assert "interrupted" in result.stderr
+    assert not (tmp_path / "b").exists()
+
+
+def test_boosted_branch_k_trains_on_the_survivors(tiny, tmp_path):  # noqa: F811
+    data, ckpt = tiny
+    res = attach("resnet20", data, checkpoint=ckpt, num_classes=3, branches=2, branch="pool",
+                 out=tmp_path, progress=False,
+                 config=TrainConfig(epochs=3, batch_size=16, boosted="hard", margin=0.5,
+                                    min_support=2))
+    surv = res.report.survivors
+    assert surv[0] == {"train": 65, "held_out": 7}
+    thr = res.report.thresholds
+    # Count by hand who branch 0 takes, with its final weights and calibrated thresholds.
+    from pteenet.thresholds import exit_index
+    from pteenet.training import branch_scores, compute_features
+
+    dataset = __import__("pteenet.data", fromlist=["open_data"]).open_data(
+        data, res.model.info.preprocess if hasattr(res.model, "info") else
+        create_backbone("resnet20", checkpoint=ckpt, num_classes=3).preprocess)
+    info = read_info(tmp_path)
+    held = compute_features(res.model, dataset, info.calibration_indices)
+    train_idx = sorted(set(range(len(dataset))) - set(info.calibration_indices))
+    train = compute_features(res.model, dataset, train_idx)
+    for fs, key in ((train, "train"), (held, "held_out")):
+        s, p = branch_scores(res.model, fs)
+        stay = int((exit_index(s[:, :1], p[:, :1], thr[:1]) == 1).sum())
+        assert surv[1][key] == stay
+    doc = json.loads((tmp_path / THRESHOLDS_FILE).read_text())
+    assert doc["method"] == "cpm" and info.training["mode"] == "boosted-hard"
+    assert info.training["survivors"] == surv
+
+
+def test_eenet_loss_is_finite_for_extreme_confidences():
+    logits = [torch.randn(4, 3, requires_grad=True)]
+    conf = [torch.tensor([-200.0, 200.0, 0.0, 80.0], requires_grad=True)]
+    target = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 0]), 3).float()
+    loss = eenet_loss(logits, conf, torch.randn(4, 3), target, [0.3, 1.0], lam=1.0)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(conf[0].grad).all()

@@ -1,0 +1,145 @@
+"""``pteenet bench`` end to end on a tiny real bundle (CIFAR ResNet-20, 3 colour classes).
+
+Everything is real: PNG files on disk, a briefly trained checkpoint (``tests._helpers.tiny``),
+``attach`` training two branches, and the CLI measuring them. The checks are invariants the
+numbers must obey whatever the branches learned.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from pteenet_cli.app import app
+from typer.testing import CliRunner
+
+from pteenet.benchmarking import oracle_flops, select_data
+from pteenet.bundle import load, read_info
+from pteenet.retrofit import attach
+from pteenet.training import TrainConfig
+from tests._helpers import tiny  # noqa: F401  (fixture)
+
+FAST = ["--latency-samples", "3", "--batch-size", "16", "--repeats", "1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
+    data, ckpt = tiny
+    out = tmp_path_factory.mktemp("bench") / "bundle"
+    attach("resnet20", data, checkpoint=ckpt, branches=2, branch="pool", out=out,
+           config=TrainConfig(epochs=2, batch_size=32), num_classes=3, progress=False)
+    return out
+
+
+def _bench(bundle: Path, *extra: str) -> dict:
+    res = CliRunner().invoke(app, ["bench", "--bundle", str(bundle), "--json", *FAST, *extra])
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)
+
+
+@pytest.fixture(scope="module")
+def costs(bundle: Path) -> list[float]:
+    return load(bundle).exit_costs()
+
+
+def test_bench_json_is_consistent(bundle: Path, costs: list[float]) -> None:
+    r = _bench(bundle)
+    ee = r["early_exit"]
+    assert r["data"]["split"] == "test" and r["data"]["num_samples"] == 72
+    assert r["exit_costs"] == pytest.approx(costs)
+    assert costs[0] - 1e-12 <= ee["relative_flops"] <= costs[-1] + 1e-12
+    assert costs[-1] > 1.0  # branches add work to samples that never leave
+    assert sum(e["share"] for e in ee["exits"]) == pytest.approx(1.0)
+    assert sum(e["count"] for e in ee["exits"]) == 72
+    assert sum(r["oracle"]["shares"]) == pytest.approx(1.0)
+    if ee["agreement"] == 1.0:
+        assert r["oracle"]["relative_flops"] <= ee["relative_flops"] + 1e-12
+    assert r["backbone"]["agreement"] == 1.0 and r["backbone"]["relative_flops"] == 1.0
+    assert 0.0 <= ee["top1"] <= 1.0 and 0.0 <= r["backbone"]["top1"] <= 1.0
+    assert r["simulation"]["exit_match"] == 1.0  # the sweep's exit rule is the model's
+    t = r["timing"]
+    for model in ("backbone", "early_exit"):
+        assert t["latency"][model]["median_ms"] > 0
+        assert t["latency"][model]["p90_ms"] >= t["latency"][model]["median_ms"]
+        assert t["throughput"][model] > 0
+    assert r["speedup"]["flops"] == pytest.approx(1 / ee["relative_flops"])
+    written = json.loads((bundle / "bench.json").read_text())
+    assert written["early_exit"] == ee and r["files"]["bench_json"] == str(bundle / "bench.json")
+
+
+def test_threshold_above_one_never_exits(bundle: Path, costs: list[float]) -> None:
+    r = _bench(bundle, "--threshold", "2", "--latency-samples", "0")
+    ee = r["early_exit"]
+    assert ee["agreement"] == 1.0
+    assert ee["relative_flops"] == pytest.approx(costs[-1], rel=1e-12)
+    assert ee["exits"][-1]["share"] == 1.0
+    assert r["oracle"]["relative_flops"] <= ee["relative_flops"]
+    assert r["timing"]["latency"] is None and r["speedup"]["latency"] is None
+
+
+def test_threshold_zero_exits_everything_first(bundle: Path, costs: list[float]) -> None:
+    r = _bench(bundle, "--threshold", "0", "--latency-samples", "0")
+    ee = r["early_exit"]
+    assert ee["exits"][0]["share"] == 1.0
+    assert ee["relative_flops"] == pytest.approx(costs[0], rel=1e-12)
+    assert r["thresholds"]["source"] == "--threshold" and r["thresholds"]["value"] == 0.0
+
+
+def test_sweep_writes_png_and_csv(bundle: Path) -> None:
+    r = _bench(bundle, "--sweep", "--latency-samples", "0")
+    png, table = bundle / "sweep.png", bundle / "sweep.csv"
+    with Image.open(png) as img:
+        img.verify()
+    rows = list(csv.DictReader(table.open()))
+    assert len(rows) >= 2 and len(rows) == len(r["sweep"]["points"])
+    assert {"threshold", "relative_flops", "agreement", "top1", "share_exit_0"} <= set(rows[0])
+    flops = [float(row["relative_flops"]) for row in rows]
+    assert flops == sorted(flops, reverse=True)  # conservative -> permissive
+
+
+def test_human_output_shows_tables(bundle: Path) -> None:
+    res = CliRunner().invoke(app, ["bench", "-b", str(bundle), *FAST])
+    assert res.exit_code == 0, res.output
+    assert "early exit vs backbone" in res.stdout and "oracle" in res.stdout
+    assert "bench.json" in res.stdout
+
+
+def test_calibration_samples_when_no_test_split(bundle: Path) -> None:
+    info = read_info(bundle)
+    train_only = dataclasses.replace(info, data={**info.data,
+                                                 "spec": str(Path(info.data["spec"]) / "train")})
+    ev = select_data(train_only)
+    assert ev.subset == "held-out calibration" and ev.split == "train"
+    assert ev.indices == info.calibration_indices and ev.notes
+    assert len(select_data(train_only, max_samples=3).indices) == 3
+
+
+def test_oracle_takes_earliest_agreeing_branch() -> None:
+    preds = torch.tensor([[1, 1], [0, 1], [0, 0]])
+    final = torch.tensor([1, 1, 1])
+    mean, counts = oracle_flops(preds, final, [0.2, 0.5, 1.1])
+    assert counts == [1, 1, 1] and mean == pytest.approx((0.2 + 0.5 + 1.1) / 3)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--threshold", "nan"], "--threshold"),
+    (["--threshold", "-0.5"], "--threshold"),
+    (["--batch-size", "0"], "--batch-size"),
+])
+def test_bad_options_fail_cleanly(bundle: Path, args: list[str], needle: str) -> None:
+    res = CliRunner().invoke(app, ["bench", "-b", str(bundle), *args])
+    assert res.exit_code == 2
+    assert needle in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in res.output
+
+
+def test_missing_bundle_is_one_line(tmp_path: Path) -> None:
+    res = CliRunner().invoke(app, ["bench", "-b", str(tmp_path / "nope")])
+    assert res.exit_code != 0
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "attach" in lines[0] and "Traceback" not in res.output

@@ -1,0 +1,127 @@
+"""The early-exit model: true early exit agrees with the simulated cascade and the backbone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pteenet.backbones import freeze
+from pteenet.cifar_resnet import cifar_resnet
+from pteenet.early_exit import EarlyExitModel, build_early_exit
+from pteenet.errors import OptionError
+from pteenet.placement import choose_cuts
+from pteenet.thresholds import exit_index
+from pteenet.tracing import trace_backbone
+
+K = 4
+
+
+@pytest.fixture(scope="module")
+def setup() -> tuple[torch.nn.Module, EarlyExitModel, torch.Tensor]:
+    torch.manual_seed(0)
+    backbone = freeze(cifar_resnet("resnet20", num_classes=K))
+    trace = trace_backbone(backbone, (32, 32), with_thop=False)
+    cuts = choose_cuts(trace, 3, "linear")
+    model = build_early_exit(trace, cuts, K, ["pool", "conv1", "conv1d"]).eval()
+    for b in model.branches:  # spread the confidence logits so thresholds split the batch
+        torch.nn.init.normal_(b.confidence.weight, std=3.0)
+    x = torch.randn(24, 3, 32, 32)
+    return backbone, model, x
+
+
+def simulate(model: EarlyExitModel, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference: run everything, then apply the exit rule sample by sample (no compaction)."""
+    feats, final = model.features(x)
+    logits, conf = model.branch_outputs(feats)
+    scores = torch.stack([model.exit_score(lg, c) for lg, c in zip(logits, conf)], 1)
+    preds = torch.stack([lg.argmax(1) for lg in logits], 1)
+    exits = exit_index(scores, preds, model.thresholds)
+    every = torch.stack([*logits, final], 1)
+    return every[torch.arange(len(x)), exits], exits
+
+
+def test_thresholds_above_one_equal_the_backbone(setup):
+    backbone, model, x = setup
+    model.set_thresholds(1.5)
+    res = model(x)
+    assert torch.equal(res.logits, backbone(x))
+    assert (res.exit_index == model.num_branches).all()
+    full = model.backbone_flops + sum(model.branch_flops)
+    assert torch.allclose(res.flops, torch.full_like(res.flops, full))
+    assert res.flops[0] / model.backbone_flops == pytest.approx(model.exit_costs()[-1])
+
+
+def test_zero_thresholds_leave_at_the_first_branch(setup):
+    _, model, x = setup
+    model.set_thresholds(0.0)
+    res = model(x)
+    assert (res.exit_index == 0).all()
+    expected = (model.segment_flops[0] + model.branch_flops[0])
+    assert (res.flops == expected).all()
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(table=st.lists(st.lists(st.floats(0.0, 1.0), min_size=K, max_size=K), min_size=3,
+                      max_size=3),
+       score=st.sampled_from(["head", "softmax"]))
+def test_true_early_exit_matches_the_simulated_cascade(setup, table, score):
+    _, model, x = setup
+    model.set_thresholds(table, score=score)
+    res = model(x)
+    logits, exits = simulate(model, x)
+    assert torch.equal(res.exit_index, exits)
+    assert torch.allclose(res.logits, logits, atol=1e-5)
+    costs = torch.tensor(model.exit_costs(), dtype=torch.float64) * model.backbone_flops
+    assert torch.allclose(res.flops, costs[exits])
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(t=st.floats(0.0, 1.0), batch=st.integers(1, 24))
+def test_batch_size_does_not_change_per_sample_results(setup, t, batch):
+    _, model, x = setup
+    model.set_thresholds([t, t / 2, 1 - t])
+    ones = [model(x[i:i + 1]) for i in range(len(x))]
+    chunks = [model(x[i:i + batch]) for i in range(0, len(x), batch)]
+    for field in ("exit_index", "flops"):
+        a = torch.cat([getattr(r, field) for r in ones])
+        b = torch.cat([getattr(r, field) for r in chunks])
+        assert torch.equal(a, b)
+    a = torch.cat([r.logits for r in ones])
+    b = torch.cat([r.logits for r in chunks])
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_per_class_thresholds_apply_to_the_predicted_class(setup):
+    _, model, x = setup
+    feats, _ = model.features(x)
+    logits, _ = model.branch_outputs(feats)
+    pred0 = logits[0].argmax(1)
+    c = int(pred0.mode().values)
+    table = torch.full((3, K), 2.0)
+    table[0, c] = 0.0  # only class c may leave at branch 0, and all of it does
+    model.set_thresholds(table)
+    res = model(x)
+    assert torch.equal(res.exit_index == 0, pred0 == c)
+    assert (res.exit_index[pred0 != c] == 3).all()
+
+
+def test_training_mode_returns_every_branch_and_keeps_the_backbone_frozen(setup):
+    _, model, x = setup
+    before = {k: v.clone() for k, v in model.segments.state_dict().items()}
+    model.train()
+    out = model(x)
+    assert len(out.logits) == 3 and out.final_logits.shape == (24, K)
+    assert not model.segments.training
+    sum(lg.sum() for lg in out.logits).backward()
+    assert all(p.grad is None for p in model.segments.parameters())
+    model.eval()
+    assert all(torch.equal(v, model.segments.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), -0.1, [0.5, 0.5], [[0.5] * (K + 1)] * 3])
+def test_bad_thresholds_are_refused(setup, bad):
+    _, model, _ = setup
+    with pytest.raises(OptionError):
+        model.set_thresholds(bad)
