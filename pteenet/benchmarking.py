@@ -339,7 +339,25 @@ def wall_clock(backbone: nn.Module, model: EarlyExitModel, images: Tensor, *,
     return {"latency": lat, "throughput": tput, "batch_size": len(batches[0]),
             "batches": len(batches), "repeats": repeats, "latency_samples": latency_samples,
             "distinct_latency_images": min(latency_samples, len(images)),
-            "clock": "cuda events" if device.type == "cuda" else "perf_counter"}
+            "clock": "cuda events" if device.type == "cuda" else "perf_counter",
+            "cpu_threads": torch.get_num_threads(), "load_average": _load_average()}
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average (None where the OS has none), to judge the timings by."""
+    try:
+        return float(os.getloadavg()[0])
+    except (AttributeError, OSError):
+        return None
+
+
+def _busy_note(timing: dict[str, Any]) -> str | None:
+    """Other work competing for the cores skews wall clock (OpenMP threads wait on each other)."""
+    load, cores = timing["load_average"], os.cpu_count() or 1
+    if load is None or load <= cores:
+        return None
+    return (f"the machine was busy while timing (load {load:.1f} on {cores} cores): wall-clock "
+            f"numbers are unreliable; FLOPs and quality are not affected")
 
 
 def _speedups(timing: dict[str, Any], flops: float) -> dict[str, float | None]:
@@ -525,6 +543,8 @@ def bench(
     result["timing"] = wall_clock(backbone, model, p.images, latency_samples=latency_samples,
                                   batch_size=batch_size, repeats=repeats, device=dev)
     result["speedup"] = _speedups(result["timing"], result["early_exit"]["relative_flops"])
+    if note := _busy_note(result["timing"]):
+        result["notes"].append(note)
     result["sweep"] = sweep_points(p, model.thresholds.cpu(), model.exit_costs()) if sweep \
         else None
     _write_outputs(info.path, result, sweep, out_json)

@@ -114,7 +114,7 @@ def save_bundle(out: str | os.PathLike, model: EarlyExitModel, info: BundleInfo)
 
 
 def _json_thresholds(t: torch.Tensor) -> list[list[float | None]]:
-    return [[None if math.isinf(v) else round(float(v), 6) for v in row] for row in t.tolist()]
+    return [[None if math.isinf(v) else float(v) for v in row] for row in t.tolist()]
 
 
 def write_thresholds(out: str | os.PathLike, table: ThresholdTable) -> None:

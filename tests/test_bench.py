@@ -27,6 +27,16 @@ from tests._helpers import tiny  # noqa: F401  (fixture)
 FAST = ["--latency-samples", "3", "--batch-size", "16", "--repeats", "1", "--quiet"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: these models are tiny, and on a busy 2-core machine two OpenMP threads
+    wait on each other at every op (a batch-1 ResNet-20 took 1.2 s instead of 5 ms)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def bundle(tiny, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
     data, ckpt = tiny

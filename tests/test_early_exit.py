@@ -16,6 +16,7 @@ from pteenet.thresholds import exit_index
 from pteenet.tracing import trace_backbone
 
 K = 4
+FIXTURE = [HealthCheck.function_scoped_fixture]
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,7 @@ def test_zero_thresholds_leave_at_the_first_branch(setup):
     assert (res.flops == expected).all()
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None, suppress_health_check=FIXTURE)
 @given(table=st.lists(st.lists(st.floats(0.0, 1.0), min_size=K, max_size=K), min_size=3,
                       max_size=3),
        score=st.sampled_from(["head", "softmax"]))
@@ -77,7 +78,7 @@ def test_true_early_exit_matches_the_simulated_cascade(setup, table, score):
     assert torch.allclose(res.flops, costs[exits])
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=10, deadline=None, suppress_health_check=FIXTURE)
 @given(t=st.floats(0.0, 1.0), batch=st.integers(1, 24))
 def test_batch_size_does_not_change_per_sample_results(setup, t, batch):
     _, model, x = setup

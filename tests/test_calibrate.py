@@ -1,0 +1,98 @@
+"""calibrate through the CLI: the table round-trips and load() applies per-class thresholds."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from pteenet_cli.app import app
+from typer.testing import CliRunner
+
+from pteenet.bundle import THRESHOLDS_FILE, load, read_info, read_thresholds
+from pteenet.calibration import calibrate, collect
+from pteenet.retrofit import attach
+from pteenet.thresholds import exit_index
+from pteenet.training import TrainConfig
+from tests._helpers import tiny  # noqa: F401  (fixture)
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny, tmp_path_factory):  # noqa: F811
+    data, ckpt = tiny
+    out = tmp_path_factory.mktemp("cal")
+    attach("resnet20", data, checkpoint=ckpt, num_classes=3, branches=2, branch="conv1",
+           out=out, val_fraction=0.4, config=TrainConfig(epochs=3, batch_size=16),
+           progress=False)
+    return out
+
+
+def test_cpm_table_round_trips_and_load_applies_it(bundle):
+    r = runner.invoke(app, ["calibrate", "--bundle", str(bundle), "--cpm", "--margin", "0.3",
+                            "--min-support", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["method"] == "cpm" and doc["params"]["margin"] == 0.3
+    info = read_info(bundle)
+    table = read_thresholds(bundle, info)
+    model = load(bundle)
+    assert torch.equal(model.thresholds, table.thresholds)
+    # The real model applies tau[k, c] to the class predicted at branch k.
+    out = collect(model)
+    sim = exit_index(out.scores, out.preds, table.thresholds)
+    assert doc["summary"]["exits"][0]["count"] == int((sim == 0).sum())
+    saved = json.loads((bundle / THRESHOLDS_FILE).read_text())["thresholds"]
+    assert [[math.inf if v is None else v for v in row] for row in saved] == \
+        table.thresholds.tolist()
+
+
+def test_per_class_thresholds_from_the_table_drive_real_exits(bundle):
+    model = load(bundle)
+    x = torch.randn(16, 3, 32, 32)
+    feats, _ = model.features(x)
+    logits, _ = model.branch_outputs(feats)
+    pred0 = logits[0].argmax(1)
+    table = torch.full((2, 3), math.inf)
+    table[0, int(pred0[0])] = 0.0
+    model.set_thresholds(table)
+    res = model(x)
+    assert torch.equal(res.exit_index == 0, pred0 == pred0[0])
+
+
+def test_global_threshold_and_risk_control(bundle):
+    r = runner.invoke(app, ["calibrate", "-b", str(bundle), "--threshold", "0.7"])
+    assert r.exit_code == 0, r.output
+    assert "0.700" in r.stdout
+    res = calibrate(bundle, max_drop=0.5, delta=0.2)
+    p = res.table.params
+    assert p["certified"] and p["ucb"] <= 0.5 and p["empirical"] <= p["ucb"]
+    assert res.table.method == "risk"
+    r = runner.invoke(app, ["calibrate", "-b", str(bundle), "--max-drop", "0.5", "--cpm",
+                            "--bound", "wsr", "--delta", "0.2", "--min-support", "2"])
+    assert r.exit_code == 0, r.output
+    assert "risk control: wsr bound" in r.stdout
+
+
+def test_softmax_score_is_recorded_and_used(bundle):
+    calibrate(bundle, threshold=0.9, score="softmax")
+    assert load(bundle).score == "softmax"
+    calibrate(bundle, threshold=0.5)
+    assert load(bundle).score == "head"
+
+
+@pytest.mark.parametrize("args", [["--threshold", "1.5"], ["--threshold", "0.5", "--cpm"],
+                                  ["--margin", "2"], ["--max-drop", "0"], ["--delta", "1"],
+                                  ["--score", "nope", "-t", "0.5"], ["--min-support", "0"]])
+def test_bad_options_are_one_line_errors(bundle, args):
+    r = runner.invoke(app, ["calibrate", "-b", str(bundle), *args])
+    assert r.exit_code != 0
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.output
+
+
+def test_missing_bundle_is_one_line(tmp_path):
+    r = runner.invoke(app, ["calibrate", "-b", str(tmp_path / "nope")])
+    assert r.exit_code == 3
+    assert "run `pteenet attach` first" in r.stderr
