@@ -49,6 +49,8 @@ def attach(
     = False,
     max_samples: Annotated[int | None, typer.Option(
         help="Use a seeded subset of this many images (quick runs).", min=2)] = None,
+    resume: Annotated[bool, typer.Option(
+        help="Save training state every epoch and continue an interrupted attach.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Attach N exit branches to MODEL and train them on the backbone's own predictions.
@@ -63,7 +65,7 @@ def attach(
     res = run_attach(model, data, checkpoint=checkpoint, branches=branches, placement=placement,
                      at=floats(at, "--at"), cuts=names(cuts), branch=branch,
                      val_fraction=val_fraction, out=out, config=config, num_classes=num_classes,
-                     max_samples=max_samples, progress=not quiet)
+                     max_samples=max_samples, progress=not quiet, resume=resume)
     rows = [[r["branch"], r["cut"], r["type"], pct(r["exit_flops"]), pct(r["branch_flops"], 2),
              pct(r["agreement"])] for r in res.rows()]
     out_.table(f"{res.info.backbone['source']}:{res.info.backbone['name']}: "

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from pteenet.benchmarking import bench as run_bench
 
 from ._options import Bundle, Device, Json
 from ._output import Output, pct
 
-BAR_WIDTH = 30
+BAR_WIDTH = 24
 
 
 def _num(x: float | None, fmt: str) -> str:
@@ -45,7 +47,8 @@ def _comparison_rows(res: dict[str, Any]) -> list[list[Any]]:
 
 
 def _bar(share: float) -> str:
-    return "█" * round(share * BAR_WIDTH)
+    full = round(share * BAR_WIDTH)
+    return "█" * full + "░" * (BAR_WIDTH - full)
 
 
 def _exit_rows(res: dict[str, Any]) -> list[list[Any]]:
@@ -56,15 +59,15 @@ def _exit_rows(res: dict[str, Any]) -> list[list[Any]]:
 
 def _notes(out: Output, res: dict[str, Any]) -> None:
     d, th = res["data"], res["thresholds"]
-    how = f"table ({th['method']})" if th["source"] == "bundle" else \
+    how = f"the bundle's table ({th['method']})" if th["source"] == "bundle" else \
         f"--threshold {'never' if th['value'] is None else th['value']}"
-    out.note(f"{res['bundle']['backbone']} on {d['spec']} [{d['split']}, {d['subset']}]: "
-             f"{d['num_samples']} images" + (f" ({d['skipped']} unreadable skipped)"
-                                             if d["skipped"] else "") + f"; thresholds: {how}")
+    skipped = f", {d['skipped']} unreadable skipped" if d["skipped"] else ""
+    out.note(escape(f"{res['bundle']['backbone']} on {d['spec']} ({d['split']} split, "
+                    f"{d['subset']}: {d['num_samples']} images{skipped}); thresholds: {how}"))
     for n in res["notes"]:
-        out.note(f"note: {n}")
+        out.note(escape(f"note: {n}"))
     for name, path in res["files"].items():
-        out.note(f"{name.replace('_', '.', 1)} -> {path}")
+        out.note(escape(f"{name.replace('_', '.', 1)} -> {path}"))
 
 
 def bench(
@@ -102,20 +105,25 @@ def bench(
     json: Json = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Measure what the early exits save against the untouched backbone, and what it costs.
+    """Measure what the early exits save against the untouched backbone, and what they cost.
 
-    Quality: top-1 (only with labels matching the backbone's classes) and agreement, the share of
-    samples whose answer equals the backbone's. Work: mean FLOPs per sample relative to the
-    backbone, counted by the real early-exit run (the segments each sample went through plus
-    every branch it was tested at, so a sample that never leaves costs MORE than 100 %). Oracle:
-    the FLOPs if each sample left at the first branch that already agrees with the backbone, the
-    floor no threshold table reaches with these branches. Exit shares: where samples left (bars),
-    with the oracle's share beside. Wall clock: backbone and early-exit model timed alternately
-    in this process after warm-up: batch-1 latency (median, p90) and throughput at --batch-size;
-    speedup = backbone time / early-exit time (above 1 is faster). Early exits save FLOPs for
-    sure, wall clock only when the skipped work outweighs the branch and bookkeeping overhead,
-    which is less likely on small models and large GPU batches. Results go to bench.json in the
-    bundle.
+    Quality: top-1 (only with labels that match the backbone's classes) and agreement, the share
+    of samples whose answer equals the backbone's.
+
+    Work: mean FLOPs per sample relative to the backbone, counted by the real early-exit run:
+    the segments each sample went through plus every branch it was tested at, so a sample that
+    never leaves costs MORE than 100 %. Oracle: the FLOPs if each sample left at the first branch
+    that already agrees with the backbone, the floor no threshold table gets below at 100 %
+    agreement with these branches. Exit shares: where samples left, with the oracle's beside.
+
+    Wall clock: backbone and early-exit model timed alternately in this process after warm-up,
+    on real images: batch-1 latency (median, p90) and throughput at --batch-size. Speedup =
+    backbone time / early-exit time (above 1 is faster). FLOPs saved turn into time saved only
+    when the skipped layers outweigh the branches and the bookkeeping: less so for small models
+    and large GPU batches.
+
+    Data: the bundle's test split, else its held-out calibration samples (never the training
+    ones). Results go to bench.json in the bundle; --sweep adds sweep.png and sweep.csv.
     """
     out = Output(json)
     res = run_bench(bundle, data=data, split=split, threshold=threshold, batch_size=batch_size,
@@ -128,3 +136,15 @@ def bench(
                                      "oracle share"], _exit_rows(res))
     _notes(out, res)
     out.result(res)
+
+
+def _unwrap(doc: str | None) -> str | None:
+    """Join each docstring paragraph into one line: Typer's rich help keeps single newlines,
+    which would break the --help text at the source's line ends instead of the terminal's."""
+    if doc is None:
+        return None
+    paragraphs = inspect.cleandoc(doc).split("\n\n")
+    return "\n\n".join(" ".join(p.split()) for p in paragraphs)
+
+
+bench.__doc__ = _unwrap(bench.__doc__)

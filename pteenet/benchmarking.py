@@ -49,9 +49,17 @@ __all__ = [
     "BENCH_FILE",
     "SWEEP_CSV",
     "SWEEP_PNG",
+    "Clock",
+    "EvalSet",
+    "Pass",
     "bench",
+    "measure_pass",
     "oracle_flops",
+    "plot_sweep",
+    "quality",
+    "select_data",
     "sweep_points",
+    "wall_clock",
 ]
 
 BENCH_FILE = "bench.json"
@@ -60,6 +68,7 @@ SWEEP_CSV = "sweep.csv"
 SWEEP_STEPS = 51
 WARMUP = 3
 THROUGHPUT_BATCHES = 3
+TIMING_BYTES = 1 << 30  # real images kept in memory for timing, at most
 
 
 # -- data -------------------------------------------------------------------------------------
@@ -194,6 +203,13 @@ def measure_pass(model: EarlyExitModel, ev: EvalSet, *, batch_size: int, device:
                 torch.cat(kept), skipped)
 
 
+def _images_to_keep(info: BundleInfo, latency_samples: int, batch_size: int) -> int:
+    """Enough real images for timing, within TIMING_BYTES (at least one batch)."""
+    h, w = info.preprocess.input_size
+    cap = max(batch_size, TIMING_BYTES // (3 * h * w * 4))
+    return min(max(latency_samples, THROUGHPUT_BATCHES * batch_size), cap)
+
+
 # -- quality and work -------------------------------------------------------------------------
 def _rate(flags: Tensor) -> float:
     return float(flags.double().mean())
@@ -246,7 +262,7 @@ def quality(p: Pass, model: EarlyExitModel) -> dict[str, Any]:
     }
 
 
-def simulation_check(p: Pass, model: EarlyExitModel) -> dict[str, Any]:
+def _simulation_check(p: Pass, model: EarlyExitModel) -> dict[str, Any]:
     """How often the simulated exit rule (used by the sweep) matches the real run's exits."""
     s = summarize(p.scores, p.preds, p.final, model.thresholds.cpu(), model.exit_costs(),
                   p.labels)
@@ -291,7 +307,7 @@ def _interleaved(models: dict[str, Callable], rounds: int) -> Iterator[tuple[int
             yield r, name, fn
 
 
-def latency(models: dict[str, Callable], images: Tensor, samples: int,
+def _latency(models: dict[str, Callable], images: Tensor, samples: int,
             clock: Clock) -> dict[str, dict[str, float]]:
     """Batch-1 latency over ``samples`` real images (cycled if fewer): median and p90, in ms."""
     times: dict[str, list[float]] = {k: [] for k in models}
@@ -305,7 +321,7 @@ def latency(models: dict[str, Callable], images: Tensor, samples: int,
             for k, v in times.items()}
 
 
-def throughput(models: dict[str, Callable], batches: list[Tensor], repeats: int,
+def _throughput(models: dict[str, Callable], batches: list[Tensor], repeats: int,
                clock: Clock) -> dict[str, float]:
     """Images per second over real batches: each repeat runs every batch; median of repeats."""
     n = sum(len(b) for b in batches)
@@ -334,8 +350,8 @@ def wall_clock(backbone: nn.Module, model: EarlyExitModel, images: Tensor, *,
     clock = Clock(device)
     batches = _timing_batches(images, batch_size)
     with torch.inference_mode():
-        lat = latency(models, images, latency_samples, clock) if latency_samples else None
-        tput = throughput(models, batches, repeats, clock)
+        lat = _latency(models, images, latency_samples, clock) if latency_samples else None
+        tput = _throughput(models, batches, repeats, clock)
     return {"latency": lat, "throughput": tput, "batch_size": len(batches[0]),
             "batches": len(batches), "repeats": repeats, "latency_samples": latency_samples,
             "distinct_latency_images": min(latency_samples, len(images)),
@@ -399,7 +415,7 @@ def sweep_points(p: Pass, table: Tensor, costs: Sequence[float],
             "points": points}
 
 
-def write_sweep_csv(path: Path, sweep: dict[str, Any]) -> None:
+def _write_sweep_csv(path: Path, sweep: dict[str, Any]) -> None:
     """One row per sweep point: the parameter, FLOPs, quality and every exit's share."""
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -441,7 +457,7 @@ def plot_sweep(path: Path, sweep: dict[str, Any], result: dict[str, Any]) -> Non
 
 
 # -- checks -----------------------------------------------------------------------------------
-def check_options(threshold: float | None, batch_size: int, latency_samples: int, repeats: int,
+def _check_options(threshold: float | None, batch_size: int, latency_samples: int, repeats: int,
                   max_samples: int | None) -> None:
     """Refuse bad values before anything heavy is loaded, one line each."""
     if threshold is not None and (math.isnan(threshold) or threshold < 0):
@@ -457,7 +473,7 @@ def check_options(threshold: float | None, batch_size: int, latency_samples: int
         raise OptionError(f"--max-samples must be at least 1, got {max_samples}")
 
 
-def check_device(device: str | torch.device) -> torch.device:
+def _check_device(device: str | torch.device) -> torch.device:
     """A torch device that exists here, or one clear line."""
     try:
         dev = torch.device(device)
@@ -488,18 +504,22 @@ def _json_table(t: Tensor) -> list[list[float | None]]:
     return [[None if math.isinf(v) else float(v) for v in row] for row in t.tolist()]
 
 
-def _write_outputs(folder: Path, result: dict[str, Any], sweep: bool,
-                   out_json: bool) -> None:
+def _write_outputs(folder: Path, result: dict[str, Any], sweep: bool, out_json: bool) -> None:
+    """bench.json (and the sweep's files) beside the bundle, each written atomically."""
     files: dict[str, str] = {}
-    if sweep:
-        write_sweep_csv(folder / SWEEP_CSV, result["sweep"])
-        plot_sweep(folder / SWEEP_PNG, result["sweep"], result)
-        files.update(sweep_csv=str(folder / SWEEP_CSV), sweep_png=str(folder / SWEEP_PNG))
-    if out_json:
-        files["bench_json"] = str(folder / BENCH_FILE)
-    result["files"] = files
-    if out_json:
-        write_text(folder / BENCH_FILE, json.dumps(result, indent=1, allow_nan=False) + "\n")
+    try:
+        if sweep:
+            _write_sweep_csv(folder / SWEEP_CSV, result["sweep"])
+            plot_sweep(folder / SWEEP_PNG, result["sweep"], result)
+            files.update(sweep_csv=str(folder / SWEEP_CSV), sweep_png=str(folder / SWEEP_PNG))
+        if out_json:
+            files["bench_json"] = str(folder / BENCH_FILE)
+        result["files"] = files
+        if out_json:
+            write_text(folder / BENCH_FILE, json.dumps(result, indent=1, allow_nan=False) + "\n")
+    except OSError as e:
+        raise BundleError(f"cannot write results into {folder} ({e.strerror or e}); "
+                          f"check the folder's permissions and free space") from e
 
 
 def bench(
@@ -526,8 +546,8 @@ def bench(
     the bundle folder; ``sweep`` also writes ``sweep.png`` and ``sweep.csv`` there. Returns the
     same JSON-serialisable dict.
     """
-    check_options(threshold, batch_size, latency_samples, repeats, max_samples)
-    dev = check_device(device)
+    _check_options(threshold, batch_size, latency_samples, repeats, max_samples)
+    dev = _check_device(device)
     info = read_info(bundle)
     table = read_thresholds(info.path, info)
     ev = select_data(info, data, split, max_samples)
@@ -535,7 +555,7 @@ def bench(
     if threshold is not None:
         model.set_thresholds(float(threshold))
     backbone = load_backbone(info, checkpoint, force).model.to(dev).eval().requires_grad_(False)
-    keep = max(latency_samples, THROUGHPUT_BATCHES * batch_size)
+    keep = _images_to_keep(info, latency_samples, batch_size)
     ctx, tick = _progress(progress, len(ev.indices))
     with ctx:
         p = measure_pass(model, ev, batch_size=batch_size, device=dev, keep=keep, progress=tick)
@@ -568,6 +588,6 @@ def _assemble(info: BundleInfo, ev: EvalSet, table: ThresholdTable, threshold: f
                        "table": _json_table(model.thresholds.cpu())},
         "exit_costs": [float(c) for c in model.exit_costs()],
         **quality(p, model),
-        "simulation": simulation_check(p, model),
+        "simulation": _simulation_check(p, model),
         "notes": list(ev.notes),
     }

@@ -25,9 +25,19 @@ from .early_exit import EarlyExitModel, build_early_exit
 from .errors import OptionError
 from .placement import choose_cuts
 from .tracing import Trace, trace_backbone
-from .training import TrainConfig, TrainReport, compute_features, split_indices, train_branches
+from .training import (
+    LiveFeatures,
+    Resume,
+    TrainConfig,
+    TrainReport,
+    compute_features,
+    split_indices,
+    train_branches,
+)
 
-__all__ = ["AttachResult", "attach"]
+__all__ = ["STATE_FILE", "AttachResult", "attach"]
+
+STATE_FILE = ".attach-state.pt"
 
 
 @dataclass
@@ -72,12 +82,15 @@ def attach(
     max_samples: int | None = None,
     progress: bool = True,
     backbone: Backbone | None = None,
+    resume: bool = False,
 ) -> AttachResult:
     """Place exits on a frozen backbone, train them on its pseudo-labels and write the bundle.
 
     ``cuts`` names modules to split at (for models fx cannot trace whole); otherwise ``at`` or
     ``placement`` with ``branches`` choose among the traced cut points. ``max_samples`` trains on
-    a seeded subset (quick runs). Nothing is written until training has finished.
+    a seeded subset (quick runs). The bundle is written only when training has finished; with
+    ``resume`` the training state is saved after every epoch in ``out/.attach-state.pt`` and an
+    interrupted run with the same settings continues from its last finished epoch.
     """
     config = config or TrainConfig()
     start = time.perf_counter()
@@ -101,11 +114,13 @@ def attach(
     train_pos, held_pos = split_indices(len(pool), val_fraction, config.seed)
     train_idx, held_idx = [pool[i] for i in train_pos], [pool[i] for i in held_pos]
     with contextlib.ExitStack() as stack, _progress(progress) as bar:
-        task = bar.add_task("backbone features", total=len(pool), info="")
+        task = bar.add_task("backbone features", total=len(pool if config.cache else held_idx),
+                            info="")
         kw = dict(batch_size=256, device=config.device, num_workers=config.num_workers,
                   cache_limit=config.cache_limit, stack=stack,
                   progress=lambda m: bar.advance(task, m))
-        train = compute_features(ee, dataset, train_idx, **kw)
+        train = compute_features(ee, dataset, train_idx, **kw) if config.cache else \
+            LiveFeatures(ee, dataset, train_idx, config.device)
         held = compute_features(ee, dataset, held_idx, **kw)
         epochs = config.epochs * (ee.num_branches if config.boosted else 1)
         etask = bar.add_task("training", total=epochs, info="")
@@ -115,7 +130,9 @@ def attach(
             bar.update(etask, completed=epoch + 1,
                        info=f"loss {loss:.3f}" + (f"  agree {shown}" if shown else ""))
 
-        report = train_branches(ee, train, held, config, on_epoch)
+        state = Resume(Path(out) / STATE_FILE, _fingerprint(bb, names, branch, config, data,
+                                                            pool)) if resume else None
+        report = train_branches(ee, train, held, config, on_epoch, state)
         report.skipped = train.skipped + held.skipped
     ee.eval()
     if report.thresholds is not None:
@@ -126,7 +143,14 @@ def attach(
     if report.thresholds is not None:
         write_thresholds(out, ThresholdTable(report.thresholds, ee.score, "cpm",
                                              {"margin": config.margin, "boosted": True}))
+    (Path(out) / STATE_FILE).unlink(missing_ok=True)
     return AttachResult(ee, info, trace, report, time.perf_counter() - start)
+
+
+def _fingerprint(bb: Backbone, names, branch, config: TrainConfig, data, pool) -> str:
+    parts = [bb.full_name, bb.checkpoint_sha256, names, branch, asdict(config), str(data),
+             len(pool), hashlib.sha256(str(pool).encode()).hexdigest()]
+    return hashlib.sha256(repr(parts).encode()).hexdigest()
 
 
 def _bundle_info(bb: Backbone, ee: EarlyExitModel, names, module_cuts, branch, dataset, config,

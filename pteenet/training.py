@@ -26,18 +26,22 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .data import ImageData, make_loader
+from .atomic import atomic_path
+from .data import ImageData, collate_skip, make_loader
 from .early_exit import EarlyExitModel
 from .errors import DataError, OptionError, TrainingError
 from .thresholds import cpm_thresholds, exit_index
 
 __all__ = [
     "FeatureSet",
+    "LiveFeatures",
+    "Resume",
     "TrainConfig",
     "TrainReport",
     "compute_features",
@@ -108,6 +112,31 @@ class FeatureSet:
         return FeatureSet([f.index_select(0, pos).to(device, torch.float32) for f in self.feats],
                           self.final.index_select(0, pos).to(device), self.labels[pos].to(device),
                           self.indices[pos])
+
+
+class LiveFeatures:
+    """The no-cache source: recomputes backbone features for every batch it is asked for.
+
+    Same interface as :class:`FeatureSet` (``len`` and ``take``), so training code does not know
+    which one it has. Features are rounded to fp16 exactly like the cache, so both train the same.
+    """
+
+    def __init__(self, model: EarlyExitModel, data: ImageData, indices: Sequence[int],
+                 device: str = "cpu") -> None:
+        self.model, self.data, self.device = model, data, device
+        self.indices = torch.as_tensor(list(indices), dtype=torch.long)
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return int(self.indices.numel())
+
+    def take(self, pos: Tensor, device: str | torch.device = "cpu") -> FeatureSet:
+        batch = collate_skip([self.data[int(i)] for i in self.indices[pos]])
+        if batch.images is None:
+            raise DataError(f"a whole batch of images in {self.data.name} could not be read")
+        feats, final = self.model.features(batch.images.to(self.device))
+        return FeatureSet([f.half().to(device, torch.float32) for f in feats], final.to(device),
+                          batch.labels.to(device), batch.indices)
 
 
 @dataclass
@@ -298,22 +327,68 @@ class _Guard:
 
 def train_branches(model: EarlyExitModel, train: FeatureSet, held: FeatureSet,
                    config: TrainConfig, on_epoch: Callable[[int, float, list[float]], None]
-                   | None = None) -> TrainReport:
-    """Train the branches (joint or boosted) from cached features; the backbone never moves."""
+                   | None = None, resume: Resume | None = None) -> TrainReport:
+    """Train the branches (joint or boosted) from cached features; the backbone never moves.
+
+    With ``resume`` (joint mode), state is saved after every epoch and a saved state is continued.
+    """
     torch.manual_seed(config.seed)
     model.train()
     model.branches.to(config.device)
     if config.boosted:
+        if resume:
+            raise OptionError("--resume is not supported with --boosted yet")
         return _train_boosted(model, train, held, config, on_epoch)
-    return _train_joint(model, train, held, config, on_epoch)
+    return _train_joint(model, train, held, config, on_epoch, resume)
 
 
-def _train_joint(model, train, held, config, on_epoch) -> TrainReport:
+class Resume:
+    """Training state saved after every epoch, so an interrupted attach can continue.
+
+    The file holds only tensors and plain values (loaded with ``weights_only=True``) and is
+    written atomically; ``key`` fingerprints the run so a state is never applied to another one.
+    """
+
+    def __init__(self, path: str | os.PathLike, key: str) -> None:
+        self.path, self.key = Path(path), key
+
+    def load(self, model: EarlyExitModel, opt: torch.optim.Optimizer, gen: torch.Generator,
+             report: TrainReport) -> int:
+        """Restore the last finished epoch; return the epoch to start from."""
+        if not self.path.is_file():
+            return 0
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise TrainingError(f"resume state {self.path} is unreadable ({e}); delete it and "
+                                f"start again without --resume") from e
+        if state.get("key") != self.key:
+            raise OptionError(f"resume state {self.path} belongs to a different attach (other "
+                              f"model, data or settings); delete it or drop --resume")
+        model.branches.load_state_dict(state["branches"])
+        opt.load_state_dict(state["optim"])
+        gen.set_state(state["gen"])
+        report.losses = list(state["losses"])
+        return int(state["epoch"]) + 1
+
+    def save(self, epoch: int, model: EarlyExitModel, opt: torch.optim.Optimizer,
+             gen: torch.Generator, report: TrainReport) -> None:
+        state = {"key": self.key, "epoch": epoch, "branches": model.branches.state_dict(),
+                 "optim": opt.state_dict(), "gen": gen.get_state(), "losses": report.losses}
+        with atomic_path(self.path) as tmp:
+            torch.save(state, tmp)
+
+
+def _train_joint(model, train, held, config, on_epoch, resume: Resume | None) -> TrainReport:
     opt = torch.optim.Adam(model.branches.parameters(), lr=config.lr)
     gen = torch.Generator().manual_seed(config.seed)
     costs = model.exit_costs()
     report, guard = TrainReport(), _Guard(model)
-    for epoch in range(config.epochs):
+    start = resume.load(model, opt, gen, report) if resume else 0
+    guard.commit()
+    if start and on_epoch:
+        on_epoch(start - 1, report.losses[-1], agreement(model, held, config.device))
+    for epoch in range(start, config.epochs):
         total, count = 0.0, 0
         for pos in _batches(len(train), config.batch_size, gen):
             part = train.take(pos, config.device)
@@ -327,9 +402,11 @@ def _train_joint(model, train, held, config, on_epoch) -> TrainReport:
             total, count = total + loss.item() * len(pos), count + len(pos)
         guard.commit()
         report.losses.append(total / count)
-        report.agreement = agreement(model, held, config.device)
+        if resume:
+            resume.save(epoch, model, opt, gen, report)
         if on_epoch:
-            on_epoch(epoch, report.losses[-1], report.agreement)
+            on_epoch(epoch, report.losses[-1], agreement(model, held, config.device))
+    report.agreement = agreement(model, held, config.device)
     return report
 
 

@@ -23,7 +23,7 @@ def shared_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def cifar_test_dir(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``test.tar.gz`` extracted once per session; returns the ``test/`` folder (class subfolders)."""
+    """``test.tar.gz`` extracted once per session; returns its ``test/`` folder of classes."""
     if not CIFAR_TEST_TAR.is_file():
         pytest.skip(f"{CIFAR_TEST_TAR} not found")
     dest = tmp_path_factory.mktemp("cifar10-jpeg")

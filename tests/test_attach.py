@@ -140,3 +140,46 @@ def test_eenet_loss_is_finite_for_extreme_confidences():
     loss = eenet_loss(logits, conf, torch.randn(4, 3), target, [0.3, 1.0], lam=1.0)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(conf[0].grad).all()
+
+
+def test_cache_and_no_cache_train_the_same_branches(tiny, tmp_path):  # noqa: F811
+    data, ckpt = tiny
+    models = []
+    for cache in (True, False):
+        res = attach("resnet20", data, checkpoint=ckpt, num_classes=3, branches=2, branch="pool",
+                     out=tmp_path / str(cache), progress=False,
+                     config=TrainConfig(epochs=2, batch_size=16, cache=cache))
+        models.append(res.model.branches.state_dict())
+    for k, v in models[0].items():
+        assert torch.allclose(v.float(), models[1][k].float(), atol=1e-4), k
+
+
+def test_resume_continues_to_the_same_bundle(tiny, tmp_path, monkeypatch):  # noqa: F811
+    data, ckpt = tiny
+    kw = dict(checkpoint=ckpt, num_classes=3, branches=2, branch="pool", progress=False)
+    attach("resnet20", data, out=tmp_path / "full", config=TrainConfig(epochs=3, batch_size=16),
+           **kw)
+    import pteenet.training as training
+
+    real_save = training.Resume.save
+
+    def save_then_die(self, epoch, *a):
+        real_save(self, epoch, *a)
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.Resume, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        attach("resnet20", data, out=tmp_path / "r", resume=True,
+               config=TrainConfig(epochs=3, batch_size=16), **kw)
+    assert (tmp_path / "r" / ".attach-state.pt").is_file()
+    assert not (tmp_path / "r" / BRANCHES_FILE).exists()
+    monkeypatch.setattr(training.Resume, "save", real_save)
+    attach("resnet20", data, out=tmp_path / "r", resume=True,
+           config=TrainConfig(epochs=3, batch_size=16), **kw)
+    assert not (tmp_path / "r" / ".attach-state.pt").exists()
+    a = load(tmp_path / "full").branches.state_dict()
+    b = load(tmp_path / "r").branches.state_dict()
+    assert all(torch.equal(v, b[k]) for k, v in a.items())
+    assert read_info(tmp_path / "r").training["losses"] == read_info(tmp_path / "full").training[
+        "losses"]
