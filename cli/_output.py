@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from typing import Any
@@ -10,6 +11,8 @@ from rich.console import Console
 from rich.table import Table
 
 __all__ = ["Output"]
+
+_LEFT = ("cut", "name", "class", "exit", "metric")
 
 
 class Output:
@@ -32,7 +35,7 @@ class Output:
             return
         t = Table(title=title, title_justify="left")
         for c in columns:
-            t.add_column(c, justify="left" if c in ("cut", "name", "class", "exit") else "right")
+            t.add_column(c, justify="left" if c in _LEFT else "right")
         for r in rows:
             t.add_row(*("" if v is None else str(v) for v in r))
         self.console.print(t)
@@ -54,3 +57,12 @@ def human(n: float | None) -> str:
         if abs(n) >= div:
             return f"{n / div:.2f} {unit}"
     return f"{n:.0f}"
+
+
+def unwrap_help(doc: str | None) -> str | None:
+    """Join each docstring paragraph into one line: Typer's rich help keeps single newlines,
+    which would break --help text at the source's line ends instead of the terminal's."""
+    if doc is None:
+        return None
+    paragraphs = inspect.cleandoc(doc).split("\n\n")
+    return "\n\n".join(" ".join(p.split()) for p in paragraphs)

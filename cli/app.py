@@ -11,6 +11,26 @@ import typer
 from typer.core import TyperGroup
 
 from ._errors import describe
+from ._output import unwrap_help
+
+
+def _typer_exceptions() -> list[type]:
+    """typer >= 0.16 vendors click: its exit/usage exceptions are separate classes."""
+    import typer.core
+
+    names = ("Exit", "Abort", "ClickException", "UsageError", "BadParameter")
+    found = []
+    for mod in (typer.core, getattr(typer.core, "click", None), getattr(typer, "_click", None)):
+        for n in names:
+            obj = getattr(mod, n, None) if mod else None
+            if isinstance(obj, type) and issubclass(obj, BaseException):
+                found.append(obj)
+    return found
+
+
+# Usage errors, --help exits and aborts are click's (and typer's own copies of them) to handle.
+_PASS_THROUGH = tuple({click.exceptions.Exit, click.ClickException, click.exceptions.Abort,
+                       typer.Exit, typer.Abort, *_typer_exceptions()})
 
 
 class _Group(TyperGroup):
@@ -20,7 +40,7 @@ class _Group(TyperGroup):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+        except _PASS_THROUGH:
             raise
         except (Exception, KeyboardInterrupt) as exc:
             if ctx.params.get("debug"):
@@ -53,6 +73,7 @@ def _root(
 def _register() -> None:
     from .inspect_cmd import inspect
 
+    inspect.__doc__ = unwrap_help(inspect.__doc__)
     app.command(no_args_is_help=True)(inspect)
     for module, name in (("attach_cmd", "attach"), ("calibrate_cmd", "calibrate"),
                          ("bench_cmd", "bench"), ("demo_cmd", "demo"), ("export_cmd", "export")):
@@ -60,7 +81,9 @@ def _register() -> None:
             mod = __import__(f"{__package__}.{module}", fromlist=[name])
         except ModuleNotFoundError:
             continue
-        app.command()(getattr(mod, name))
+        command = getattr(mod, name)
+        command.__doc__ = unwrap_help(command.__doc__)
+        app.command()(command)
 
 
 _register()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,7 +24,7 @@ def _times(x: float | None) -> str:
     return "" if x is None else f"{x:.2f}x"
 
 
-def _comparison_rows(res: dict[str, Any]) -> list[list[Any]]:
+def comparison_rows(res: dict[str, Any]) -> list[list[Any]]:
     ee, bb, orc = res["early_exit"], res["backbone"], res["oracle"]
     t, sp = res["timing"], res["speedup"]
     lat = t["latency"] or {"early_exit": {}, "backbone": {}}
@@ -51,7 +50,7 @@ def _bar(share: float) -> str:
     return "█" * full + "░" * (BAR_WIDTH - full)
 
 
-def _exit_rows(res: dict[str, Any]) -> list[list[Any]]:
+def exit_rows(res: dict[str, Any]) -> list[list[Any]]:
     return [[e["name"], pct(e["relative_flops"]), pct(e["share"]), _bar(e["share"]),
              pct(e["agreement"]), pct(e["top1"]), pct(e["oracle_share"])]
             for e in res["early_exit"]["exits"]]
@@ -131,20 +130,8 @@ def bench(
                     checkpoint=checkpoint, force=force, max_samples=max_samples,
                     progress=not (quiet or json))
     out.table("early exit vs backbone", ["metric", "early exit", "backbone", "speedup"],
-              _comparison_rows(res))
+              comparison_rows(res))
     out.table("where samples left", ["exit", "FLOPs at exit", "share", "", "agrees", "top-1",
-                                     "oracle share"], _exit_rows(res))
+                                     "oracle share"], exit_rows(res))
     _notes(out, res)
     out.result(res)
-
-
-def _unwrap(doc: str | None) -> str | None:
-    """Join each docstring paragraph into one line: Typer's rich help keeps single newlines,
-    which would break the --help text at the source's line ends instead of the terminal's."""
-    if doc is None:
-        return None
-    paragraphs = inspect.cleandoc(doc).split("\n\n")
-    return "\n\n".join(" ".join(p.split()) for p in paragraphs)
-
-
-bench.__doc__ = _unwrap(bench.__doc__)

@@ -117,8 +117,8 @@ def select_data(info: BundleInfo, data: str | os.PathLike | None = None,
     notes: list[str] = []
     if own:
         indices, subset = _held_out(info, dataset), "held-out calibration"
-        notes.append("benchmarked on the held-out calibration samples (no test split): "
-                     "calibrated thresholds were fitted on them, so quality is optimistic")
+        notes.append("measured on the bundle's held-out calibration samples of its train split "
+                     "(never those trained on): thresholds calibrated on them look optimistic")
     else:
         indices, subset = list(range(len(dataset))), "all"
     indices = _subsample(indices, max_samples)
@@ -450,7 +450,7 @@ def plot_sweep(path: Path, sweep: dict[str, Any], result: dict[str, Any]) -> Non
     ax.set_title(f"{b['backbone']}, {b['branches']} exits: {d['num_samples']} images "
                  f"({d['split']})", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="best")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")

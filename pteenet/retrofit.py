@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from . import __version__
 from .backbones import Backbone, create_backbone
 from .bundle import BundleInfo, ThresholdTable, save_bundle, write_thresholds
-from .data import open_data
+from .data import available_splits, open_data
 from .early_exit import EarlyExitModel, build_early_exit
 from .errors import OptionError
 from .placement import choose_cuts
@@ -93,6 +93,8 @@ def attach(
     interrupted run with the same settings continues from its last finished epoch.
     """
     config = config or TrainConfig()
+    config.validate(has_labels=True)  # options first: fail before any download or trace
+    available_splits(data)  # the data must exist before the backbone is fetched
     start = time.perf_counter()
     bb = backbone or create_backbone(model, checkpoint=checkpoint, pretrained=checkpoint is None,
                                      num_classes=num_classes)

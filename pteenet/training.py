@@ -231,13 +231,16 @@ def make_targets(final: Tensor, labels: Tensor, target: str, temperature: float 
 def eenet_loss(logits: Sequence[Tensor], conf: Sequence[Tensor], final: Tensor, target: Tensor,
                costs: Sequence[float], lam: float, weight: Tensor | None = None) -> Tensor:
     """EENets' L_v2 on the frozen cascade, in log space (Demir & Akbas, eq. 5-8), plus each
-    branch's own cross-entropy.
+    branch's own cross-entropy and a confidence target.
 
     ``costs[i]`` is the relative cost of leaving at branch i, ``costs[-1]`` of reaching the end
     (branches evaluated on the way included). The extra per-branch term matters on a *frozen*
     cascade: its last exit is the backbone, which matches pseudo-label targets almost perfectly,
     so L_v2 alone is minimised by every confidence collapsing to 0, after which no classifier
-    receives gradient (we measured 13 % agreement, chance level, on CIFAR ResNet-20).
+    receives gradient (we measured 13 % agreement, chance level, on CIFAR ResNet-20). For the
+    same reason the confidences sink towards 0 (we measured heads around 1e-7) and stop ranking
+    samples, so each head is also trained, by binary cross-entropy, to predict whether its branch
+    agrees with the target: that is what thresholds act on.
     """
     log_y = F.log_softmax(final.float(), dim=1)  # log Y_N
     big_c = torch.full_like(log_y[:, 0], float(costs[-1]))  # C_N
@@ -250,7 +253,9 @@ def eenet_loss(logits: Sequence[Tensor], conf: Sequence[Tensor], final: Tensor, 
         h = torch.sigmoid(conf[i])
         big_c = h * costs[i] + (1 - h) * big_c
         own = -(target * F.log_softmax(logits[i], 1)).sum(1)
-        per_sample = -(target * log_y).sum(1) + lam * big_c + own
+        right = (logits[i].argmax(1) == target.argmax(1)).float()
+        conf_target = F.binary_cross_entropy_with_logits(conf[i], right, reduction="none")
+        per_sample = -(target * log_y).sum(1) + lam * big_c + own + conf_target
         total = total + _mean(per_sample, weight)
     return total
 

@@ -1,0 +1,397 @@
+"""Bad bundles and threshold tables, as ``calibrate``, ``bench`` and ``pteenet.load`` meet them.
+
+Issue 6 ("Reliability and security"): a bundle that is missing, truncated, edited, from a newer
+format, or whose checkpoint hash differs (unless ``--force``), and threshold tables that do not
+match the bundle or hold NaN or values outside [0, 1], each give one line on stderr (exit 3) and
+``BundleError`` from Python; a refused bundle is left exactly as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from pteenet_cli.app import app
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+import pteenet
+from pteenet.bundle import BRANCHES_FILE, THRESHOLDS_FILE
+from pteenet.cifar_resnet import cifar_resnet
+from pteenet.errors import BundleError
+from pteenet.retrofit import attach
+from pteenet.training import TrainConfig
+from tests._helpers import write_images
+
+runner = CliRunner()
+FAST_BENCH = ["--latency-samples", "2", "--repeats", "1", "--batch-size", "16", "--quiet"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def shared_bundle(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(data, checkpoint, bundle): real images, a real untrained resnet20 3-class checkpoint and
+    a 2-branch bundle trained on them for one epoch. Made once per session (the other
+    tests/test_errors_*.py files reuse the same folder); never modified: copy it first."""
+    root = tmp_path_factory.getbasetemp() / "errors-shared"
+    if not (root / "done").exists():
+        shutil.rmtree(root, ignore_errors=True)
+        data = write_images(root / "data", per_class=8)
+        torch.manual_seed(0)
+        torch.save(cifar_resnet("resnet20", num_classes=3).state_dict(), root / "resnet20-3.pt")
+        attach("resnet20", data, checkpoint=root / "resnet20-3.pt", num_classes=3, branches=2,
+               branch="pool", out=root / "bundle", val_fraction=0.25,
+               config=TrainConfig(epochs=1, batch_size=16), progress=False)
+        (root / "done").touch()
+    return root / "data", root / "resnet20-3.pt", root / "bundle"
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    return shared_bundle(tmp_path_factory)
+
+
+@pytest.fixture
+def bundle(shared, tmp_path) -> Path:
+    """A private copy of the shared bundle, to spoil."""
+    return Path(shutil.copytree(shared[2], tmp_path / "bundle"))
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def fails_cleanly(result, code: int = 3) -> str:
+    assert result.exit_code == code, (result.exit_code, result.output)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.output and "Traceback" not in result.stderr
+    assert lines[0].startswith("error"), lines[0]
+    return lines[0]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def refused_everywhere(bundle: Path, *words: str, code: int = 3) -> str:
+    """``calibrate -t 0.5`` fails with one line holding ``words`` and leaves the bundle as it
+    was; ``pteenet.load`` raises BundleError with the same message."""
+    before = snapshot(bundle) if bundle.is_dir() else None
+    line = fails_cleanly(invoke("calibrate", "-b", bundle, "-t", "0.5"), code)
+    assert "internal error" not in line
+    for word in words:
+        assert word in line, (word, line)
+    if before is not None:
+        assert snapshot(bundle) == before, "a refused bundle was changed"
+    with pytest.raises(BundleError) as info:
+        pteenet.load(bundle)
+    assert " ".join(str(info.value).split()) in line
+    return line
+
+
+# --------------------------------------------------------------------------- helpers that spoil
+
+
+def meta_of(bundle: Path) -> dict:
+    with safe_open(str(bundle / BRANCHES_FILE), "pt") as h:
+        return json.loads(h.metadata()["pteenet"])
+
+
+def rewrite(bundle: Path, edit_meta: Callable[[dict], None] | None = None,
+            edit_tensors: Callable[[dict], None] | None = None, raw_meta: str | None = None):
+    """Rewrite branches.safetensors with save_file: a well-formed file with other contents."""
+    f = bundle / BRANCHES_FILE
+    meta, tensors = meta_of(bundle), load_file(str(f))
+    if edit_meta:
+        edit_meta(meta)
+    if edit_tensors:
+        edit_tensors(tensors)
+    save_file(tensors, str(f), metadata={"pteenet": raw_meta if raw_meta is not None
+                                         else json.dumps(meta)})
+
+
+def edit_header(bundle: Path, edit: Callable[[dict], None]) -> None:
+    """Edit the safetensors JSON header in place (same length, space padded): what a hex editor
+    or a careless script would do."""
+    f = bundle / BRANCHES_FILE
+    raw = f.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    new = json.dumps(header, separators=(",", ":")).encode()
+    assert len(new) <= n
+    f.write_bytes(raw[:8] + new.ljust(n) + raw[8 + n:])
+
+
+def first_tensor(header: dict, ndim: int) -> str:
+    return next(k for k in sorted(header) if k.startswith("branches.")
+                and header[k]["dtype"] == "F32" and len(header[k]["shape"]) == ndim)
+
+
+def write_table(bundle: Path, text: str | None = None, **fields) -> None:
+    f = bundle / THRESHOLDS_FILE
+    if text is None:
+        doc = json.loads(f.read_text())
+        doc.update(fields)
+        text = json.dumps(doc)  # json writes NaN and Infinity as bare words
+    f.write_text(text)
+
+
+# --------------------------------------------------------------------------- the bundle file
+
+
+def test_missing_bundle_folder(tmp_path):
+    line = refused_everywhere(tmp_path / "nope", "no bundle at", "run `pteenet attach` first")
+    assert str(tmp_path / "nope") in line
+
+
+def test_folder_without_branches_file(bundle):
+    (bundle / BRANCHES_FILE).unlink()
+    refused_everywhere(bundle, "branches.safetensors missing", "pteenet attach")
+
+
+def test_bundle_path_is_a_text_file(tmp_path):
+    f = tmp_path / "notes.txt"
+    f.write_text("not a bundle")
+    refused_everywhere(f, "not a readable bundle")
+
+
+def test_truncated_branches_file(bundle):
+    f = bundle / BRANCHES_FILE
+    raw = f.read_bytes()
+    f.write_bytes(raw[: len(raw) // 2])
+    refused_everywhere(bundle, "not a readable bundle", "truncated")
+    line = fails_cleanly(invoke("bench", "-b", bundle, *FAST_BENCH))
+    assert "not a readable bundle" in line
+
+
+@pytest.mark.parametrize("how", ["first-brace", "high-bit", "zero-length"])
+def test_header_bytes_flipped(bundle, how):
+    f = bundle / BRANCHES_FILE
+    raw = bytearray(f.read_bytes())
+    if how == "first-brace":
+        raw[8] = ord("[")  # the header is no longer a JSON object
+    elif how == "high-bit":
+        raw[8 + 40] ^= 0x80  # invalid UTF-8 in the middle of the header
+    else:
+        raw[:8] = (0).to_bytes(8, "little")
+    f.write_bytes(bytes(raw))
+    refused_everywhere(bundle, "not a readable bundle")
+
+
+def test_tensor_shape_changed_in_header(bundle):
+    def transpose(h):
+        k = first_tensor(h, 2)
+        h[k]["shape"] = h[k]["shape"][::-1]
+
+    edit_header(bundle, transpose)
+    refused_everywhere(bundle, "do not match the metadata")
+
+
+def test_tensor_dtype_changed_to_another_size(bundle):
+    def to_f16(h):
+        h[first_tensor(h, 2)]["dtype"] = "F16"
+
+    edit_header(bundle, to_f16)
+    refused_everywhere(bundle, "not a readable bundle")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "pteenet/bundle.py load: a tensor whose dtype was edited to one of the same size (F32 -> "
+    "I32) is cast silently by load_state_dict, so garbage weights load without complaint"))
+def test_tensor_dtype_changed_to_same_size(bundle):
+    def to_i32(h):
+        h[first_tensor(h, 2)]["dtype"] = "I32"
+
+    edit_header(bundle, to_i32)
+    refused_everywhere(bundle, "edited")
+
+
+def test_tensor_missing(bundle):
+    rewrite(bundle, edit_tensors=lambda t: t.pop(first_tensor(
+        {k: {"dtype": "F32", "shape": list(v.shape)} for k, v in t.items()}, 2)))
+    refused_everywhere(bundle, "do not match the metadata")
+
+
+def test_extra_tensor(bundle):
+    rewrite(bundle, edit_tensors=lambda t: t.update({"branches.9.weight": torch.zeros(3)}))
+    refused_everywhere(bundle, "do not match the metadata")
+
+
+@pytest.mark.parametrize(("name", "edit", "words"), [
+    ("no-format-version", lambda m: m.pop("format_version"), ["format_version"]),
+    ("version-as-text", lambda m: m.update(format_version="1"), ["format_version"]),
+    ("cuts-vs-branches", lambda m: m["cuts"].pop(), ["cuts and branches disagree"]),
+    ("unknown-cut", lambda m: m["cuts"].__setitem__(0, "layer9"), ["layer9"]),
+    ("unknown-branch-type", lambda m: m["branches"][0].update(type="conv9"), ["conv9"]),
+    ("no-backbone-name", lambda m: m["backbone"].pop("name"), ["name"]),
+    ("classes-vs-num-classes", lambda m: m["backbone"].update(num_classes=10), ["classes"]),
+    ("segment-flops", lambda m: m.update(segment_flops=[1, 2]), ["segment_flops"]),
+    ("negative-flops", lambda m: m.update(segment_flops=[1, -2, 3]), ["segment_flops"]),
+    ("preprocess-mean", lambda m: m["preprocess"].update(mean="abc"), ["preprocess"]),
+])
+def test_metadata_edited(bundle, name, edit, words):
+    rewrite(bundle, edit)
+    refused_everywhere(bundle, *words)
+
+
+def test_metadata_not_json(bundle):
+    rewrite(bundle, raw_meta='{"format_version": 1, "backbone": {')
+    refused_everywhere(bundle, "metadata is not valid JSON")
+
+
+def test_metadata_absent(bundle):
+    save_file(load_file(str(bundle / BRANCHES_FILE)), str(bundle / BRANCHES_FILE))
+    refused_everywhere(bundle, "metadata")
+
+
+def test_newer_format_version(bundle):
+    rewrite(bundle, lambda m: m.update(format_version=99))
+    line = refused_everywhere(bundle, "format version 99", "upgrade pteenet")
+    assert "(1)" in line  # what this pteenet understands
+    line = fails_cleanly(invoke("bench", "-b", bundle, *FAST_BENCH))
+    assert "upgrade pteenet" in line
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "pteenet/bundle.py read_info: dict(meta.get('training') or {}) (also 'data', 'extra') "
+    "raises ValueError/TypeError for a non-object value instead of BundleError: "
+    "'internal error', exit 1"))
+@pytest.mark.parametrize("field", ["training", "data", "extra"])
+def test_metadata_section_not_an_object(bundle, field):
+    rewrite(bundle, lambda m: m.update({field: "abc"}))
+    refused_everywhere(bundle, field)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "pteenet/bundle.py read_info does not check preprocess values (input_size > 0, 3 means, "
+    "3 stds > 0): input_size [0, 0] crashes tracing in load() with RuntimeError: "
+    "'internal error', exit 1"))
+def test_preprocess_input_size_zero(bundle):
+    rewrite(bundle, lambda m: m["preprocess"].update(input_size=[0, 0]))
+    refused_everywhere(bundle, "preprocess")
+
+
+# --------------------------------------------------------------------------- the checkpoint hash
+
+
+@pytest.fixture(scope="module")
+def other_checkpoint(shared, tmp_path_factory) -> Path:
+    """The bundle's checkpoint with one weight changed: same architecture, other SHA-256."""
+    sd = torch.load(shared[1], map_location="cpu", weights_only=True)
+    key = next(k for k, v in sd.items() if v.is_floating_point())
+    sd[key] = sd[key].clone()
+    sd[key].view(-1)[0] += 1e-3
+    path = tmp_path_factory.mktemp("other") / "other.pt"
+    torch.save(sd, path)
+    return path
+
+
+def test_other_checkpoint_is_refused_without_force(bundle, other_checkpoint):
+    before = snapshot(bundle)
+    line = fails_cleanly(invoke("calibrate", "-b", bundle, "-t", "0.5", "-c", other_checkpoint))
+    assert "is not the one the branches were trained on" in line and "--force" in line
+    assert str(other_checkpoint) in line
+    line = fails_cleanly(invoke("bench", "-b", bundle, "-c", other_checkpoint, *FAST_BENCH))
+    assert "--force" in line
+    with pytest.raises(BundleError, match="not the one the branches were trained on"):
+        pteenet.load(bundle, checkpoint=other_checkpoint)
+    assert snapshot(bundle) == before
+
+
+def test_other_checkpoint_is_accepted_with_force(bundle, other_checkpoint):
+    result = invoke("calibrate", "-b", bundle, "-t", "0.5", "-c", other_checkpoint, "--force")
+    assert result.exit_code == 0, result.output
+    model = pteenet.load(bundle, checkpoint=other_checkpoint, force=True)
+    assert model.num_branches == 2
+    assert torch.equal(model.thresholds, torch.full((2, 3), 0.5))
+
+
+def test_recorded_checkpoint_changed_in_place(bundle, other_checkpoint):
+    rewrite(bundle, lambda m: m["backbone"].update(checkpoint_path=str(other_checkpoint)))
+    refused_everywhere(bundle, "is not the one the branches were trained on", "--force")
+
+
+def test_recorded_checkpoint_gone(bundle, tmp_path):
+    rewrite(bundle, lambda m: m["backbone"].update(checkpoint_path=str(tmp_path / "gone.pt")))
+    refused_everywhere(bundle, "gone", "--checkpoint")
+
+
+# --------------------------------------------------------------------------- the threshold table
+
+
+@pytest.mark.parametrize(("name", "fields", "words"), [
+    ("wrong-branch-count", {"thresholds": [[0.5] * 3] * 3}, ["3 branches", "2 x 3"]),
+    ("wrong-class-count", {"thresholds": [[0.5] * 4] * 2}, ["4 classes", "2 x 3"]),
+    ("no-rows", {"thresholds": []}, ["0 branches"]),
+    ("above-one", {"thresholds": [[0.5, 1.5, 0.5], [0.5] * 3]}, ["[0, 1]"]),
+    ("below-zero", {"thresholds": [[0.5] * 3, [0.5, 0.5, -0.1]]}, ["[0, 1]"]),
+    ("nan", {"thresholds": [[float("nan"), 0.5, 0.5], [0.5] * 3]}, ["NaN"]),
+    ("infinity", {"thresholds": [[0.5] * 3, [float("inf")] * 3]}, ["[0, 1]"]),
+    ("text", {"thresholds": [["high", 0.5, 0.5], [0.5] * 3]}, ["numbers"]),
+    ("booleans", {"thresholds": [[True, 0.5, 0.5], [0.5] * 3]}, ["numbers"]),
+    ("row-not-a-list", {"thresholds": [[0.5] * 3, "0.5"]}, ["numbers"]),
+    ("no-thresholds", {"thresholds": None}, ["thresholds"]),
+    ("unknown-score", {"score": "logit"}, ["logit"]),
+])
+def test_threshold_table_refused(bundle, name, fields, words):
+    write_table(bundle, **fields)
+    line = refused_everywhere(bundle, *words)
+    assert THRESHOLDS_FILE in line
+
+
+@pytest.mark.parametrize("text", ["{not json", "", "\x00\xff garbage", "[0.5, 0.5]"])
+def test_threshold_file_not_json_or_not_an_object(bundle, text):
+    write_table(bundle, text=text)
+    refused_everywhere(bundle, THRESHOLDS_FILE)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "pteenet/bundle.py read_thresholds checks the shape on the first row only; a ragged table "
+    "reaches as_table, whose OptionError ends as 'error (bad option)', exit 2, not naming "
+    "thresholds.json"))
+@pytest.mark.parametrize("rows", [[[0.5] * 3, [0.5]], [[0.5] * 3, [0.5] * 5]])
+def test_ragged_threshold_table(bundle, rows):
+    write_table(bundle, thresholds=rows)
+    refused_everywhere(bundle, THRESHOLDS_FILE)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "pteenet/bundle.py read_thresholds: dict(doc.get('params') or {}) / dict(doc.get('summary') "
+    "or {}) raise ValueError/TypeError for non-object values: 'internal error', exit 1"))
+@pytest.mark.parametrize("fields", [{"params": "margin=0.1"}, {"summary": [1, 2]}])
+def test_threshold_side_fields_not_objects(bundle, fields):
+    write_table(bundle, **fields)
+    refused_everywhere(bundle, THRESHOLDS_FILE)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "pteenet/bundle.py read_thresholds treats a thresholds.json that is a folder as absent "
+    "(defaults to 0.5); calibrate then dies in atomic.py's os.replace with IsADirectoryError: "
+    "'internal error', exit 1"))
+def test_threshold_file_is_a_folder(bundle):
+    (bundle / THRESHOLDS_FILE).unlink()
+    (bundle / THRESHOLDS_FILE).mkdir()
+    refused_everywhere(bundle, THRESHOLDS_FILE)
+
+
+def test_a_missing_threshold_table_is_not_an_error(bundle):
+    """The control: no thresholds.json at all means the default table, and calibrate writes
+    one; so the refusals above are about the files' contents."""
+    (bundle / THRESHOLDS_FILE).unlink()
+    assert pteenet.load(bundle).num_branches == 2
+    result = invoke("calibrate", "-b", bundle, "-t", "0.5")
+    assert result.exit_code == 0, result.output
+    assert json.loads((bundle / THRESHOLDS_FILE).read_text())["method"] == "global"
