@@ -9,12 +9,13 @@ left BN in train mode and silently changed the pretrained backbone).
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import hashlib
+import io
 import os
-import pickle
-import zipfile
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,19 +143,22 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint {path} is empty")
     try:
         raw = _read_raw(path)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"checkpoint {path} was refused: it is a pickle that loads more than tensors "
-            f"(weights_only=True), which could run code; re-save it as a plain state_dict "
-            f"or .safetensors ({str(e).splitlines()[0][:120]})"
-        ) from e
-    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile, Exception) as e:
-        first = (str(e).splitlines() or [type(e).__name__])[0][:160]
-        raise CheckpointError(
-            f"checkpoint {path} is not a readable PyTorch or safetensors file "
-            f"(truncated or not a checkpoint?): {first}"
-        ) from e
+    except Exception as e:  # torch and safetensors raise many types; each becomes one line
+        raise CheckpointError(_unreadable(path, e)) from e
     return _flatten(raw, path)
+
+
+def _unreadable(path: Path, e: Exception) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    if "Unsupported global" in text:
+        found = re.search(r"Unsupported global: (GLOBAL \S+)", text)
+        what = f" ({found.group(1)})" if found else ""
+        return (f"checkpoint {path} was refused: it is a pickle that loads more than tensors"
+                f"{what}, which could run code (torch.load weights_only=True); re-save it as a "
+                f"plain state_dict or .safetensors")
+    first = (text.strip().splitlines() or [type(e).__name__])[0][:160]
+    return (f"checkpoint {path} is not a readable PyTorch or safetensors file (truncated or not a "
+            f"checkpoint?): {first}")
 
 
 def _flatten(raw: object, path: Path) -> dict[str, torch.Tensor]:
@@ -225,7 +229,8 @@ def _build(source: str, name: str, num_classes: int | None, pretrained: bool) ->
         if source == "timm":
             import timm
 
-            return timm.create_model(name, pretrained=pretrained, **kwargs)
+            with _hub_offline_unless_reachable(pretrained):
+                return timm.create_model(name, pretrained=pretrained, **kwargs)
         import torchvision
 
         return torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None,
@@ -239,11 +244,36 @@ def _build(source: str, name: str, num_classes: int | None, pretrained: bool) ->
         ) from e
 
 
+@contextlib.contextmanager
+def _hub_offline_unless_reachable(pretrained: bool, timeout: float = 3.0):
+    """Offline, let the Hugging Face hub use its cache only: otherwise it retries each file for a
+    minute before failing. Online nothing changes."""
+    import socket
+
+    if not pretrained:
+        yield
+        return
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        yield
+        return
+    except OSError:
+        pass
+    from huggingface_hub import constants
+
+    old, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = old
+
+
 def _download_cifar(model: nn.Module, name: str) -> None:
     url = CIFAR_URLS[name]
-    try:
-        sd = torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=True,
-                                                weights_only=True, progress=False)
+    try:  # torch hub announces downloads on stderr even without progress; keep ours one line
+        with contextlib.redirect_stderr(io.StringIO()):
+            sd = torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=True,
+                                                    weights_only=True, progress=False)
     except Exception as e:
         raise OfflineError(
             f"could not download pretrained weights for cifar:{name} from {url} (offline?): "

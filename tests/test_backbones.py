@@ -275,7 +275,6 @@ def test_random_bytes_checkpoint(tmp_path):
 # pteenet/backbones.py load_state_dict_file reports every pickle.UnpicklingError as an unsafe
 # pickle, also for a file that is merely not a checkpoint (torch's weights_only unpickler raises
 # UnpicklingError("... Unsupported operand 205") for garbage). Remove the marker once fixed.
-@pytest.mark.xfail(strict=True, reason="random bytes are reported as an unsafe pickle")
 def test_random_bytes_are_not_called_unsafe(tmp_path):
     with pytest.raises(CheckpointError) as info:
         load_state_dict_file(_random_bytes_file(tmp_path))

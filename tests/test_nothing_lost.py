@@ -334,3 +334,30 @@ def test_nan_loss_is_one_line_exit_5_and_keeps_the_old_bundle(material, old_bund
     assert "Traceback" not in result.output
     assert snapshot(out) == before
     assert temp_files(out) == []
+
+
+# --------------------------------------------------------------------------- a bad --resume state
+
+
+@pytest.mark.parametrize(("state", "code", "words"), [
+    ({"key": "another attach", "epoch": 0}, 2, ["different attach", "drop --resume"]),
+    (b"PK\x03\x04 cut short", 5, ["unreadable", "delete it"]),
+])
+def test_stale_or_broken_resume_state_is_refused_and_kept(material, tmp_path, state, code, words):
+    data, ckpt = material
+    out = tmp_path / "out"
+    out.mkdir()
+    if isinstance(state, bytes):
+        (out / STATE_FILE).write_bytes(state)
+    else:
+        torch.save(state, out / STATE_FILE)
+    before = snapshot(out)
+    result = runner.invoke(app, ["attach", "resnet20", "--data", str(data), "-c", str(ckpt),
+                                 "--num-classes", "3", "-n", "2", "--branch", "pool",
+                                 "--epochs", "2", "--resume", "--quiet", "--out", str(out)])
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.output, result.stderr
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    assert snapshot(out) == before  # the state is the user's to keep or delete
