@@ -49,6 +49,8 @@ def attach(
     = False,
     max_samples: Annotated[int | None, typer.Option(
         help="Use a seeded subset of this many images (quick runs).", min=2)] = None,
+    amp: Annotated[bool, typer.Option(
+        help="bf16 mixed precision for branch training (CUDA, or CPUs with bf16).")] = False,
     resume: Annotated[bool, typer.Option(
         help="Save training state every epoch and continue an interrupted attach.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
@@ -61,7 +63,7 @@ def attach(
     out_ = Output()
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, lam=lam, target=target,
                          boosted=boosted, margin=margin, seed=seed, device=device,
-                         cache=not no_cache)
+                         cache=not no_cache, amp=amp)
     res = run_attach(model, data, checkpoint=checkpoint, branches=branches, placement=placement,
                      at=floats(at, "--at"), cuts=names(cuts), branch=branch,
                      val_fraction=val_fraction, out=out, config=config, num_classes=num_classes,

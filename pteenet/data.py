@@ -416,8 +416,11 @@ def make_loader(
     shuffle: bool = False,
     seed: int = 0,
     num_workers: int = 0,
+    pin_memory: bool = False,
 ) -> DataLoader:
     """A DataLoader of :class:`Batch` over ``data`` (or the ``indices`` subset of it).
+
+    ``pin_memory`` (for CUDA) puts batches in page-locked memory so host-to-GPU copies overlap.
 
     Shuffling uses its own generator seeded with ``seed``, so the order is reproducible and does
     not depend on (or disturb) torch's global RNG. ``Batch.indices`` are always indices into
@@ -436,6 +439,7 @@ def make_loader(
         num_workers=num_workers,
         collate_fn=collate_skip,
         generator=generator,
+        pin_memory=pin_memory,
     )
 
 

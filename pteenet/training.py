@@ -73,6 +73,7 @@ class TrainConfig:
     cache: bool = True
     cache_limit: int = 4 << 30
     num_workers: int = 0
+    amp: bool = False  # bf16 autocast for the branches (CUDA, or CPUs with bf16 support)
 
     def validate(self, has_labels: bool) -> None:
         if self.epochs < 1:
@@ -181,7 +182,8 @@ def compute_features(model: EarlyExitModel, data: ImageData, indices: Sequence[i
     Unreadable images are skipped and counted. Beyond ``cache_limit`` bytes the features go to a
     memory-mapped temp file (removed when ``stack`` closes).
     """
-    loader = make_loader(data, batch_size=batch_size, indices=indices, num_workers=num_workers)
+    loader = make_loader(data, batch_size=batch_size, indices=indices, num_workers=num_workers,
+                         pin_memory=str(device).startswith("cuda"))
     n = len(indices)
     shapes = [tuple(s) for s in _cut_shapes(model, data)]
     per_sample = sum(math.prod(s) for s in shapes) * 2
@@ -194,7 +196,7 @@ def compute_features(model: EarlyExitModel, data: ImageData, indices: Sequence[i
     for batch in loader:
         skipped += batch.skipped
         if batch.images is not None:
-            feats, logits = model.features(batch.images.to(device))
+            feats, logits = model.features(batch.images.to(device, non_blocking=True))
             m = len(batch)
             for s, f in zip(store, feats):
                 s[pos:pos + m] = f.to("cpu", torch.float16)
@@ -273,6 +275,12 @@ def _branch_loss(logits: Tensor, conf: Tensor, target: Tensor, weight: Tensor | 
     right = (logits.argmax(1) == target.argmax(1)).float()
     bce = F.binary_cross_entropy_with_logits(conf, right, reduction="none")
     return _mean(ce + bce, weight)
+
+
+def _autocast(config: TrainConfig) -> contextlib.AbstractContextManager:
+    """bf16 mixed precision for branch forward passes when ``--amp`` is set (loss stays fp32)."""
+    device_type = torch.device(config.device).type
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=config.amp)
 
 
 def _batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[Tensor]:
@@ -398,8 +406,10 @@ def _train_joint(model, train, held, config, on_epoch, resume: Resume | None) ->
         for pos in _batches(len(train), config.batch_size, gen):
             part = train.take(pos, config.device)
             target = make_targets(part.final, part.labels, config.target, config.temperature)
-            logits, conf = model.branch_outputs(part.feats)
-            loss = eenet_loss(logits, conf, part.final, target, costs, config.lam)
+            with _autocast(config):
+                logits, conf = model.branch_outputs(part.feats)
+            loss = eenet_loss([lg.float() for lg in logits], [c.float() for c in conf],
+                              part.final, target, costs, config.lam)
             guard.check(loss, epoch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -464,7 +474,9 @@ def _train_one(model, k, train, weight, config, gen, on_epoch, report) -> None:
             sel = keep[pos]
             part = train.take(sel, config.device)
             target = make_targets(part.final, part.labels, config.target, config.temperature)
-            logits, conf = branch(part.feats[k])
+            with _autocast(config):
+                logits, conf = branch(part.feats[k])
+            logits, conf = logits.float(), conf.float()
             w = weight[sel].to(config.device) if config.boosted == "soft" else None
             loss = _branch_loss(logits, conf, target, w)
             guard.check(loss, epoch)

@@ -183,3 +183,13 @@ def test_resume_continues_to_the_same_bundle(tiny, tmp_path, monkeypatch):  # no
     assert all(torch.equal(v, b[k]) for k, v in a.items())
     assert read_info(tmp_path / "r").training["losses"] == read_info(tmp_path / "full").training[
         "losses"]
+
+
+def test_amp_trains_in_bf16_and_stays_close(tiny, tmp_path):  # noqa: F811
+    data, ckpt = tiny
+    res = attach("resnet20", data, checkpoint=ckpt, num_classes=3, branches=1, branch="pool",
+                 out=tmp_path, progress=False,
+                 config=TrainConfig(epochs=2, batch_size=16, amp=True))
+    assert read_info(tmp_path).training["amp"] is True
+    assert all(torch.isfinite(torch.tensor(res.report.losses)))
+    assert res.report.losses[-1] < res.report.losses[0]

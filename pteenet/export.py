@@ -1,0 +1,205 @@
+"""Export a bundle's cascade as standalone graphs (ONNX or TorchScript) plus a JSON manifest.
+
+Each segment and each branch becomes its own graph, so a runtime can stop after any branch and
+feed only the samples still in flight to the next segment (true early exit, batch compaction):
+one monolithic graph could not skip work per sample. Branch graphs return ``(logits, score)``
+with the exit score (sigmoid of the confidence head, or the top softmax probability) baked in,
+so the runtime needs neither torch nor pteenet's model code: :mod:`pteenet.runtime` runs the
+folder with numpy and onnxruntime (or torch for TorchScript).
+
+Folder layout (``<bundle>/export-<format>`` by default)::
+
+    segment_0.onnx ... segment_B.onnx   image -> cut 0 -> ... -> backbone logits
+    branch_0.onnx  ... branch_{B-1}.onnx  cut k -> (logits [N, K], score [N])
+    manifest.json                       order, thresholds (null = never), FLOPs, preprocessing
+
+Every graph has a dynamic batch dimension, and each is checked after writing by running it on a
+batch size other than the one it was traced with, so a graph that silently fixed the batch size
+is refused here rather than in deployment. Every file is written atomically; the manifest last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .atomic import atomic_path, write_text
+from .errors import OptionError
+
+__all__ = ["FORMATS", "MANIFEST", "MANIFEST_VERSION", "export", "manifest_for"]
+
+FORMATS = ("onnx", "torchscript")
+SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+TRACE_BATCH = 2  # graphs are traced on this batch size ...
+CHECK_BATCH = 3  # ... and verified on another, to prove the batch dimension stayed dynamic
+INSTALL_HINT = "pip install pteenet[onnx]"
+
+
+class ScoredBranch(nn.Module):
+    """A branch whose second output is already the exit score, so runtimes need no torch math."""
+
+    def __init__(self, branch: nn.Module, score: str) -> None:
+        super().__init__()
+        self.branch = branch
+        self.score = score
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, confidence = self.branch(x)
+        if self.score == "head":
+            return logits, torch.sigmoid(confidence)
+        return logits, torch.softmax(logits, dim=1).amax(1)
+
+
+def export(
+    bundle: str | os.PathLike = "pteenet-out",
+    *,
+    format: str = "onnx",  # noqa: A002 - mirrors the CLI's --format
+    out: str | os.PathLike | None = None,
+    opset: int = 17,
+    checkpoint: str | os.PathLike | None = None,
+    force: bool = False,
+) -> Path:
+    """Write the bundle's segments, branches and manifest into ``out``; return that folder."""
+    _check_format(format, opset)
+    from .bundle import load, read_info
+
+    info = read_info(bundle)  # fail fast on a missing bundle, before building the backbone
+    folder = Path(out) if out is not None else info.path / f"export-{format}"
+    if folder.exists() and not folder.is_dir():
+        raise OptionError(f"--out {folder} is a file; give a folder")
+    model = load(bundle, checkpoint=checkpoint, force=force).eval()
+    seg_inputs, branch_inputs = _example_inputs(model, TRACE_BATCH)
+    check_seg, check_branch = _example_inputs(model, CHECK_BATCH)
+    files: dict[str, list[str]] = {"segments": [], "branches": []}
+    graphs = [("segment", k, m, seg_inputs[k], check_seg[k])
+              for k, m in enumerate(model.segments)]
+    graphs += [("branch", k, ScoredBranch(b, model.score).eval(), branch_inputs[k], check_branch[k])
+               for k, b in enumerate(model.branches)]
+    for kind, k, module, example, check in graphs:
+        name = f"{kind}_{k}{SUFFIX[format]}"
+        _write_graph(module, example, check, folder / name, format, opset, f"{kind} {k}")
+        files[f"{kind}s"].append(name)
+    write_text(folder / MANIFEST, json.dumps(manifest_for(model, format, files), indent=1))
+    return folder
+
+
+def manifest_for(model: Any, format: str, files: dict[str, list[str]]) -> dict[str, Any]:  # noqa: A002
+    """The manifest: everything a runtime needs besides the graphs, as plain JSON."""
+    info = model.info
+    thr = [[None if math.isinf(v) else float(v) for v in row] for row in model.thresholds.tolist()]
+    return {
+        "format_version": MANIFEST_VERSION, "pteenet_version": __version__, "format": format,
+        "backbone": info.backbone.get("name"), "num_branches": model.num_branches,
+        "num_classes": model.num_classes, "input_size": list(info.preprocess.input_size),
+        "mean": list(info.preprocess.mean), "std": list(info.preprocess.std),
+        "classes": info.classes, "cuts": list(info.cuts), "score": model.score,
+        "thresholds": thr, "segment_flops": list(model.segment_flops),
+        "branch_flops": list(model.branch_flops), "backbone_flops": model.backbone_flops,
+        "exit_costs": model.exit_costs(), "files": files,
+    }
+
+
+# -- helpers ----------------------------------------------------------------------------------
+def _check_format(format: str, opset: int) -> None:  # noqa: A002
+    if format not in FORMATS:
+        raise OptionError(f"unknown export format '{format}': use one of {', '.join(FORMATS)}")
+    if format == "onnx":
+        try:
+            import onnx  # noqa: F401
+        except ImportError as e:
+            raise OptionError(f"ONNX export needs the onnx package: {INSTALL_HINT}") from e
+        if not 9 <= opset <= 25:
+            raise OptionError(f"--opset must lie in 9..25, got {opset}")
+
+
+@torch.no_grad()
+def _example_inputs(model: Any, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Seeded inputs of every segment and branch: the image, then each cut's feature map."""
+    h, w = model.info.preprocess.input_size
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(n, 3, h, w, generator=gen)
+    feats, _ = model.features(x)
+    return [x, *feats], list(feats)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Tracing and the legacy ONNX exporter warn about things that do not apply here."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _write_graph(module: nn.Module, example: torch.Tensor, check: torch.Tensor, path: Path,
+                 format: str, opset: int, what: str) -> None:  # noqa: A002
+    """Export one graph atomically, then prove it reproduces the module on another batch size."""
+    try:
+        with atomic_path(path) as tmp, _quiet():
+            if format == "onnx":
+                _save_onnx(module, example, tmp, opset)
+            else:
+                torch.jit.save(torch.jit.trace(module, (example,), check_trace=False), str(tmp))
+            _verify(module, check, tmp, format, what)
+    except OptionError:
+        raise
+    except Exception as e:  # exporters raise many types; the user needs one line and a way out
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        other = "torchscript" if format == "onnx" else "onnx"
+        raise OptionError(f"cannot export {what} as {format} ({type(e).__name__}: {first}); "
+                          f"try --format {other}") from e
+
+
+def _save_onnx(module: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
+    """The TorchScript-based exporter (dynamo=False): it needs no onnxscript and works offline."""
+    import onnx
+
+    outputs = ["output"] if not isinstance(module, ScoredBranch) else ["logits", "score"]
+    axes = {name: {0: "batch"} for name in ["input", *outputs]}
+    torch.onnx.export(module, (example,), str(path), input_names=["input"],
+                      output_names=outputs, dynamic_axes=axes, opset_version=opset,
+                      dynamo=False, do_constant_folding=True)
+    onnx.checker.check_model(onnx.load(str(path)))
+
+
+def _run_saved(path: Path, format: str, x: torch.Tensor) -> list[torch.Tensor]:  # noqa: A002
+    if format == "torchscript":
+        with torch.no_grad():
+            out = torch.jit.load(str(path), map_location="cpu")(x)
+        return list(out) if isinstance(out, tuple) else [out]
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return [torch.from_numpy(o) for o in sess.run(None, {"input": x.numpy()})]
+
+
+def _verify(module: nn.Module, x: torch.Tensor, path: Path, format: str, what: str) -> None:  # noqa: A002
+    """Run the saved graph on a batch size it was not traced with and compare with torch.
+
+    Skipped for ONNX when onnxruntime is absent (the checker has already passed)."""
+    if format == "onnx":
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            return
+    with torch.no_grad():
+        ref = module(x)
+    ref = list(ref) if isinstance(ref, tuple) else [ref]
+    got = _run_saved(path, format, x)
+    for r, g in zip(ref, got):
+        tol = 1e-3 * (1 + float(r.abs().max()))
+        if tuple(r.shape) != tuple(g.shape) or float((r - g).abs().max()) > tol:
+            raise OptionError(f"the exported {what} does not reproduce the model on a batch of "
+                              f"{x.shape[0]} (fixed batch size or unsupported op); try the other "
+                              f"--format")
