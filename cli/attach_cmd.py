@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from pteenet.distributed import is_main
 from pteenet.retrofit import attach as run_attach
 from pteenet.training import TrainConfig
 
@@ -68,6 +69,8 @@ def attach(
                      at=floats(at, "--at"), cuts=names(cuts), branch=branch,
                      val_fraction=val_fraction, out=out, config=config, num_classes=num_classes,
                      max_samples=max_samples, progress=not quiet, resume=resume)
+    if not is_main():
+        return
     rows = [[r["branch"], r["cut"], r["type"], pct(r["exit_flops"]), pct(r["branch_flops"], 2),
              pct(r["agreement"])] for r in res.rows()]
     out_.table(f"{res.info.backbone['source']}:{res.info.backbone['name']}: "

@@ -34,6 +34,7 @@ from torch import nn
 
 from . import __version__
 from .atomic import atomic_path, write_text
+from .bundle import load, read_info
 from .errors import OptionError
 
 __all__ = ["FORMATS", "MANIFEST", "MANIFEST_VERSION", "export", "manifest_for"]
@@ -65,7 +66,7 @@ class ScoredBranch(nn.Module):
 def export(
     bundle: str | os.PathLike = "pteenet-out",
     *,
-    format: str = "onnx",  # noqa: A002 - mirrors the CLI's --format
+    format: str = "onnx",
     out: str | os.PathLike | None = None,
     opset: int = 17,
     checkpoint: str | os.PathLike | None = None,
@@ -73,29 +74,26 @@ def export(
 ) -> Path:
     """Write the bundle's segments, branches and manifest into ``out``; return that folder."""
     _check_format(format, opset)
-    from .bundle import load, read_info
-
     info = read_info(bundle)  # fail fast on a missing bundle, before building the backbone
     folder = Path(out) if out is not None else info.path / f"export-{format}"
     if folder.exists() and not folder.is_dir():
         raise OptionError(f"--out {folder} is a file; give a folder")
     model = load(bundle, checkpoint=checkpoint, force=force).eval()
-    seg_inputs, branch_inputs = _example_inputs(model, TRACE_BATCH)
-    check_seg, check_branch = _example_inputs(model, CHECK_BATCH)
+    graphs = {"segment": list(model.segments),
+              "branch": [ScoredBranch(b, model.score).eval() for b in model.branches]}
+    traced, checked = _example_inputs(model, TRACE_BATCH), _example_inputs(model, CHECK_BATCH)
     files: dict[str, list[str]] = {"segments": [], "branches": []}
-    graphs = [("segment", k, m, seg_inputs[k], check_seg[k])
-              for k, m in enumerate(model.segments)]
-    graphs += [("branch", k, ScoredBranch(b, model.score).eval(), branch_inputs[k], check_branch[k])
-               for k, b in enumerate(model.branches)]
-    for kind, k, module, example, check in graphs:
-        name = f"{kind}_{k}{SUFFIX[format]}"
-        _write_graph(module, example, check, folder / name, format, opset, f"{kind} {k}")
-        files[f"{kind}s"].append(name)
+    for kind, group in (("segment", "segments"), ("branch", "branches")):
+        for k, module in enumerate(graphs[kind]):
+            name = f"{kind}_{k}{SUFFIX[format]}"
+            _write_graph(module, traced[kind][k], checked[kind][k], folder / name, format,
+                         opset, f"{kind} {k}")
+            files[group].append(name)
     write_text(folder / MANIFEST, json.dumps(manifest_for(model, format, files), indent=1))
     return folder
 
 
-def manifest_for(model: Any, format: str, files: dict[str, list[str]]) -> dict[str, Any]:  # noqa: A002
+def manifest_for(model: Any, format: str, files: dict[str, list[str]]) -> dict[str, Any]:
     """The manifest: everything a runtime needs besides the graphs, as plain JSON."""
     info = model.info
     thr = [[None if math.isinf(v) else float(v) for v in row] for row in model.thresholds.tolist()]
@@ -112,7 +110,7 @@ def manifest_for(model: Any, format: str, files: dict[str, list[str]]) -> dict[s
 
 
 # -- helpers ----------------------------------------------------------------------------------
-def _check_format(format: str, opset: int) -> None:  # noqa: A002
+def _check_format(format: str, opset: int) -> None:
     if format not in FORMATS:
         raise OptionError(f"unknown export format '{format}': use one of {', '.join(FORMATS)}")
     if format == "onnx":
@@ -125,13 +123,12 @@ def _check_format(format: str, opset: int) -> None:  # noqa: A002
 
 
 @torch.no_grad()
-def _example_inputs(model: Any, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def _example_inputs(model: Any, n: int) -> dict[str, list[torch.Tensor]]:
     """Seeded inputs of every segment and branch: the image, then each cut's feature map."""
     h, w = model.info.preprocess.input_size
-    gen = torch.Generator().manual_seed(n)
-    x = torch.randn(n, 3, h, w, generator=gen)
+    x = torch.randn(n, 3, h, w, generator=torch.Generator().manual_seed(n))
     feats, _ = model.features(x)
-    return [x, *feats], list(feats)
+    return {"segment": [x, *feats], "branch": list(feats)}
 
 
 @contextlib.contextmanager
@@ -143,7 +140,7 @@ def _quiet() -> Iterator[None]:
 
 
 def _write_graph(module: nn.Module, example: torch.Tensor, check: torch.Tensor, path: Path,
-                 format: str, opset: int, what: str) -> None:  # noqa: A002
+                 format: str, opset: int, what: str) -> None:
     """Export one graph atomically, then prove it reproduces the module on another batch size."""
     try:
         with atomic_path(path) as tmp, _quiet():
@@ -173,7 +170,7 @@ def _save_onnx(module: nn.Module, example: torch.Tensor, path: Path, opset: int)
     onnx.checker.check_model(onnx.load(str(path)))
 
 
-def _run_saved(path: Path, format: str, x: torch.Tensor) -> list[torch.Tensor]:  # noqa: A002
+def _run_saved(path: Path, format: str, x: torch.Tensor) -> list[torch.Tensor]:
     if format == "torchscript":
         with torch.no_grad():
             out = torch.jit.load(str(path), map_location="cpu")(x)
@@ -184,7 +181,7 @@ def _run_saved(path: Path, format: str, x: torch.Tensor) -> list[torch.Tensor]: 
     return [torch.from_numpy(o) for o in sess.run(None, {"input": x.numpy()})]
 
 
-def _verify(module: nn.Module, x: torch.Tensor, path: Path, format: str, what: str) -> None:  # noqa: A002
+def _verify(module: nn.Module, x: torch.Tensor, path: Path, format: str, what: str) -> None:
     """Run the saved graph on a batch size it was not traced with and compare with torch.
 
     Skipped for ONNX when onnxruntime is absent (the checker has already passed)."""
@@ -197,6 +194,8 @@ def _verify(module: nn.Module, x: torch.Tensor, path: Path, format: str, what: s
         ref = module(x)
     ref = list(ref) if isinstance(ref, tuple) else [ref]
     got = _run_saved(path, format, x)
+    if len(got) != len(ref):
+        raise OptionError(f"the exported {what} returns {len(got)} outputs, not {len(ref)}")
     for r, g in zip(ref, got):
         tol = 1e-3 * (1 + float(r.abs().max()))
         if tuple(r.shape) != tuple(g.shape) or float((r - g).abs().max()) > tol:

@@ -21,6 +21,7 @@ from . import __version__
 from .backbones import Backbone, create_backbone
 from .bundle import BundleInfo, ThresholdTable, save_bundle, write_thresholds
 from .data import available_splits, open_data
+from .distributed import all_sum, init_from_env, is_main, rank_world
 from .early_exit import EarlyExitModel, build_early_exit
 from .errors import OptionError
 from .placement import choose_cuts
@@ -94,6 +95,7 @@ def attach(
     """
     config = config or TrainConfig()
     config.validate(has_labels=True)  # options first: fail before any download or trace
+    init_from_env(config.device)
     available_splits(data)  # the data must exist before the backbone is fetched
     start = time.perf_counter()
     bb = backbone or create_backbone(model, checkpoint=checkpoint, pretrained=checkpoint is None,
@@ -115,7 +117,9 @@ def attach(
         pool = sorted(torch.randperm(n, generator=g)[:max_samples].tolist())
     train_pos, held_pos = split_indices(len(pool), val_fraction, config.seed)
     train_idx, held_idx = [pool[i] for i in train_pos], [pool[i] for i in held_pos]
-    with contextlib.ExitStack() as stack, _progress(progress) as bar:
+    rank, world = rank_world()
+    train_idx = train_idx[rank::world]  # each rank caches and trains on its own shard
+    with contextlib.ExitStack() as stack, _progress(progress and rank == 0) as bar:
         task = bar.add_task("backbone features", total=len(pool if config.cache else held_idx),
                             info="")
         kw = dict(batch_size=256, device=config.device, num_workers=config.num_workers,
@@ -132,20 +136,23 @@ def attach(
             bar.update(etask, completed=epoch + 1,
                        info=f"loss {loss:.3f}" + (f"  agree {shown}" if shown else ""))
 
+        if resume and world > 1:
+            raise OptionError("--resume is not supported with several processes yet")
         state = Resume(Path(out) / STATE_FILE, _fingerprint(bb, names, branch, config, data,
                                                             pool)) if resume else None
         report = train_branches(ee, train, held, config, on_epoch, state)
-        report.skipped = train.skipped + held.skipped
+        report.skipped = int(all_sum(torch.tensor(train.skipped))) + held.skipped
     ee.eval()
     if report.thresholds is not None:
         ee.set_thresholds(report.thresholds)
     info = _bundle_info(bb, ee, names, bool(cuts), branch, dataset, config, report, held,
                         val_fraction, len(pool), data)
-    save_bundle(out, ee, info)
-    if report.thresholds is not None:
-        write_thresholds(out, ThresholdTable(report.thresholds, ee.score, "cpm",
-                                             {"margin": config.margin, "boosted": True}))
-    (Path(out) / STATE_FILE).unlink(missing_ok=True)
+    if is_main():  # one writer; the other ranks hold the same branches
+        save_bundle(out, ee, info)
+        if report.thresholds is not None:
+            write_thresholds(out, ThresholdTable(report.thresholds, ee.score, "cpm",
+                                                 {"margin": config.margin, "boosted": True}))
+        (Path(out) / STATE_FILE).unlink(missing_ok=True)
     return AttachResult(ee, info, trace, report, time.perf_counter() - start)
 
 

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from .atomic import atomic_path
 from .data import ImageData, collate_skip, make_loader
+from .distributed import Shard, all_sum
 from .early_exit import EarlyExitModel
 from .errors import DataError, OptionError, TrainingError
 from .thresholds import cpm_thresholds, exit_index
@@ -232,6 +233,12 @@ def make_targets(final: Tensor, labels: Tensor, target: str, temperature: float 
 
 def eenet_loss(logits: Sequence[Tensor], conf: Sequence[Tensor], final: Tensor, target: Tensor,
                costs: Sequence[float], lam: float, weight: Tensor | None = None) -> Tensor:
+    """The mean over samples of :func:`eenet_per_sample`."""
+    return _mean(eenet_per_sample(logits, conf, final, target, costs, lam), weight)
+
+
+def eenet_per_sample(logits: Sequence[Tensor], conf: Sequence[Tensor], final: Tensor,
+                     target: Tensor, costs: Sequence[float], lam: float) -> Tensor:
     """EENets' L_v2 on the frozen cascade, in log space (Demir & Akbas, eq. 5-8), plus each
     branch's own cross-entropy and a confidence target.
 
@@ -246,7 +253,7 @@ def eenet_loss(logits: Sequence[Tensor], conf: Sequence[Tensor], final: Tensor, 
     """
     log_y = F.log_softmax(final.float(), dim=1)  # log Y_N
     big_c = torch.full_like(log_y[:, 0], float(costs[-1]))  # C_N
-    total = 0.0
+    total = torch.zeros_like(big_c)
     for i in range(len(logits) - 1, -1, -1):
         log_h = F.logsigmoid(conf[i]).unsqueeze(1)
         log_1mh = F.logsigmoid(-conf[i]).unsqueeze(1)
@@ -257,8 +264,7 @@ def eenet_loss(logits: Sequence[Tensor], conf: Sequence[Tensor], final: Tensor, 
         own = -(target * F.log_softmax(logits[i], 1)).sum(1)
         right = (logits[i].argmax(1) == target.argmax(1)).float()
         conf_target = F.binary_cross_entropy_with_logits(conf[i], right, reduction="none")
-        per_sample = -(target * log_y).sum(1) + lam * big_c + own + conf_target
-        total = total + _mean(per_sample, weight)
+        total = total + (-(target * log_y).sum(1) + lam * big_c + own + conf_target)
     return total
 
 
@@ -268,13 +274,29 @@ def _mean(x: Tensor, weight: Tensor | None) -> Tensor:
     return (x * weight).sum() / weight.sum().clamp_min(1e-12)
 
 
-def _branch_loss(logits: Tensor, conf: Tensor, target: Tensor, weight: Tensor | None) -> Tensor:
+def _branch_per_sample(logits: Tensor, conf: Tensor, target: Tensor) -> Tensor:
     """Boosted mode: the branch's own classification loss, plus its confidence head trained to
     predict whether the branch agrees with the target (its exit score)."""
     ce = -(target * F.log_softmax(logits, 1)).sum(1)
     right = (logits.argmax(1) == target.argmax(1)).float()
-    bce = F.binary_cross_entropy_with_logits(conf, right, reduction="none")
-    return _mean(ce + bce, weight)
+    return ce + F.binary_cross_entropy_with_logits(conf, right, reduction="none")
+
+
+def _step(opt: torch.optim.Optimizer, per_sample: Tensor, weight: Tensor | None, denom: float,
+          shard: Shard, params, guard: _Guard, epoch: int) -> float:
+    """One optimiser step on this rank's part of a global batch; returns the batch's loss sum.
+
+    The local weighted sum is divided by the *global* denominator (batch size, or weight sum),
+    so the gradients summed over ranks equal the single-process mean's.
+    """
+    local = (per_sample * weight).sum() if weight is not None else per_sample.sum()
+    total = all_sum(local.detach().clone())
+    guard.check(total, epoch)
+    opt.zero_grad(set_to_none=True)
+    (local / denom).backward()
+    shard.reduce_grads(params)
+    opt.step()
+    return float(total)
 
 
 def _autocast(config: TrainConfig) -> contextlib.AbstractContextManager:
@@ -401,22 +423,22 @@ def _train_joint(model, train, held, config, on_epoch, resume: Resume | None) ->
     guard.commit()
     if start and on_epoch:
         on_epoch(start - 1, report.losses[-1], agreement(model, held, config.device))
+    shard = Shard(train.indices)
+    params = list(model.branches.parameters())
     for epoch in range(start, config.epochs):
-        total, count = 0.0, 0
-        for pos in _batches(len(train), config.batch_size, gen):
-            part = train.take(pos, config.device)
+        total = 0.0
+        for pos in _batches(len(shard), config.batch_size, gen):
+            part = train.take(shard.select(pos), config.device)
             target = make_targets(part.final, part.labels, config.target, config.temperature)
             with _autocast(config):
                 logits, conf = model.branch_outputs(part.feats)
-            loss = eenet_loss([lg.float() for lg in logits], [c.float() for c in conf],
-                              part.final, target, costs, config.lam)
-            guard.check(loss, epoch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total, count = total + loss.item() * len(pos), count + len(pos)
+            per_sample = eenet_per_sample([lg.float() for lg in logits],
+                                          [c.float() for c in conf], part.final, target, costs,
+                                          config.lam)
+            total += _step(opt, per_sample, None, len(pos), shard, params, guard, epoch)
+        shard.average_buffers(model.branches)
         guard.commit()
-        report.losses.append(total / count)
+        report.losses.append(total / len(shard))
         if resume:
             resume.save(epoch, model, opt, gen, report)
         if on_epoch:
@@ -434,10 +456,12 @@ def _train_boosted(model, train, held, config, on_epoch) -> TrainReport:
     w_held = torch.ones(len(held))
     gen = torch.Generator().manual_seed(config.seed)
     ref = held.labels if config.target == "labels" else held.final.argmax(1)
+    shard = Shard(train.indices)
     for k in range(b):
-        report.survivors.append({"train": int((w_train > 0.5).sum()),
+        w_global = shard.to_global(w_train)
+        report.survivors.append({"train": int((w_global > 0.5).sum()),
                                  "held_out": int((w_held > 0.5).sum())})
-        _train_one(model, k, train, w_train, config, gen, on_epoch, report)
+        _train_one(model, k, train, w_global, shard, config, gen, on_epoch, report)
         s_held, p_held = branch_scores(model, held, config.device)
         alive = w_held > 0.5
         table = cpm_thresholds(s_held[alive, k:k + 1], p_held[alive, k:k + 1], ref[alive],
@@ -460,30 +484,33 @@ def _survival(model, data: FeatureSet, k: int, thr: Tensor, config: TrainConfig)
                        torch.sigmoid((t - scores[:, k]) / 0.05))
 
 
-def _train_one(model, k, train, weight, config, gen, on_epoch, report) -> None:
-    keep = (weight > 1e-3).nonzero().squeeze(1) if config.boosted == "soft" else (
-        (weight > 0.5).nonzero().squeeze(1))
+def _train_one(model, k, train, weight: Tensor, shard: Shard, config, gen, on_epoch,
+               report) -> None:
+    """Train branch k on the survivors; ``weight`` is the global survival vector (all ranks)."""
+    soft = config.boosted == "soft"
+    keep = (weight > (1e-3 if soft else 0.5)).nonzero().squeeze(1)
     if keep.numel() == 0:
         return
     branch = model.branches[k]
-    opt = torch.optim.Adam(branch.parameters(), lr=config.lr)
+    params = list(branch.parameters())
+    opt = torch.optim.Adam(params, lr=config.lr)
     guard = _Guard(model)
+    local_w = torch.empty(len(train))
+    local_w[shard.local[shard.owner == shard.rank]] = weight[shard.owner == shard.rank]
     for epoch in range(config.epochs):
         total = 0.0
         for pos in _batches(keep.numel(), config.batch_size, gen):
-            sel = keep[pos]
+            glob = keep[pos]
+            sel = shard.select(glob)
             part = train.take(sel, config.device)
             target = make_targets(part.final, part.labels, config.target, config.temperature)
             with _autocast(config):
                 logits, conf = branch(part.feats[k])
-            logits, conf = logits.float(), conf.float()
-            w = weight[sel].to(config.device) if config.boosted == "soft" else None
-            loss = _branch_loss(logits, conf, target, w)
-            guard.check(loss, epoch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(pos)
+            per_sample = _branch_per_sample(logits.float(), conf.float(), target)
+            w = local_w[sel].to(config.device) if soft else None
+            denom = float(weight[glob].sum()) if soft else len(glob)
+            total += _step(opt, per_sample, w, denom, shard, params, guard, epoch)
+        shard.average_buffers(branch)
         guard.commit()
         report.losses.append(total / keep.numel())
         if on_epoch:

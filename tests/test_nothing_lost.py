@@ -129,10 +129,16 @@ def test_sigkill_mid_training_loses_nothing_and_resume_matches(material, old_bun
     assert 0 <= saved["epoch"] < EPOCHS - 1  # really killed mid-training
 
     # The earlier bundle is intact, byte for byte; the only new file is the training state.
-    after = snapshot(out)
-    assert set(after) == set(before) | {STATE_FILE}
+    # (Were the kill to land while the next epoch's state is being written, that state's temp
+    # file would remain too: nothing can clean up after SIGKILL. The poll above kills right
+    # after a save, an epoch before the next one, so this is rare; it is tolerated, nothing
+    # else is.)
+    state_tmp = f".{STATE_FILE}."
+    after = {k: v for k, v in snapshot(out).items() if not k.startswith(state_tmp)}
+    assert set(after) == set(before) | {STATE_FILE}, sorted(after)
     assert {k: v for k, v in after.items() if k != STATE_FILE} == before
-    assert temp_files(out) == []
+    killed_tmp = [n for n in temp_files(out) if n.startswith(state_tmp)]
+    assert temp_files(out) == killed_tmp
 
     # --resume continues from the saved epoch (not from scratch) ...
     starts: list[int] = []
@@ -146,8 +152,8 @@ def test_sigkill_mid_training_loses_nothing_and_resume_matches(material, old_bun
     result = runner.invoke(app, _attach_args(data, ckpt, out))
     assert result.exit_code == 0, result.output
     assert starts == [saved["epoch"] + 1]
-    assert not state.exists() and temp_files(out) == []
-    assert sorted(p.name for p in out.iterdir()) == sorted(before)
+    assert not state.exists() and temp_files(out) == killed_tmp
+    assert sorted(p.name for p in out.iterdir() if p.name not in killed_tmp) == sorted(before)
 
     # ... to exactly the branches of a run that was never interrupted.
     ref = tmp_path / "reference"
@@ -254,8 +260,13 @@ def test_written_files_follow_the_umask(tmp_path):
 
 
 def _nan_on_call(monkeypatch, n: int) -> list[int]:
-    """``eenet_loss`` returns NaN (still differentiable) on its n-th call."""
-    real = training.eenet_loss
+    """The joint loss returns NaN (still differentiable) on its n-th call, i.e. n-th batch.
+
+    Joint training calls ``eenet_per_sample`` once per batch where that exists (``eenet_loss``
+    is its mean), else ``eenet_loss``; the one training calls is the one replaced.
+    """
+    name = "eenet_per_sample" if hasattr(training, "eenet_per_sample") else "eenet_loss"
+    real = getattr(training, name)
     calls: list[int] = []
 
     def loss(*args, **kwargs):
@@ -263,7 +274,7 @@ def _nan_on_call(monkeypatch, n: int) -> list[int]:
         calls.append(1)
         return value * float("nan") if len(calls) == n else value
 
-    monkeypatch.setattr(training, "eenet_loss", loss)
+    monkeypatch.setattr(training, name, loss)
     return calls
 
 

@@ -1,0 +1,260 @@
+"""Run an exported early-exit cascade (``pteenet export``) with onnxruntime or TorchScript.
+
+A deployment should not need torch or pteenet's training code, so this module imports only
+numpy at import time: onnxruntime, torch (TorchScript folders only) and Pillow (only for
+:meth:`Cascade.preprocess`) are imported when first needed. It depends on nothing else in
+pteenet, so it can also be copied alone beside an exported folder.
+
+    from pteenet.runtime import Cascade
+
+    cascade = Cascade.open("pteenet-out/export-onnx")
+    preds, exits = cascade(cascade.preprocess(["cat.png", "dog.jpg"]))
+
+The exit rule and the batch compaction are those of ``EarlyExitModel.early_exit``: after
+segment k and branch k, a sample predicted ``c`` leaves when its score is at least
+``thresholds[k][c]`` (null = never); only the samples still in flight go on to segment k + 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+try:
+    from .errors import BundleError, OptionError
+except ImportError:  # copied alone, outside the pteenet package
+
+    class OptionError(Exception):  # type: ignore[no-redef]
+        """A bad argument or a missing optional dependency."""
+
+    class BundleError(Exception):  # type: ignore[no-redef]
+        """A missing or corrupt exported folder."""
+
+
+__all__ = ["MANIFEST", "Cascade", "CascadeResult"]
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+INSTALL_HINT = "pip install pteenet[onnx]"
+
+Graph = Callable[[np.ndarray], tuple[np.ndarray, ...]]
+
+
+@dataclass
+class CascadeResult:
+    """Per sample, in input order: the answering exit's logits, its index and the FLOPs spent."""
+
+    logits: np.ndarray  # [N, K] float32
+    exit_index: np.ndarray  # [N] int64: 0..B-1 for branches, B for the backbone's head
+    flops: np.ndarray  # [N] float64: segments run plus every branch evaluated
+
+    @property
+    def preds(self) -> np.ndarray:
+        return self.logits.argmax(1).astype(np.int64)
+
+
+class Cascade:
+    """Segments and branches loaded from an exported folder, run with true early exit.
+
+    ``thresholds`` is a float32 ``[B, K]`` array (inf = never) read from the manifest; assign to
+    it to try another table without exporting again.
+    """
+
+    def __init__(self, manifest: dict[str, Any], segments: Sequence[Graph],
+                 branches: Sequence[Graph]) -> None:
+        self.manifest = manifest
+        self.segments = list(segments)
+        self.branches = list(branches)
+        rows = manifest["thresholds"]
+        self.thresholds = np.array([[np.inf if v is None else v for v in r] for r in rows],
+                                   dtype=np.float32).reshape(len(self.branches), -1)
+        self._exit_flops = _exit_flops(manifest)
+
+    # -- loading --------------------------------------------------------------------------
+    @classmethod
+    def open(cls, folder: str | os.PathLike, *,
+             providers: Sequence[str] | None = None) -> Cascade:
+        """Read ``manifest.json`` and load every graph; ``providers`` are onnxruntime's."""
+        folder = Path(folder)
+        manifest = read_manifest(folder)
+        onnx = manifest["format"] == "onnx"
+        load = _onnx_loader(providers) if onnx else _torchscript_loader()
+        files = manifest["files"]
+        return cls(manifest, [load(folder / f) for f in files["segments"]],
+                   [load(folder / f) for f in files["branches"]])
+
+    # -- facts ----------------------------------------------------------------------------
+    @property
+    def num_branches(self) -> int:
+        return len(self.branches)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.manifest["num_classes"])
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        h, w = self.manifest["input_size"]
+        return int(h), int(w)
+
+    @property
+    def classes(self) -> list[str] | None:
+        return self.manifest.get("classes")
+
+    # -- running --------------------------------------------------------------------------
+    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Predicted classes ``[N]`` and exit indices ``[N]`` (int64) of normalised images."""
+        res = self.run(images)
+        return res.preds, res.exit_index
+
+    def run(self, images: np.ndarray) -> CascadeResult:
+        """True early exit with batch compaction: later segments see only samples in flight."""
+        x = self._check_images(images)
+        n, b = x.shape[0], self.num_branches
+        logits = np.zeros((n, self.num_classes), dtype=np.float32)
+        exit_index = np.full(n, b, dtype=np.int64)
+        alive, h = np.arange(n), x
+        for k in range(b):
+            if alive.size == 0:
+                break
+            h = self.segments[k](h)[0]
+            out, score = self.branches[k](h)[:2]
+            leave = score >= self.thresholds[k][out.argmax(1)]
+            logits[alive[leave]] = out[leave]
+            exit_index[alive[leave]] = k
+            if leave.any():
+                h, alive = np.ascontiguousarray(h[~leave]), alive[~leave]
+        if alive.size:
+            logits[alive] = self.segments[b](h)[0]
+        return CascadeResult(logits, exit_index, self._exit_flops[exit_index])
+
+    def _check_images(self, images: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(images, dtype=np.float32)
+        h, w = self.input_size
+        if x.ndim != 4 or x.shape[1:] != (3, h, w):
+            raise OptionError(f"images must be a float32 array [N, 3, {h}, {w}] (normalised, "
+                              f"see Cascade.preprocess), got shape {list(x.shape)}")
+        return x
+
+    def preprocess(self, images: Sequence[Any]) -> np.ndarray:
+        """PIL images (or paths) -> normalised float32 ``[N, 3, H, W]``, as the bundle's data.
+
+        Resizing uses Pillow's bilinear filter: identical to training for images already at the
+        input size, very close (not bit-identical) to torchvision's resize otherwise."""
+        from PIL import Image
+
+        h, w = self.input_size
+        mean = np.asarray(self.manifest["mean"], dtype=np.float32).reshape(-1, 1, 1)
+        std = np.asarray(self.manifest["std"], dtype=np.float32).reshape(-1, 1, 1)
+        out = np.empty((len(images), 3, h, w), dtype=np.float32)
+        for i, item in enumerate(images):
+            img = _rgb(item, Image)
+            if img.size != (w, h):
+                img = img.resize((w, h), Image.Resampling.BILINEAR)
+            arr = np.asarray(img, dtype=np.float32) / np.float32(255)
+            out[i] = (arr.transpose(2, 0, 1) - mean) / std
+        return out
+
+
+def _rgb(item: Any, image_module: Any) -> Any:
+    """An RGB PIL image from a PIL image or a path (files are closed at once)."""
+    if isinstance(item, (str, os.PathLike)):
+        with image_module.open(item) as f:
+            return f.convert("RGB")
+    return item.convert("RGB")
+
+
+# -- manifest ---------------------------------------------------------------------------------
+def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
+    """Read and check an exported folder's manifest (one clear line on anything wrong)."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"no exported cascade at {folder} ({MANIFEST} missing); "
+                          f"run `pteenet export` first")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{path} is not valid JSON; run `pteenet export` again") from e
+    _check_manifest(doc, path)
+    for f in doc["files"]["segments"] + doc["files"]["branches"]:
+        if not (path.parent / f).is_file():
+            raise BundleError(f"{path.parent / f} is missing; run `pteenet export` again")
+    return doc
+
+
+def _check_manifest(doc: Any, path: Path) -> None:
+    bad = f"{path} is malformed; run `pteenet export` again"
+    if not isinstance(doc, dict):
+        raise BundleError(bad)
+    version = doc.get("format_version")
+    if isinstance(version, int) and version > MANIFEST_VERSION:
+        raise BundleError(f"{path} has format version {version}, newer than this runtime "
+                          f"understands ({MANIFEST_VERSION}); upgrade pteenet")
+    if doc.get("format") not in ("onnx", "torchscript"):
+        raise BundleError(f"{path}: unknown format {doc.get('format')!r}")
+    try:
+        b, files = int(doc["num_branches"]), doc["files"]
+        ok = (len(files["segments"]) == b + 1 and len(files["branches"]) == b
+              and len(doc["thresholds"]) == b and len(doc["segment_flops"]) == b + 1
+              and len(doc["branch_flops"]) == b and len(doc["input_size"]) == 2
+              and all(len(r) == int(doc["num_classes"]) for r in doc["thresholds"])
+              and all(v is None or isinstance(v, (int, float)) and not isinstance(v, bool)
+                      for r in doc["thresholds"] for v in r))
+    except (KeyError, TypeError, ValueError) as e:
+        raise BundleError(bad) from e
+    if not ok:
+        raise BundleError(bad)
+
+
+def _exit_flops(manifest: dict[str, Any]) -> np.ndarray:
+    """FLOPs spent by a sample leaving at exit k (k = B: the backbone), branches included."""
+    seg, br = manifest["segment_flops"], manifest["branch_flops"]
+    steps = [s + b for s, b in zip(seg, br)] + [seg[-1]]
+    return np.cumsum(np.asarray(steps, dtype=np.float64))
+
+
+# -- graph loaders ----------------------------------------------------------------------------
+def _onnx_loader(providers: Sequence[str] | None) -> Callable[[Path], Graph]:
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise OptionError(f"running an ONNX export needs onnxruntime: {INSTALL_HINT}") from e
+    chosen = list(providers) if providers else ["CPUExecutionProvider"]
+
+    def load(path: Path) -> Graph:
+        sess = ort.InferenceSession(str(path), providers=chosen)
+        name = sess.get_inputs()[0].name
+        return lambda x: tuple(sess.run(None, {name: x}))
+
+    return load
+
+
+def _torchscript_loader() -> Callable[[Path], Graph]:
+    try:
+        import torch
+    except ImportError as e:
+        raise OptionError("running a TorchScript export needs torch: pip install torch") from e
+
+    def load(path: Path) -> Graph:
+        with warnings.catch_warnings():  # torch >= 2.10 flags TorchScript as deprecated
+            warnings.simplefilter("ignore", FutureWarning)
+            module = torch.jit.load(str(path), map_location="cpu").eval()
+
+        def run(x: np.ndarray) -> tuple[np.ndarray, ...]:
+            if not x.flags.writeable:  # torch.from_numpy warns on read-only arrays
+                x = x.copy()
+            with torch.inference_mode():
+                out = module(torch.from_numpy(x))
+            outs = out if isinstance(out, tuple) else (out,)
+            return tuple(o.contiguous().numpy() for o in outs)
+
+        return run
+
+    return load

@@ -1,0 +1,193 @@
+"""export + runtime end to end: a real bundle exported both ways matches the Python cascade."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pteenet_cli.app import app
+from typer.testing import CliRunner
+
+import pteenet.runtime as runtime
+from pteenet.bundle import ThresholdTable, load, write_thresholds
+from pteenet.data import open_data
+from pteenet.errors import BundleError, OptionError
+from pteenet.export import MANIFEST, ScoredBranch
+from pteenet.retrofit import attach
+from pteenet.runtime import Cascade
+from pteenet.training import TrainConfig
+from tests._helpers import PRE, tiny  # noqa: F401  (fixture)
+
+runner = CliRunner()
+FORMATS = ("onnx", "torchscript")
+
+
+def _gap_threshold(scores: torch.Tensor, q: float) -> float:
+    """A threshold in the widest gap between scores near quantile ``q``: far from every score,
+    so float noise between runtimes (~1e-7) cannot flip an exit decision."""
+    s = scores.double().sort().values
+    n = s.numel()
+    lo, hi = max(0, int(n * (q - 0.25))), min(n - 1, int(n * (q + 0.25)))
+    gaps = s[lo + 1:hi + 1] - s[lo:hi]
+    i = lo + int(gaps.argmax())
+    assert float(gaps.max()) > 1e-5, "scores too dense to place a safe threshold"
+    return float((s[i] + s[i + 1]) / 2)
+
+
+@torch.no_grad()
+def _spread_table(model, x: torch.Tensor) -> list[list[float | None]]:
+    """Thresholds that send samples to every exit; class 2 may never leave at branch 0."""
+    feats, _ = model.features(x)
+    outs = [b(f) for b, f in zip(model.branches, feats)]
+    s0, s1 = (model.exit_score(lg, c) for lg, c in outs)
+    t0 = _gap_threshold(s0, 0.6)
+    left = ~((s0 >= t0) & (outs[0][0].argmax(1) != 2))
+    t1 = _gap_threshold(s1[left], 0.5)
+    return [[t0, t0, None], [t1] * 3]
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny, tmp_path_factory):  # noqa: F811
+    """(bundle folder, inputs, test image paths): 32 random inputs then real test images."""
+    data, ckpt = tiny
+    out = tmp_path_factory.mktemp("export-bundle")
+    attach("resnet20", data, checkpoint=ckpt, num_classes=3, branches=2, branch="pool", out=out,
+           config=TrainConfig(epochs=1, batch_size=16), progress=False)
+    test = open_data(data, PRE, split="test")
+    idx = list(range(0, len(test), 3))
+    paths = [test.samples[i][0] for i in idx]
+    real = torch.stack([test[i][0] for i in idx])
+    x = torch.cat([torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(0)), real])
+    table = _spread_table(load(out), x)
+    write_thresholds(out, ThresholdTable(torch.tensor(
+        [[float("inf") if v is None else v for v in r] for r in table])))
+    return out, x, paths
+
+
+@pytest.fixture(scope="module")
+def reference(bundle):
+    """The in-Python model's answers; every exit must be used or the comparison proves little."""
+    res = load(bundle[0])(bundle[1])
+    print("exits used:", torch.bincount(res.exit_index, minlength=3).tolist())
+    assert (torch.bincount(res.exit_index, minlength=3) > 0).all(), res.exit_index
+    return res
+
+
+@pytest.fixture(scope="module")
+def onnx_export(bundle) -> Path:
+    """ONNX into the default folder, <bundle>/export-onnx."""
+    result = runner.invoke(app, ["export", "--bundle", str(bundle[0]), "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["folder"] == str(bundle[0] / "export-onnx") and doc["manifest"]["format"] == "onnx"
+    return Path(doc["folder"])
+
+
+@pytest.fixture(scope="module", params=FORMATS)
+def exported(request, bundle, tmp_path_factory) -> Path:
+    if request.param == "onnx":
+        return request.getfixturevalue("onnx_export")
+    out = tmp_path_factory.mktemp("export-torchscript")
+    result = runner.invoke(app, ["export", "-b", str(bundle[0]), "-f", "torchscript", "-o",
+                                 str(out)])
+    assert result.exit_code == 0, result.output
+    assert "segment_0.pt" in result.stdout and "Cascade.open" in result.stdout
+    return out
+
+
+def test_cascade_matches_model_preds_and_exits(exported, bundle, reference):
+    cascade = Cascade.open(exported)
+    preds, exits = cascade(bundle[1].numpy())
+    assert preds.dtype == np.int64 and exits.dtype == np.int64
+    np.testing.assert_array_equal(exits, reference.exit_index.numpy())
+    np.testing.assert_array_equal(preds, reference.preds.numpy())
+    res = cascade.run(bundle[1].numpy())
+    np.testing.assert_allclose(res.logits, reference.logits.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(res.flops, reference.flops.numpy())
+
+
+def test_batch_of_one_and_empty_batch(exported, bundle, reference):
+    cascade = Cascade.open(exported)
+    x = bundle[1].numpy()
+    for i in (0, 5, 40):
+        preds, exits = cascade(x[i:i + 1])
+        assert exits.shape == (1,)
+        assert exits[0] == reference.exit_index[i] and preds[0] == reference.preds[i]
+    preds, exits = cascade(np.zeros((0, 3, 32, 32), np.float32))
+    assert preds.shape == exits.shape == (0,)
+
+
+def test_manifest_describes_the_cascade(exported, bundle, reference):
+    doc = json.loads((exported / MANIFEST).read_text())
+    model = load(bundle[0])
+    assert doc["num_branches"] == 2 and doc["num_classes"] == 3 and doc["score"] == "head"
+    assert doc["thresholds"][0][2] is None and doc["input_size"] == [32, 32]
+    assert doc["segment_flops"] == model.segment_flops
+    assert doc["branch_flops"] == model.branch_flops
+    assert doc["backbone_flops"] == model.backbone_flops
+    assert doc["classes"] == ["blue", "green", "red"]
+    files = doc["files"]["segments"] + doc["files"]["branches"]
+    assert len(files) == 5 and all((exported / f).is_file() for f in files)
+    assert not list(exported.glob(".*.tmp"))
+
+
+def test_preprocess_matches_the_training_pipeline(exported, bundle):
+    cascade = Cascade.open(exported)
+    x = cascade.preprocess(bundle[2])
+    np.testing.assert_allclose(x, bundle[1][32:].numpy(), atol=1e-6)
+
+
+def test_onnx_runtime_needs_neither_torch_nor_pteenet(onnx_export, bundle, reference, tmp_path):
+    np.save(tmp_path / "x.npy", bundle[1].numpy())
+    code = (
+        "import sys, importlib.util, numpy as np\n"
+        "sys.modules['torch'] = None\n"  # any `import torch` now fails
+        f"spec = importlib.util.spec_from_file_location('rt', {runtime.__file__!r})\n"
+        "rt = importlib.util.module_from_spec(spec); spec.loader.exec_module(rt)\n"
+        f"p, e = rt.Cascade.open({str(onnx_export)!r})(np.load({str(tmp_path / 'x.npy')!r}))\n"
+        f"np.save({str(tmp_path / 'e.npy')!r}, e)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    np.testing.assert_array_equal(np.load(tmp_path / "e.npy"), reference.exit_index.numpy())
+
+
+def test_scored_branch_bakes_in_either_score(bundle):
+    model = load(bundle[0])
+    feats, _ = model.features(bundle[1][:8])
+    for score in ("head", "softmax"):
+        model.set_thresholds(0.5, score=score)
+        with torch.no_grad():
+            logits, conf = model.branches[0](feats[0])
+            got = ScoredBranch(model.branches[0], score)(feats[0])
+        assert torch.equal(got[0], logits)
+        assert torch.equal(got[1], model.exit_score(logits, conf))
+
+
+def test_unknown_format_is_one_line(bundle):
+    result = runner.invoke(app, ["export", "-b", str(bundle[0]), "--format", "tflite"])
+    assert result.exit_code != 0
+    assert result.stderr.strip().count("\n") == 0 and "tflite" in result.stderr
+
+
+def test_missing_bundle_is_one_line(tmp_path):
+    result = runner.invoke(app, ["export", "-b", str(tmp_path / "nope")])
+    assert result.exit_code != 0
+    assert result.stderr.strip().count("\n") == 0 and "pteenet attach" in result.stderr
+
+
+def test_runtime_errors_are_clear(tmp_path, monkeypatch, onnx_export):
+    with pytest.raises(BundleError, match="pteenet export"):
+        Cascade.open(tmp_path)
+    (tmp_path / MANIFEST).write_text("{not json")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        Cascade.open(tmp_path)
+    with pytest.raises(OptionError, match="float32 array"):
+        Cascade.open(onnx_export)(np.zeros((2, 3, 16, 16), np.float32))
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(OptionError, match=r"pteenet\[onnx\]"):
+        Cascade.open(onnx_export)
