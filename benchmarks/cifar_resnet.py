@@ -144,7 +144,9 @@ def run_backbone(name: str, root: Path, args) -> tuple[list[dict], dict]:
     bb = create_backbone(name, checkpoint=SHARED / "weights" / "cifar-resnet" / CHECKPOINTS[name])
     trace = trace_backbone(bb.model, (32, 32))
     configs = [c for c in CONFIGS if not args.only or c[0] in args.only]
-    cut_sets = {c[0]: cuts_of(trace, c) for c in configs}
+    if args.only:
+        configs.sort(key=lambda c: args.only.index(c[0]))
+    cut_sets = {c[0]: cuts_of(trace, c) for c in CONFIGS}  # all: one feature cache serves any run
     union = sorted({x for cs in cut_sets.values() for x in cs},
                    key=lambda c: trace.cut(c).flops)
     probe = build_early_exit(trace, union, bb.num_classes, "pool")
@@ -194,6 +196,7 @@ def run_backbone(name: str, root: Path, args) -> tuple[list[dict], dict]:
                          "train_s": round(train_s, 1), "feature_s": round(feature_s, 1)})
             models[(cname, fam, d)] = (model, thr)
         print(f"[{name}] {cname}: trained in {train_s:.0f}s", flush=True)
+        write_report(rows, [], args)  # partial results survive an interrupted run
     timing = time_best(rows, models, bb, feats, test_data, args)
     return rows, timing
 

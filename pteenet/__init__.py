@@ -2,47 +2,47 @@
 
 The public API is the handful of names below; each step of the pipeline
 (backbone -> trace -> placement -> branches -> training -> calibration -> bench) is also usable
-on its own from its module.
+on its own from its module. Names are imported on first use, so ``pteenet.runtime`` (the
+deployment runner for exported cascades) works with numpy and onnxruntime alone, without torch.
 """
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-from . import thresholds  # noqa: E402
-from .backbones import Backbone, create_backbone  # noqa: E402
-from .branches import make_branch  # noqa: E402
-from .bundle import load  # noqa: E402
-from .calibration import calibrate  # noqa: E402
-from .early_exit import EarlyExitModel, EarlyExitResult, build_early_exit  # noqa: E402
-from .errors import PteenetError  # noqa: E402
-from .placement import choose_cuts  # noqa: E402
-from .retrofit import attach  # noqa: E402
-from .tracing import split_at, trace_backbone  # noqa: E402
-from .training import TrainConfig  # noqa: E402
+_LAZY = {
+    "Backbone": "backbones",
+    "create_backbone": "backbones",
+    "trace_backbone": "tracing",
+    "split_at": "tracing",
+    "choose_cuts": "placement",
+    "make_branch": "branches",
+    "EarlyExitModel": "early_exit",
+    "EarlyExitResult": "early_exit",
+    "build_early_exit": "early_exit",
+    "load": "bundle",
+    "TrainConfig": "training",
+    "attach": "retrofit",
+    "calibrate": "calibration",
+    "bench": "benchmarking",
+    "run_demo": "demo",
+    "PteenetError": "errors",
+}
 
-__all__ = [
-    "Backbone",
-    "EarlyExitModel",
-    "EarlyExitResult",
-    "PteenetError",
-    "TrainConfig",
-    "attach",
-    "bench",
-    "build_early_exit",
-    "calibrate",
-    "choose_cuts",
-    "create_backbone",
-    "load",
-    "make_branch",
-    "split_at",
-    "thresholds",
-    "trace_backbone",
-]
+__all__ = sorted([*_LAZY, "thresholds"])
 
 
 def __getattr__(name: str):
-    # bench pulls in timing and plotting helpers; import it only when asked for.
-    if name == "bench":
-        from .benchmarking import bench
-
-        return bench
+    if name == "thresholds":
+        return importlib.import_module(".thresholds", __name__)
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'pteenet' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
