@@ -16,6 +16,7 @@ import hashlib
 import io
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,7 +128,9 @@ def _read_raw(path: Path) -> object:
 
         return load_file(str(path))
     # weights_only=True: a checkpoint must never be able to run code on the user's machine.
-    return torch.load(path, map_location="cpu", weights_only=True)
+    with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": our error says enough
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -150,8 +153,8 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def _unreadable(path: Path, e: Exception) -> str:
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
-    if "Unsupported global" in text:
-        found = re.search(r"Unsupported global: (GLOBAL \S+)", text)
+    if re.search(r"unsupported global", text, re.IGNORECASE):
+        found = re.search(r"(GLOBAL \S+)", text)
         what = f" ({found.group(1)})" if found else ""
         return (f"checkpoint {path} was refused: it is a pickle that loads more than tensors"
                 f"{what}, which could run code (torch.load weights_only=True); re-save it as a "

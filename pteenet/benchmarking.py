@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from .atomic import atomic_path, write_text
 from .bundle import BundleInfo, ThresholdTable, load, load_backbone, read_info, read_thresholds
 from .data import DATASET_NAMES, ImageData, available_splits, make_loader, open_data
+from .devices import check_device
 from .early_exit import EarlyExitModel
 from .errors import BundleError, DataError, OptionError
 from .thresholds import exit_index, global_candidates, scaled_candidates, summarize
@@ -473,19 +474,6 @@ def _check_options(threshold: float | None, batch_size: int, latency_samples: in
         raise OptionError(f"--max-samples must be at least 1, got {max_samples}")
 
 
-def _check_device(device: str | torch.device) -> torch.device:
-    """A torch device that exists here, or one clear line."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise OptionError(f"unknown --device '{device}': use cpu or cuda") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise OptionError("--device cuda: no CUDA GPU is available here; use --device cpu")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise OptionError("--device mps: MPS is not available here; use --device cpu")
-    return dev
-
-
 # -- the whole job ----------------------------------------------------------------------------
 def _progress(enabled: bool, total: int) -> tuple[contextlib.AbstractContextManager,
                                                   Callable[[int], None] | None]:
@@ -547,7 +535,7 @@ def bench(
     same JSON-serialisable dict.
     """
     _check_options(threshold, batch_size, latency_samples, repeats, max_samples)
-    dev = _check_device(device)
+    dev = check_device(device)
     info = read_info(bundle)
     table = read_thresholds(info.path, info)
     ev = select_data(info, data, split, max_samples)

@@ -23,10 +23,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .atomic import atomic_path, write_text
+from .atomic import atomic_paths
 from .backbones import Backbone, create_backbone
 from .early_exit import EarlyExitModel, build_early_exit
-from .errors import BundleError, OptionError, PteenetError
+from .errors import BundleError, PteenetError
 from .preprocess import Preprocess
 from .thresholds import as_table
 from .tracing import trace_backbone
@@ -100,15 +100,17 @@ class ThresholdTable:
 
 # -- writing ----------------------------------------------------------------------------------
 def save_bundle(out: str | os.PathLike, model: EarlyExitModel, info: BundleInfo) -> Path:
-    """Write ``branches.safetensors`` and a default threshold table, each atomically."""
+    """Write ``branches.safetensors`` and a default threshold table as one atomic group."""
     out = Path(out)
     tensors = {f"branches.{k}": v.detach().cpu().contiguous()
                for k, v in model.branches.state_dict().items()}
     tensors["calibration_indices"] = torch.tensor(info.calibration_indices, dtype=torch.int64)
     meta = {_META_KEY: json.dumps(info.to_meta(), sort_keys=True)}
-    with atomic_path(out / BRANCHES_FILE) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
-    write_thresholds(out, ThresholdTable(model.thresholds, model.score))
+    csv_text, json_text = _threshold_texts(ThresholdTable(model.thresholds, model.score))
+    with atomic_paths([out / BRANCHES_FILE, out / THRESHOLDS_CSV, out / THRESHOLDS_FILE]) as tmp:
+        save_file(tensors, str(tmp[0]), metadata=meta)
+        tmp[1].write_text(csv_text, encoding="utf-8")
+        tmp[2].write_text(json_text, encoding="utf-8")
     info.path = out
     return out
 
@@ -117,9 +119,8 @@ def _json_thresholds(t: torch.Tensor) -> list[list[float | None]]:
     return [[None if math.isinf(v) else float(v) for v in row] for row in t.tolist()]
 
 
-def write_thresholds(out: str | os.PathLike, table: ThresholdTable) -> None:
-    """Write ``thresholds.json`` and ``thresholds.csv`` (empty cell / ``never`` = never exits)."""
-    out = Path(out)
+def _threshold_texts(table: ThresholdTable) -> tuple[str, str]:
+    """The CSV (empty cell / ``never`` = never exits) and JSON texts of a threshold table."""
     t = table.thresholds
     doc = {"format_version": FORMAT_VERSION, "num_branches": int(t.shape[0]),
            "num_classes": int(t.shape[1]), "score": table.score, "method": table.method,
@@ -130,8 +131,16 @@ def write_thresholds(out: str | os.PathLike, table: ThresholdTable) -> None:
     for b, row in enumerate(doc["thresholds"]):
         for c, v in enumerate(row):
             w.writerow([b, c, "never" if v is None else v])
-    write_text(out / THRESHOLDS_CSV, buf.getvalue())
-    write_text(out / THRESHOLDS_FILE, json.dumps(doc, indent=1))
+    return buf.getvalue(), json.dumps(doc, indent=1)
+
+
+def write_thresholds(out: str | os.PathLike, table: ThresholdTable) -> None:
+    """Write ``thresholds.json`` and ``thresholds.csv`` together, atomically."""
+    out = Path(out)
+    csv_text, json_text = _threshold_texts(table)
+    with atomic_paths([out / THRESHOLDS_CSV, out / THRESHOLDS_FILE]) as (c, j):
+        c.write_text(csv_text, encoding="utf-8")
+        j.write_text(json_text, encoding="utf-8")
 
 
 # -- reading ----------------------------------------------------------------------------------
@@ -154,6 +163,19 @@ def _branches_path(path: str | os.PathLike) -> Path:
     if not f.is_file():
         raise BundleError(f"no bundle at {p} ({BRANCHES_FILE} missing); run `pteenet attach` first")
     return f
+
+
+def _preprocess(d: dict, where: str) -> Preprocess:
+    try:
+        pre = Preprocess.from_dict(d)
+    except (KeyError, TypeError, ValueError) as e:
+        raise BundleError(f"{where}: field 'preprocess' is malformed") from e
+    ok = (len(pre.input_size) == 2 and all(0 < v <= 8192 for v in pre.input_size)
+          and len(pre.mean) == 3 and len(pre.std) == 3
+          and all(math.isfinite(v) for v in (*pre.mean, *pre.std)) and all(v > 0 for v in pre.std))
+    if not ok:
+        raise BundleError(f"{where}: field 'preprocess' holds impossible values (edited?)")
+    return pre
 
 
 def read_info(path: str | os.PathLike) -> BundleInfo:
@@ -193,11 +215,11 @@ def read_info(path: str | os.PathLike) -> BundleInfo:
     if classes is not None and (not isinstance(classes, list) or
                                 len(classes) != backbone["num_classes"]):
         raise BundleError(f"{where}: classes do not match the number of classes")
-    try:
-        pre = Preprocess.from_dict(_need(meta, "preprocess", dict, where))
-    except (KeyError, TypeError, ValueError) as e:
-        raise BundleError(f"{where}: field 'preprocess' is malformed") from e
+    pre = _preprocess(_need(meta, "preprocess", dict, where), where)
     indices = [] if idx is None else idx.to(torch.int64).tolist()
+    for key in ("training", "data", "extra"):
+        if meta.get(key) is not None and not isinstance(meta[key], dict):
+            raise BundleError(f"{where}: field '{key}' is malformed; re-run `pteenet attach`")
     return BundleInfo(
         path=f.parent, backbone=backbone, preprocess=pre, cuts=cuts,
         module_cuts=bool(meta.get("module_cuts", False)), branches=branches,
@@ -210,6 +232,8 @@ def read_info(path: str | os.PathLike) -> BundleInfo:
 def read_thresholds(path: str | os.PathLike, info: BundleInfo) -> ThresholdTable:
     """Read the bundle's threshold table, checked against the bundle (branches, classes)."""
     f = Path(path) / THRESHOLDS_FILE if Path(path).is_dir() else Path(path)
+    if f.exists() and not f.is_file():
+        raise BundleError(f"{f} is not a file; remove it and re-run `pteenet calibrate`")
     if not f.is_file():
         return ThresholdTable(as_table(0.5, info.num_branches, info.num_classes))
     try:
@@ -217,21 +241,26 @@ def read_thresholds(path: str | os.PathLike, info: BundleInfo) -> ThresholdTable
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BundleError(f"{f} is not valid JSON; re-run `pteenet calibrate`") from e
     rows = _need(doc, "thresholds", list, str(f))
-    shape = (len(rows), len(rows[0]) if rows and isinstance(rows[0], list) else -1)
+    ok = all(isinstance(r, list) for r in rows) and all(
+        v is None or isinstance(v, (int, float)) and not isinstance(v, bool)
+        for r in rows for v in r)
+    if not ok:
+        raise BundleError(f"{f}: thresholds must be numbers in [0, 1] or null (never)")
+    widths = {len(r) for r in rows}
+    shape = (len(rows), widths.pop() if len(widths) == 1 else -1)
     if shape != (info.num_branches, info.num_classes):
         raise BundleError(
             f"{f} is for {shape[0]} branches x {shape[1]} classes but the bundle has "
             f"{info.num_branches} x {info.num_classes}; re-run `pteenet calibrate`")
-    ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) or v is None
-             for row in rows if isinstance(row, list) for v in row)
-    if not ok or any(not isinstance(r, list) for r in rows):
-        raise BundleError(f"{f}: thresholds must be numbers in [0, 1] or null (never)")
     flat = [v for row in rows for v in row if v is not None]
     if any(math.isnan(v) or not 0 <= v <= 1 for v in flat):
         raise BundleError(f"{f}: thresholds must lie in [0, 1] (null = never); NaN is refused")
     score = doc.get("score", "head")
     if score not in ("head", "softmax"):
         raise BundleError(f"{f}: unknown score '{score}'")
+    for key in ("params", "summary"):
+        if doc.get(key) is not None and not isinstance(doc[key], dict):
+            raise BundleError(f"{f}: field '{key}' is malformed; re-run `pteenet calibrate`")
     return ThresholdTable(as_table(rows, info.num_branches, info.num_classes), score,
                           str(doc.get("method", "global")), dict(doc.get("params") or {}),
                           dict(doc.get("summary") or {}))
@@ -253,7 +282,8 @@ def load_backbone(info: BundleInfo, checkpoint: str | os.PathLike | None = None,
     if want and backbone.checkpoint_sha256 != want and not force:
         raise BundleError(
             f"checkpoint {ckpt} (sha256 {str(backbone.checkpoint_sha256)[:12]}) is not the one "
-            f"the branches were trained on ({want[:12]}); pass --force to use it anyway"
+            f"the branches were trained on ({want[:12]}); pass --force (force=True) to use it "
+            f"anyway"
         )
     return backbone
 
@@ -264,16 +294,22 @@ def load(path: str | os.PathLike = "pteenet-out", *, checkpoint: str | os.PathLi
     info = read_info(path)
     table = read_thresholds(info.path, info)
     backbone = load_backbone(info, checkpoint, force)
-    trace = trace_backbone(backbone.model, info.preprocess.input_size,
-                           cuts=info.cuts if info.module_cuts else None, with_thop=False)
     try:
+        trace = trace_backbone(backbone.model, info.preprocess.input_size,
+                               cuts=info.cuts if info.module_cuts else None, with_thop=False)
         model = build_early_exit(trace, info.cuts, info.num_classes,
                                  [b["type"] for b in info.branches],
                                  thresholds=table.thresholds, score=table.score)
-    except (PteenetError, OptionError) as e:
-        raise BundleError(f"{info.path}: {e}") from e
+    except (PteenetError, RuntimeError) as e:
+        raise BundleError(f"{info.path}: cannot rebuild the model ({e})") from e
     tensors = load_file(str(info.path / BRANCHES_FILE))
     state = {k[len("branches."):]: v for k, v in tensors.items() if k.startswith("branches.")}
+    own = model.branches.state_dict()
+    bad = [k for k, v in own.items() if k in state and (state[k].dtype != v.dtype
+                                                       or state[k].shape != v.shape)]
+    if bad:
+        raise BundleError(f"{info.path}: branch tensors do not match the metadata ({bad[0]} has "
+                          f"the wrong dtype or shape; edited?)")
     try:
         model.branches.load_state_dict(state, strict=True)
     except RuntimeError as e:

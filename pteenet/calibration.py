@@ -24,6 +24,7 @@ from torch import Tensor
 
 from .bundle import ThresholdTable, load, read_info, write_thresholds
 from .data import open_data
+from .devices import check_device
 from .errors import CalibrationError, OptionError
 from .thresholds import (
     as_table,
@@ -152,6 +153,7 @@ def calibrate(
     it scans the CPM table scaled from "never" towards itself.
     """
     method = _check(threshold, cpm, max_drop, delta, margin, min_support)
+    check_device(device)
     read_info(bundle)  # fail fast, before the backbone is built
     model = load(bundle, checkpoint=checkpoint, force=force, device=device)
     model.set_thresholds(1.0, score=score)

@@ -97,6 +97,8 @@ def attach(
     config.validate(has_labels=True)  # options first: fail before any download or trace
     init_from_env(config.device)
     available_splits(data)  # the data must exist before the backbone is fetched
+    if Path(out).exists() and not Path(out).is_dir():
+        raise OptionError(f"--out {out} is a file; the bundle needs a folder")
     start = time.perf_counter()
     bb = backbone or create_backbone(model, checkpoint=checkpoint, pretrained=checkpoint is None,
                                      num_classes=num_classes)

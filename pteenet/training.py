@@ -34,6 +34,7 @@ from torch import Tensor
 
 from .atomic import atomic_path
 from .data import ImageData, collate_skip, make_loader
+from .devices import check_device
 from .distributed import Shard, all_sum
 from .early_exit import EarlyExitModel
 from .errors import DataError, OptionError, TrainingError
@@ -77,6 +78,7 @@ class TrainConfig:
     amp: bool = False  # bf16 autocast for the branches (CUDA, or CPUs with bf16 support)
 
     def validate(self, has_labels: bool) -> None:
+        check_device(self.device)
         if self.epochs < 1:
             raise OptionError(f"--epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 1:
@@ -127,13 +129,21 @@ class LiveFeatures:
                  device: str = "cpu") -> None:
         self.model, self.data, self.device = model, data, device
         self.indices = torch.as_tensor(list(indices), dtype=torch.long)
-        self.skipped = 0
+        self._unreadable: set[int] = set()
 
     def __len__(self) -> int:
         return int(self.indices.numel())
 
+    @property
+    def skipped(self) -> int:
+        """Unreadable images met so far (each counted once, however many epochs)."""
+        return len(self._unreadable)
+
     def take(self, pos: Tensor, device: str | torch.device = "cpu") -> FeatureSet:
-        batch = collate_skip([self.data[int(i)] for i in self.indices[pos]])
+        wanted = [int(i) for i in self.indices[pos]]
+        batch = collate_skip([self.data[i] for i in wanted])
+        if batch.skipped:
+            self._unreadable |= set(wanted) - set(batch.indices.tolist())
         if batch.images is None:
             raise DataError(f"a whole batch of images in {self.data.name} could not be read")
         feats, final = self.model.features(batch.images.to(self.device))

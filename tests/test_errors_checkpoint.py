@@ -131,7 +131,8 @@ def test_bad_checkpoint_is_one_line(files, cmd, kind):
     assert str(files[kind]) in line
     for word in CASES[kind]:
         assert word in line, (word, line)
-    assert "refused" not in line and "run code" not in line  # only unsafe pickles are
+    # only pickles that would run code are called unsafe
+    assert "refused" not in line and "run code" not in line
     assert not (files["data"].parent / "out").exists()
 
 
@@ -157,16 +158,10 @@ def test_pickle_that_would_run_code_never_runs(files, cmd, kind):
 # torch words the refusal two ways: "Unsupported global: GLOBAL builtins.open" for a callable it
 # does not allow, "Trying to load unsupported GLOBAL posix.system whose module posix is blocked"
 # for one from a blocked module (os, subprocess, ...: the classic attack).
-BLOCKED_MODULE_BUG = pytest.mark.xfail(strict=True, reason=(
-    "pteenet/backbones.py _unreadable recognises only torch's 'Unsupported global' wording; "
-    "a pickle calling os.system ('unsupported GLOBAL posix.system whose module posix is "
-    "blocked') is reported as 'not a readable PyTorch or safetensors file (truncated or not a "
-    "checkpoint?)' instead of 'refused ... could run code'"))
 
 
 @CMDS
-@pytest.mark.parametrize("kind", [pytest.param(k, marks=BLOCKED_MODULE_BUG) if k != "evil-open"
-                                  else k for k in EVIL])
+@pytest.mark.parametrize("kind", EVIL)
 def test_pickle_that_would_run_code_is_refused_as_such(files, cmd, kind):
     line = fails_cleanly(run(cmd, files, files[kind]), 3)
     assert "refused" in line and "weights_only" in line and "run code" in line
@@ -195,10 +190,6 @@ def _invoke_with_warnings_shown(*args):
         return invoke(*args)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pteenet/backbones.py _read_raw: torch.load(weights_only=True) of a pickle written with "
-    "protocol >= 3 (plain pickle.dump) emits torch's 'Detected pickle protocol 4' UserWarning, "
-    "printed on stderr before the one-line refusal (3 lines in a real terminal)"))
 def test_plain_pickle_payload_refusal_is_still_one_line(tmp_path):
     marker = tmp_path / MARKER
     path = tmp_path / "evil.pth"

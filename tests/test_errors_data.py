@@ -160,9 +160,6 @@ def test_odd_sizes_and_modes_are_converted_not_skipped(mixed_run):
     assert info.training["skipped_images"] == len(CORRUPT) * len(CLASSES)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pteenet/training.py LiveFeatures never adds batch.skipped to self.skipped, so with "
-    "--no-cache attach reports only the held-out split's unreadable images (here none)"))
 def test_unreadable_images_are_counted_without_the_cache(material, tmp_path):
     result = attach(material, material["mixed"], tmp_path / "out", "--no-cache")
     assert result.exit_code == 0, result.output

@@ -128,14 +128,8 @@ def test_attach_unknown_cut(shared, tmp_path):
     assert "layer9" in line
 
 
-DEVICE_BUG = pytest.mark.xfail(strict=True, reason=(
-    "attach and calibrate pass --device straight to torch (pteenet/retrofit.py attach via "
-    "TrainConfig, pteenet/calibration.py calibrate via load): an unknown or unavailable "
-    "device ends as 'internal error: RuntimeError', exit 1; bench checks it "
-    "(benchmarking._check_device)"))
 
 
-@DEVICE_BUG
 @pytest.mark.parametrize("device", [
     "bogus",
     pytest.param("cuda", marks=pytest.mark.skipif(torch.cuda.is_available(),
@@ -179,7 +173,6 @@ def test_calibrate_bad_option(shared, tmp_path, extra, words):
     assert snapshot(bundle) == before  # the table is untouched
 
 
-@DEVICE_BUG
 def test_calibrate_bad_device(shared, tmp_path):
     bundle = Path(shutil.copytree(shared[2], tmp_path / "bundle"))
     line = fails_cleanly(runner.invoke(app, ["calibrate", "-b", str(bundle), "-t", "0.5",
@@ -209,10 +202,6 @@ def test_bench_bad_option(shared, tmp_path, extra, words):
     assert snapshot(bundle) == before  # no bench.json or sweep files from a refused run
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pteenet/retrofit.py attach never checks --out before training: an --out that is a file "
-    "fails only in save_bundle (atomic_path's mkdir) with FileExistsError, 'internal error', "
-    "exit 1, after all the training time is spent"))
 def test_attach_out_is_a_file(shared, tmp_path):
     data, ckpt, _ = shared
     out = tmp_path / "results.txt"

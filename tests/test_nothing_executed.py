@@ -310,9 +310,6 @@ def _replace(doc, path, value) -> None:
         doc[last] = value
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pteenet/bundle.py read_info: non-object 'training'/'data'/'extra' raise ValueError or "
-    "TypeError (see tests/test_errors_bundle.py::test_metadata_section_not_an_object)"))
 @FUZZ
 @given(edits=st.lists(st.tuples(st.sampled_from(META_FIELDS), json_values), min_size=1,
                       max_size=3))
@@ -327,9 +324,6 @@ def test_valid_metadata_with_random_fields(valid, fuzz_dir, edits):
         only_bundle_errors(read_thresholds, valid[0], info)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pteenet/bundle.py read_thresholds: ragged rows end in as_table's OptionError; non-object "
-    "'params'/'summary' raise ValueError/TypeError (see tests/test_errors_bundle.py)"))
 @FUZZ
 @given(edits=st.lists(st.tuples(st.sampled_from(TABLE_FIELDS), json_values), min_size=1,
                       max_size=3))

@@ -208,11 +208,6 @@ def test_interrupt_while_writing_branches_keeps_the_old_bundle(old_bundle, new_m
     assert temp_files(out) == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pteenet/bundle.py save_bundle renames branches.safetensors, then thresholds.csv, then "
-    "thresholds.json one by one: interrupted between them, the folder holds the new branches "
-    "with the old table (README: 'a failed or interrupted run leaves earlier bundles and tables "
-    "intact'); with another branch count the bundle no longer loads"))
 @pytest.mark.parametrize("n", [2, 3])
 def test_interrupt_while_writing_the_table_keeps_the_old_bundle(old_bundle, new_model, tmp_path,
                                                                monkeypatch, n):
@@ -242,10 +237,6 @@ def test_ctrl_c_while_attach_saves_is_one_line_and_keeps_the_old_bundle(material
     assert temp_files(out) == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pteenet/atomic.py atomic_path writes through tempfile.mkstemp, whose file is mode 0600, and "
-    "renames it into place as is: every bundle file is readable by its owner only, whatever "
-    "the umask (chmod the temp file to 0o666 & ~umask before os.replace)"))
 def test_written_files_follow_the_umask(tmp_path):
     old = os.umask(0o022)
     try:
