@@ -17,6 +17,7 @@ writes ``benchmarks/results/cifar-resnet.md`` and ``.json``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import tarfile
@@ -60,6 +61,8 @@ SDN_AT = (0.15, 0.3, 0.45, 0.6, 0.75, 0.9)
 
 # (name, mode, branch type, placement, n, target, score)
 CONFIGS = [
+    ("joint-sdn-at6", None, "sdn", SDN_AT, 6, "hard", "head"),
+    ("boosted-sdn-at6", "hard", "sdn", SDN_AT, 6, "hard", "head"),
     ("joint-sdn-linear4", None, "sdn", "linear", 4, "hard", "head"),
     ("boosted-sdn-linear4", "hard", "sdn", "linear", 4, "hard", "head"),
     ("joint-sdn-quadratic4", None, "sdn", "quadratic", 4, "hard", "head"),
@@ -69,6 +72,10 @@ CONFIGS = [
     ("joint-conv1d-linear4", None, "conv1d", "linear", 4, "hard", "head"),
     ("boosted-conv1d-golden3", "hard", "conv1d", "golden", 3, "hard", "head"),
     ("joint-conv2-fine4", None, "conv2", "fine", 4, "hard", "head"),
+    ("joint-sdn-at6-softmax", None, "sdn", SDN_AT, 6, "hard", "softmax"),
+    ("joint-sdn-at6-head", None, "sdn", SDN_AT, 6, "hard", "head"),
+    ("joint-sdn-at6-soft-softmax", None, "sdn", SDN_AT, 6, "soft", "softmax"),
+    ("boosted-sdn-at6-softmax", "hard", "sdn", SDN_AT, 6, "hard", "softmax"),
     ("sdn-baseline", None, "sdn", SDN_AT, 6, "labels", "softmax"),
 ]
 
@@ -127,7 +134,8 @@ def cached_features(probe, data, idx, union, tag, cache_dir) -> FeatureSet:
         return compute_features(probe, data, idx)
     from safetensors.torch import load_file, save_file
 
-    path = Path(cache_dir) / f"{tag}-{abs(hash(tuple(union))) % 10**8}.safetensors"
+    key = hashlib.sha256(repr(union).encode()).hexdigest()[:10]
+    path = Path(cache_dir) / f"{tag}-{key}.safetensors"
     if path.is_file():
         t = load_file(str(path))
         return FeatureSet([t[f"f{i}"] for i in range(len(union))], t["final"], t["labels"],
@@ -146,7 +154,7 @@ def run_backbone(name: str, root: Path, args) -> tuple[list[dict], dict]:
     configs = [c for c in CONFIGS if not args.only or c[0] in args.only]
     if args.only:
         configs.sort(key=lambda c: args.only.index(c[0]))
-    cut_sets = {c[0]: cuts_of(trace, c) for c in CONFIGS}  # all: one feature cache serves any run
+    cut_sets = {c[0]: cuts_of(trace, c) for c in configs}
     union = sorted({x for cs in cut_sets.values() for x in cs},
                    key=lambda c: trace.cut(c).flops)
     probe = build_early_exit(trace, union, bb.num_classes, "pool")

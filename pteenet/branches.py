@@ -17,6 +17,8 @@ exit score), the exit block of EENets (Demir & Akbas, section 3.1). The types:
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -27,17 +29,36 @@ __all__ = ["BRANCH_TYPES", "Branch", "branch_flops", "make_branch"]
 
 
 class Branch(nn.Module):
-    """A body that maps the feature map to a vector, then the classifier and confidence heads."""
+    """A body that maps the feature map to a vector, then the classifier and confidence heads.
+
+    The confidence head sees the body's features *and* three statistics of the classifier's own
+    softmax (top probability, top-1 minus top-2 margin, normalised entropy). A linear head on the
+    features alone ranked samples worse than plain top-softmax (on CIFAR ResNet-44 it needed
+    0.92 of the FLOPs where softmax needed 0.79 at the same accuracy); with the statistics it can
+    learn softmax's ranking and improve on it. They are detached: the head's loss never bends the
+    classifier.
+    """
 
     def __init__(self, body: nn.Module, width: int, num_classes: int) -> None:
         super().__init__()
         self.body = body
         self.classifier = nn.Linear(width, num_classes)
-        self.confidence = nn.Linear(width, 1)
+        self.confidence = nn.Linear(width + 3, 1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = self.body(x)
-        return self.classifier(z), self.confidence(z).squeeze(1)
+        logits = self.classifier(z)
+        stats = softmax_stats(logits.detach())
+        return logits, self.confidence(torch.cat([z, stats], 1)).squeeze(1)
+
+
+def softmax_stats(logits: torch.Tensor) -> torch.Tensor:
+    """[N, 3]: top probability, top-1 minus top-2 probability, entropy / log(K)."""
+    p = torch.softmax(logits.float(), 1)
+    top = p.topk(min(2, p.shape[1]), dim=1).values
+    margin = top[:, 0] - top[:, 1] if top.shape[1] > 1 else top[:, 0]
+    entropy = -(p * p.clamp_min(1e-12).log()).sum(1) / max(math.log(p.shape[1]), 1e-12)
+    return torch.stack([top[:, 0], margin, entropy], 1).to(logits.dtype)
 
 
 def _conv_body(c: int, depth: int) -> nn.Module:
