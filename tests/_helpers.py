@@ -55,6 +55,48 @@ def train_backbone(data_root: Path, path: Path, steps: int = 20, seed: int = 0) 
     return path
 
 
+def fails_cleanly(result, code: int = 2) -> str:
+    """Exit ``code``, exactly one line on stderr (ours, not an internal error), no traceback."""
+    assert result.exit_code == code, (result.exit_code, result.output)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.output and "Traceback" not in result.stderr
+    assert lines[0].startswith("error"), lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Torch's two threads stall each other when other jobs share the cores; tests that time
+    nothing run faster and steadier on one. Autouse in every module that imports it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def shared_bundle(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(data, checkpoint, bundle): real images, a real untrained resnet20 3-class checkpoint and
+    a 2-branch bundle trained on them for one epoch. Made once per session and shared by the
+    tests/test_errors_*.py files; never modified: copy it first."""
+    from pteenet.retrofit import attach
+    from pteenet.training import TrainConfig
+
+    root = tmp_path_factory.getbasetemp() / "errors-shared"
+    if not (root / "done").exists():
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
+        data = write_images(root / "data", per_class=8)
+        torch.manual_seed(0)
+        torch.save(cifar_resnet("resnet20", num_classes=3).state_dict(), root / "resnet20-3.pt")
+        attach("resnet20", data, checkpoint=root / "resnet20-3.pt", num_classes=3, branches=2,
+               branch="pool", out=root / "bundle", val_fraction=0.25,
+               config=TrainConfig(epochs=1, batch_size=16), progress=False)
+        (root / "done").touch()
+    return root / "data", root / "resnet20-3.pt", root / "bundle"
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> tuple[Path, Path]:
     """(data folder with train/ and test/, trained resnet20 checkpoint)."""

@@ -22,19 +22,9 @@ from pteenet.benchmarking import oracle_flops, select_data
 from pteenet.bundle import load, read_info
 from pteenet.retrofit import attach
 from pteenet.training import TrainConfig
-from tests._helpers import tiny  # noqa: F401  (fixture)
+from tests._helpers import one_thread, tiny  # noqa: F401  (fixtures)
 
 FAST = ["--latency-samples", "3", "--batch-size", "16", "--repeats", "1", "--quiet"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: these models are tiny, and on a busy 2-core machine two OpenMP threads
-    wait on each other at every op (a batch-1 ResNet-20 took 1.2 s instead of 5 ms)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -22,39 +22,13 @@ from typer.testing import CliRunner
 
 import pteenet
 from pteenet.bundle import BRANCHES_FILE, THRESHOLDS_FILE
-from pteenet.cifar_resnet import cifar_resnet
 from pteenet.errors import BundleError
-from pteenet.retrofit import attach
-from pteenet.training import TrainConfig
-from tests._helpers import write_images
+from tests._helpers import fails_cleanly, one_thread, shared_bundle  # noqa: F401  (autouse fixture)
 
 runner = CliRunner()
 FAST_BENCH = ["--latency-samples", "2", "--repeats", "1", "--batch-size", "16", "--quiet"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def shared_bundle(tmp_path_factory) -> tuple[Path, Path, Path]:
-    """(data, checkpoint, bundle): real images, a real untrained resnet20 3-class checkpoint and
-    a 2-branch bundle trained on them for one epoch. Made once per session (the other
-    tests/test_errors_*.py files reuse the same folder); never modified: copy it first."""
-    root = tmp_path_factory.getbasetemp() / "errors-shared"
-    if not (root / "done").exists():
-        shutil.rmtree(root, ignore_errors=True)
-        data = write_images(root / "data", per_class=8)
-        torch.manual_seed(0)
-        torch.save(cifar_resnet("resnet20", num_classes=3).state_dict(), root / "resnet20-3.pt")
-        attach("resnet20", data, checkpoint=root / "resnet20-3.pt", num_classes=3, branches=2,
-               branch="pool", out=root / "bundle", val_fraction=0.25,
-               config=TrainConfig(epochs=1, batch_size=16), progress=False)
-        (root / "done").touch()
-    return root / "data", root / "resnet20-3.pt", root / "bundle"
 
 
 @pytest.fixture(scope="module")
@@ -71,14 +45,6 @@ def bundle(shared, tmp_path) -> Path:
 def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
 
-
-def fails_cleanly(result, code: int = 3) -> str:
-    assert result.exit_code == code, (result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.output and "Traceback" not in result.stderr
-    assert lines[0].startswith("error"), lines[0]
-    return lines[0]
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from pteenet.cifar_resnet import cifar_resnet
-from tests._helpers import write_images
+from tests._helpers import fails_cleanly, write_images
 
 runner = CliRunner()
 MARKER = "pwned"
@@ -97,14 +97,6 @@ def run(cmd: str, files: dict[str, Path], ckpt: Path):
                       "--num-classes", "3", "--out", files["data"].parent / "out", "--quiet")
     return invoke("inspect", "resnet20", "--checkpoint", ckpt, "--num-classes", "3")
 
-
-def fails_cleanly(result, code: int) -> str:
-    assert result.exit_code == code, (result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.output and "Traceback" not in result.stderr
-    assert lines[0].startswith("error (checkpoint):"), lines[0]
-    return lines[0]
 
 
 CMDS = pytest.mark.parametrize("cmd", ["attach", "inspect"])

@@ -19,17 +19,11 @@ from typer.testing import CliRunner
 
 from pteenet.bundle import BRANCHES_FILE, read_info
 from pteenet.cifar_resnet import cifar_resnet
+from tests._helpers import fails_cleanly, one_thread  # noqa: F401  (autouse fixture)
 
 runner = CliRunner()
 CLASSES = ("blue", "green", "red")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _image(rng: np.random.Generator, c: int, size: tuple[int, int] = (32, 32)) -> Image.Image:
@@ -95,14 +89,6 @@ def attach(material, data, out: Path, *extra):
                                "--branch", "pool", "--epochs", "1", "--batch-size", "16",
                                "--quiet", "--out", str(out), *extra])
 
-
-def fails_cleanly(result, code: int) -> str:
-    assert result.exit_code == code, (result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.output and "Traceback" not in result.stderr
-    assert lines[0].startswith("error"), lines[0]
-    return lines[0]
 
 
 # --------------------------------------------------------------------------- nothing usable

@@ -14,7 +14,7 @@ from pteenet_cli.app import app
 from typer.testing import CliRunner
 
 from pteenet.cifar_resnet import cifar_resnet
-from tests._helpers import write_images
+from tests._helpers import fails_cleanly, write_images
 
 runner = CliRunner()
 
@@ -34,15 +34,6 @@ def material(tmp_path_factory) -> tuple[Path, Path]:
 def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
 
-
-def fails_cleanly(result, code: int) -> str:
-    """Exit ``code``, exactly one line on stderr (ours, not an internal error), no traceback."""
-    assert result.exit_code == code, (result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.output and "Traceback" not in result.stderr
-    assert lines[0].startswith("error"), lines[0]
-    return lines[0]
 
 
 # --------------------------------------------------------------------------- unknown names

@@ -15,50 +15,17 @@ import torch
 from pteenet_cli.app import app
 from typer.testing import CliRunner
 
-from pteenet.cifar_resnet import cifar_resnet
-from pteenet.retrofit import attach
-from pteenet.training import TrainConfig
-from tests._helpers import write_images
+from tests._helpers import fails_cleanly, one_thread, shared_bundle  # noqa: F401  (autouse fixture)
 
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def shared_bundle(tmp_path_factory) -> tuple[Path, Path, Path]:
-    """(data, checkpoint, bundle), made once per session; identical to the one in
-    tests/test_errors_bundle.py (same folder, whichever file runs first makes it)."""
-    root = tmp_path_factory.getbasetemp() / "errors-shared"
-    if not (root / "done").exists():
-        shutil.rmtree(root, ignore_errors=True)
-        data = write_images(root / "data", per_class=8)
-        torch.manual_seed(0)
-        torch.save(cifar_resnet("resnet20", num_classes=3).state_dict(), root / "resnet20-3.pt")
-        attach("resnet20", data, checkpoint=root / "resnet20-3.pt", num_classes=3, branches=2,
-               branch="pool", out=root / "bundle", val_fraction=0.25,
-               config=TrainConfig(epochs=1, batch_size=16), progress=False)
-        (root / "done").touch()
-    return root / "data", root / "resnet20-3.pt", root / "bundle"
 
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
     return shared_bundle(tmp_path_factory)
 
-
-def fails_cleanly(result, code: int = 2) -> str:
-    assert result.exit_code == code, (result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.output and "Traceback" not in result.stderr
-    assert lines[0].startswith("error"), lines[0]
-    return lines[0]
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

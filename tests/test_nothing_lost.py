@@ -41,19 +41,10 @@ from pteenet.placement import choose_cuts
 from pteenet.retrofit import STATE_FILE, attach
 from pteenet.tracing import trace_backbone
 from pteenet.training import TrainConfig, compute_features, split_indices, train_branches
-from tests._helpers import write_images
+from tests._helpers import one_thread, write_images  # noqa: F401  (autouse fixture)
 
 runner = CliRunner()
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread here and in the subprocess (OMP_NUM_THREADS=1), so that the killed run,
-    the resumed run and the reference run compute exactly the same numbers."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
