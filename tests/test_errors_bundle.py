@@ -139,7 +139,7 @@ def test_truncated_branches_file(bundle):
     raw = f.read_bytes()
     f.write_bytes(raw[: len(raw) // 2])
     refused_everywhere(bundle, "not a readable bundle", "truncated")
-    line = fails_cleanly(invoke("bench", "-b", bundle, *FAST_BENCH))
+    line = fails_cleanly(invoke("bench", "-b", bundle, *FAST_BENCH), 3)
     assert "not a readable bundle" in line
 
 
@@ -227,7 +227,7 @@ def test_newer_format_version(bundle):
     rewrite(bundle, lambda m: m.update(format_version=99))
     line = refused_everywhere(bundle, "format version 99", "upgrade pteenet")
     assert "(1)" in line  # what this pteenet understands
-    line = fails_cleanly(invoke("bench", "-b", bundle, *FAST_BENCH))
+    line = fails_cleanly(invoke("bench", "-b", bundle, *FAST_BENCH), 3)
     assert "upgrade pteenet" in line
 
 
@@ -259,10 +259,10 @@ def other_checkpoint(shared, tmp_path_factory) -> Path:
 
 def test_other_checkpoint_is_refused_without_force(bundle, other_checkpoint):
     before = snapshot(bundle)
-    line = fails_cleanly(invoke("calibrate", "-b", bundle, "-t", "0.5", "-c", other_checkpoint))
+    line = fails_cleanly(invoke("calibrate", "-b", bundle, "-t", "0.5", "-c", other_checkpoint), 3)
     assert "is not the one the branches were trained on" in line and "--force" in line
     assert str(other_checkpoint) in line
-    line = fails_cleanly(invoke("bench", "-b", bundle, "-c", other_checkpoint, *FAST_BENCH))
+    line = fails_cleanly(invoke("bench", "-b", bundle, "-c", other_checkpoint, *FAST_BENCH), 3)
     assert "--force" in line
     with pytest.raises(BundleError, match="not the one the branches were trained on"):
         pteenet.load(bundle, checkpoint=other_checkpoint)
