@@ -23,6 +23,14 @@ At = Annotated[str | None, typer.Option(
 Cuts = Annotated[str | None, typer.Option(
     "--cuts", help="Module names to split at, e.g. layer1,layer2 (for models torch.fx cannot "
     "trace whole).")]
+Mean = Annotated[str | None, typer.Option(
+    "--mean", help="Per-channel normalisation mean, e.g. 0.485,0.456,0.406 (default: the "
+    "backbone's own).")]
+Std = Annotated[str | None, typer.Option(
+    "--std", help="Per-channel normalisation std, e.g. 0.229,0.224,0.225.")]
+InputSize = Annotated[str | None, typer.Option(
+    "--input-size", help="Input height,width (or one number), e.g. 224 (default: the "
+    "backbone's own).")]
 Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
 Bundle = Annotated[Path, typer.Option("--bundle", "-b", help="Bundle folder written by attach.")]
 Device = Annotated[str, typer.Option("--device", help="cpu or cuda.")]
@@ -38,6 +46,31 @@ def floats(text: str | None, what: str) -> list[float] | None:
         return [float(t) for t in text.split(",") if t.strip()]
     except ValueError as e:
         raise OptionError(f"{what} takes comma-separated numbers, got '{text}'") from e
+
+
+def triple(text: str | None, what: str) -> tuple[float, float, float] | None:
+    """Three comma-separated numbers (a per-channel mean or std), or one clear line."""
+    from pteenet.errors import OptionError
+
+    values = floats(text, what)
+    if values is None:
+        return None
+    if len(values) != 3 or (what == "--std" and min(values) <= 0):
+        rule = ", all > 0" if what == "--std" else ""
+        raise OptionError(f"{what} takes three numbers (R,G,B){rule}, got '{text}'")
+    return (values[0], values[1], values[2])
+
+
+def size(text: str | None) -> tuple[int, int] | None:
+    """``224`` or ``224,192`` as (height, width), or one clear line."""
+    from pteenet.errors import OptionError
+
+    values = floats(text, "--input-size")
+    if values is None:
+        return None
+    if len(values) not in (1, 2) or min(values) < 1 or any(v != int(v) for v in values):
+        raise OptionError(f"--input-size takes one or two positive integers, got '{text}'")
+    return (int(values[0]), int(values[-1]))
 
 
 def names(text: str | None) -> list[str] | None:

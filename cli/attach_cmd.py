@@ -11,7 +11,22 @@ from pteenet.distributed import is_main
 from pteenet.retrofit import attach as run_attach
 from pteenet.training import TrainConfig
 
-from ._options import At, Branches, Checkpoint, Cuts, Device, NumClasses, Placement, floats, names
+from ._options import (
+    At,
+    Branches,
+    Checkpoint,
+    Cuts,
+    Device,
+    InputSize,
+    Mean,
+    NumClasses,
+    Placement,
+    Std,
+    floats,
+    names,
+    size,
+    triple,
+)
 from ._output import Output, human, pct
 
 
@@ -22,6 +37,9 @@ def attach(
         "dataset name: cifar10, cifar100, svhn, mnist, fashion-mnist. Labels are optional.")],
     checkpoint: Checkpoint = None,
     num_classes: NumClasses = None,
+    input_size: InputSize = None,
+    mean: Mean = None,
+    std: Std = None,
     branches: Branches = 5,
     placement: Placement = "pareto",
     at: At = None,
@@ -68,6 +86,8 @@ def attach(
     res = run_attach(model, data, checkpoint=checkpoint, branches=branches, placement=placement,
                      at=floats(at, "--at"), cuts=names(cuts), branch=branch,
                      val_fraction=val_fraction, out=out, config=config, num_classes=num_classes,
+                     input_size=size(input_size), mean=triple(mean, "--mean"),
+                     std=triple(std, "--std"),
                      max_samples=max_samples, progress=not quiet, resume=resume)
     if not is_main():
         return

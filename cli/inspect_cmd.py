@@ -8,7 +8,21 @@ import typer
 
 from pteenet.inspection import inspect_backbone
 
-from ._options import At, Checkpoint, Cuts, Json, NumClasses, Placement, floats, names
+from ._options import (
+    At,
+    Checkpoint,
+    Cuts,
+    InputSize,
+    Json,
+    Mean,
+    NumClasses,
+    Placement,
+    Std,
+    floats,
+    names,
+    size,
+    triple,
+)
 from ._output import Output, human, pct
 
 
@@ -22,13 +36,17 @@ def inspect(
     placement: Placement = "pareto",
     at: At = None,
     cuts: Cuts = None,
+    input_size: InputSize = None,
+    mean: Mean = None,
+    std: Std = None,
     json: Json = False,
 ) -> None:
     """Show where MODEL's FLOPs go: every cut point with its cumulative FLOPs and parameters."""
     out = Output(json)
     info = inspect_backbone(model, checkpoint=checkpoint, num_classes=num_classes,
                             branches=branches, placement=placement, at=floats(at, "--at"),
-                            cuts=names(cuts))
+                            cuts=names(cuts), input_size=size(input_size),
+                            mean=triple(mean, "--mean"), std=triple(std, "--std"))
     out.note(f"[bold]{info['model']}[/] (resolved from '{model}' via {info['source']}), "
              f"input {info['input_size'][0]}x{info['input_size'][1]}, "
              f"{info['num_classes']} classes")

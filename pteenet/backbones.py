@@ -110,7 +110,8 @@ def resolve_name(name: str) -> tuple[str, str]:
             return src, bare
     pool = sorted(set().union(*(_known(s) for s in candidates)))
     close = difflib.get_close_matches(bare, pool, n=5, cutoff=0.6)
-    hint = f"; did you mean {', '.join(close)}?" if close else "; see `pteenet inspect --list`"
+    hint = f"; did you mean {', '.join(close)}?" if close else (
+        "; names look like resnet20, timm:resnet50 or torchvision:mobilenet_v3_small")
     raise ModelNotFoundError(f"unknown model '{name}'{hint}")
 
 

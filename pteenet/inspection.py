@@ -23,13 +23,15 @@ def inspect_backbone(
     at: Sequence[float] | None = None,
     cuts: Sequence[str] | None = None,
     input_size: tuple[int, int] | None = None,
+    mean: tuple[float, float, float] | None = None,
+    std: tuple[float, float, float] | None = None,
 ) -> dict[str, Any]:
     """Trace ``model`` and describe every cut point; mark those a placement would choose.
 
     Returns a JSON-serialisable dict (the same data ``--json`` prints).
     """
     bb = create_backbone(model, checkpoint=checkpoint, num_classes=num_classes,
-                         input_size=input_size)
+                         input_size=input_size, mean=mean, std=std)
     trace = trace_backbone(bb.model, bb.preprocess.input_size, cuts=cuts)
     chosen: list[str] = []
     if cuts:
@@ -41,6 +43,8 @@ def inspect_backbone(
         "model": bb.full_name,
         "source": bb.source,
         "input_size": list(bb.preprocess.input_size),
+        "mean": list(bb.preprocess.mean),
+        "std": list(bb.preprocess.std),
         "num_classes": bb.num_classes,
         "total_flops": total,
         "total_macs": total // 2,

@@ -80,6 +80,9 @@ def attach(
     out: str | os.PathLike = "pteenet-out",
     config: TrainConfig | None = None,
     num_classes: int | None = None,
+    input_size: tuple[int, int] | None = None,
+    mean: tuple[float, float, float] | None = None,
+    std: tuple[float, float, float] | None = None,
     max_samples: int | None = None,
     progress: bool = True,
     backbone: Backbone | None = None,
@@ -101,7 +104,8 @@ def attach(
         raise OptionError(f"--out {out} is a file; the bundle needs a folder")
     start = time.perf_counter()
     bb = backbone or create_backbone(model, checkpoint=checkpoint, pretrained=checkpoint is None,
-                                     num_classes=num_classes)
+                                     num_classes=num_classes, input_size=input_size, mean=mean,
+                                     std=std)
     dataset = open_data(data, bb.preprocess, split="train")
     config.validate(dataset.has_labels)
     if dataset.classes is not None and len(dataset.classes) != bb.num_classes and \

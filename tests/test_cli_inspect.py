@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from pteenet_cli.app import app
 
 from pteenet.cifar_resnet import cifar_resnet
 
@@ -211,3 +212,21 @@ def test_python_dash_m_pteenet_help():
     assert proc.returncode == 0, proc.stderr
     assert "inspect" in proc.stdout
     assert "Traceback" not in proc.stderr
+
+
+def test_preprocessing_overrides_reach_the_trace(cli_runner):
+    r = cli_runner.invoke(app, ["inspect", "resnet20", "--input-size", "64", "--mean",
+                                "0.5,0.5,0.5", "--std", "0.25,0.25,0.25", "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    assert info["input_size"] == [64, 64] and info["mean"] == [0.5] * 3
+    assert info["std"] == [0.25] * 3
+    assert info["total_macs"] == pytest.approx(4 * 40.55e6, rel=0.02)  # 4x the pixels
+
+
+@pytest.mark.parametrize("args", [["--std", "1,2"], ["--std", "0,1,1"], ["--mean", "a,b,c"],
+                                  ["--input-size", "0"], ["--input-size", "3.5"]])
+def test_bad_preprocessing_options_are_one_line(cli_runner, args):
+    r = cli_runner.invoke(app, ["inspect", "resnet20", *args])
+    assert r.exit_code == 2
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.output
