@@ -31,6 +31,10 @@ Std = Annotated[str | None, typer.Option(
 InputSize = Annotated[str | None, typer.Option(
     "--input-size", help="Input height,width (or one number), e.g. 224 (default: the "
     "backbone's own).")]
+BundleCheckpoint = Annotated[Path | None, typer.Option(
+    "--checkpoint", "-c", help="Backbone weights, when the file the bundle records has moved.")]
+Force = Annotated[bool, typer.Option(
+    "--force", help="Use --checkpoint even if it is not the one the branches were trained on.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
 Bundle = Annotated[Path, typer.Option("--bundle", "-b", help="Bundle folder written by attach.")]
 Device = Annotated[str, typer.Option("--device", help="cpu or cuda.")]

@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from pteenet.benchmarking import bench as run_bench
 
-from ._options import Bundle, Device, Json
+from ._options import Bundle, BundleCheckpoint, Device, Force, Json
 from ._output import Output, pct
 
 BAR_WIDTH = 24
@@ -92,12 +92,8 @@ def bench(
         "--sweep", help="Also trace quality vs FLOPs over thresholds from conservative to "
         "permissive: writes sweep.png and sweep.csv into the bundle.")] = False,
     device: Device = "cpu",
-    checkpoint: Annotated[Path | None, typer.Option(
-        "--checkpoint", "-c", help="Backbone weights, when the file the bundle records has "
-        "moved.")] = None,
-    force: Annotated[bool, typer.Option(
-        "--force", help="Use --checkpoint even if it is not the one the branches were trained "
-        "on.")] = False,
+    checkpoint: BundleCheckpoint = None,
+    force: Force = False,
     max_samples: Annotated[int | None, typer.Option(
         "--max-samples", help="Measure a seeded subset of this many images (quick runs).")]
     = None,

@@ -12,7 +12,7 @@ from rich.markup import escape
 from pteenet.export import MANIFEST
 from pteenet.export import export as run_export
 
-from ._options import Bundle, Json
+from ._options import Bundle, BundleCheckpoint, Force, Json
 from ._output import Output, human, pct
 
 
@@ -57,12 +57,8 @@ def export(
     out: Annotated[Path | None, typer.Option(
         "--out", "-o", help="Folder to write. Default: <bundle>/export-<format>.")] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset version.")] = 17,
-    checkpoint: Annotated[Path | None, typer.Option(
-        "--checkpoint", "-c", help="Backbone weights, when the file the bundle records has "
-        "moved.")] = None,
-    force: Annotated[bool, typer.Option(
-        "--force", help="Use --checkpoint even if it is not the one the branches were trained "
-        "on.")] = False,
+    checkpoint: BundleCheckpoint = None,
+    force: Force = False,
     json: Json = False,
 ) -> None:
     """Export the cascade: each backbone segment and each exit branch as its own graph, plus
