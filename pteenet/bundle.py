@@ -302,7 +302,10 @@ def load(path: str | os.PathLike = "pteenet-out", *, checkpoint: str | os.PathLi
                                  thresholds=table.thresholds, score=table.score)
     except (PteenetError, RuntimeError) as e:
         raise BundleError(f"{info.path}: cannot rebuild the model ({e})") from e
-    tensors = load_file(str(info.path / BRANCHES_FILE))
+    try:
+        tensors = load_file(str(_branches_path(path)))
+    except (SafetensorError, OSError) as e:
+        raise BundleError(f"{info.path}: branch tensors are unreadable ({e})") from e
     state = {k[len("branches."):]: v for k, v in tensors.items() if k.startswith("branches.")}
     own = model.branches.state_dict()
     bad = [k for k, v in own.items() if k in state and (state[k].dtype != v.dtype

@@ -73,10 +73,15 @@ def collect(model, data: str | os.PathLike | None = None, *, split: str = "train
     spec = data if data is not None else info.data.get("spec")
     if spec is None:
         raise CalibrationError("the bundle records no data; pass --data")
+    if data is None:  # the recorded indices belong to the split attach trained on
+        split = info.data.get("split", "train")
     dataset = open_data(spec, info.preprocess, split=split)
     indices = list(range(len(dataset))) if data is not None else list(info.calibration_indices)
     if not indices:
         raise CalibrationError("no calibration samples: the bundle records no held-out split")
+    if max(indices) >= len(dataset):
+        raise CalibrationError(f"{spec} has fewer images than when the bundle was made; the "
+                               f"held-out split no longer exists: pass --data")
     if max_samples is not None:
         indices = indices[:max_samples]
     feats = compute_features(model, dataset, indices, device=device)

@@ -26,7 +26,10 @@ __all__ = ["Shard", "all_sum", "init_from_env", "is_main", "rank_world"]
 def init_from_env(device: str = "cpu") -> None:
     """Join the process group ``torchrun`` describes (gloo on CPU, nccl on CUDA), if any."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if str(device).startswith("cuda") else "gloo")
+        cuda = str(device).startswith("cuda")
+        if cuda:  # one GPU per rank: torchrun's LOCAL_RANK picks it
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
 
 
 def rank_world() -> tuple[int, int]:

@@ -124,6 +124,8 @@ def attach(
     train_pos, held_pos = split_indices(len(pool), val_fraction, config.seed)
     train_idx, held_idx = [pool[i] for i in train_pos], [pool[i] for i in held_pos]
     rank, world = rank_world()
+    if resume and world > 1:
+        raise OptionError("--resume is not supported with several processes yet")
     train_idx = train_idx[rank::world]  # each rank caches and trains on its own shard
     with contextlib.ExitStack() as stack, _progress(progress and rank == 0) as bar:
         task = bar.add_task("backbone features", total=len(pool if config.cache else held_idx),
@@ -142,12 +144,11 @@ def attach(
             bar.update(etask, completed=epoch + 1,
                        info=f"loss {loss:.3f}" + (f"  agree {shown}" if shown else ""))
 
-        if resume and world > 1:
-            raise OptionError("--resume is not supported with several processes yet")
         state = Resume(Path(out) / STATE_FILE, _fingerprint(bb, names, branch, config, data,
                                                             pool)) if resume else None
         report = train_branches(ee, train, held, config, on_epoch, state)
-        report.skipped = int(all_sum(torch.tensor(train.skipped))) + held.skipped
+        report.skipped = int(all_sum(torch.tensor(train.skipped, device=config.device))) + \
+            held.skipped
     ee.eval()
     if report.thresholds is not None:
         ee.set_thresholds(report.thresholds)

@@ -38,7 +38,7 @@ from .devices import check_device
 from .distributed import Shard, all_sum
 from .early_exit import EarlyExitModel
 from .errors import DataError, OptionError, TrainingError
-from .thresholds import cpm_thresholds, exit_index
+from .thresholds import class_precision, cpm_thresholds, exit_index
 
 __all__ = [
     "FeatureSet",
@@ -93,6 +93,8 @@ class TrainConfig:
             raise OptionError(f"--margin must lie in [0, 1], got {self.margin}")
         if self.target not in TARGETS:
             raise OptionError(f"--target must be one of {', '.join(TARGETS)}, got {self.target}")
+        if self.boosted and not self.cache:
+            raise OptionError("--boosted needs the feature cache; drop --no-cache")
         if self.boosted not in BOOSTED:
             raise OptionError(f"--boosted must be hard or soft, got {self.boosted}")
         if self.target == "labels" and not has_labels:
@@ -452,8 +454,10 @@ def _train_joint(model, train, held, config, on_epoch, resume: Resume | None) ->
         if resume:
             resume.save(epoch, model, opt, gen, report)
         if on_epoch:
-            on_epoch(epoch, report.losses[-1], agreement(model, held, config.device))
-    report.agreement = agreement(model, held, config.device)
+            report.agreement = agreement(model, held, config.device)
+            on_epoch(epoch, report.losses[-1], report.agreement)
+    if not on_epoch or not report.agreement:
+        report.agreement = agreement(model, held, config.device)
     return report
 
 
@@ -466,6 +470,8 @@ def _train_boosted(model, train, held, config, on_epoch) -> TrainReport:
     w_held = torch.ones(len(held))
     gen = torch.Generator().manual_seed(config.seed)
     ref = held.labels if config.target == "labels" else held.final.argmax(1)
+    precision = class_precision(held.final.argmax(1), ref, k_cls) \
+        if config.target == "labels" else None
     shard = Shard(train.indices)
     for k in range(b):
         w_global = shard.to_global(w_train)
@@ -475,8 +481,10 @@ def _train_boosted(model, train, held, config, on_epoch) -> TrainReport:
         s_held, p_held = branch_scores(model, held, config.device)
         alive = w_held > 0.5
         table = cpm_thresholds(s_held[alive, k:k + 1], p_held[alive, k:k + 1], ref[alive],
-                               k_cls, config.margin, config.min_support)
+                               k_cls, config.margin, config.min_support, precision)
         thr[k] = table[0]
+        if k == b - 1:
+            break
         w_train = w_train * _survival(model, train, k, thr, config)
         w_held = w_held * _survival(model, held, k, thr, config)
     report.agreement = agreement(model, held, config.device)
