@@ -111,7 +111,8 @@ def resolve_name(name: str) -> tuple[str, str]:
     pool = sorted(set().union(*(_known(s) for s in candidates)))
     close = difflib.get_close_matches(bare, pool, n=5, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else (
-        "; names look like resnet20, timm:resnet50 or torchvision:mobilenet_v3_small")
+        "; names look like resnet20, timm:resnet50 or torchvision:mobilenet_v3_small "
+        "(try one with `pteenet inspect NAME`)")
     raise ModelNotFoundError(f"unknown model '{name}'{hint}")
 
 
