@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_paths", "write_bytes", "write_text"]
+__all__ = ["atomic_path", "atomic_paths", "write_text"]
 
 
 def _umask() -> int:
@@ -85,10 +85,6 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
 def _write(target: str | os.PathLike, writer: Callable[[Path], None]) -> None:
     with atomic_path(target) as tmp:
         writer(tmp)
-
-
-def write_bytes(target: str | os.PathLike, data: bytes) -> None:
-    _write(target, lambda p: p.write_bytes(data))
 
 
 def write_text(target: str | os.PathLike, text: str) -> None:

@@ -18,7 +18,6 @@ outputs then become the cut points (the modules are kept whole as fx leaves).
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -286,7 +285,3 @@ def _segment(gm: fx.GraphModule, nodes: list[fx.Node], pos: dict[fx.Node, int],
         g.output(env[end])
     g.lint()
     return fx.GraphModule(gm, g, "Segment")
-
-
-def fraction(flops: int, total: int) -> float:
-    return flops / total if total else math.nan
