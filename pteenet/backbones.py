@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from .cifar_resnet import CIFAR_DEPTHS, cifar_resnet
-from .errors import CheckpointError, ModelNotFoundError, OfflineError
-from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from .errors import CheckpointError, ModelNotFoundError, OfflineError, OptionError
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, MAX_INPUT_SIDE, Preprocess
 
 __all__ = [
     "Backbone",
@@ -153,17 +153,29 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return _flatten(raw, path)
 
 
+def _raw_pickle(path: Path) -> bool:
+    """A legacy raw pickle (``pickle.dump``, not torch's zip format): protocol 2-5 header."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return False
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+
 def _unreadable(path: Path, e: Exception) -> str:
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
-    if re.search(r"unsupported global", text, re.IGNORECASE):
-        found = re.search(r"(GLOBAL \S+)", text)
+    if re.search(r"unsupported global", text, re.IGNORECASE) or _raw_pickle(path) and \
+            re.search(r"weights only load failed", text, re.IGNORECASE):
+        found = re.search(r"(GLOBAL \S+|Unsupported operand \d+)", text)
         what = f" ({found.group(1)})" if found else ""
         return (f"checkpoint {path} was refused: it is a pickle that loads more than tensors"
                 f"{what}, which could run code (torch.load weights_only=True); re-save it as a "
                 f"plain state_dict or .safetensors")
-    first = (text.strip().splitlines() or [type(e).__name__])[0][:160]
+    reason = re.search(r"WeightsUnpickler error: \s*(\S[^\n]*)", text)  # not torch's advice
+    first = reason.group(1) if reason else (text.strip().splitlines() or [type(e).__name__])[0]
     return (f"checkpoint {path} is not a readable PyTorch or safetensors file (truncated or not a "
-            f"checkpoint?): {first}")
+            f"checkpoint?): {first[:160]}")
 
 
 def _flatten(raw: object, path: Path) -> dict[str, torch.Tensor]:
@@ -326,6 +338,9 @@ def create_backbone(
     torchvision's own mechanisms; the CIFAR family from its public URLs, hash-checked, into the
     torch hub cache). Offline that fails with :class:`OfflineError` saying to pass a checkpoint.
     """
+    if input_size and max(input_size) > MAX_INPUT_SIDE:
+        raise OptionError(f"--input-size {max(input_size)} is larger than pteenet supports "
+                          f"({MAX_INPUT_SIDE} per side)")
     source, bare = resolve_name(name)
     model = _build(source, bare, num_classes, pretrained and checkpoint is None)
     sha = None

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .atomic import atomic_path, write_text
+from .atomic import atomic_path, write_text, writes_into
 from .bundle import BundleInfo, ThresholdTable, load, load_backbone, read_info, read_thresholds
 from .data import DATASET_NAMES, ImageData, available_splits, make_loader, open_data
 from .devices import check_device
@@ -510,6 +510,7 @@ def _write_outputs(folder: Path, result: dict[str, Any], sweep: bool, out_json: 
                           f"check the folder's permissions and free space") from e
 
 
+@writes_into("bundle", when="out_json")  # bench.json: one writer at a time, writability first
 def bench(
     bundle: str | os.PathLike = "pteenet-out",
     *,

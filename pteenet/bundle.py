@@ -3,13 +3,18 @@
 A bundle is a folder with ``branches.safetensors`` (every branch tensor; the metadata as JSON in the
 safetensors header: format version, backbone and checkpoint hash, cuts, FLOPs, branch specs,
 preprocessing, training settings, the calibration split) and a threshold table
-(``thresholds.json`` plus a human-readable ``thresholds.csv``). Nothing in it is pickled, so
-loading a bundle can never run code; every field read back is validated before use.
+(``thresholds.json`` plus a human-readable ``thresholds.csv``), committed together by
+``bundle.json`` (each file's SHA-256 and size; see :mod:`pteenet.atomic`), so a write killed at any
+step leaves the old bundle or the new one and a reader gets exactly one of them. Nothing in it is
+pickled, so loading a bundle can never run code; every field read back is validated (sizes against
+the tensors actually present) before anything is allocated from it. Bundles written before
+``bundle.json`` existed are read as they are.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -18,25 +23,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from . import __version__
-from .atomic import atomic_paths
-from .backbones import Backbone, create_backbone
+from .atomic import MANIFEST, commit_files, read_manifest, read_member
+from .backbones import Backbone, create_backbone, sha256_file
 from .early_exit import EarlyExitModel, build_early_exit
 from .errors import BundleError, PteenetError
-from .preprocess import Preprocess
+from .preprocess import MAX_INPUT_SIDE, Preprocess
 from .thresholds import as_table
 from .tracing import trace_backbone
 
 __all__ = [
     "BRANCHES_FILE",
     "FORMAT_VERSION",
+    "MANIFEST",
+    "MEMBERS",
     "THRESHOLDS_FILE",
     "BundleInfo",
     "ThresholdTable",
+    "calibration_digest",
     "load",
     "load_backbone",
     "read_info",
@@ -49,7 +58,11 @@ FORMAT_VERSION = 1
 BRANCHES_FILE = "branches.safetensors"
 THRESHOLDS_FILE = "thresholds.json"
 THRESHOLDS_CSV = "thresholds.csv"
+MEMBERS = (BRANCHES_FILE, THRESHOLDS_CSV, THRESHOLDS_FILE)  # the files bundle.json commits
 _META_KEY = "pteenet"
+_MAX_DIGITS = 19  # no integer of ours needs more (int64)
+_SHOW = 60  # longest value echoed in an error message
+_MAX_DEPTH = 32  # pteenet's own JSON nests a few levels; deeper is an edit, refused the same way
 
 
 @dataclass
@@ -99,18 +112,28 @@ class ThresholdTable:
 
 
 # -- writing ----------------------------------------------------------------------------------
+def calibration_digest(indices: list[int]) -> str:
+    """The SHA-256 recorded beside the held-out indices, checked on every read."""
+    return hashlib.sha256(",".join(map(str, indices)).encode()).hexdigest()
+
+
 def save_bundle(out: str | os.PathLike, model: EarlyExitModel, info: BundleInfo) -> Path:
-    """Write ``branches.safetensors`` and a default threshold table as one atomic group."""
+    """Write ``branches.safetensors`` and a default threshold table as one commit (see
+    :func:`pteenet.atomic.commit_files`), holding the folder's writer lock."""
     out = Path(out)
     tensors = {f"branches.{k}": v.detach().cpu().contiguous()
                for k, v in model.branches.state_dict().items()}
     tensors["calibration_indices"] = torch.tensor(info.calibration_indices, dtype=torch.int64)
-    meta = {_META_KEY: json.dumps(info.to_meta(), sort_keys=True)}
+    doc = info.to_meta()
+    doc["extra"] = {**info.extra, "calibration_sha256": calibration_digest(
+        list(info.calibration_indices))}
+    meta = {_META_KEY: json.dumps(doc, sort_keys=True)}
     csv_text, json_text = _threshold_texts(ThresholdTable(model.thresholds, model.score))
-    with atomic_paths([out / BRANCHES_FILE, out / THRESHOLDS_CSV, out / THRESHOLDS_FILE]) as tmp:
-        save_file(tensors, str(tmp[0]), metadata=meta)
-        tmp[1].write_text(csv_text, encoding="utf-8")
-        tmp[2].write_text(json_text, encoding="utf-8")
+    commit_files(out, {
+        BRANCHES_FILE: lambda p: save_file(tensors, str(p), metadata=meta),
+        THRESHOLDS_CSV: lambda p: p.write_text(csv_text, encoding="utf-8"),
+        THRESHOLDS_FILE: lambda p: p.write_text(json_text, encoding="utf-8"),
+    }, MEMBERS)
     info.path = out
     return out
 
@@ -135,17 +158,64 @@ def _threshold_texts(table: ThresholdTable) -> tuple[str, str]:
 
 
 def write_thresholds(out: str | os.PathLike, table: ThresholdTable) -> None:
-    """Write ``thresholds.json`` and ``thresholds.csv`` together, atomically."""
-    out = Path(out)
+    """Replace ``thresholds.json`` and ``thresholds.csv`` as one commit, whatever the old
+    table was (missing, corrupt, for another branch count): the branches stay as committed."""
     csv_text, json_text = _threshold_texts(table)
-    with atomic_paths([out / THRESHOLDS_CSV, out / THRESHOLDS_FILE]) as (c, j):
-        c.write_text(csv_text, encoding="utf-8")
-        j.write_text(json_text, encoding="utf-8")
+    commit_files(out, {THRESHOLDS_CSV: lambda p: p.write_text(csv_text, encoding="utf-8"),
+                       THRESHOLDS_FILE: lambda p: p.write_text(json_text, encoding="utf-8")},
+                 MEMBERS)
 
 
 # -- reading ----------------------------------------------------------------------------------
+class _TooLong(ValueError):
+    """An integer with more digits than any field of ours can hold."""
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > _MAX_DIGITS:
+        raise _TooLong(text)
+    return int(text)
+
+
+def _parse_json(data: str | bytes, what: str, fix: str) -> Any:
+    """``json.loads`` whose every failure (bad syntax or UTF-8, deep nesting, integers too long
+    to be ours) is one BundleError line, so no parser error escapes as an internal one."""
+    try:
+        doc = json.loads(data, parse_int=_bounded_int)
+        if _depth(doc) > _MAX_DEPTH:
+            raise RecursionError
+        return doc
+    except _TooLong as e:
+        raise BundleError(f"{what} holds an integer of {len(str(e))} digits (edited?); {fix}") \
+            from None
+    except RecursionError:
+        raise BundleError(f"{what} is nested too deeply to be pteenet's (edited?); {fix}") \
+            from None
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise BundleError(f"{what} is not valid JSON (edited?); {fix}") from e
+
+
+def _depth(doc: Any) -> int:
+    """How deeply lists and objects nest (iteratively: the document may be deeper than the
+    interpreter's recursion limit allows a recursive walk)."""
+    deepest, stack = 0, [(doc, 1)]
+    while stack:
+        node, d = stack.pop()
+        if isinstance(node, (list, dict)):
+            deepest = max(deepest, d)
+            stack.extend((v, d + 1) for v in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
+def _show(value: Any) -> str:
+    """A value for an error message, cut short: an edited file may hold anything."""
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= _SHOW else text[:_SHOW] + "..."
+
+
 def _need(d: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
-    if not isinstance(d, dict) or key not in d or not isinstance(d[key], kind):
+    if not isinstance(d, dict) or key not in d or not isinstance(d[key], kind) or \
+            isinstance(d[key], bool) and kind is int:
         raise BundleError(
             f"{where}: field '{key}' is missing or malformed; re-run `pteenet attach`")
     return d[key]
@@ -157,57 +227,115 @@ def _int_list(v: Any, key: str, where: str) -> list[int]:
     return v
 
 
-def _branches_path(path: str | os.PathLike) -> Path:
+@dataclass
+class _Snapshot:
+    """One committed generation of a bundle, read once: later reads cannot mix generations."""
+
+    folder: Path
+    where: str
+    meta: dict[str, str]
+    tensors: dict[str, torch.Tensor]
+    table: bytes | None
+
+
+def _snapshot(path: str | os.PathLike) -> _Snapshot:
     p = Path(path)
-    f = p / BRANCHES_FILE if p.is_dir() or not p.suffix else p
-    if not f.is_file():
-        raise BundleError(f"no bundle at {p} ({BRANCHES_FILE} missing); run `pteenet attach` first")
-    return f
+    folder, name = (p, BRANCHES_FILE) if p.is_dir() or not p.suffix else (p.parent, p.name)
+    f = folder / name
+    if f.exists() and not f.is_file():
+        raise BundleError(f"{f} is not a file; run `pteenet attach` first")
+    files = read_manifest(folder) if name == BRANCHES_FILE else None
+    table_file = folder / THRESHOLDS_FILE
+    if name == BRANCHES_FILE and table_file.is_dir():
+        raise BundleError(f"{table_file} is not a file; remove it and re-run `pteenet calibrate`")
+    try:
+        raw = read_member(folder, name, files, "re-run `pteenet attach`")
+        table = read_member(folder, THRESHOLDS_FILE, files, "re-run `pteenet calibrate`") \
+            if name == BRANCHES_FILE else None
+    except OSError as e:
+        raise BundleError(f"{f} is unreadable ({e.strerror or e})") from e
+    if raw is None:
+        raise BundleError(f"no bundle at {p} ({BRANCHES_FILE} missing); run `pteenet attach` "
+                          f"first")
+    try:
+        tensors = safetensors.torch.load(raw)
+        n = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8:8 + n])  # safetensors has just parsed it: valid and shallow
+    except (SafetensorError, ValueError, RuntimeError, OverflowError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise BundleError(f"{f} is not a readable bundle (truncated or edited?): "
+                          f"{_show(first)}") from e
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return _Snapshot(folder, str(f), meta if isinstance(meta, dict) else {}, tensors, table)
 
 
 def _preprocess(d: dict, where: str) -> Preprocess:
+    size = d.get("input_size")
+    ok = isinstance(size, list) and len(size) == 2 and all(
+        isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_INPUT_SIDE for v in size)
+    if not ok:
+        raise BundleError(f"{where}: field 'preprocess' holds an impossible input size "
+                          f"{_show(size)} (each side 1..{MAX_INPUT_SIDE}; edited?)")
     try:
         pre = Preprocess.from_dict(d)
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise BundleError(f"{where}: field 'preprocess' is malformed") from e
-    ok = (len(pre.input_size) == 2 and all(0 < v <= 8192 for v in pre.input_size)
-          and len(pre.mean) == 3 and len(pre.std) == 3
+    ok = (len(pre.mean) == 3 and len(pre.std) == 3
           and all(math.isfinite(v) for v in (*pre.mean, *pre.std)) and all(v > 0 for v in pre.std))
     if not ok:
         raise BundleError(f"{where}: field 'preprocess' holds impossible values (edited?)")
     return pre
 
 
-def read_info(path: str | os.PathLike) -> BundleInfo:
-    """Read and validate a bundle's metadata (nothing else is loaded)."""
-    f = _branches_path(path)
-    try:
-        from safetensors import safe_open
+def _check_sizes(tensors: dict[str, torch.Tensor], cuts: list, num_classes: int,
+                 where: str) -> None:
+    """Every size-like field must agree with the tensors actually present (before anything is
+    allocated from it): one classifier per cut, each with ``num_classes`` rows."""
+    for i in range(len(cuts)):
+        w = tensors.get(f"branches.{i}.classifier.weight")
+        if w is None or w.ndim != 2:
+            raise BundleError(f"{where}: branch tensors do not match the metadata (no classifier "
+                              f"for branch {i}; edited?)")
+        if w.shape[0] != num_classes:
+            raise BundleError(f"{where}: branch tensors do not match the metadata (num_classes "
+                              f"{_show(num_classes)}, classifiers for {w.shape[0]}; edited?)")
 
-        with safe_open(str(f), "pt") as h:
-            header = h.metadata() or {}
-            names = set(h.keys())
-            idx = h.get_tensor("calibration_indices") if "calibration_indices" in names else None
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise BundleError(f"{f} is not a readable bundle (truncated or edited?): {e}") from e
-    where = str(f)
-    try:
-        meta = json.loads(header.get(_META_KEY, ""))
-    except json.JSONDecodeError as e:
-        raise BundleError(f"{where}: metadata is not valid JSON (edited?)") from e
+
+def _calibration(t: torch.Tensor | None, extra: dict, where: str) -> list[int]:
+    """The held-out indices, checked against the SHA-256 recorded beside them."""
+    if t is None:
+        return []
+    idx = t.tolist() if t.dtype == torch.int64 and t.ndim == 1 else None
+    if idx is None or any(b <= a for a, b in zip(idx, idx[1:])) or (idx and idx[0] < 0):
+        raise BundleError(f"{where}: calibration_indices is malformed (edited?); re-run "
+                          f"`pteenet attach`")
+    if idx and extra.get("calibration_sha256") != calibration_digest(idx):
+        raise BundleError(f"{where}: the calibration indices do not match their recorded "
+                          f"SHA-256 (edited?); re-run `pteenet attach`")
+    return idx
+
+
+def _info(snap: _Snapshot) -> BundleInfo:
+    where = snap.where
+    meta = _parse_json(snap.meta.get(_META_KEY, ""), f"{where}: metadata",
+                       "re-run `pteenet attach`")
     version = _need(meta, "format_version", int, where)
     if version > FORMAT_VERSION:
-        raise BundleError(f"{where} has format version {version}, newer than this pteenet "
+        raise BundleError(f"{where} has format version {_show(version)}, newer than this pteenet "
                           f"understands ({FORMAT_VERSION}); upgrade pteenet")
     backbone = _need(meta, "backbone", dict, where)
     for key, kind in (("name", str), ("source", str), ("num_classes", int)):
         _need(backbone, key, kind, where)
+    for key in ("checkpoint_path", "checkpoint_sha256"):
+        if backbone.get(key) is not None and not isinstance(backbone[key], str):
+            raise BundleError(f"{where}: field '{key}' is malformed; re-run `pteenet attach`")
     cuts = _need(meta, "cuts", list, where)
     branches = _need(meta, "branches", list, where)
     if not cuts or len(cuts) != len(branches) or not all(isinstance(c, str) for c in cuts):
         raise BundleError(f"{where}: cuts and branches disagree; re-run `pteenet attach`")
     for b in branches:
         _need(b, "type", str, where)
+    _check_sizes(snap.tensors, cuts, backbone["num_classes"], where)
     seg = _int_list(meta.get("segment_flops"), "segment_flops", where)
     if len(seg) != len(cuts) + 1:
         raise BundleError(f"{where}: segment_flops has the wrong length")
@@ -216,51 +344,70 @@ def read_info(path: str | os.PathLike) -> BundleInfo:
                                 len(classes) != backbone["num_classes"]):
         raise BundleError(f"{where}: classes do not match the number of classes")
     pre = _preprocess(_need(meta, "preprocess", dict, where), where)
-    indices = [] if idx is None else idx.to(torch.int64).tolist()
     for key in ("training", "data", "extra"):
         if meta.get(key) is not None and not isinstance(meta[key], dict):
             raise BundleError(f"{where}: field '{key}' is malformed; re-run `pteenet attach`")
+    extra = dict(meta.get("extra") or {})
     return BundleInfo(
-        path=f.parent, backbone=backbone, preprocess=pre, cuts=cuts,
+        path=snap.folder, backbone=backbone, preprocess=pre, cuts=cuts,
         module_cuts=bool(meta.get("module_cuts", False)), branches=branches,
         segment_flops=seg, classes=classes, training=dict(meta.get("training") or {}),
-        data=dict(meta.get("data") or {}), calibration_indices=indices,
-        extra=dict(meta.get("extra") or {}),
+        data=dict(meta.get("data") or {}),
+        calibration_indices=_calibration(snap.tensors.get("calibration_indices"), extra, where),
+        extra=extra,
     )
 
 
+def read_info(path: str | os.PathLike) -> BundleInfo:
+    """Read and validate a bundle's metadata against its tensors (nothing is built)."""
+    return _info(_snapshot(path))
+
+
 def read_thresholds(path: str | os.PathLike, info: BundleInfo) -> ThresholdTable:
-    """Read the bundle's threshold table, checked against the bundle (branches, classes)."""
-    f = Path(path) / THRESHOLDS_FILE if Path(path).is_dir() else Path(path)
+    """Read the bundle's threshold table, checked against the bundle (branches, classes).
+
+    ``path`` is the bundle folder (the table as committed) or a thresholds file."""
+    p = Path(path)
+    f = p / THRESHOLDS_FILE if p.is_dir() else p
     if f.exists() and not f.is_file():
         raise BundleError(f"{f} is not a file; remove it and re-run `pteenet calibrate`")
-    if not f.is_file():
+    if p.is_dir():
+        data = _snapshot(p).table
+    else:
+        try:
+            data = f.read_bytes() if f.is_file() else None
+        except OSError as e:
+            raise BundleError(f"{f} is unreadable ({e.strerror or e})") from e
+    return _table(data, str(f), info)
+
+
+def _table(data: bytes | None, where: str, info: BundleInfo) -> ThresholdTable:
+    if data is None:
         return ThresholdTable(as_table(0.5, info.num_branches, info.num_classes))
-    try:
-        doc = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(f"{f} is not valid JSON; re-run `pteenet calibrate`") from e
-    rows = _need(doc, "thresholds", list, str(f))
+    doc = _parse_json(data, where, "re-run `pteenet calibrate`")
+    rows = _need(doc, "thresholds", list, where)
     ok = all(isinstance(r, list) for r in rows) and all(
         v is None or isinstance(v, (int, float)) and not isinstance(v, bool)
         for r in rows for v in r)
     if not ok:
-        raise BundleError(f"{f}: thresholds must be numbers in [0, 1] or null (never)")
+        raise BundleError(f"{where}: thresholds must be numbers in [0, 1] or null (never)")
     widths = {len(r) for r in rows}
     shape = (len(rows), widths.pop() if len(widths) == 1 else -1)
     if shape != (info.num_branches, info.num_classes):
         raise BundleError(
-            f"{f} is for {shape[0]} branches x {shape[1]} classes but the bundle has "
+            f"{where} is for {shape[0]} branches x {shape[1]} classes but the bundle has "
             f"{info.num_branches} x {info.num_classes}; re-run `pteenet calibrate`")
-    flat = [v for row in rows for v in row if v is not None]
-    if any(math.isnan(v) or not 0 <= v <= 1 for v in flat):
-        raise BundleError(f"{f}: thresholds must lie in [0, 1] (null = never); NaN is refused")
+    bad = [v for row in rows for v in row if v is not None and not 0 <= v <= 1]
+    if bad:
+        found = "NaN, which is refused" if math.isnan(bad[0]) else _show(bad[0])
+        raise BundleError(f"{where}: thresholds must lie in [0, 1] (null = never); found "
+                          f"{found}; re-run `pteenet calibrate`")
     score = doc.get("score", "head")
     if score not in ("head", "softmax"):
-        raise BundleError(f"{f}: unknown score '{score}'")
+        raise BundleError(f"{where}: unknown score '{_show(score)}'")
     for key in ("params", "summary"):
         if doc.get(key) is not None and not isinstance(doc[key], dict):
-            raise BundleError(f"{f}: field '{key}' is malformed; re-run `pteenet calibrate`")
+            raise BundleError(f"{where}: field '{key}' is malformed; re-run `pteenet calibrate`")
     return ThresholdTable(as_table(rows, info.num_branches, info.num_classes), score,
                           str(doc.get("method", "global")), dict(doc.get("params") or {}),
                           dict(doc.get("summary") or {}))
@@ -268,31 +415,42 @@ def read_thresholds(path: str | os.PathLike, info: BundleInfo) -> ThresholdTable
 
 def load_backbone(info: BundleInfo, checkpoint: str | os.PathLike | None = None,
                   force: bool = False) -> Backbone:
-    """Rebuild the bundle's backbone and check its checkpoint is the one it was trained on."""
+    """Rebuild the bundle's backbone and check its checkpoint is the one it was trained on.
+
+    The hash is checked before the weights are loaded; a bundle that records a checkpoint but
+    no hash (edited?) cannot be checked, so it needs ``force`` like a mismatch does."""
     bb = info.backbone
     ckpt = checkpoint if checkpoint is not None else bb.get("checkpoint_path")
     if ckpt is not None and not Path(ckpt).is_file() and checkpoint is None:
-        raise BundleError(f"the bundle's checkpoint {ckpt} is gone; pass --checkpoint PATH")
-    backbone = create_backbone(
+        raise BundleError(f"the bundle's checkpoint {_show(ckpt)} is gone; pass --checkpoint PATH")
+    want = bb.get("checkpoint_sha256")
+    if ckpt is not None and Path(ckpt).is_file() and not force:
+        have = sha256_file(ckpt)
+        if not want:
+            raise BundleError(f"the bundle records no SHA-256 for its checkpoint, so {ckpt} "
+                              f"cannot be checked; pass --force (force=True) to use it anyway")
+        if have != want:
+            raise BundleError(
+                f"checkpoint {ckpt} (sha256 {have[:12]}) is not the one the branches were "
+                f"trained on ({_show(want)[:12]}); pass --force (force=True) to use it anyway")
+    return create_backbone(
         f"{bb['source']}:{bb['name']}", checkpoint=ckpt, pretrained=ckpt is None,
         num_classes=info.num_classes, input_size=info.preprocess.input_size,
         mean=info.preprocess.mean, std=info.preprocess.std,
     )
-    want = bb.get("checkpoint_sha256")
-    if want and backbone.checkpoint_sha256 != want and not force:
-        raise BundleError(
-            f"checkpoint {ckpt} (sha256 {str(backbone.checkpoint_sha256)[:12]}) is not the one "
-            f"the branches were trained on ({want[:12]}); pass --force (force=True) to use it "
-            f"anyway"
-        )
-    return backbone
 
 
 def load(path: str | os.PathLike = "pteenet-out", *, checkpoint: str | os.PathLike | None = None,
-         force: bool = False, device: str | torch.device = "cpu") -> EarlyExitModel:
-    """Rebuild the early-exit model of a bundle, with its threshold table, in eval mode."""
-    info = read_info(path)
-    table = read_thresholds(info.path, info)
+         force: bool = False, device: str | torch.device = "cpu",
+         thresholds: bool = True) -> EarlyExitModel:
+    """Rebuild the early-exit model of a bundle, with its threshold table, in eval mode.
+
+    Everything comes from one committed generation of the bundle. ``thresholds=False`` skips
+    the stored table (the default 0.5 is used): what calibrate needs to replace a table that
+    is missing, corrupt or for another bundle."""
+    snap = _snapshot(path)
+    info = _info(snap)
+    table = _table(snap.table if thresholds else None, str(info.path / THRESHOLDS_FILE), info)
     backbone = load_backbone(info, checkpoint, force)
     try:
         trace = trace_backbone(backbone.model, info.preprocess.input_size,
@@ -301,12 +459,9 @@ def load(path: str | os.PathLike = "pteenet-out", *, checkpoint: str | os.PathLi
                                  [b["type"] for b in info.branches],
                                  thresholds=table.thresholds, score=table.score)
     except (PteenetError, RuntimeError) as e:
-        raise BundleError(f"{info.path}: cannot rebuild the model ({e})") from e
-    try:
-        tensors = load_file(str(_branches_path(path)))
-    except (SafetensorError, OSError) as e:
-        raise BundleError(f"{info.path}: branch tensors are unreadable ({e})") from e
-    state = {k[len("branches."):]: v for k, v in tensors.items() if k.startswith("branches.")}
+        raise BundleError(f"{info.path}: cannot rebuild the model ({_show(str(e))})") from e
+    state = {k[len("branches."):]: v for k, v in snap.tensors.items()
+             if k.startswith("branches.")}
     own = model.branches.state_dict()
     bad = [k for k, v in own.items() if k in state and (state[k].dtype != v.dtype
                                                        or state[k].shape != v.shape)]

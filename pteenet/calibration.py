@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .atomic import writes_into
 from .bundle import ThresholdTable, load, read_info, write_thresholds
 from .data import open_data
 from .devices import check_device
@@ -134,6 +135,7 @@ def class_rows(out: Outputs, thr: Tensor) -> list[dict[str, Any]]:
     return rows
 
 
+@writes_into("bundle", when="write")  # one writer at a time; checks writability first
 def calibrate(
     bundle: str | os.PathLike = "pteenet-out",
     *,
@@ -160,7 +162,7 @@ def calibrate(
     method = _check(threshold, cpm, max_drop, delta, margin, min_support)
     check_device(device)
     read_info(bundle)  # fail fast, before the backbone is built
-    model = load(bundle, checkpoint=checkpoint, force=force, device=device)
+    model = load(bundle, checkpoint=checkpoint, force=force, device=device, thresholds=False)
     model.set_thresholds(1.0, score=score)
     out = collect(model, data, split=split, device=device)
     b, k = model.num_branches, model.num_classes

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["Shard", "all_sum", "init_from_env", "is_main", "rank_world"]
+__all__ = ["Shard", "all_sum", "init_from_env", "is_main", "launched_as_main", "rank_world"]
 
 
 def init_from_env(device: str = "cpu") -> None:
@@ -36,6 +36,11 @@ def rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def launched_as_main() -> bool:
+    """Rank 0 as torchrun launched us, known before :func:`init_from_env` (one process: yes)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def is_main() -> bool:

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Preprocess"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "MAX_INPUT_SIDE", "Preprocess"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Largest input side pteenet builds a model for: four times the largest common evaluation size
+# (512). A bundle's recorded size is checked against it before an input is allocated, since a
+# tracing pass at an edited 8192x8192 would take gigabytes.
+MAX_INPUT_SIDE = 2048
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import __version__
+from .atomic import writes_into
 from .backbones import Backbone, create_backbone
 from .bundle import BundleInfo, ThresholdTable, save_bundle, write_thresholds
 from .data import available_splits, open_data
-from .distributed import all_sum, init_from_env, is_main, rank_world
+from .distributed import all_sum, init_from_env, is_main, launched_as_main, rank_world
 from .early_exit import EarlyExitModel, build_early_exit
 from .errors import OptionError
 from .placement import choose_cuts
@@ -66,6 +67,7 @@ def _progress(enabled: bool) -> Progress:
                     console=Console(stderr=True), disable=not enabled, transient=False)
 
 
+@writes_into("out", create=True, when=launched_as_main)  # lock + writability, before any work
 def attach(
     model: str,
     data: str | os.PathLike,
@@ -131,7 +133,7 @@ def attach(
         task = bar.add_task("backbone features", total=len(pool if config.cache else held_idx),
                             info="")
         kw = dict(batch_size=256, device=config.device, num_workers=config.num_workers,
-                  cache_limit=config.cache_limit, stack=stack,
+                  cache_limit=config.cache_limit, stack=stack, cache_dir=out,
                   progress=lambda m: bar.advance(task, m))
         train = compute_features(ee, dataset, train_idx, **kw) if config.cache else \
             LiveFeatures(ee, dataset, train_idx, config.device)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .atomic import atomic_path
+from .atomic import CACHE_PREFIX, atomic_path
 from .data import ImageData, collate_skip, make_loader
 from .devices import check_device
 from .distributed import Shard, all_sum
@@ -176,10 +176,13 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], li
 
 
 def _storage(shape: tuple[int, ...], dtype: torch.dtype, on_disk: bool,
-             stack: contextlib.ExitStack) -> Tensor:
+             stack: contextlib.ExitStack, folder: str | os.PathLike | None = None) -> Tensor:
     if not on_disk:
         return torch.empty(shape, dtype=dtype)
-    fd, path = tempfile.mkstemp(prefix="pteenet-cache-", suffix=".bin")
+    if folder is not None:  # named with our pid: the folder's next writer removes it if we die
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    fd, path = tempfile.mkstemp(prefix=f"{CACHE_PREFIX}{os.getpid()}-", suffix=".bin",
+                                dir=folder)
     os.close(fd)
     stack.callback(lambda: os.path.exists(path) and os.unlink(path))
     numel = math.prod(shape)
@@ -189,11 +192,13 @@ def _storage(shape: tuple[int, ...], dtype: torch.dtype, on_disk: bool,
 def compute_features(model: EarlyExitModel, data: ImageData, indices: Sequence[int], *,
                      batch_size: int = 256, device: str = "cpu", num_workers: int = 0,
                      cache_limit: int = 4 << 30, progress: Callable[[int], None] | None = None,
-                     stack: contextlib.ExitStack | None = None) -> FeatureSet:
+                     stack: contextlib.ExitStack | None = None,
+                     cache_dir: str | os.PathLike | None = None) -> FeatureSet:
     """Run the frozen backbone once over ``indices`` and keep its features at every cut (fp16).
 
     Unreadable images are skipped and counted. Beyond ``cache_limit`` bytes the features go to a
-    memory-mapped temp file (removed when ``stack`` closes).
+    memory-mapped temp file in ``cache_dir`` (default: the system's temp folder), removed when
+    ``stack`` closes, or by the next writer of ``cache_dir`` after a kill.
     """
     loader = make_loader(data, batch_size=batch_size, indices=indices, num_workers=num_workers,
                          pin_memory=str(device).startswith("cuda"))
@@ -201,7 +206,8 @@ def compute_features(model: EarlyExitModel, data: ImageData, indices: Sequence[i
     shapes = [tuple(s) for s in _cut_shapes(model, data)]
     per_sample = sum(math.prod(s) for s in shapes) * 2
     on_disk = per_sample * n > cache_limit and stack is not None
-    store = [_storage((n, *s), torch.float16, on_disk, stack) for s in shapes]  # type: ignore[arg-type]
+    store = [_storage((n, *s), torch.float16, on_disk, stack, cache_dir)  # type: ignore[arg-type]
+             for s in shapes]
     final = torch.empty(n, model.num_classes)
     labels = torch.empty(n, dtype=torch.long)
     idx = torch.empty(n, dtype=torch.long)

@@ -4,6 +4,11 @@ Issue 6 ("Reliability and security"): a bundle that is missing, truncated, edite
 format, or whose checkpoint hash differs (unless ``--force``), and threshold tables that do not
 match the bundle or hold NaN or values outside [0, 1], each give one line on stderr (exit 3) and
 ``BundleError`` from Python; a refused bundle is left exactly as it was.
+
+Issue 13: a file edited behind bundle.json's back is refused as such; the edits below are
+resealed (bundle.json updated to match, see ``reseal``) so the checks behind the manifest are
+tested on their own. A bad threshold table is refused by every reader, but ``calibrate`` always
+replaces it.
 """
 
 from __future__ import annotations
@@ -23,7 +28,12 @@ from typer.testing import CliRunner
 import pteenet
 from pteenet.bundle import BRANCHES_FILE, THRESHOLDS_FILE
 from pteenet.errors import BundleError
-from tests._helpers import fails_cleanly, one_thread, shared_bundle  # noqa: F401  (autouse fixture)
+from tests._helpers import (  # noqa: F401  (one_thread: autouse fixture)
+    fails_cleanly,
+    one_thread,
+    reseal,
+    shared_bundle,
+)
 
 runner = CliRunner()
 FAST_BENCH = ["--latency-samples", "2", "--repeats", "1", "--batch-size", "16", "--quiet"]
@@ -86,6 +96,7 @@ def rewrite(bundle: Path, edit_meta: Callable[[dict], None] | None = None,
         edit_tensors(tensors)
     save_file(tensors, str(f), metadata={"pteenet": raw_meta if raw_meta is not None
                                          else json.dumps(meta)})
+    reseal(bundle)
 
 
 def edit_header(bundle: Path, edit: Callable[[dict], None]) -> None:
@@ -99,6 +110,7 @@ def edit_header(bundle: Path, edit: Callable[[dict], None]) -> None:
     new = json.dumps(header, separators=(",", ":")).encode()
     assert len(new) <= n
     f.write_bytes(raw[:8] + new.ljust(n) + raw[8 + n:])
+    reseal(bundle)
 
 
 def first_tensor(header: dict, ndim: int) -> str:
@@ -113,6 +125,22 @@ def write_table(bundle: Path, text: str | None = None, **fields) -> None:
         doc.update(fields)
         text = json.dumps(doc)  # json writes NaN and Infinity as bare words
     f.write_text(text)
+    reseal(bundle)
+
+
+def refused_by_readers_replaced_by_calibrate(bundle: Path, *words: str) -> str:
+    """``pteenet.load`` and ``bench`` refuse the table with one line holding ``words``;
+    ``calibrate`` replaces it (issue 13: it must always be able to), after which it loads."""
+    with pytest.raises(BundleError) as info:
+        pteenet.load(bundle)
+    line = fails_cleanly(invoke("bench", "-b", bundle, *FAST_BENCH), 3)
+    for word in words:
+        assert word in line, (word, line)
+    assert " ".join(str(info.value).split()) in line
+    result = invoke("calibrate", "-b", bundle, "-t", "0.5")
+    assert result.exit_code == 0, result.output
+    assert torch.equal(pteenet.load(bundle).thresholds, torch.full((2, 3), 0.5))
+    return line
 
 
 # --------------------------------------------------------------------------- the bundle file
@@ -138,6 +166,7 @@ def test_truncated_branches_file(bundle):
     f = bundle / BRANCHES_FILE
     raw = f.read_bytes()
     f.write_bytes(raw[: len(raw) // 2])
+    reseal(bundle)
     refused_everywhere(bundle, "not a readable bundle", "truncated")
     line = fails_cleanly(invoke("bench", "-b", bundle, *FAST_BENCH), 3)
     assert "not a readable bundle" in line
@@ -154,6 +183,7 @@ def test_header_bytes_flipped(bundle, how):
     else:
         raw[:8] = (0).to_bytes(8, "little")
     f.write_bytes(bytes(raw))
+    reseal(bundle)
     refused_everywhere(bundle, "not a readable bundle")
 
 
@@ -220,6 +250,7 @@ def test_metadata_not_json(bundle):
 
 def test_metadata_absent(bundle):
     save_file(load_file(str(bundle / BRANCHES_FILE)), str(bundle / BRANCHES_FILE))
+    reseal(bundle)
     refused_everywhere(bundle, "metadata")
 
 
@@ -306,26 +337,26 @@ def test_recorded_checkpoint_gone(bundle, tmp_path):
 ])
 def test_threshold_table_refused(bundle, name, fields, words):
     write_table(bundle, **fields)
-    line = refused_everywhere(bundle, *words)
+    line = refused_by_readers_replaced_by_calibrate(bundle, *words)
     assert THRESHOLDS_FILE in line
 
 
 @pytest.mark.parametrize("text", ["{not json", "", "\x00\xff garbage", "[0.5, 0.5]"])
 def test_threshold_file_not_json_or_not_an_object(bundle, text):
     write_table(bundle, text=text)
-    refused_everywhere(bundle, THRESHOLDS_FILE)
+    refused_by_readers_replaced_by_calibrate(bundle, THRESHOLDS_FILE)
 
 
 @pytest.mark.parametrize("rows", [[[0.5] * 3, [0.5]], [[0.5] * 3, [0.5] * 5]])
 def test_ragged_threshold_table(bundle, rows):
     write_table(bundle, thresholds=rows)
-    refused_everywhere(bundle, THRESHOLDS_FILE)
+    refused_by_readers_replaced_by_calibrate(bundle, THRESHOLDS_FILE)
 
 
 @pytest.mark.parametrize("fields", [{"params": "margin=0.1"}, {"summary": [1, 2]}])
 def test_threshold_side_fields_not_objects(bundle, fields):
     write_table(bundle, **fields)
-    refused_everywhere(bundle, THRESHOLDS_FILE)
+    refused_by_readers_replaced_by_calibrate(bundle, THRESHOLDS_FILE)
 
 
 def test_threshold_file_is_a_folder(bundle):

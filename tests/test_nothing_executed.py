@@ -10,6 +10,11 @@ Issue 6 ("Reliability and security"):
 * hypothesis fuzzing of the bundle readers: random bytes as ``branches.safetensors``, random
   JSON as its metadata and as ``thresholds.json`` -> ``read_info`` / ``read_thresholds``
   succeed or raise ``BundleError``, never anything else.
+
+Issue 13 adds the size-like header fields (``num_classes``, ``input_size``: bounded by the
+tensors present and the largest input pteenet builds, before anything is allocated) and the
+parser limits (JSON nested hundreds of thousands deep, integers of hundreds of digits) in the
+metadata and the threshold table.
 """
 
 from __future__ import annotations
@@ -27,10 +32,17 @@ from pteenet_cli.app import app
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from pteenet.bundle import BRANCHES_FILE, THRESHOLDS_FILE, BundleInfo, read_info, read_thresholds
+from pteenet.bundle import (
+    BRANCHES_FILE,
+    THRESHOLDS_FILE,
+    BundleInfo,
+    calibration_digest,
+    read_info,
+    read_thresholds,
+)
 from pteenet.cifar_resnet import cifar_resnet
 from pteenet.errors import BundleError
-from pteenet.preprocess import Preprocess
+from pteenet.preprocess import MAX_INPUT_SIDE, Preprocess
 from pteenet.retrofit import STATE_FILE
 from tests._helpers import write_images
 
@@ -196,7 +208,7 @@ def valid_meta() -> dict:
         module_cuts=False, branches=[{"type": "pool", "flops": 128, "channels": 16}] * 2,
         segment_flops=[100, 200, 300], classes=["a", "b", "c"],
         training={"epochs": 1, "losses": [1.0]}, data={"spec": "/nowhere", "num_samples": 9},
-        calibration_indices=[0, 1], extra={"calibration_sha256": "0" * 64},
+        calibration_indices=[0, 1], extra={"calibration_sha256": calibration_digest([0, 1])},
     )
     return info.to_meta()
 
@@ -210,6 +222,7 @@ def valid_table() -> dict:
 def write_bundle(folder: Path, meta: object = None, raw: str | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {"branches.0.classifier.weight": torch.zeros(3, 16),
+               "branches.1.classifier.weight": torch.zeros(3, 16),
                "calibration_indices": torch.tensor([0, 1])}
     text = raw if raw is not None else json.dumps(valid_meta() if meta is None else meta)
     save_file(tensors, str(folder / BRANCHES_FILE), metadata={"pteenet": text})
@@ -336,3 +349,62 @@ def test_valid_threshold_table_with_random_fields(valid, fuzz_dir, edits):
     f.write_text(json.dumps(doc))
     only_bundle_errors(read_thresholds, f, info)
 
+
+
+# Issue 13, item 4: size-like header fields are bounded by what is present before anything is
+# allocated from them (an edited num_classes of 1e8 once allocated 25 GB for the default table).
+
+huge_ints = st.integers(-2**70, 2**70) | st.sampled_from([10**8, 2**31, 2**63 - 1, 8192])
+
+
+@FUZZ
+@given(num_classes=huge_ints, side=huge_ints, other=st.integers(1, 64))
+def test_size_fields_are_bounded_before_allocation(valid, fuzz_dir, num_classes, side, other):
+    meta = valid_meta()
+    meta["backbone"]["num_classes"] = num_classes
+    meta["classes"] = None
+    meta["preprocess"]["input_size"] = [side, other]
+    info = only_bundle_errors(read_info, write_bundle(fuzz_dir / "sizes", meta))
+    if info is not None:  # only what the tensors and the input limit allow gets through
+        assert info.num_classes == 3 and 0 < side <= MAX_INPUT_SIDE
+        assert read_thresholds(fuzz_dir / "no-such-table.json", info).thresholds.shape == (2, 3)
+
+
+# Issue 13, item 5: every parser limit is a BundleError too (RecursionError and integer
+# conversion errors once escaped as internal errors). The number or the nesting is spliced
+# into otherwise valid text, so the parser meets it wherever a value may stand.
+
+BIG = '"@@big@@"'
+META_SPOTS = [("format_version",), ("backbone", "num_classes"), ("segment_flops",), ("data",),
+              ("preprocess", "input_size")]
+TABLE_SPOTS = [("thresholds", 0), ("format_version",), ("summary",), ("num_classes",)]
+
+
+def _splice(doc: dict, spot: tuple, filler: str) -> str:
+    _replace(doc, spot, "@@big@@")
+    return json.dumps(doc).replace(BIG, filler)
+
+
+fillers = st.one_of(
+    st.integers(20, 5000).map(lambda n: "9" * n),  # beyond int64; from 4301 Python refuses too
+    st.integers(20, 400).map(lambda n: "-1" + "0" * n),
+    st.integers(1000, 200_000).map(lambda d: "[" * d + "]" * d),
+    st.integers(1000, 200_000).map(lambda d: '{"a":' * d + "1" + "}" * d),
+)
+
+
+@FUZZ
+@given(spot=st.sampled_from(META_SPOTS), filler=fillers)
+def test_parser_limits_in_metadata(fuzz_dir, spot, filler):
+    folder = write_bundle(fuzz_dir / "limits-meta", raw=_splice(valid_meta(), spot, filler))
+    with pytest.raises(BundleError):
+        read_info(folder)
+
+
+@FUZZ
+@given(spot=st.sampled_from(TABLE_SPOTS), filler=fillers)
+def test_parser_limits_in_threshold_table(valid, fuzz_dir, spot, filler):
+    f = fuzz_dir / "limits-table.json"
+    f.write_text(_splice(valid_table(), spot, filler))
+    with pytest.raises(BundleError):
+        read_thresholds(f, valid[1])

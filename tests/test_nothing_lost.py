@@ -25,9 +25,9 @@ from typer.testing import CliRunner
 import pteenet
 import pteenet.atomic as atomic
 import pteenet.training as training
+from pteenet.atomic import LOCK_FILE, MANIFEST
 from pteenet.backbones import create_backbone
 from pteenet.bundle import (
-    BRANCHES_FILE,
     THRESHOLDS_FILE,
     ThresholdTable,
     save_bundle,
@@ -74,7 +74,8 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def temp_files(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+    """Temp, backup and not-yet-renamed files (pteenet.atomic's)."""
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith((".tmp", ".bak", ".new")))
 
 
 def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -119,15 +120,15 @@ def test_sigkill_mid_training_loses_nothing_and_resume_matches(material, old_bun
     saved = torch.load(state, map_location="cpu", weights_only=True)
     assert 0 <= saved["epoch"] < EPOCHS - 1  # really killed mid-training
 
-    # The earlier bundle is intact, byte for byte; the only new file is the training state.
-    # (Were the kill to land while the next epoch's state is being written, that state's temp
-    # file would remain too: nothing can clean up after SIGKILL. The poll above kills right
-    # after a save, an epoch before the next one, so this is rare; it is tolerated, nothing
-    # else is.)
+    # The earlier bundle is intact, byte for byte; the only new files are the training state
+    # and the killed writer's lock file (inert: the kernel released its lock). (Were the kill
+    # to land while the next epoch's state is being written, that state's temp file would
+    # remain too, until the next writer sweeps it. The poll above kills right after a save, an
+    # epoch before the next one, so this is rare; it is tolerated, nothing else is.)
     state_tmp = f".{STATE_FILE}."
     after = {k: v for k, v in snapshot(out).items() if not k.startswith(state_tmp)}
-    assert set(after) == set(before) | {STATE_FILE}, sorted(after)
-    assert {k: v for k, v in after.items() if k != STATE_FILE} == before
+    assert set(after) == set(before) | {STATE_FILE, LOCK_FILE}, sorted(after)
+    assert {k: v for k, v in after.items() if k not in (STATE_FILE, LOCK_FILE)} == before
     killed_tmp = [n for n in temp_files(out) if n.startswith(state_tmp)]
     assert temp_files(out) == killed_tmp
 
@@ -143,8 +144,8 @@ def test_sigkill_mid_training_loses_nothing_and_resume_matches(material, old_bun
     result = runner.invoke(app, _attach_args(data, ckpt, out))
     assert result.exit_code == 0, result.output
     assert starts == [saved["epoch"] + 1]
-    assert not state.exists() and temp_files(out) == killed_tmp
-    assert sorted(p.name for p in out.iterdir() if p.name not in killed_tmp) == sorted(before)
+    assert not state.exists() and temp_files(out) == []  # the resumed writer swept them
+    assert sorted(p.name for p in out.iterdir()) == sorted(before)
 
     # ... to exactly the branches of a run that was never interrupted.
     ref = tmp_path / "reference"
@@ -187,28 +188,34 @@ def new_model(old_bundle):
     return model
 
 
-def test_interrupt_while_writing_branches_keeps_the_old_bundle(old_bundle, new_model, tmp_path,
-                                                              monkeypatch):
+def test_interrupt_before_the_commit_keeps_the_old_bundle(old_bundle, new_model, tmp_path,
+                                                          monkeypatch):
     out = Path(shutil.copytree(old_bundle, tmp_path / "out"))
     before = snapshot(out)
     seen = _interrupt_nth_replace(monkeypatch, out, 1)
     with pytest.raises(KeyboardInterrupt):
         save_bundle(out, new_model, new_model.info)
-    assert seen == [BRANCHES_FILE]
+    assert seen == [MANIFEST]  # the commit point is the first rename into the folder
     assert snapshot(out) == before
     assert temp_files(out) == []
 
 
 @pytest.mark.parametrize("n", [2, 3])
-def test_interrupt_while_writing_the_table_keeps_the_old_bundle(old_bundle, new_model, tmp_path,
-                                                               monkeypatch, n):
+def test_interrupt_after_the_commit_gives_the_new_bundle(old_bundle, new_model, tmp_path,
+                                                         monkeypatch, n):
+    """Committed is committed: the renames still pending are read from their ``.new`` files
+    and finished by the next writer."""
     out = Path(shutil.copytree(old_bundle, tmp_path / "out"))
-    before = snapshot(out)
     _interrupt_nth_replace(monkeypatch, out, n)
     with pytest.raises(KeyboardInterrupt):
         save_bundle(out, new_model, new_model.info)
-    assert temp_files(out) == []
-    assert snapshot(out) == before
+    monkeypatch.undo()
+    assert temp_files(out)  # a rename was left undone ...
+    want = new_model.branches.state_dict()
+    assert same_weights(pteenet.load(out).branches.state_dict(), want)  # ... yet it is read
+    write_thresholds(out, ThresholdTable(torch.full((1, 3), 0.5)))  # the next writer
+    assert temp_files(out) == [] and LOCK_FILE not in snapshot(out)
+    assert same_weights(pteenet.load(out).branches.state_dict(), want)
 
 
 def test_ctrl_c_while_attach_saves_is_one_line_and_keeps_the_old_bundle(material, old_bundle,
