@@ -160,10 +160,16 @@ def _threshold_texts(table: ThresholdTable) -> tuple[str, str]:
 def write_thresholds(out: str | os.PathLike, table: ThresholdTable) -> None:
     """Replace ``thresholds.json`` and ``thresholds.csv`` as one commit, whatever the old
     table was (missing, corrupt, for another branch count): the branches stay as committed."""
+    _check_table_file(Path(out) / THRESHOLDS_FILE)
     csv_text, json_text = _threshold_texts(table)
     commit_files(out, {THRESHOLDS_CSV: lambda p: p.write_text(csv_text, encoding="utf-8"),
                        THRESHOLDS_FILE: lambda p: p.write_text(json_text, encoding="utf-8")},
                  MEMBERS)
+
+
+def _check_table_file(f: Path) -> None:
+    if f.exists() and not f.is_file():
+        raise BundleError(f"{f} is not a file; remove it and re-run `pteenet calibrate`")
 
 
 # -- reading ----------------------------------------------------------------------------------
@@ -238,20 +244,21 @@ class _Snapshot:
     table: bytes | None
 
 
-def _snapshot(path: str | os.PathLike) -> _Snapshot:
+def _snapshot(path: str | os.PathLike, table: bool = False) -> _Snapshot:
+    """The branches (and with ``table`` the threshold table) as committed, read once."""
     p = Path(path)
     folder, name = (p, BRANCHES_FILE) if p.is_dir() or not p.suffix else (p.parent, p.name)
-    f = folder / name
+    f, table_file = folder / name, folder / THRESHOLDS_FILE
     if f.exists() and not f.is_file():
         raise BundleError(f"{f} is not a file; run `pteenet attach` first")
+    table = table and name == BRANCHES_FILE
+    if table:
+        _check_table_file(table_file)
     files = read_manifest(folder) if name == BRANCHES_FILE else None
-    table_file = folder / THRESHOLDS_FILE
-    if name == BRANCHES_FILE and table_file.is_dir():
-        raise BundleError(f"{table_file} is not a file; remove it and re-run `pteenet calibrate`")
     try:
         raw = read_member(folder, name, files, "re-run `pteenet attach`")
-        table = read_member(folder, THRESHOLDS_FILE, files, "re-run `pteenet calibrate`") \
-            if name == BRANCHES_FILE else None
+        doc = read_member(folder, THRESHOLDS_FILE, files, "re-run `pteenet calibrate`") \
+            if table else None
     except OSError as e:
         raise BundleError(f"{f} is unreadable ({e.strerror or e})") from e
     if raw is None:
@@ -266,7 +273,7 @@ def _snapshot(path: str | os.PathLike) -> _Snapshot:
         raise BundleError(f"{f} is not a readable bundle (truncated or edited?): "
                           f"{_show(first)}") from e
     meta = header.get("__metadata__") if isinstance(header, dict) else None
-    return _Snapshot(folder, str(f), meta if isinstance(meta, dict) else {}, tensors, table)
+    return _Snapshot(folder, str(f), meta if isinstance(meta, dict) else {}, tensors, doc)
 
 
 def _preprocess(d: dict, where: str) -> Preprocess:
@@ -369,10 +376,9 @@ def read_thresholds(path: str | os.PathLike, info: BundleInfo) -> ThresholdTable
     ``path`` is the bundle folder (the table as committed) or a thresholds file."""
     p = Path(path)
     f = p / THRESHOLDS_FILE if p.is_dir() else p
-    if f.exists() and not f.is_file():
-        raise BundleError(f"{f} is not a file; remove it and re-run `pteenet calibrate`")
+    _check_table_file(f)
     if p.is_dir():
-        data = _snapshot(p).table
+        data = _snapshot(p, table=True).table
     else:
         try:
             data = f.read_bytes() if f.is_file() else None
@@ -448,9 +454,9 @@ def load(path: str | os.PathLike = "pteenet-out", *, checkpoint: str | os.PathLi
     Everything comes from one committed generation of the bundle. ``thresholds=False`` skips
     the stored table (the default 0.5 is used): what calibrate needs to replace a table that
     is missing, corrupt or for another bundle."""
-    snap = _snapshot(path)
+    snap = _snapshot(path, table=thresholds)
     info = _info(snap)
-    table = _table(snap.table if thresholds else None, str(info.path / THRESHOLDS_FILE), info)
+    table = _table(snap.table, str(info.path / THRESHOLDS_FILE), info)
     backbone = load_backbone(info, checkpoint, force)
     try:
         trace = trace_backbone(backbone.model, info.preprocess.input_size,

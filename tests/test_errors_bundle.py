@@ -373,3 +373,105 @@ def test_a_missing_threshold_table_is_not_an_error(bundle):
     result = invoke("calibrate", "-b", bundle, "-t", "0.5")
     assert result.exit_code == 0, result.output
     assert json.loads((bundle / THRESHOLDS_FILE).read_text())["method"] == "global"
+
+
+# --------------------------------------------------------------------------- issue 13
+
+
+def test_a_file_edited_behind_the_manifest_is_refused(bundle):
+    f = bundle / BRANCHES_FILE
+    raw = bytearray(f.read_bytes())
+    raw[-1] ^= 0x01  # one weight's last byte: still a well-formed safetensors file
+    f.write_bytes(bytes(raw))
+    refused_everywhere(bundle, "branches.safetensors has changed since pteenet wrote it",
+                       "bundle.json", "pteenet attach")
+
+
+def test_a_table_edited_behind_the_manifest_is_refused_and_replaced(bundle):
+    doc = json.loads((bundle / THRESHOLDS_FILE).read_text())
+    doc["thresholds"][0][0] = 0.1  # a valid table, but not the one committed
+    (bundle / THRESHOLDS_FILE).write_text(json.dumps(doc))
+    refused_by_readers_replaced_by_calibrate(bundle, "has changed since pteenet wrote it")
+
+
+@pytest.mark.parametrize(("name", "edit", "words"), [
+    ("num-classes-1e8", lambda m: m["backbone"].update(num_classes=10**8) or
+     m.update(classes=None), ["num_classes 100000000", "classifiers for 3"]),
+    ("input-size-8192", lambda m: m["preprocess"].update(input_size=[8192, 8192]),
+     ["input size", "1..2048"]),
+])
+def test_size_fields_are_bounded_before_allocating(bundle, name, edit, words):
+    """Item 4: without a thresholds file, num_classes 1e8 once allocated 25 GB for the default
+    table; an 8192x8192 input size 4 GB for tracing. Both are refused first."""
+    (bundle / THRESHOLDS_FILE).unlink()
+    rewrite(bundle, edit)
+    refused_everywhere(bundle, *words)
+
+
+@pytest.mark.parametrize(("name", "raw", "words"), [
+    ("nested-200000-deep", '{"format_version": ' + "[" * 200_000 + "]" * 200_000 + "}",
+     ["metadata is nested too deeply"]),
+    ("integer-of-401-digits", '{"format_version": ' + "9" * 401 + "}",
+     ["metadata holds an integer of 401 digits"]),
+])
+def test_parser_limits_in_metadata_are_bundle_errors(bundle, name, raw, words):
+    """Item 5: RecursionError and integer conversion errors once escaped as internal errors."""
+    rewrite(bundle, raw_meta=raw)
+    line = refused_everywhere(bundle, *words)
+    assert len(line) < 400  # the number is not echoed
+
+
+@pytest.mark.parametrize(("name", "text", "words"), [
+    ("nested-200000-deep", '{"thresholds": ' + "[" * 200_000 + "]" * 200_000 + "}",
+     ["nested too deeply"]),
+    ("integer-of-401-digits", '{"thresholds": [[1' + "0" * 400 + ", 0, 0], [0, 0, 0]]}",
+     ["integer of 401 digits"]),
+])
+def test_parser_limits_in_the_table_are_bundle_errors(bundle, name, text, words):
+    write_table(bundle, text=text)
+    line = refused_by_readers_replaced_by_calibrate(bundle, THRESHOLDS_FILE, *words)
+    assert len(line) < 400
+
+
+@pytest.mark.parametrize(("value", "shown"), [(float("inf"), "found inf"), (-1, "found -1"),
+                                              (2, "found 2"), (float("nan"), "NaN")])
+def test_out_of_range_thresholds_are_named_as_they_are(bundle, value, shown):
+    """Item 9: inf, -1 and 2 were all reported as "NaN is refused"."""
+    write_table(bundle, thresholds=[[0.5, value, 0.5], [0.5] * 3])
+    line = refused_by_readers_replaced_by_calibrate(bundle, "[0, 1]", shown)
+    assert ("NaN" in line) == (shown == "NaN")
+
+
+def test_a_huge_value_is_not_echoed_in_full(bundle):
+    write_table(bundle, score="x" * 100_000)
+    line = refused_by_readers_replaced_by_calibrate(bundle, "unknown score")
+    assert len(line) < 400
+
+
+def test_relabelled_calibration_indices_are_refused(bundle):
+    """Item 7: the recorded SHA-256 is checked; relabelled indices once made calibrate use
+    image 0 over and over."""
+    def relabel(tensors):
+        tensors["calibration_indices"] = torch.zeros_like(tensors["calibration_indices"])
+
+    rewrite(bundle, edit_tensors=relabel)
+    refused_everywhere(bundle, "calibration_indices is malformed")
+    rewrite(bundle, edit_tensors=lambda t: t.update(calibration_indices=torch.tensor([0, 1])))
+    refused_everywhere(bundle, "calibration indices do not match their recorded SHA-256")
+
+
+def test_calibration_indices_retyped_in_the_header_are_refused(bundle):
+    def to_f64(h):
+        h["calibration_indices"]["dtype"] = "F64"
+
+    edit_header(bundle, to_f64)
+    refused_everywhere(bundle, "calibration_indices is malformed")
+
+
+def test_a_bundle_without_the_checkpoint_hash_needs_force(bundle):
+    """Item 7: a missing checkpoint_sha256 once skipped the check silently."""
+    rewrite(bundle, lambda m: m["backbone"].pop("checkpoint_sha256"))
+    refused_everywhere(bundle, "records no SHA-256", "--force")
+    result = invoke("calibrate", "-b", bundle, "-t", "0.5", "--force")
+    assert result.exit_code == 0, result.output
+    assert pteenet.load(bundle, force=True).num_branches == 2
