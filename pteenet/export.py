@@ -15,7 +15,9 @@ Folder layout (``<bundle>/export-<format>`` by default)::
 
 Every graph has a dynamic batch dimension, and each is checked after writing by running it on a
 batch size other than the one it was traced with, so a graph that silently fixed the batch size
-is refused here rather than in deployment. Every file is written atomically; the manifest last.
+is refused here rather than in deployment. Every file is written atomically, the manifest last
+with each graph's SHA-256, so a cascade whose export was interrupted is refused by the runtime
+rather than run with old and new graphs mixed; the folder's writer lock keeps two exports apart.
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ import torch
 from torch import nn
 
 from . import __version__
-from .atomic import atomic_path, write_text
+from .atomic import atomic_path, write_text, writer_lock
+from .backbones import sha256_file
 from .bundle import load, read_info
-from .errors import OptionError
+from .errors import BundleError, OptionError
 
 __all__ = ["FORMATS", "MANIFEST", "MANIFEST_VERSION", "export", "manifest_for"]
 
@@ -78,7 +81,18 @@ def export(
     folder = Path(out) if out is not None else info.path / f"export-{format}"
     if folder.exists() and not folder.is_dir():
         raise OptionError(f"--out {folder} is a file; give a folder")
-    model = load(bundle, checkpoint=checkpoint, force=force).eval()
+    with writer_lock(folder, create=True):  # also the writability check, before any work
+        model = load(bundle, checkpoint=checkpoint, force=force).eval()
+        files = _write_graphs(model, folder, format, opset)
+        manifest = manifest_for(model, format, files)
+        manifest["sha256"] = {f: sha256_file(folder / f)
+                              for group in files.values() for f in group}
+        write_text(folder / MANIFEST, json.dumps(manifest, indent=1))
+    return folder
+
+
+def _write_graphs(model: Any, folder: Path, format: str, opset: int) -> dict[str, list[str]]:
+    """Each segment and branch as its own graph file; returns their names by group."""
     graphs = {"segment": list(model.segments),
               "branch": [ScoredBranch(b, model.score).eval() for b in model.branches]}
     traced, checked = _example_inputs(model, TRACE_BATCH), _example_inputs(model, CHECK_BATCH)
@@ -89,8 +103,7 @@ def export(
             _write_graph(module, traced[kind][k], checked[kind][k], folder / name, format,
                          opset, f"{kind} {k}")
             files[group].append(name)
-    write_text(folder / MANIFEST, json.dumps(manifest_for(model, format, files), indent=1))
-    return folder
+    return files
 
 
 def manifest_for(model: Any, format: str, files: dict[str, list[str]]) -> dict[str, Any]:
@@ -151,6 +164,9 @@ def _write_graph(module: nn.Module, example: torch.Tensor, check: torch.Tensor, 
             _verify(module, check, tmp, format, what)
     except OptionError:
         raise
+    except OSError as e:  # the folder, not the format: another --format would not help
+        raise BundleError(f"cannot write {path} ({e.strerror or e}); check the folder's "
+                          f"permissions and free space") from e
     except Exception as e:  # exporters raise many types; the user needs one line and a way out
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         other = "torchscript" if format == "onnx" else "onnx"

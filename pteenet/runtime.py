@@ -17,10 +17,13 @@ segment k and branch k, a sample predicted ``c`` leaves when its score is at lea
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import math
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +46,9 @@ __all__ = ["MANIFEST", "Cascade", "CascadeResult"]
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 INSTALL_HINT = "pip install pteenet[onnx]"
+_MAX_DIGITS = 19  # longer integers are refused while parsing (no count of ours needs more)
+_MAX_COUNT = 1 << 20  # branches or classes: beyond it the manifest is edited, not exported
+_MAX_SIDE = 2048  # pteenet.preprocess.MAX_INPUT_SIDE (this module must run alone)
 
 Graph = Callable[[np.ndarray], tuple[np.ndarray, ...]]
 
@@ -172,45 +178,89 @@ def _rgb(item: Any, image_module: Any) -> Any:
 
 
 # -- manifest ---------------------------------------------------------------------------------
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > _MAX_DIGITS:
+        raise ValueError(f"an integer of {len(text)} digits")
+    return int(text)
+
+
 def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
-    """Read and check an exported folder's manifest (one clear line on anything wrong)."""
+    """Read and check an exported folder's manifest (one clear line on anything wrong).
+
+    Nothing in it is trusted: graph files must be plain names inside the folder (no ``..``,
+    no absolute paths, no links out) whose SHA-256 matches the manifest's, thresholds must lie
+    in [0, 1] or be null, and every count and FLOP figure must be a sane number."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise BundleError(f"no exported cascade at {folder} ({MANIFEST} missing); "
                           f"run `pteenet export` first")
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(f"{path} is not valid JSON; run `pteenet export` again") from e
+        doc = json.loads(path.read_bytes(), parse_int=_bounded_int)
+    except (OSError, ValueError, RecursionError) as e:
+        raise BundleError(f"{path} is not valid JSON ({type(e).__name__}); run `pteenet export` "
+                          f"again") from None
     _check_manifest(doc, path)
     for f in doc["files"]["segments"] + doc["files"]["branches"]:
-        if not (path.parent / f).is_file():
-            raise BundleError(f"{path.parent / f} is missing; run `pteenet export` again")
+        _check_file(path.parent, f, doc.get("sha256"), path)
     return doc
 
 
+def _number(v: Any, low: float = 0.0, high: float = math.inf) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and low <= v <= high and \
+        math.isfinite(v)
+
+
 def _check_manifest(doc: Any, path: Path) -> None:
-    bad = f"{path} is malformed; run `pteenet export` again"
+    bad = f"{path} is malformed (edited?); run `pteenet export` again"
     if not isinstance(doc, dict):
         raise BundleError(bad)
     version = doc.get("format_version")
     if isinstance(version, int) and version > MANIFEST_VERSION:
-        raise BundleError(f"{path} has format version {version}, newer than this runtime "
-                          f"understands ({MANIFEST_VERSION}); upgrade pteenet")
+        raise BundleError(f"{path} has format version {str(version)[:20]}, newer than this "
+                          f"runtime understands ({MANIFEST_VERSION}); upgrade pteenet")
     if doc.get("format") not in ("onnx", "torchscript"):
-        raise BundleError(f"{path}: unknown format {doc.get('format')!r}")
+        raise BundleError(f"{path}: unknown format {str(doc.get('format'))[:40]!r}")
     try:
-        b, files = int(doc["num_branches"]), doc["files"]
-        ok = (len(files["segments"]) == b + 1 and len(files["branches"]) == b
+        b, k, files = doc["num_branches"], doc["num_classes"], doc["files"]
+        ok = (_number(b, 1, _MAX_COUNT) and _number(k, 1, _MAX_COUNT)
+              and isinstance(b, int) and isinstance(k, int)
+              and len(files["segments"]) == b + 1 and len(files["branches"]) == b
               and len(doc["thresholds"]) == b and len(doc["segment_flops"]) == b + 1
               and len(doc["branch_flops"]) == b and len(doc["input_size"]) == 2
-              and all(len(r) == int(doc["num_classes"]) for r in doc["thresholds"])
-              and all(v is None or isinstance(v, (int, float)) and not isinstance(v, bool)
-                      for r in doc["thresholds"] for v in r))
+              and all(isinstance(v, int) and _number(v, 1, _MAX_SIDE) for v in doc["input_size"])
+              and all(_number(v) for v in doc["segment_flops"] + doc["branch_flops"])
+              and all(isinstance(r, list) and len(r) == k for r in doc["thresholds"]))
     except (KeyError, TypeError, ValueError) as e:
         raise BundleError(bad) from e
     if not ok:
         raise BundleError(bad)
+    if not all(v is None or _number(v, 0, 1) for r in doc["thresholds"] for v in r):
+        raise BundleError(f"{path}: thresholds must be numbers in [0, 1] or null (never); "
+                          f"run `pteenet export` again")
+
+
+def _check_file(folder: Path, name: Any, hashes: Any, manifest: Path) -> None:
+    """A graph file: a plain name inside ``folder``, present, and as exported."""
+    plain = isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and \
+        "\\" not in name and "\x00" not in name
+    if not plain or (folder / name).resolve().parent != folder.resolve():
+        raise BundleError(f"{manifest} names a graph outside its folder "
+                          f"({str(name)[:60]!r}); refused")
+    f = folder / name
+    if not f.is_file():
+        raise BundleError(f"{f} is missing; run `pteenet export` again")
+    want = hashes.get(name) if isinstance(hashes, dict) else None
+    if hashes is not None and (not isinstance(want, str) or _sha256(f) != want):
+        raise BundleError(f"{f} does not match {MANIFEST} (changed, or an export was "
+                          f"interrupted); run `pteenet export` again")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _exit_flops(manifest: dict[str, Any]) -> np.ndarray:
@@ -221,6 +271,19 @@ def _exit_flops(manifest: dict[str, Any]) -> np.ndarray:
 
 
 # -- graph loaders ----------------------------------------------------------------------------
+@contextlib.contextmanager
+def _graph_errors(path: Path, what: str) -> Iterator[None]:
+    """onnxruntime and torch raise many types; the caller gets one BundleError line."""
+    try:
+        yield
+    except BundleError:
+        raise
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise BundleError(f"cannot {what} graph {path} ({type(e).__name__}: {first}); run "
+                          f"`pteenet export` again") from e
+
+
 def _onnx_loader(providers: Sequence[str] | None) -> Callable[[Path], Graph]:
     try:
         import onnxruntime as ort
@@ -229,9 +292,15 @@ def _onnx_loader(providers: Sequence[str] | None) -> Callable[[Path], Graph]:
     chosen = list(providers) if providers else ["CPUExecutionProvider"]
 
     def load(path: Path) -> Graph:
-        sess = ort.InferenceSession(str(path), providers=chosen)
-        name = sess.get_inputs()[0].name
-        return lambda x: tuple(sess.run(None, {name: x}))
+        with _graph_errors(path, "load"):
+            sess = ort.InferenceSession(str(path), providers=chosen)
+            name = sess.get_inputs()[0].name
+
+        def run(x: np.ndarray) -> tuple[np.ndarray, ...]:
+            with _graph_errors(path, "run"):
+                return tuple(sess.run(None, {name: x}))
+
+        return run
 
     return load
 
@@ -243,14 +312,14 @@ def _torchscript_loader() -> Callable[[Path], Graph]:
         raise OptionError("running a TorchScript export needs torch: pip install torch") from e
 
     def load(path: Path) -> Graph:
-        with warnings.catch_warnings():  # torch >= 2.10 flags TorchScript as deprecated
-            warnings.simplefilter("ignore", FutureWarning)
-            module = torch.jit.load(str(path), map_location="cpu").eval()
+        with warnings.catch_warnings(), _graph_errors(path, "load"):
+            warnings.simplefilter("ignore", FutureWarning)  # torch >= 2.10: TorchScript
+            module = torch.jit.load(str(path), map_location="cpu").eval()  # is deprecated
 
         def run(x: np.ndarray) -> tuple[np.ndarray, ...]:
             if not x.flags.writeable:  # torch.from_numpy warns on read-only arrays
                 x = x.copy()
-            with torch.inference_mode():
+            with torch.inference_mode(), _graph_errors(path, "run"):
                 out = module(torch.from_numpy(x))
             outs = out if isinstance(out, tuple) else (out,)
             return tuple(o.contiguous().numpy() for o in outs)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -191,3 +193,81 @@ def test_runtime_errors_are_clear(tmp_path, monkeypatch, onnx_export):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(OptionError, match=r"pteenet\[onnx\]"):
         Cascade.open(onnx_export)
+
+
+# --------------------------------------------------------------------------- issue 13, item 8
+
+
+@pytest.fixture
+def spoilable(onnx_export, tmp_path) -> Path:
+    """A private copy of the ONNX export, to spoil."""
+    return Path(shutil.copytree(onnx_export, tmp_path / "export"))
+
+
+def edit_manifest(folder: Path, edit=None, text: str | None = None) -> None:
+    doc = json.loads((folder / MANIFEST).read_text())
+    if edit is not None:
+        edit(doc)
+    (folder / MANIFEST).write_text(text if text is not None else json.dumps(doc))
+
+
+def _set(path: tuple, value):
+    def edit(doc):
+        *parents, last = path
+        for key in parents:
+            doc = doc[key]
+        doc[last] = value
+    return edit
+
+
+@pytest.mark.parametrize(("name", "edit", "words"), [
+    ("parent-path", _set(("files", "segments", 0), "../segment_0.onnx"), "outside its folder"),
+    ("absolute-path", _set(("files", "branches", 0), "/etc/hostname"), "outside its folder"),
+    ("folder-itself", _set(("files", "branches", 1), "."), "outside its folder"),
+    ("not-a-name", _set(("files", "branches", 0), 7), "outside its folder"),
+    ("nan-threshold", _set(("thresholds", 0, 0), float("nan")), r"\[0, 1\]"),
+    ("inf-threshold", _set(("thresholds", 0, 0), float("inf")), r"\[0, 1\]"),
+    ("threshold-above-one", _set(("thresholds", 1, 2), 2), r"\[0, 1\]"),
+    ("negative-threshold", _set(("thresholds", 1, 2), -1), r"\[0, 1\]"),
+    ("huge-class-count", _set(("num_classes",), 10**12), "malformed"),
+    ("huge-input-size", _set(("input_size",), [8192, 8192]), "malformed"),
+    ("negative-flops", _set(("segment_flops", 0), -5), "malformed"),
+])
+def test_the_manifest_is_not_trusted(spoilable, name, edit, words):
+    edit_manifest(spoilable, edit)
+    with pytest.raises(BundleError, match=words):
+        Cascade.open(spoilable)
+
+
+@pytest.mark.parametrize("text", ['{"format": "onnx", "x": ' + "[" * 200_000 + "]" * 200_000
+                                  + "}", '{"num_branches": 1' + "0" * 400 + "}"])
+def test_parser_limits_in_the_manifest(spoilable, text):
+    edit_manifest(spoilable, text=text)
+    with pytest.raises(BundleError, match="not valid JSON"):
+        Cascade.open(spoilable)
+
+
+def test_a_graph_linked_from_outside_the_folder_is_refused(spoilable, tmp_path):
+    outside = tmp_path / "elsewhere.onnx"
+    shutil.copy(spoilable / "branch_0.onnx", outside)
+    (spoilable / "branch_0.onnx").unlink()
+    (spoilable / "branch_0.onnx").symlink_to(outside)
+    with pytest.raises(BundleError, match="outside its folder"):
+        Cascade.open(spoilable)
+
+
+def test_a_graph_changed_after_export_is_refused(spoilable):
+    """What an export killed between its graphs and its manifest leaves, too."""
+    with open(spoilable / "segment_1.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(BundleError, match="does not match manifest.json"):
+        Cascade.open(spoilable)
+
+
+def test_an_unloadable_graph_is_a_bundle_error(spoilable):
+    """onnxruntime's own exceptions never reach the caller."""
+    (spoilable / "branch_1.onnx").write_bytes(b"not an onnx graph")
+    edit_manifest(spoilable, lambda d: d["sha256"].update(
+        {"branch_1.onnx": hashlib.sha256(b"not an onnx graph").hexdigest()}))
+    with pytest.raises(BundleError, match="cannot load graph .*branch_1.onnx"):
+        Cascade.open(spoilable)
