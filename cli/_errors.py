@@ -32,6 +32,9 @@ ERROR_TABLE: dict[type[PteenetError], tuple[str, int]] = {
 }
 
 
+MAX_LINE = 600  # characters of a message shown; the rest is cut
+
+
 def describe(exc: BaseException) -> tuple[str, int]:
     """Return the one line to print and the exit code for ``exc``."""
     if isinstance(exc, KeyboardInterrupt):
@@ -45,6 +48,15 @@ def describe(exc: BaseException) -> tuple[str, int]:
             f"(run again with --debug for the traceback and please report it)"), 1
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
+def describe_usage(exc: Exception) -> str:
+    """A click/typer usage error (bad or missing option or argument) as our one line."""
+    ctx = getattr(exc, "ctx", None)
+    where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+    text = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+    return f"error (bad option): {_one_line(text)}{where}"
+
+
+def _one_line(exc: BaseException | str) -> str:
+    """One line, and a short one: an edited file may hold megabytes where a name should be."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= MAX_LINE else text[:MAX_LINE] + "..."

@@ -10,17 +10,19 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from ._errors import describe
+from ._errors import describe, describe_usage
 from ._output import unwrap_help
 
 
-def _typer_exceptions() -> list[type]:
+def _typer_exceptions(names: tuple[str, ...] = ("Exit", "Abort", "ClickException", "UsageError",
+                                                "BadParameter")) -> list[type]:
     """typer >= 0.16 vendors click: its exit/usage exceptions are separate classes."""
     import typer.core
 
-    names = ("Exit", "Abort", "ClickException", "UsageError", "BadParameter")
     found = []
-    for mod in (typer.core, getattr(typer.core, "click", None), getattr(typer, "_click", None)):
+    vendored = getattr(typer, "_click", None)
+    for mod in (typer.core, getattr(typer.core, "click", None), vendored,
+                getattr(vendored, "exceptions", None)):
         for n in names:
             obj = getattr(mod, n, None) if mod else None
             if isinstance(obj, type) and issubclass(obj, BaseException):
@@ -28,18 +30,37 @@ def _typer_exceptions() -> list[type]:
     return found
 
 
-# Usage errors, --help exits and aborts are click's (and typer's own copies of them) to handle.
+# --help exits and aborts are click's (and typer's own copies of them) to handle; usage errors
+# become our one line (typer would draw a box around them).
 _PASS_THROUGH = tuple({click.exceptions.Exit, click.ClickException, click.exceptions.Abort,
                        typer.Exit, typer.Abort, *_typer_exceptions()})
+_USAGE = tuple(e for e in _PASS_THROUGH if e.__name__ in ("UsageError", "BadParameter"))
+_HELP = tuple({click.exceptions.NoArgsIsHelpError, *_typer_exceptions(("NoArgsIsHelpError",))})
+_EXIT = getattr(typer.core, "Exit", click.exceptions.Exit)  # what typer's main turns into a code
 
 
 class _Group(TyperGroup):
     """Overrides ``invoke`` so every library error ends as one line on stderr and an exit code
     (the traceback only with ``--debug``)."""
 
+    def make_context(self, info_name, args, parent=None, **extra):
+        """Usage errors before any command runs (``pteenet --bogus``): one line too."""
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except _USAGE as exc:
+            if isinstance(exc, _HELP):
+                raise
+            click.echo(describe_usage(exc), err=True)
+            raise _EXIT(exc.exit_code) from None
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except _USAGE as exc:
+            if isinstance(exc, _HELP):
+                raise
+            click.echo(describe_usage(exc), err=True)
+            ctx.exit(exc.exit_code)
         except _PASS_THROUGH:
             raise
         except (Exception, KeyboardInterrupt) as exc:

@@ -190,3 +190,6 @@ def test_plain_pickle_payload_refusal_is_still_one_line(tmp_path):
     assert not marker.exists(), "the pickle's payload ran"
     assert result.exit_code == 3
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    # issue 13, item 9: pteenet's refusal, not torch's advice to load it with weights_only=False
+    assert "was refused" in result.stderr and "run code" in result.stderr
+    assert "Re-running" not in result.stderr and "False" not in result.stderr

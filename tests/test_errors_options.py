@@ -179,3 +179,28 @@ def test_attach_out_is_a_file(shared, tmp_path):
     line = fails_cleanly(result)
     assert "--out" in line and str(out) in line
     assert out.read_text() == "keep me"
+
+
+# --------------------------------------------------------------------------- usage errors
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["attach"], ["Missing argument", "pteenet attach --help"]),
+    (["calibrate", "--margin", "abc"], ["--margin", "pteenet calibrate --help"]),
+    (["bench", "--bogus"], ["--bogus"]),
+    (["--bogus"], ["--bogus", "pteenet --help"]),
+    (["nosuch"], ["nosuch"]),
+])
+def test_usage_errors_are_one_line_like_ours(args, words):
+    """Issue 13, item 9: typer drew a multi-line box around usage errors."""
+    line = fails_cleanly(runner.invoke(app, args), 2)
+    assert line.startswith("error (bad option):")
+    for word in words:
+        assert word in line, (word, line)
+
+
+def test_help_is_still_help():
+    result = runner.invoke(app, ["calibrate", "--help"])
+    assert result.exit_code == 0 and "--threshold" in result.stdout
+    result = runner.invoke(app, [])
+    assert "Usage" in result.output and "error (" not in result.output
