@@ -39,6 +39,8 @@ from pteenet.bundle import (
     MEMBERS,
     THRESHOLDS_FILE,
     ThresholdTable,
+    read_info,
+    read_thresholds,
     save_bundle,
     write_thresholds,
 )
@@ -167,6 +169,8 @@ def test_kill_at_every_step_of_a_table_write(new, tmp_path):
             pass
         assert leftovers(out) == [], (step, leftovers(out))
         assert files_of(out)[BRANCHES_FILE] == files_of(ref)[BRANCHES_FILE]
+        info = read_info(out)  # the sweep kept the generation that was read
+        assert torch.equal(read_thresholds(out, info).thresholds, torch.full((2, 3), want))
 
 
 def test_calibrate_killed_after_its_commit_then_calibrate_again(new, tmp_path):

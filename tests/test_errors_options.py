@@ -204,3 +204,10 @@ def test_help_is_still_help():
     assert result.exit_code == 0 and "--threshold" in result.stdout
     result = runner.invoke(app, [])
     assert "Usage" in result.output and "error (" not in result.output
+
+
+def test_input_size_beyond_the_limit_is_refused():
+    """Issue 13, item 4: the limit a bundle's recorded input size is held to applies here too,
+    so attach cannot write a bundle that load would refuse."""
+    line = fails_cleanly(runner.invoke(app, ["inspect", "resnet20", "--input-size", "4096"]), 2)
+    assert "--input-size 4096" in line and "2048" in line
