@@ -57,6 +57,8 @@ def describe_usage(exc: Exception) -> str:
 
 
 def _one_line(exc: BaseException | str) -> str:
-    """One line, and a short one: an edited file may hold megabytes where a name should be."""
+    """One line, and a short one: an edited file may hold megabytes where a name should be.
+    The middle is cut, so the fix at the end of a message survives."""
     text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= MAX_LINE else text[:MAX_LINE] + "..."
+    half = MAX_LINE // 2
+    return text if len(text) <= MAX_LINE else f"{text[:half]} ... {text[-half:]}"
