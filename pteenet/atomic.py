@@ -5,16 +5,18 @@
 * :func:`commit_files`: a group of files that belong together (a bundle's branches and its
   threshold table). Renaming several files is several steps, and a kill between two renames
   would pair new with old, so the group gets **one commit point**: every new file is first
-  written beside its target as ``.<name>.new``, then the manifest ``bundle.json`` (each member's
-  SHA-256 and size) is renamed into place -- that rename is the commit -- and only then are the
-  ``.new`` files renamed over the targets. Readers (:func:`read_member`) take each member from
-  whichever of ``<name>`` and ``.<name>.new`` matches the manifest, so after a kill at any step
-  they see exactly the old group (not yet committed) or exactly the new one (committed, renames
-  still pending); the next writer finishes or discards what a killed one left.
+  written beside its target as ``.<name>.pteenet-new``, then the manifest ``bundle.json`` (each
+  member's SHA-256 and size) is renamed into place -- that rename is the commit -- and only then
+  are the pending files renamed over the targets. Readers (:func:`read_member`) take each
+  member from whichever of ``<name>`` and its pending file matches the manifest, so after a
+  kill at any step they see exactly the old group (not yet committed) or exactly the new one
+  (committed, renames still pending); the next writer finishes or discards what a killed one
+  left.
 * :func:`writer_lock`: one writer per folder. An exclusive ``fcntl.flock`` on ``.pteenet.lock``
   (holding the pid, so a second writer can say who holds it), re-entrant within a process. It is
   also the writability check, made before any work, and where leftovers of killed writers (temp
-  files, uncommitted ``.new`` files, feature caches of dead processes) are swept.
+  files, uncommitted pending files, feature caches of dead processes) are swept. Every such
+  name is pteenet's own, so a sweep never touches a user's file in a shared ``--out``.
 
 ``$PTEENET_PAUSE_DIR`` is the fault-injection hook (:func:`pause_point`): with it set, a writer
 announces every step there and waits, so a test can kill it at exactly that step.
@@ -44,11 +46,13 @@ __all__ = [
     "MANIFEST",
     "MANIFEST_VERSION",
     "PAUSE_ENV",
+    "PENDING_SUFFIX",
     "atomic_path",
     "commit_files",
     "pause_point",
     "read_manifest",
     "read_member",
+    "recover",
     "write_text",
     "writer_lock",
     "writes_into",
@@ -59,7 +63,12 @@ MANIFEST_VERSION = 1
 LOCK_FILE = ".pteenet.lock"
 CACHE_PREFIX = ".pteenet-cache-"
 PAUSE_ENV = "PTEENET_PAUSE_DIR"
-_TEMP = re.compile(r"^\..+\.[a-z0-9_]{8}\.(tmp|bak)$")  # what _temp_beside names
+PENDING_SUFFIX = ".pteenet-new"
+_TEMP = re.compile(r"^\..+\.pteenet-[a-z0-9_]{8}\.tmp$")  # what _temp_beside names
+# Temp and backup files of pteenet versions before bundle.json, named only by their target:
+# swept for these targets alone.
+_LEGACY_TEMP = re.compile(r"^\.(branches\.safetensors|thresholds\.json|thresholds\.csv|"
+                          r"\.attach-state\.pt|bench\.json)\.[a-z0-9_]{8}\.(tmp|bak)$")
 _CACHE = re.compile(rf"^{re.escape(CACHE_PREFIX)}(\d+)-.*\.bin$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _held: dict[Path, int] = {}  # folders whose lock this process holds, with the nesting depth
@@ -76,7 +85,8 @@ def _umask() -> int:
 
 def _temp_beside(target: Path, suffix: str = ".tmp") -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.pteenet-", suffix=suffix,
+                               dir=target.parent)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; written files follow the umask
     return Path(tmp)
@@ -235,7 +245,7 @@ def writes_into(param: str, *, create: bool = False,
 
 # -- groups of files with one commit point ----------------------------------------------------
 def _pending(folder: Path, name: str) -> Path:
-    return folder / f".{name}.new"
+    return folder / f".{name}{PENDING_SUFFIX}"
 
 
 def _entry(path: Path) -> dict[str, Any]:
@@ -288,7 +298,7 @@ def read_member(folder: str | os.PathLike, name: str, files: Mapping[str, Any] |
     """The bytes of member ``name`` as committed, or None when the group has no such file.
 
     With a manifest the bytes must match it: taken from ``name`` or, when a writer was killed
-    after its commit but before its renames, from ``.name.new``. A file that matches neither
+    after its commit but before its renames, from its pending file. A file that matches neither
     was changed after it was written: :class:`BundleError` naming it and ``fix``.
     """
     folder = Path(folder)
@@ -360,7 +370,7 @@ def _base_entries(folder: Path, keep: Sequence[str]) -> dict[str, dict[str, Any]
 def recover(folder: str | os.PathLike) -> None:
     """Finish or discard what killed writers left in ``folder`` (call holding its lock).
 
-    A ``.name.new`` the manifest has committed is renamed into place; any other is removed, as
+    A pending file the manifest has committed is renamed into place; any other is removed, as
     are temp files and the feature caches of processes that no longer run.
     """
     folder = Path(folder)
@@ -370,21 +380,22 @@ def recover(folder: str | os.PathLike) -> None:
         files = None  # a damaged manifest: leave its pending files for the user to inspect
     for path in folder.iterdir():
         name = path.name
-        if name.startswith(".") and name.endswith(".new") and len(name) > 5:
-            if files is not None and not _roll_forward(folder, name[1:-4], files):
+        if name.startswith(".") and name.endswith(PENDING_SUFFIX):
+            member = name[1:-len(PENDING_SUFFIX)]
+            if files is not None and not _roll_forward(folder, member, files):
                 path.unlink(missing_ok=True)
-        elif _TEMP.match(name) or _dead_cache(name):
+        elif _TEMP.match(name) or _LEGACY_TEMP.match(name) or _dead_cache(name):
             path.unlink(missing_ok=True)
     _fsync(folder)
 
 
 def _roll_forward(folder: Path, member: str, files: Mapping[str, Any]) -> bool:
-    """Rename a committed ``.member.new`` into place; False when it was never committed."""
+    """Rename a committed pending file into place; False when it was never committed."""
     entry = files.get(member)
     if entry is None or _matches(_pending(folder, member), entry) is None:
         return False
     if _matches(folder / member, entry) is not None:
-        return False  # already in place: the .new is a leftover
+        return False  # already in place: the pending file is a leftover
     os.replace(_pending(folder, member), folder / member)
     return True
 

@@ -7,7 +7,7 @@ nothing left behind.
 * a second writer (attach, calibrate, export, bench, the Python API) is refused with one line
   naming the holder's pid;
 * read-only folders are refused before any work, in one line, exit 3;
-* temp files, uncommitted ``.new`` files and feature caches of killed runs are swept by the
+* temp files, uncommitted pending files and feature caches of killed runs are swept by the
   next writer; the feature cache lives in the out folder, not in ``$TMPDIR``.
 """
 
@@ -33,7 +33,14 @@ import pteenet
 import pteenet.calibration
 import pteenet.export
 import pteenet.retrofit
-from pteenet.atomic import CACHE_PREFIX, LOCK_FILE, MANIFEST, PAUSE_ENV, writer_lock
+from pteenet.atomic import (
+    CACHE_PREFIX,
+    LOCK_FILE,
+    MANIFEST,
+    PAUSE_ENV,
+    PENDING_SUFFIX,
+    writer_lock,
+)
 from pteenet.bundle import (
     BRANCHES_FILE,
     MEMBERS,
@@ -128,7 +135,7 @@ def kill_at(step: int, write: Callable[[], None], pause: Path) -> list[str]:
 
 
 def leftovers(folder: Path) -> list[str]:
-    return sorted(n for n in files_of(folder) if n.endswith((".tmp", ".bak", ".new"))
+    return sorted(n for n in files_of(folder) if n.endswith((".tmp", ".bak", PENDING_SUFFIX))
                   or n in (LOCK_FILE,) or n.startswith(CACHE_PREFIX))
 
 
@@ -198,7 +205,7 @@ def test_calibrate_killed_after_its_commit_then_calibrate_again(new, tmp_path):
             proc.kill()
             proc.wait()
         proc.stderr.close()
-    assert (out / f".{THRESHOLDS_FILE}.new").exists()  # killed before its renames
+    assert (out / f".{THRESHOLDS_FILE}{PENDING_SUFFIX}").exists()  # killed before its renames
     assert torch.equal(pteenet.load(out).thresholds, torch.full((2, 3), 0.6))
     result = runner.invoke(app, ["calibrate", "-b", str(out), "-t", "0.4"])
     assert result.exit_code == 0, result.output
@@ -330,9 +337,11 @@ def test_the_next_writer_sweeps_what_killed_ones_left(shared, tmp_path):
     out = Path(shutil.copytree(shared[2], tmp_path / "out"))
     before = files_of(out)
     dead = _dead_pid()
-    junk = [".thresholds.json.abcd1234.tmp", ".branches.safetensors.q1w2e3r4.bak",
-            f".{BRANCHES_FILE}.new", f"{CACHE_PREFIX}{dead}-x1y2z3.bin"]
-    kept = [f"{CACHE_PREFIX}{os.getpid()}-alive.bin", "notes.tmp", "my.bak"]
+    junk = [".thresholds.json.pteenet-abcd1234.tmp", f".{BRANCHES_FILE}{PENDING_SUFFIX}",
+            ".branches.safetensors.q1w2e3r4.bak",  # as pteenet before bundle.json left them
+            f"{CACHE_PREFIX}{dead}-x1y2z3.bin"]
+    kept = [f"{CACHE_PREFIX}{os.getpid()}-alive.bin", "notes.tmp", "my.bak",  # the user's
+            ".notes.txt.abcd1234.tmp", ".config.new"]
     for name in junk + kept:
         (out / name).write_bytes(b"x" * 10)
     with writer_lock(out):

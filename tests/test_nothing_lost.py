@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 import pteenet
 import pteenet.atomic as atomic
 import pteenet.training as training
-from pteenet.atomic import LOCK_FILE, MANIFEST
+from pteenet.atomic import LOCK_FILE, MANIFEST, PENDING_SUFFIX
 from pteenet.backbones import create_backbone
 from pteenet.bundle import (
     THRESHOLDS_FILE,
@@ -75,7 +75,8 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 def temp_files(folder: Path) -> list[str]:
     """Temp, backup and not-yet-renamed files (pteenet.atomic's)."""
-    return sorted(p.name for p in folder.iterdir() if p.name.endswith((".tmp", ".bak", ".new")))
+    ends = (".tmp", ".bak", PENDING_SUFFIX)
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(ends))
 
 
 def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -203,7 +204,7 @@ def test_interrupt_before_the_commit_keeps_the_old_bundle(old_bundle, new_model,
 @pytest.mark.parametrize("n", [2, 3])
 def test_interrupt_after_the_commit_gives_the_new_bundle(old_bundle, new_model, tmp_path,
                                                          monkeypatch, n):
-    """Committed is committed: the renames still pending are read from their ``.new`` files
+    """Committed is committed: the renames still pending are read from their pending files
     and finished by the next writer."""
     out = Path(shutil.copytree(old_bundle, tmp_path / "out"))
     _interrupt_nth_replace(monkeypatch, out, n)
