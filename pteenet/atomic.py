@@ -334,7 +334,6 @@ def commit_files(folder: str | os.PathLike, writers: Mapping[str, Callable[[Path
                                   f"run again")
         files = _base_entries(folder, [m for m in members if m not in writers])
         pending = [_pending(folder, name) for name in writers]
-        committed = False
         try:
             pause_point("start")
             for (name, write), path in zip(writers.items(), pending):
@@ -347,17 +346,25 @@ def commit_files(folder: str | os.PathLike, writers: Mapping[str, Callable[[Path
                 tmp.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
                 pause_point(f"wrote-{MANIFEST}")
             _fsync(folder)
-            committed = True
             pause_point("committed")
             for name, path in zip(writers, pending):
                 os.replace(path, folder / name)
                 pause_point(f"renamed-{name}")
             _fsync(folder)
-        except BaseException:
-            if not committed:
+        except BaseException as e:
+            if not _committed(folder, files):  # asked of the disk: the rename is the commit
                 for path in pending:
                     path.unlink(missing_ok=True)
+            if isinstance(e, OSError):  # a full disk, a folder turned read-only meanwhile
+                raise _unwritable(folder, e) from e
             raise
+
+
+def _committed(folder: Path, files: Mapping[str, Any]) -> bool:
+    try:
+        return read_manifest(folder) == files
+    except BundleError:
+        return False
 
 
 def _base_entries(folder: Path, keep: Sequence[str]) -> dict[str, dict[str, Any]]:

@@ -14,6 +14,7 @@ nothing left behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -39,6 +40,7 @@ from pteenet.atomic import (
     MANIFEST,
     PAUSE_ENV,
     PENDING_SUFFIX,
+    commit_files,
     writer_lock,
 )
 from pteenet.bundle import (
@@ -384,3 +386,17 @@ def test_feature_cache_of_a_killed_attach_is_in_out_and_swept(shared, tmp_path):
     with writer_lock(out):
         pass
     assert leftovers(out) == []
+
+
+def test_a_write_error_is_one_line_and_leaves_the_old_bundle(new, tmp_path):
+    """A full disk while the new files are written: BundleError, nothing half-written left."""
+    out = Path(shutil.copytree(new[1], tmp_path / "out"))
+    before = files_of(out)
+
+    def disk_full(path: Path) -> None:
+        path.write_bytes(b"half a table")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(BundleError, match="cannot write into .*No space left on device"):
+        commit_files(out, {THRESHOLDS_FILE: disk_full}, MEMBERS)
+    assert files_of(out) == before
