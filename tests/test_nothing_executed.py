@@ -22,6 +22,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,7 @@ from pteenet_cli.app import app
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
+from pteenet.atomic import MANIFEST
 from pteenet.bundle import (
     BRANCHES_FILE,
     THRESHOLDS_FILE,
@@ -410,3 +412,17 @@ def test_parser_limits_in_threshold_table(valid, fuzz_dir, spot, filler):
     f.write_text(_splice(valid_table(), spot, filler))
     with pytest.raises(BundleError):
         read_thresholds(f, valid[1])
+
+
+@FUZZ
+@given(doc=json_values, depth=st.sampled_from([0, 0, 0, 100_000]))
+def test_random_json_as_the_bundle_manifest(valid, fuzz_dir, doc, depth):
+    """bundle.json (issue 13) is read before anything else: random JSON there, or JSON nested
+    100,000 deep, is a BundleError or, when it names no file, harmless."""
+    folder = fuzz_dir / "manifest"
+    if not folder.exists():
+        shutil.copytree(valid[0], folder)
+    text = "[" * depth + "]" * depth if depth else json.dumps(doc)
+    (folder / MANIFEST).write_text(text)
+    only_bundle_errors(read_info, folder)
+    only_bundle_errors(read_thresholds, folder, valid[1])
