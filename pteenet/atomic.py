@@ -368,6 +368,10 @@ def _committed(folder: Path, files: Mapping[str, Any]) -> bool:
 
 
 def _base_entries(folder: Path, keep: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The committed entries of the members not rewritten (none: a damaged manifest is no
+    obstacle to replacing the whole group)."""
+    if not keep:
+        return {}
     files = read_manifest(folder)
     if files is not None:
         return {name: dict(files[name]) for name in keep if name in files}

@@ -400,3 +400,15 @@ def test_a_write_error_is_one_line_and_leaves_the_old_bundle(new, tmp_path):
     with pytest.raises(BundleError, match="cannot write into .*No space left on device"):
         commit_files(out, {THRESHOLDS_FILE: disk_full}, MEMBERS)
     assert files_of(out) == before
+
+
+def test_a_damaged_manifest_is_refused_and_a_new_bundle_replaces_it(new, tmp_path):
+    model, ref = new
+    out = Path(shutil.copytree(ref, tmp_path / "out"))
+    (out / MANIFEST).write_text('{"format_version": 1, "files": "edited"}')
+    with pytest.raises(BundleError, match="bundle.json is malformed"):
+        pteenet.load(out)
+    with pytest.raises(BundleError, match="bundle.json is malformed"):  # the branches are
+        write_thresholds(out, ThresholdTable(torch.full((2, 3), 0.5)))  # unverifiable
+    save_bundle(out, model, model.info)  # what attach does: the whole bundle anew
+    assert members(out) == members(ref) and leftovers(out) == []
