@@ -35,13 +35,14 @@ def _typer_exceptions(names: tuple[str, ...] = ("Exit", "Abort", "ClickException
 _PASS_THROUGH = tuple({click.exceptions.Exit, click.ClickException, click.exceptions.Abort,
                        typer.Exit, typer.Abort, *_typer_exceptions()})
 _USAGE = tuple(e for e in _PASS_THROUGH if e.__name__ in ("UsageError", "BadParameter"))
-_HELP = tuple({click.exceptions.NoArgsIsHelpError, *_typer_exceptions(("NoArgsIsHelpError",))})
+_HELP = tuple(e for e in {getattr(click.exceptions, "NoArgsIsHelpError", None),  # click >= 8.2
+                          *_typer_exceptions(("NoArgsIsHelpError",))} if e is not None)
 _EXIT = getattr(typer.core, "Exit", click.exceptions.Exit)  # what typer's main turns into a code
 
 
 class _Group(TyperGroup):
-    """Overrides ``invoke`` so every library error ends as one line on stderr and an exit code
-    (the traceback only with ``--debug``)."""
+    """Overrides ``invoke`` (and ``make_context``, for usage errors) so every library or usage
+    error ends as one line on stderr and an exit code (the traceback only with ``--debug``)."""
 
     def make_context(self, info_name, args, parent=None, **extra):
         """Usage errors before any command runs (``pteenet --bogus``): one line too."""
