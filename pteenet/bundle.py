@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .atomic import atomic_paths
 from .backbones import Backbone, create_backbone
-from .early_exit import EarlyExitModel, build_early_exit
+from .early_exit import SCORES, EarlyExitModel, build_early_exit
 from .errors import BundleError, PteenetError
 from .preprocess import Preprocess
 from .thresholds import as_table
@@ -45,7 +45,7 @@ __all__ = [
     "write_thresholds",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: branches reduce their map first (pooled grid); 1 is refused
 BRANCHES_FILE = "branches.safetensors"
 THRESHOLDS_FILE = "thresholds.json"
 THRESHOLDS_CSV = "thresholds.csv"
@@ -92,21 +92,24 @@ class ThresholdTable:
     """Per branch and class exit thresholds (inf = never), how they were chosen, and a summary."""
 
     thresholds: torch.Tensor
-    score: str = "head"
+    score: str = "softmax"
     method: str = "global"
     params: dict[str, Any] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
+    gamma: list[float] | None = None  # the gate score's per-exit powers (inf = exit off)
 
 
 # -- writing ----------------------------------------------------------------------------------
-def save_bundle(out: str | os.PathLike, model: EarlyExitModel, info: BundleInfo) -> Path:
-    """Write ``branches.safetensors`` and a default threshold table as one atomic group."""
+def save_bundle(out: str | os.PathLike, model: EarlyExitModel, info: BundleInfo,
+                table: ThresholdTable | None = None) -> Path:
+    """Write ``branches.safetensors`` and the threshold table (default: the model's own) as one
+    atomic group."""
     out = Path(out)
     tensors = {f"branches.{k}": v.detach().cpu().contiguous()
                for k, v in model.branches.state_dict().items()}
     tensors["calibration_indices"] = torch.tensor(info.calibration_indices, dtype=torch.int64)
     meta = {_META_KEY: json.dumps(info.to_meta(), sort_keys=True)}
-    csv_text, json_text = _threshold_texts(ThresholdTable(model.thresholds, model.score))
+    csv_text, json_text = _threshold_texts(table or ThresholdTable(model.thresholds, model.score))
     with atomic_paths([out / BRANCHES_FILE, out / THRESHOLDS_CSV, out / THRESHOLDS_FILE]) as tmp:
         save_file(tensors, str(tmp[0]), metadata=meta)
         tmp[1].write_text(csv_text, encoding="utf-8")
@@ -125,6 +128,8 @@ def _threshold_texts(table: ThresholdTable) -> tuple[str, str]:
     doc = {"format_version": FORMAT_VERSION, "num_branches": int(t.shape[0]),
            "num_classes": int(t.shape[1]), "score": table.score, "method": table.method,
            "params": table.params, "thresholds": _json_thresholds(t), "summary": table.summary}
+    if table.gamma is not None:
+        doc["gamma"] = _json_thresholds(torch.tensor([table.gamma], dtype=torch.float64))[0]
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["branch", "class", "threshold"])
@@ -199,6 +204,9 @@ def read_info(path: str | os.PathLike) -> BundleInfo:
     if version > FORMAT_VERSION:
         raise BundleError(f"{where} has format version {version}, newer than this pteenet "
                           f"understands ({FORMAT_VERSION}); upgrade pteenet")
+    if version < FORMAT_VERSION:
+        raise BundleError(f"{where} has format version {version}, from a pteenet whose branches "
+                          f"read whole feature maps; re-run `pteenet attach`")
     backbone = _need(meta, "backbone", dict, where)
     for key, kind in (("name", str), ("source", str), ("num_classes", int)):
         _need(backbone, key, kind, where)
@@ -234,8 +242,9 @@ def read_thresholds(path: str | os.PathLike, info: BundleInfo) -> ThresholdTable
     f = Path(path) / THRESHOLDS_FILE if Path(path).is_dir() else Path(path)
     if f.exists() and not f.is_file():
         raise BundleError(f"{f} is not a file; remove it and re-run `pteenet calibrate`")
-    if not f.is_file():
-        return ThresholdTable(as_table(0.5, info.num_branches, info.num_classes))
+    if not f.is_file():  # never calibrated: every exit off, the model is the backbone
+        return ThresholdTable(as_table(None, info.num_branches, info.num_classes),
+                              method="none")
     try:
         doc = json.loads(f.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -256,14 +265,30 @@ def read_thresholds(path: str | os.PathLike, info: BundleInfo) -> ThresholdTable
     if any(math.isnan(v) or not 0 <= v <= 1 for v in flat):
         raise BundleError(f"{f}: thresholds must lie in [0, 1] (null = never); NaN is refused")
     score = doc.get("score", "head")
-    if score not in ("head", "softmax"):
+    if score not in SCORES:
         raise BundleError(f"{f}: unknown score '{score}'")
+    gamma = _gamma(doc.get("gamma"), info.num_branches, score, f)
     for key in ("params", "summary"):
         if doc.get(key) is not None and not isinstance(doc[key], dict):
             raise BundleError(f"{f}: field '{key}' is malformed; re-run `pteenet calibrate`")
     return ThresholdTable(as_table(rows, info.num_branches, info.num_classes), score,
                           str(doc.get("method", "global")), dict(doc.get("params") or {}),
-                          dict(doc.get("summary") or {}))
+                          dict(doc.get("summary") or {}), gamma)
+
+
+def _gamma(raw: Any, b: int, score: str, f: Path) -> list[float] | None:
+    """The gate's powers: ``b`` numbers >= 0 or null (inf: off); required for the gate score."""
+    if raw is None:
+        if score == "gate":
+            raise BundleError(f"{f}: the gate score needs 'gamma'; re-run `pteenet calibrate`")
+        return None
+    ok = isinstance(raw, list) and len(raw) == b and all(
+        v is None or isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1e6
+        for v in raw)
+    if not ok:
+        raise BundleError(f"{f}: 'gamma' must hold {b} numbers >= 0 or null; re-run "
+                          f"`pteenet calibrate`")
+    return [math.inf if v is None else float(v) for v in raw]
 
 
 def load_backbone(info: BundleInfo, checkpoint: str | os.PathLike | None = None,
@@ -298,8 +323,10 @@ def load(path: str | os.PathLike = "pteenet-out", *, checkpoint: str | os.PathLi
         trace = trace_backbone(backbone.model, info.preprocess.input_size,
                                cuts=info.cuts if info.module_cuts else None, with_thop=False)
         model = build_early_exit(trace, info.cuts, info.num_classes,
-                                 [b["type"] for b in info.branches],
-                                 thresholds=table.thresholds, score=table.score)
+                                 [b["type"] for b in info.branches], budget=None,
+                                 widths=[b.get("width") for b in info.branches],
+                                 thresholds=table.thresholds, score=table.score,
+                                 gamma=table.gamma)
     except (PteenetError, RuntimeError) as e:
         raise BundleError(f"{info.path}: cannot rebuild the model ({e})") from e
     try:

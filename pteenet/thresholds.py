@@ -44,6 +44,7 @@ __all__ = [
     "cascade_predictions",
     "class_precision",
     "cpm_thresholds",
+    "drop_losses",
     "exit_index",
     "global_candidates",
     "hoeffding_bentkus_ucb",
@@ -427,6 +428,29 @@ def losses_for(
     _check_vector(labels, pred.shape[0], "labels")
     labels = labels.long().to(pred.device)
     return ((pred != labels) & (final == labels)).float()
+
+
+def drop_losses(
+    scores: Tensor,
+    preds: Tensor,
+    final_pred: Tensor,
+    thr: Tensor,
+    labels: Tensor | None = None,
+) -> Tensor:
+    """Per-sample [0, 1] loss whose mean bounds the accuracy drop, for risk control.
+
+    With labels: ``(1[cascade wrong] - 1[backbone wrong] + 1) / 2``, in {0, 1/2, 1}; its mean is
+    ``(drop + 1) / 2``, so a bound on it is a bound on the drop itself, and samples where the
+    exit fixes the backbone count in the cascade's favour (unlike :func:`losses_for`). Without
+    labels: ``1[cascade pred != backbone pred]``, the disagreement.
+    """
+    pred, _ = cascade_predictions(scores, preds, final_pred, thr)
+    final = final_pred.long().to(pred.device)
+    if labels is None:
+        return (pred != final).float()
+    _check_vector(labels, pred.shape[0], "labels")
+    labels = labels.long().to(pred.device)
+    return ((pred != labels).float() - (final != labels).float() + 1) / 2
 
 
 def risk_control(

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import pteenet
-from pteenet.bundle import BRANCHES_FILE, THRESHOLDS_FILE
+from pteenet.bundle import BRANCHES_FILE, FORMAT_VERSION, THRESHOLDS_FILE
 from pteenet.errors import BundleError
 from tests._helpers import fails_cleanly, one_thread, shared_bundle  # noqa: F401  (autouse fixture)
 
@@ -226,7 +226,7 @@ def test_metadata_absent(bundle):
 def test_newer_format_version(bundle):
     rewrite(bundle, lambda m: m.update(format_version=99))
     line = refused_everywhere(bundle, "format version 99", "upgrade pteenet")
-    assert "(1)" in line  # what this pteenet understands
+    assert f"({FORMAT_VERSION})" in line  # what this pteenet understands
     line = fails_cleanly(invoke("bench", "-b", bundle, *FAST_BENCH), 3)
     assert "upgrade pteenet" in line
 
