@@ -1,11 +1,11 @@
-"""How long attach takes on 2 CPU cores, with and without the feature cache (not run in CI).
+"""How long the default attach takes on 2 CPU cores (not run in CI).
 
-On the shared ResNet-44 and CIFAR-10 ``train/`` JPEGs: the one backbone pass that fills the cache,
-one training epoch from the cache, one epoch without it (features recomputed per batch), and the
-whole ``attach`` (5 conv2 branches, pareto placement). ``--max-samples`` trades fidelity for time;
-per-image rates are printed so the full 50,000-image figures can be extrapolated honestly.
+On the shared ResNet-44 and a seeded 45,000-image subset of CIFAR-10 ``train/`` JPEGs: the whole
+``pteenet.attach`` with every default (the backbone pass that fills the feature cache, training,
+the first calibration, the bundle write), and separately the backbone's own forward pass over the
+same images, so the cache pass can be judged against the backbone's speed.
 
-    python benchmarks/attach_time.py --max-samples 10000 --epochs 10
+    python benchmarks/attach_time.py
 
 writes ``benchmarks/results/attach-time.json``.
 """
@@ -24,12 +24,8 @@ from pathlib import Path
 import torch
 
 from pteenet.backbones import create_backbone
-from pteenet.data import open_data
-from pteenet.early_exit import build_early_exit
-from pteenet.placement import choose_cuts
+from pteenet.data import make_loader, open_data
 from pteenet.retrofit import attach
-from pteenet.tracing import trace_backbone
-from pteenet.training import LiveFeatures, TrainConfig, compute_features, train_branches
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 CKPT = SHARED / "weights" / "cifar-resnet" / "resnet44-014dd654.th"
@@ -41,13 +37,15 @@ def timed(fn):
     return out, time.perf_counter() - t
 
 
+@torch.inference_mode()
+def backbone_pass(bb, data, idx: list[int]) -> None:
+    for batch in make_loader(data, batch_size=256, indices=idx):
+        bb.model(batch.images)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--max-samples", type=int, default=50000)
-    ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--branch", default="conv2")
-    ap.add_argument("--branches", type=int, default=5)
-    ap.add_argument("--no-cache-samples", type=int, default=2000)
+    ap.add_argument("--max-samples", type=int, default=45000)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "attach-time.json"))
     args = ap.parse_args()
     if not SHARED.is_dir():
@@ -56,30 +54,18 @@ def main() -> None:
         with tarfile.open(SHARED / "data" / "cifar10-jpeg" / "train.tar.gz") as tf:
             tf.extractall(tmp, filter="data")
         bb = create_backbone("resnet44", checkpoint=CKPT)
-        trace = trace_backbone(bb.model, (32, 32))
-        cuts = choose_cuts(trace, args.branches, "pareto")
-        model = build_early_exit(trace, cuts, 10, args.branch)
         data = open_data(tmp, bb.preprocess)
         idx = list(range(min(args.max_samples, len(data))))
-        feats, t_feat = timed(lambda: compute_features(model, data, idx))
-        one = TrainConfig(epochs=1)
-        _, t_epoch = timed(lambda: train_branches(model, feats, feats, one))
-        live_idx = idx[:args.no_cache_samples]
-        live = LiveFeatures(model, data, live_idx)
-        _, t_live = timed(lambda: train_branches(model, live, feats, one))
+        _, t_backbone = timed(lambda: backbone_pass(bb, data, idx))
         res, t_attach = timed(lambda: attach(
-            "resnet44", tmp, backbone=bb, branches=args.branches, branch=args.branch,
-            out=Path(tmp) / "bundle", max_samples=args.max_samples, progress=False,
-            config=TrainConfig(epochs=args.epochs)))
-    n = len(idx)
+            "resnet44", tmp, backbone=bb, out=Path(tmp) / "bundle",
+            max_samples=args.max_samples, progress=False))
     report = {
-        "samples": n, "epochs": args.epochs, "branch": args.branch, "branches": args.branches,
-        "cpu_threads": torch.get_num_threads(), "load_average": os.getloadavg()[0],
-        "feature_pass_s": t_feat, "epoch_cached_s": t_epoch,
-        "epoch_no_cache_s_per_1k": 1000 * t_live / len(live_idx),
-        "epoch_cached_s_per_1k": 1000 * t_epoch / n, "attach_s": t_attach,
-        "attach_s_extrapolated_50k": t_attach * 50000 / n,
-        "held_out_agreement": res.report.agreement,
+        "samples": len(idx), "branches": len(res.info.cuts), "branch": res.info.branches[0]["type"],
+        "epochs": res.info.training["epochs"], "cpu_threads": torch.get_num_threads(),
+        "load_average": os.getloadavg()[0], "attach_s": t_attach,
+        "backbone_forward_s": t_backbone, "held_out_agreement": res.report.agreement,
+        "command": "python benchmarks/attach_time.py " + " ".join(sys.argv[1:]),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))

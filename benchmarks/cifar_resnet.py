@@ -1,15 +1,21 @@
-"""Benchmark suite on the real pretrained CIFAR ResNets in ../shared (not run in CI).
+"""Benchmark on the real pretrained CIFAR ResNets in ../shared (not run in CI).
 
-Branches are trained on ``train/`` with the backbone's pseudo-labels, calibrated on a held-out part
-of ``train/``, and scored on ``test/``. The backbone's features are computed once per backbone at
-the union of every configuration's cuts, so each configuration costs only its branch training.
+For each backbone, in one run:
 
-For every configuration and calibration family (global T, CPM margins, risk control) the operating
-point is chosen on the held-out split for accuracy drops of 0.5, 1 and 2 points (against the
-held-out labels) and then scored on ``test/``. The best configuration at <= 1 point is timed for
-real (backbone and early-exit model interleaved, same process).
+* ``default`` -- ``pteenet.attach(model, data)`` with every default (what the README tells a user
+  to run), timed end to end; then ``pteenet.calibrate`` at 0.5, 1 and 2 points of allowed drop,
+  certified (``risk``) at 1 point, and CPM at its default margin; each table scored on ``test/``
+  by ``pteenet.bench`` (the real early-exit model, every evaluated branch counted). The default
+  table is also benched with ``--threshold 0.5`` and timed against the backbone.
+* ``sdn-baseline`` -- the SDN recipe (Kaya et al. 2019) on the same cuts: ``sdn`` branches
+  trained on the labels, one global softmax threshold chosen on the held-out split for each
+  drop; and the same branches under pteenet's default calibration, to separate what the
+  branches and the calibration each bring.
 
-    python benchmarks/cifar_resnet.py --models resnet44 --max-train 20000 --epochs 8
+Branches train on ``train/`` (a seeded 45,000-image subset, 10 % of it held out for
+calibration); nothing is chosen on ``test/``, which is only scored.
+
+    python benchmarks/cifar_resnet.py --models resnet20 resnet32 resnet44
 
 writes ``benchmarks/results/cifar-resnet.md`` and ``.json``.
 """
@@ -17,7 +23,6 @@ writes ``benchmarks/results/cifar-resnet.md`` and ``.json``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import tarfile
@@ -27,57 +32,14 @@ from pathlib import Path
 
 import torch
 
-from pteenet.backbones import create_backbone
-from pteenet.benchmarking import wall_clock
-from pteenet.calibration import DEFAULT_MARGIN
-from pteenet.data import make_loader, open_data
-from pteenet.early_exit import build_early_exit
-from pteenet.placement import choose_cuts
-from pteenet.thresholds import (
-    as_table,
-    class_precision,
-    cpm_thresholds,
-    global_candidates,
-    losses_for,
-    risk_control,
-    scaled_candidates,
-    summarize,
-)
-from pteenet.tracing import trace_backbone
-from pteenet.training import (
-    FeatureSet,
-    TrainConfig,
-    branch_scores,
-    compute_features,
-    split_indices,
-    train_branches,
-)
+import pteenet
+from pteenet.calibration import collect
+from pteenet.thresholds import as_table, summarize
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 CHECKPOINTS = {"resnet20": "resnet20-12fca82f.th", "resnet32": "resnet32-d509ac18.th",
                "resnet44": "resnet44-014dd654.th"}
 DROPS = (0.005, 0.01, 0.02)
-SDN_AT = (0.15, 0.3, 0.45, 0.6, 0.75, 0.9)
-
-# (name, mode, branch type, placement, n, target, score)
-CONFIGS = [
-    ("joint-sdn-at6", None, "sdn", SDN_AT, 6, "hard", "head"),
-    ("boosted-sdn-at6", "hard", "sdn", SDN_AT, 6, "hard", "head"),
-    ("joint-sdn-linear4", None, "sdn", "linear", 4, "hard", "head"),
-    ("boosted-sdn-linear4", "hard", "sdn", "linear", 4, "hard", "head"),
-    ("joint-sdn-quadratic4", None, "sdn", "quadratic", 4, "hard", "head"),
-    ("joint-conv2-linear4", None, "conv2", "linear", 4, "hard", "head"),
-    ("joint-conv2-pareto4", None, "conv2", "pareto", 4, "hard", "head"),
-    ("boosted-conv2-linear4", "hard", "conv2", "linear", 4, "hard", "head"),
-    ("joint-conv1d-linear4", None, "conv1d", "linear", 4, "hard", "head"),
-    ("boosted-conv1d-golden3", "hard", "conv1d", "golden", 3, "hard", "head"),
-    ("joint-conv2-fine4", None, "conv2", "fine", 4, "hard", "head"),
-    ("joint-sdn-at6-softmax", None, "sdn", SDN_AT, 6, "hard", "softmax"),
-    ("joint-sdn-at6-head", None, "sdn", SDN_AT, 6, "hard", "head"),
-    ("joint-sdn-at6-soft-softmax", None, "sdn", SDN_AT, 6, "soft", "softmax"),
-    ("boosted-sdn-at6-softmax", "hard", "sdn", SDN_AT, 6, "hard", "softmax"),
-    ("sdn-baseline", None, "sdn", SDN_AT, 6, "labels", "softmax"),
-]
 
 
 def extract(tmp: Path) -> Path:
@@ -87,185 +49,122 @@ def extract(tmp: Path) -> Path:
     return tmp
 
 
-def cuts_of(trace, cfg) -> list[str]:
-    placement, n = cfg[3], cfg[4]
-    if isinstance(placement, tuple):
-        return choose_cuts(trace, at=placement)
-    return choose_cuts(trace, n, placement)
+def scored(bundle: Path, root: Path, args, timed: bool = False, **kw) -> dict:
+    """bench on test/: quality always, wall clock only when ``timed``."""
+    r = pteenet.bench(bundle, data=root, split="test", out_json=False, batch_size=256,
+                      latency_samples=args.latency_samples if timed else 0,
+                      repeats=args.repeats if timed else 1, **kw)
+    ee, bb = r["early_exit"], r["backbone"]
+    row = {"top1": ee["top1"], "backbone_top1": bb["top1"], "drop": bb["top1"] - ee["top1"],
+           "relative_flops": ee["relative_flops"], "oracle_flops": r["oracle"]["relative_flops"],
+           "exit_shares": [e["share"] for e in ee["exits"]],
+           "active_exits": sum(1 for e in ee["exits"][:-1] if e["on"])}
+    if timed:
+        row["timing"] = {"latency": r["timing"]["latency"],
+                         "throughput": r["timing"]["throughput"],
+                         "speedup": r["speedup"], "threads": r["timing"]["cpu_threads"],
+                         "load_average": r["timing"]["load_average"]}
+    return row
 
 
-def subset(fs: FeatureSet, sel: list[int]) -> FeatureSet:
-    return FeatureSet([fs.feats[i] for i in sel], fs.final, fs.labels, fs.indices)
+def calibrated(bundle: Path, **kw) -> dict:
+    res = pteenet.calibrate(bundle, **kw)
+    s = res.summary
+    return {"held_drop": None if s["accuracy"] is None else s["backbone_accuracy"] - s["accuracy"],
+            "held_relative_flops": s["mean_relative_flops"], "method": res.table.method,
+            "params": {k: v for k, v in res.table.params.items() if k != "softmax_thresholds"}}
 
 
-def operating_points(held, test, costs, k, drops):
-    """For each calibration family: per target drop, thresholds chosen on held-out, test scores."""
-    hs, hp, hf, hl = held
-    ts, tp, tf, tl = test
-    b = hs.shape[1]
-    fams = {"global": global_candidates(b, k, steps=201)}
-    prec = class_precision(hf, hl, k)
-    for m in (0.0, 0.01, 0.02, 0.05, 0.1, 0.2):
-        tab = cpm_thresholds(hs, hp, hl, k, m, 20, prec).float()
-        fams.setdefault("cpm", []).extend(scaled_candidates(tab, steps=41))
-    out = {}
-    for fam, cands in fams.items():
-        pts = [summarize(hs, hp, hf, t, costs, hl) for t in cands]
-        for d in drops:
-            ok = [(p["mean_relative_flops"], i) for i, p in enumerate(pts)
-                  if p["backbone_accuracy"] - p["accuracy"] <= d]
-            if not ok:
-                continue
-            i = min(ok)[1]
-            out[(fam, d)] = (cands[i], summarize(ts, tp, tf, cands[i], costs, tl))
-    for d in drops:  # risk control: certified on held-out (labels), delta 0.1
-        cands = [as_table(None, b, k), *global_candidates(b, k, steps=201)]
-        losses = torch.stack([losses_for(hs, hp, hf, t, hl) for t in cands])
-        res = risk_control(losses, d, 0.1, "hb")
-        if res.index is not None:
-            out[("risk", d)] = (cands[res.index], summarize(ts, tp, tf, cands[res.index], costs,
-                                                             tl))
-    return out
+def global_for_drop(bundle: Path, drop: float) -> float:
+    """SDN's rule: the lowest global softmax threshold within ``drop`` on the held-out split."""
+    model = pteenet.load(bundle)
+    model.set_thresholds(1.0, score="softmax")
+    out = collect(model)
+    b, k = out.scores.shape[1], model.num_classes
+    best = 1.0
+    for t in torch.linspace(1.0, 0.0, 201).tolist():
+        thr = as_table(t, b, k)
+        s = summarize(out.scores, out.preds, out.final_pred, thr, out.exit_costs(thr), out.labels)
+        if s["backbone_accuracy"] - s["accuracy"] <= drop:
+            best = t
+    return best
 
 
-def cached_features(probe, data, idx, union, tag, cache_dir) -> FeatureSet:
-    """Backbone features at the union of cuts, kept on disk between runs of this script."""
-    if cache_dir is None:
-        return compute_features(probe, data, idx)
-    from safetensors.torch import load_file, save_file
+def run_backbone(name: str, root: Path, work: Path, args) -> list[dict]:
+    ckpt = SHARED / "weights" / "cifar-resnet" / CHECKPOINTS[name]
+    rows: list[dict] = []
 
-    key = hashlib.sha256(repr(union).encode()).hexdigest()[:10]
-    path = Path(cache_dir) / f"{tag}-{key}.safetensors"
-    if path.is_file():
-        t = load_file(str(path))
-        return FeatureSet([t[f"f{i}"] for i in range(len(union))], t["final"], t["labels"],
-                          t["indices"])
-    fs = compute_features(probe, data, idx)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({**{f"f{i}": f.contiguous() for i, f in enumerate(fs.feats)}, "final": fs.final,
-               "labels": fs.labels, "indices": fs.indices}, str(path))
-    return fs
+    def add(config: str, rule: str, target: float | None, cal: dict, test: dict) -> None:
+        rows.append({"backbone": name, "config": config, "rule": rule, "target_drop": target,
+                     **cal, **test})
+        print(json.dumps(rows[-1]), flush=True)
 
+    out = work / f"{name}-default"
+    t = time.perf_counter()
+    res = pteenet.attach(name, root, checkpoint=ckpt, out=out, max_samples=args.max_train,
+                         progress=args.progress)
+    attach_s = time.perf_counter() - t
+    print(f"[{name}] default attach: {attach_s:.0f}s", flush=True)
+    first = res.table.summary
+    add("default", "attach (mincost, 1 pt)", 0.01,
+        {"held_drop": first["backbone_accuracy"] - first["accuracy"],
+         "held_relative_flops": first["mean_relative_flops"], "attach_s": round(attach_s, 1),
+         "branch_costs": [b["flops"] / res.model.backbone_flops for b in res.info.branches],
+         "cuts": res.info.cuts},
+        scored(out, root, args, timed=True))
+    add("default", "bench --threshold 0.5", None, {}, scored(out, root, args, threshold=0.5))
+    for d in DROPS:
+        add("default", "mincost", d, calibrated(out, max_drop=d), scored(out, root, args))
+    add("default", "risk (wsr, delta 0.1)", 0.01, calibrated(out, max_drop=0.01, risk=True),
+        scored(out, root, args))
+    add("default", "cpm (margin 0.02)", None, calibrated(out, cpm=True), scored(out, root, args))
 
-def run_backbone(name: str, root: Path, args) -> tuple[list[dict], dict]:
-    t0 = time.perf_counter()
-    bb = create_backbone(name, checkpoint=SHARED / "weights" / "cifar-resnet" / CHECKPOINTS[name])
-    trace = trace_backbone(bb.model, (32, 32))
-    configs = [c for c in CONFIGS if not args.only or c[0] in args.only]
-    if args.only:
-        configs.sort(key=lambda c: args.only.index(c[0]))
-    cut_sets = {c[0]: cuts_of(trace, c) for c in configs}
-    union = sorted({x for cs in cut_sets.values() for x in cs},
-                   key=lambda c: trace.cut(c).flops)
-    probe = build_early_exit(trace, union, bb.num_classes, "pool")
-    train_data = open_data(root, bb.preprocess, split="train")
-    test_data = open_data(root, bb.preprocess, split="test")
-    g = torch.Generator().manual_seed(0)
-    pool = sorted(torch.randperm(len(train_data), generator=g)[:args.max_train].tolist())
-    tr_pos, held_pos = split_indices(len(pool), 0.1, 0)
-    feats = {}
-    for key, data, idx in (("train", train_data, [pool[i] for i in tr_pos]),
-                           ("held", train_data, [pool[i] for i in held_pos]),
-                           ("test", test_data, list(range(len(test_data))))):
-        t = time.perf_counter()
-        feats[key] = cached_features(probe, data, idx, union, f"{name}-{key}-{args.max_train}",
-                                     args.feature_cache)
-        print(f"[{name}] features {key}: {len(idx)} images in {time.perf_counter() - t:.0f}s",
-              flush=True)
-    feature_s = time.perf_counter() - t0
-    bb_test_acc = float((feats["test"].final.argmax(1) == feats["test"].labels).float().mean())
-    rows, models = [], {}
-    for cfg in configs:
-        cname, mode, btype, _, _, target, score = cfg
-        cuts = cut_sets[cname]
-        sel = [union.index(c) for c in cuts]
-        torch.manual_seed(0)
-        model = build_early_exit(trace, cuts, bb.num_classes, btype, score=score)
-        conf = TrainConfig(epochs=args.epochs, boosted=mode, target=target,
-                           margin=DEFAULT_MARGIN)
-        t = time.perf_counter()
-        train_branches(model, subset(feats["train"], sel), subset(feats["held"], sel), conf)
-        train_s = time.perf_counter() - t
-        model.eval()
-        costs = model.exit_costs()
-        sides = []
-        for key in ("held", "test"):
-            fs = subset(feats[key], sel)
-            s, p = branch_scores(model, fs)
-            sides.append((s, p, fs.final.argmax(1), fs.labels))
-        oracle = oracle_flops(sides[1], costs)
-        for (fam, d), (thr, summ) in operating_points(sides[0], sides[1], costs,
-                                                      bb.num_classes, DROPS).items():
-            rows.append({"backbone": name, "config": cname, "calibration": fam,
-                         "target_drop": d, "backbone_top1": bb_test_acc,
-                         "ee_top1": summ["accuracy"], "drop": bb_test_acc - summ["accuracy"],
-                         "relative_flops": summ["mean_relative_flops"], "oracle_flops": oracle,
-                         "exit_shares": [e["share"] for e in summ["exits"]],
-                         "train_s": round(train_s, 1), "feature_s": round(feature_s, 1)})
-            models[(cname, fam, d)] = (model, thr)
-        print(f"[{name}] {cname}: trained in {train_s:.0f}s", flush=True)
-        write_report(rows, [], args)  # partial results survive an interrupted run
-    timing = time_best(rows, models, bb, feats, test_data, args)
-    return rows, timing
+    sdn = work / f"{name}-sdn"
+    t = time.perf_counter()
+    pteenet.attach(name, root, checkpoint=ckpt, out=sdn, max_samples=args.max_train,
+                   branch="sdn", config=pteenet.TrainConfig(target="labels"),
+                   progress=args.progress)
+    sdn_s = time.perf_counter() - t
+    for d in DROPS:
+        thr = global_for_drop(sdn, d)
+        cal = calibrated(sdn, threshold=thr)
+        add("sdn-baseline", "global softmax", d, {**cal, "attach_s": round(sdn_s, 1)},
+            scored(sdn, root, args))
+    add("sdn-baseline", "mincost", 0.01, calibrated(sdn, max_drop=0.01), scored(sdn, root, args))
+    return rows
 
 
-def oracle_flops(side, costs) -> float:
-    s, p, f, _ = side
-    agree = torch.cat([p == f[:, None], torch.ones(len(f), 1, dtype=torch.bool)], 1)
-    first = agree.float().argmax(1)
-    return float(torch.tensor(costs, dtype=torch.float64)[first].mean())
-
-
-def time_best(rows, models, bb, feats, test_data, args) -> dict:
-    ok = [r for r in rows if r["drop"] <= 0.01 and r["config"] != "sdn-baseline"]
-    if not ok:
-        return {}
-    best = min(ok, key=lambda r: r["relative_flops"])
-    model, thr = models[(best["config"], best["calibration"], best["target_drop"])]
-    model.set_thresholds(thr)
-    loader = make_loader(test_data, batch_size=args.batch_size)
-    images = torch.cat([b.images for _, b in zip(range(args.timing_batches), loader)])
-    t = wall_clock(bb.model, model, images, latency_samples=args.latency_samples,
-                   batch_size=args.batch_size, repeats=3, device=torch.device("cpu"))
-    lat, tput = t["latency"], t["throughput"]
-    return {"backbone": best["backbone"], "config": best["config"],
-            "calibration": best["calibration"], "target_drop": best["target_drop"],
-            "relative_flops": best["relative_flops"], "drop": best["drop"],
-            "latency_ms": {k: v["median_ms"] for k, v in lat.items()},
-            "latency_p90_ms": {k: v["p90_ms"] for k, v in lat.items()},
-            "throughput": tput,
-            "speedup_batch1": lat["backbone"]["median_ms"] / lat["early_exit"]["median_ms"],
-            "speedup_batched": tput["early_exit"] / tput["backbone"],
-            "batch_size": t["batch_size"], "load_average": t["load_average"]}
-
-
-def write_report(rows, timings, args) -> None:
+def write_report(rows: list[dict], args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    cmd = f"python benchmarks/cifar_resnet.py {' '.join(sys.argv[1:])}"
     (out / "cifar-resnet.json").write_text(json.dumps(
-        {"settings": vars(args), "rows": rows, "timings": timings}, indent=1, default=str))
+        {"command": cmd, "settings": vars(args), "rows": rows}, indent=1, default=str))
     lines = ["# CIFAR ResNets: early exits vs the backbone (scored on shared test/)", "",
-             f"Command: `python benchmarks/cifar_resnet.py {' '.join(sys.argv[1:])}`", "",
-             "| backbone | config | calibration | target drop | backbone top-1 | EE top-1 | "
-             "drop | rel. FLOPs | oracle FLOPs | exit shares | train s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["backbone"], r["target_drop"], r["relative_flops"])):
+             f"Command: `{cmd}`", "",
+             "| backbone | config | rule | target drop | held-out drop | test top-1 (backbone) "
+             "| test drop | rel. FLOPs | oracle | exit shares |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        target = "" if r["target_drop"] is None else f"{100 * r['target_drop']:.1f} pt"
+        held = "" if r.get("held_drop") is None else f"{100 * r['held_drop']:.2f}"
         lines.append(
-            f"| {r['backbone']} | {r['config']} | {r['calibration']} | {r['target_drop']:.3f} | "
-            f"{100 * r['backbone_top1']:.2f} | {100 * r['ee_top1']:.2f} | "
-            f"{100 * r['drop']:.2f} | {r['relative_flops']:.3f} | {r['oracle_flops']:.3f} | "
-            f"{' '.join(f'{s:.2f}' for s in r['exit_shares'])} | {r['train_s']} |")
-    lines += ["", "## Wall clock (best configuration at <= 1 point drop on test)", ""]
-    for t in timings:
-        if t:
+            f"| {r['backbone']} | {r['config']} | {r['rule']} | {target} | {held} | "
+            f"{100 * r['top1']:.2f} ({100 * r['backbone_top1']:.2f}) | {100 * r['drop']:.2f} | "
+            f"{r['relative_flops']:.3f} | {r['oracle_flops']:.3f} | "
+            f"{' '.join(f'{s:.2f}' for s in r['exit_shares'])} |")
+    lines += ["", "## Wall clock (default bundle, backbone and early exit interleaved)", ""]
+    for r in rows:
+        if "timing" in r:
+            t = r["timing"]
+            lat = t["latency"]
             lines.append(
-                f"- {t['backbone']} {t['config']} ({t['calibration']}): rel. FLOPs "
-                f"{t['relative_flops']:.3f}, drop {100 * t['drop']:.2f} pt; batch 1: backbone "
-                f"{t['latency_ms']['backbone']:.2f} ms vs early exit "
-                f"{t['latency_ms']['early_exit']:.2f} ms (x{t['speedup_batch1']:.2f}); batch "
-                f"{t['batch_size']}: {t['throughput']['backbone']:.0f} vs "
-                f"{t['throughput']['early_exit']:.0f} img/s (x{t['speedup_batched']:.2f}); "
-                f"load average {t['load_average']}")
+                f"- {r['backbone']}: batch 1 {lat['backbone']['median_ms']:.2f} ms vs "
+                f"{lat['early_exit']['median_ms']:.2f} ms (x{t['speedup']['latency']:.2f}); "
+                f"batched {t['throughput']['backbone']:.0f} vs "
+                f"{t['throughput']['early_exit']:.0f} img/s (x{t['speedup']['throughput']:.2f}); "
+                f"FLOPs x{t['speedup']['flops']:.2f}; {t['threads']} threads, load average "
+                f"{t['load_average']}; default attach took {r['attach_s']:.0f} s")
     (out / "cifar-resnet.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -273,26 +172,20 @@ def write_report(rows, timings, args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["resnet44"], choices=sorted(CHECKPOINTS))
-    ap.add_argument("--only", nargs="*", help="configuration names to run (default: all)")
-    ap.add_argument("--max-train", type=int, default=50000)
-    ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--timing-batches", type=int, default=4)
+    ap.add_argument("--max-train", type=int, default=45000)
     ap.add_argument("--latency-samples", type=int, default=300)
-    ap.add_argument("--feature-cache", default=None,
-                    help="folder to keep backbone features in between runs")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--progress", action="store_true", help="show attach's progress bars")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
     if not SHARED.is_dir():
         sys.exit(f"../shared not found at {SHARED}: this benchmark needs the shared data")
     with tempfile.TemporaryDirectory() as tmp:
-        root = extract(Path(tmp))
-        rows, timings = [], []
+        root = extract(Path(tmp) / "data")
+        rows: list[dict] = []
         for m in args.models:
-            r, t = run_backbone(m, root, args)
-            rows += r
-            timings.append(t)
-    write_report(rows, timings, args)
+            rows += run_backbone(m, root, Path(tmp), args)
+            write_report(rows, args)  # partial results survive an interrupted run
 
 
 if __name__ == "__main__":

@@ -30,6 +30,11 @@ class Output:
             return
         (self.err if self.json_mode else self.console).print(text)
 
+    def warn(self, text: str) -> None:
+        """One warning line on stderr (shown even in JSON mode; not in quiet mode)."""
+        if not self.quiet:
+            self.err.print(f"warning: {text}")
+
     def table(self, title: str, columns: list[str], rows: list[list[Any]]) -> None:
         if self.json_mode or self.quiet:
             return

@@ -7,13 +7,15 @@ from typing import Annotated
 
 import typer
 
+from pteenet.branches import DEFAULT_BRANCH
 from pteenet.distributed import is_main
+from pteenet.early_exit import DEFAULT_BUDGET
+from pteenet.placement import DEFAULT_BRANCHES, DEFAULT_POLICY
 from pteenet.retrofit import attach as run_attach
 from pteenet.training import TrainConfig
 
 from ._options import (
     At,
-    Branches,
     Checkpoint,
     Cuts,
     Device,
@@ -40,18 +42,30 @@ def attach(
     input_size: InputSize = None,
     mean: Mean = None,
     std: Std = None,
-    branches: Branches = 5,
-    placement: Placement = "pareto",
+    branches: Annotated[int | None, typer.Option(
+        "--branches", "-n", min=1, help=f"Number of exit branches (default: {DEFAULT_BRANCHES}, "
+        "or one per useful cut point where there are fewer).")] = None,
+    placement: Placement = DEFAULT_POLICY,
     at: At = None,
     cuts: Cuts = None,
     branch: Annotated[str, typer.Option(
-        "--branch", help="Branch type: conv1/conv2/conv3 (PTEEnet ConvX), conv1d (BTS-EE, "
-        "lightweight), pool (EENets Bnpool) or sdn.")] = "conv2",
+        "--branch", help="Branch type: mlp (pooled 4x4 map, one hidden layer; the default), "
+        "conv1/conv2/conv3 (PTEEnet ConvX on the pooled map), conv1d (BTS-EE, lightweight), "
+        "pool (EENets Bnpool) or sdn.")] = DEFAULT_BRANCH,
+    branch_budget: Annotated[float, typer.Option(
+        "--branch-budget", help="Most FLOPs one branch may cost, as a share of the backbone's "
+        "(0.01 = 1 %); mlp and ConvX widths shrink to fit.")] = DEFAULT_BUDGET,
     epochs: Annotated[int, typer.Option(help="Training epochs (per branch when boosted).")] = 10,
+    loss: Annotated[str, typer.Option(
+        help="distill (each branch learns the targets on its own; the default) or eenet "
+        "(EENets' cost-aware L_v2 over the whole cascade, weighted by --lam).")] = "distill",
     lam: Annotated[float, typer.Option(help="EENets cost weight lambda in the L_v2 loss.")] = 0.05,
     target: Annotated[str, typer.Option(
-        help="hard (backbone argmax), soft (its softmax: distillation) or labels "
-        "(ground truth).")] = "hard",
+        help="auto (mixed with labels, soft without), mixed (half labels, half the backbone's "
+        "softmax), hard (backbone argmax), soft (its softmax at --temperature) or labels.")]
+    = "auto",
+    temperature: Annotated[float, typer.Option(
+        help="Distillation temperature of soft and mixed targets.")] = 4.0,
     boosted: Annotated[str | None, typer.Option(
         help="BTS-EE sequential training: hard (drop samples earlier exits take) or soft "
         "(down-weight them).")] = None,
@@ -61,8 +75,9 @@ def attach(
     out: Annotated[Path, typer.Option("--out", "-o", help="Bundle folder.")] = Path("pteenet-out"),
     seed: Annotated[int, typer.Option(help="Random seed (split, init, order).")] = 0,
     device: Device = "cpu",
-    batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 128,
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 256,
+    lr: Annotated[float, typer.Option(help="Peak Adam learning rate (one-cycle schedule).")]
+    = 3e-3,
     no_cache: Annotated[bool, typer.Option(
         "--no-cache", help="Recompute backbone features every epoch instead of caching them.")]
     = False,
@@ -77,26 +92,38 @@ def attach(
     """Attach N exit branches to MODEL and train them on the backbone's own predictions.
 
     The backbone stays frozen; its features at the exits are computed once and cached. The
-    bundle (branches.safetensors + thresholds.json/csv) is written atomically to --out.
+    held-out split then calibrates the exits (least FLOPs within one point of accuracy; exits
+    that do not pay are switched off), and the bundle (branches.safetensors +
+    thresholds.json/csv) is written atomically to --out, ready for bench or pteenet.load.
     """
     out_ = Output()
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, lam=lam, target=target,
-                         boosted=boosted, margin=margin, seed=seed, device=device,
-                         cache=not no_cache, amp=amp)
+                         temperature=temperature, loss=loss, boosted=boosted, margin=margin,
+                         seed=seed, device=device, cache=not no_cache, amp=amp)
     res = run_attach(model, data, checkpoint=checkpoint, branches=branches, placement=placement,
                      at=floats(at, "--at"), cuts=names(cuts), branch=branch,
+                     branch_budget=branch_budget,
                      val_fraction=val_fraction, out=out, config=config, num_classes=num_classes,
                      input_size=size(input_size), mean=triple(mean, "--mean"),
                      std=triple(std, "--std"),
                      max_samples=max_samples, progress=not quiet, resume=resume)
     if not is_main():
         return
+    for note in res.notes:
+        out_.warn(note)
+    on = res.model.active
     rows = [[r["branch"], r["cut"], r["type"], pct(r["exit_flops"]), pct(r["branch_flops"], 2),
-             pct(r["agreement"])] for r in res.rows()]
+             pct(r["agreement"]), "on" if on[r["branch"]] else "off"] for r in res.rows()]
     out_.table(f"{res.info.backbone['source']}:{res.info.backbone['name']}: "
                f"{len(rows)} exits ({res.info.training['mode']})",
-               ["branch", "cut", "type", "FLOPs at exit", "branch FLOPs", "agrees (held-out)"],
-               rows)
+               ["branch", "cut", "type", "FLOPs at exit", "branch cost", "agrees (held-out)",
+                "calibrated"], rows)
+    if res.table is not None and res.table.summary:
+        s = res.table.summary
+        out_.note(f"calibrated ({res.table.method}) on the held-out split: relative FLOPs "
+                  f"{s['mean_relative_flops']:.3f}, "
+                  + (f"top-1 {pct(s['accuracy'])} vs backbone {pct(s['backbone_accuracy'])}"
+                     if s["accuracy"] is not None else f"agreement {pct(s['agreement'])}"))
     if res.report.skipped:
         out_.note(f"skipped {res.report.skipped} unreadable images")
     out_.note(f"backbone {human(res.model.backbone_flops)}FLOPs; trained in {res.seconds:.1f}s; "

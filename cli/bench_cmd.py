@@ -50,8 +50,13 @@ def _bar(share: float) -> str:
     return "█" * full + "░" * (BAR_WIDTH - full)
 
 
+EXIT_COLUMNS = ["exit", "branch cost", "FLOPs at exit", "share", "", "agrees", "top-1",
+                "oracle share"]
+
+
 def exit_rows(res: dict[str, Any]) -> list[list[Any]]:
-    return [[e["name"], pct(e["relative_flops"]), pct(e["share"]), _bar(e["share"]),
+    return [[e["name"], "" if e["branch_cost"] is None else pct(e["branch_cost"], 2),
+             pct(e["relative_flops"]) if e["on"] else "off", pct(e["share"]), _bar(e["share"]),
              pct(e["agreement"]), pct(e["top1"]), pct(e["oracle_share"])]
             for e in res["early_exit"]["exits"]]
 
@@ -77,8 +82,10 @@ def bench(
     split: Annotated[str | None, typer.Option(
         "--split", help="train or test (val = test). Default: test when there is one.")] = None,
     threshold: Annotated[float | None, typer.Option(
-        "--threshold", "-t", help="One global exit threshold instead of the bundle's table: "
-        "0 = every sample leaves at the first exit, above 1 (or inf) = none leaves early.")]
+        "--threshold", "-t", help="One global exit threshold instead of the bundle's table, on "
+        "the bundle's score. On the gate score that attach and calibrate write, 0.5 is the "
+        "calibrated operating point, higher exits later (safer), lower earlier; exits "
+        "calibration switched off stay off. Above 1 (or inf): none leaves early.")]
     = None,
     batch_size: Annotated[int, typer.Option(
         "--batch-size", help="Batch size of the measuring pass and of the throughput "
@@ -107,7 +114,8 @@ def bench(
 
     Work: mean FLOPs per sample relative to the backbone, counted by the real early-exit run:
     the segments each sample went through plus every branch it was tested at, so a sample that
-    never leaves costs MORE than 100 %. Oracle: the FLOPs if each sample left at the first branch
+    never leaves costs more than 100 % (exits switched off are never run and cost nothing).
+    Oracle: the FLOPs if each sample left at the first branch
     that already agrees with the backbone, the floor no threshold table gets below at 100 %
     agreement with these branches. Exit shares: where samples left, with the oracle's beside.
 
@@ -127,7 +135,6 @@ def bench(
                     progress=not (quiet or json))
     out.table("early exit vs backbone", ["metric", "early exit", "backbone", "speedup"],
               comparison_rows(res))
-    out.table("where samples left", ["exit", "FLOPs at exit", "share", "", "agrees", "top-1",
-                                     "oracle share"], exit_rows(res))
+    out.table("where samples left", EXIT_COLUMNS, exit_rows(res))
     _notes(out, res)
     out.result(res)

@@ -16,25 +16,32 @@ from ._output import Output, pct
 
 def calibrate(
     bundle: Bundle = Path("pteenet-out"),
+    max_drop: Annotated[float | None, typer.Option(
+        "--max-drop", help="Most accuracy drop allowed on the calibration split (disagreement "
+        "with the backbone without labels). The default method finds the per-exit thresholds, "
+        "and the exits to keep, that cost least within it.  [default: 0.01]")] = None,
+    budget: Annotated[float | None, typer.Option(
+        "--budget", help="Instead: the best accuracy at this relative cost, e.g. 0.5.")] = None,
+    risk: Annotated[bool, typer.Option(
+        "--risk", help="Certify --max-drop with probability 1-delta (risk control, Jazbec et al. "
+        "2024): the cost search's path is built on half the split and certified on the other "
+        "half.")] = False,
     threshold: Annotated[float | None, typer.Option(
         "--threshold", "-t", help="One global threshold T in [0, 1] on every exit score.")] = None,
     cpm: Annotated[bool, typer.Option(
         "--cpm", help="Class Precision Margin (BTS-EE): per branch and class, keep each class's "
-        "precision within --margin of the backbone's. The default method.")] = False,
+        "precision within --margin of the backbone's.")] = False,
     margin: Annotated[float, typer.Option(help="CPM precision margin m.")] = DEFAULT_MARGIN,
     min_support: Annotated[int, typer.Option(
         help="CPM: fewest calibration samples a (branch, class) exit must take.")] = 20,
-    max_drop: Annotated[float | None, typer.Option(
-        "--max-drop", help="Risk control (Jazbec et al. 2024): most permissive thresholds whose "
-        "upper confidence bound on disagreement with the backbone (accuracy drop with labels) is "
-        "at most this. Scans global thresholds, or the CPM table with --cpm.")] = None,
     delta: Annotated[float, typer.Option(help="Risk control: the bound holds w.p. 1-delta.")]
     = 0.1,
     bound: Annotated[str, typer.Option(
-        help="Risk control bound: hb (Hoeffding-Bentkus) or wsr (Waudby-Smith-Ramdas).")] = "hb",
+        help="Risk control bound: wsr (Waudby-Smith-Ramdas) or hb (Hoeffding-Bentkus).")] = "wsr",
     score: Annotated[str, typer.Option(
-        help="Exit score: head (the learned confidence head) or softmax (top probability).")]
-    = "head",
+        help="Exit score for --threshold and --cpm: softmax (top probability) or head (the "
+        "learned confidence head). The default method always writes the gate score.")]
+    = "softmax",
     data: Annotated[str | None, typer.Option(
         "--data", "-d", help="Calibrate on other data (labels used if present) instead of the "
         "bundle's held-out split.")] = None,
@@ -42,25 +49,29 @@ def calibrate(
     force: Annotated[bool, typer.Option(
         help="Use a checkpoint whose hash differs from the bundle's.")] = False,
     device: Device = "cpu",
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="Show every (branch, class) row, not the per-branch summary.")]
+    = False,
     json: Json = False,
 ) -> None:
     """Calibrate exit thresholds on the bundle's held-out split and write thresholds.json/.csv.
 
-    The table shows, per branch (and class where per class), the threshold, the share of
-    calibration samples it takes, its precision on what it takes, and the expected accuracy and
-    relative FLOPs of the whole cascade.
+    By default: the thresholds that cost least within --max-drop (one point) of the backbone's
+    accuracy; exits that do not pay for their branch are switched off and never run. The
+    table shows, per branch, its threshold, the share of calibration samples it takes and its
+    precision on them, then the whole cascade's expected accuracy and relative FLOPs.
     """
     out = Output(json)
     res = run_calibrate(bundle, threshold=threshold, cpm=cpm, margin=margin,
-                        min_support=min_support, max_drop=max_drop, delta=delta, bound=bound,
-                        score=score, data=data, checkpoint=checkpoint, force=force,
-                        device=device)
+                        min_support=min_support, max_drop=max_drop, budget=budget, risk=risk,
+                        delta=delta, bound=bound, score=score, data=data,
+                        checkpoint=checkpoint, force=force, device=device)
     t = res.table
-    per_class = bool((t.thresholds != t.thresholds[:, :1]).any())
+    per_class = verbose and bool((t.thresholds != t.thresholds[:, :1]).any())
     rows = [[r["branch"], r["class"], _thr(r["threshold"]), pct(r["share"]),
              pct(r["precision"]), r["support"]] for r in res.rows] if per_class else [
-        [b, "all", _thr(float(t.thresholds[b, 0])), pct(sum(r["share"] for r in rs)), "",
-         sum(r["support"] for r in rs)]
+        [b, "all", _branch_thr(t.thresholds[b]), pct(sum(r["share"] for r in rs)),
+         pct(_precision(rs)), sum(r["support"] for r in rs)]
         for b in range(t.thresholds.shape[0])
         for rs in [[r for r in res.rows if r["branch"] == b]]]
     out.table(f"thresholds ({t.method}, score={t.score})",
@@ -82,3 +93,14 @@ def calibrate(
 
 def _thr(v: float) -> str:
     return "never" if v > 1 else f"{v:.3f}"
+
+
+def _branch_thr(row) -> str:
+    return _thr(float(row[0])) if bool((row == row[0]).all()) else "per class"
+
+
+def _precision(rows: list[dict]) -> float | None:
+    """Precision over everything a branch takes, from its per-class rows."""
+    taken = sum(r["support"] for r in rows)
+    hits = sum(r["support"] * r["precision"] for r in rows if r["precision"] is not None)
+    return hits / taken if taken else None

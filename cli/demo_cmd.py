@@ -12,7 +12,7 @@ from pteenet.demo import run_demo
 
 from ._options import Json
 from ._output import Output, pct
-from .bench_cmd import comparison_rows, exit_rows
+from .bench_cmd import EXIT_COLUMNS, comparison_rows, exit_rows
 
 
 def demo(
@@ -57,8 +57,7 @@ def _report(o: Output, res: dict[str, Any]) -> None:
     """The bench tables and a one-line verdict, the numbers the demo exists to show."""
     o.table("early exit vs backbone (test split)", ["metric", "early exit", "backbone",
                                                     "speedup"], comparison_rows(res["bench"]))
-    o.table("where samples left", ["exit", "FLOPs at exit", "share", "", "agrees", "top-1",
-                                   "oracle share"], exit_rows(res["bench"]))
+    o.table("where samples left", EXIT_COLUMNS, exit_rows(res["bench"]))
     h = res["headline"]
     o.note(escape(f"backbone top-1 {pct(h['backbone_top1'])} -> with early exits "
                   f"{pct(h['early_exit_top1'])} at {pct(h['relative_flops'])} of its FLOPs "

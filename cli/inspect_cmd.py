@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from pteenet.inspection import inspect_backbone
+from pteenet.placement import DEFAULT_POLICY
 
 from ._options import (
     At,
@@ -33,7 +34,7 @@ def inspect(
     num_classes: NumClasses = None,
     branches: Annotated[int | None, typer.Option("--branches", "-n", min=1,
                                                  help="Mark where N exits would go.")] = None,
-    placement: Placement = "pareto",
+    placement: Placement = DEFAULT_POLICY,
     at: At = None,
     cuts: Cuts = None,
     input_size: InputSize = None,
@@ -50,10 +51,13 @@ def inspect(
     out.note(f"[bold]{info['model']}[/] (resolved from '{model}' via {info['source']}), "
              f"input {info['input_size'][0]}x{info['input_size'][1]}, "
              f"{info['num_classes']} classes")
+    total = info["total_flops"]
     rows = [[c["name"], "x".join(map(str, c["shape"])), human(c["flops"]), pct(c["fraction"]),
-             human(c["params"]), "<-- exit" if c["chosen"] else ""] for c in info["cuts"]]
+             human(c["params"]), "" if c["useful"] else "no",
+             f"<-- exit ({pct(c['branch_flops'] / total, 2)})" if c["chosen"] else ""]
+            for c in info["cuts"]]
     out.table(f"{len(info['cuts'])} cut points", ["cut", "shape", "FLOPs", "FLOPs %", "params",
-                                                   "exit"], rows)
+                                                   "useful", "exit (branch cost)"], rows)
     thop = human(info["thop_macs"]) if info["thop_macs"] else "n/a"
     out.note(f"total: {human(info['total_flops'])}FLOPs = {human(info['total_macs'])}MACs "
              f"(aten-level FlopCounterMode), {human(info['total_params'])} params; "

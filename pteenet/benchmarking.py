@@ -169,9 +169,9 @@ class Pass:
 
 def _run_batch(model: EarlyExitModel, x: Tensor) -> list[Tensor]:
     """Branch scores and predictions at every exit, plus the real early-exit run, on one batch."""
-    feats, final = model.features(x)
+    feats, final = model.reduced_features(x)
     logits, conf = model.branch_outputs(feats)
-    scores = torch.stack([model.exit_score(lg, c) for lg, c in zip(logits, conf)], 1)
+    scores = model.all_scores(logits, conf)
     preds = torch.stack([lg.argmax(1) for lg in logits], 1)
     res = model(x)
     return [t.cpu() for t in (scores, preds, final.argmax(1), res.preds, res.exit_index,
@@ -231,8 +231,11 @@ def oracle_flops(preds: Tensor, final: Tensor, costs: Sequence[float]) -> tuple[
     return float(cost[first].mean()), torch.bincount(first, minlength=b + 1).tolist()
 
 
-def _exit_rows(p: Pass, costs: Sequence[float], oracle_counts: list[int]) -> list[dict]:
+def _exit_rows(p: Pass, costs: Sequence[float], oracle_counts: list[int],
+               model: EarlyExitModel) -> list[dict]:
     n, rows = len(p), []
+    on = [*model.active, True]
+    own = [f / model.backbone_flops for f in model.branch_flops] + [None]
     agree = p.ee_preds == p.final
     right = None if p.labels is None else p.ee_preds == p.labels
     for k, cost in enumerate(costs):
@@ -243,7 +246,7 @@ def _exit_rows(p: Pass, costs: Sequence[float], oracle_counts: list[int]) -> lis
             "relative_flops": float(cost), "count": count, "share": count / n,
             "agreement": _rate(agree[taken]) if count else None,
             "top1": _rate(right[taken]) if count and right is not None else None,
-            "oracle_share": oracle_counts[k] / n,
+            "oracle_share": oracle_counts[k] / n, "on": on[k], "branch_cost": own[k],
         })
     return rows
 
@@ -256,7 +259,7 @@ def quality(p: Pass, model: EarlyExitModel) -> dict[str, Any]:
     return {
         "early_exit": {"top1": top1(p.ee_preds), "agreement": _rate(p.ee_preds == p.final),
                        "relative_flops": float((p.ee_flops / model.backbone_flops).mean()),
-                       "exits": _exit_rows(p, costs, counts)},
+                       "exits": _exit_rows(p, costs, counts, model)},
         "backbone": {"top1": top1(p.final), "agreement": 1.0, "relative_flops": 1.0},
         "oracle": {"relative_flops": oracle, "agreement": 1.0, "top1": top1(p.final),
                    "shares": [c / len(p) for c in counts]},
@@ -549,6 +552,9 @@ def bench(
     with ctx:
         p = measure_pass(model, ev, batch_size=batch_size, device=dev, keep=keep, progress=tick)
     result = _assemble(info, ev, table, threshold, model, p)
+    if threshold is None and table.method == "none":
+        result["notes"].append("the bundle has no thresholds.json: every exit is off and this "
+                               "measures the backbone; run `pteenet calibrate` first")
     result["timing"] = wall_clock(backbone, model, p.images, latency_samples=latency_samples,
                                   batch_size=batch_size, repeats=repeats, device=dev)
     result["speedup"] = _speedups(result["timing"], result["early_exit"]["relative_flops"])

@@ -1,18 +1,25 @@
 """Exit branches: small heads that read a feature map and answer early.
 
-Every branch returns a classifier (K logits) and a confidence head (one logit; its sigmoid is the
-exit score), the exit block of EENets (Demir & Akbas, section 3.1). The types:
+Every branch is a fixed, parameter-free *reduction* of the feature map followed by a learned
+*head*: a body, a classifier (K logits) and a confidence head (one logit; its sigmoid is the exit
+score), the exit block of EENets (Demir & Akbas, section 3.1). The split is what makes exits
+pay: the reduction (average and max pooling to a small grid, concatenated) is the same in every
+epoch, so training caches the reduced map instead of the whole feature map, and the learned part
+runs on a few hundred numbers instead of a full-resolution map. On CIFAR ResNet-44 a full-map
+ConvX branch cost 5 % of the backbone; the default ``mlp`` branch costs 0.1-0.5 %.
 
-* ``conv1``/``conv2``/``conv3`` -- PTEEnet's ConvX (Lahiany & Aperstein): X x [3x3 conv C->C, BN,
-  ReLU], global average pool, the two heads. Enough capacity for large backbones.
-* ``conv1d`` -- BTS-EE's lightweight branch (Aperstein & Apartsin). The paper gives no layers; ours
-  is BN+ReLU on the map, global average pool to a C-vector, then two 1-D convolutions *along the
-  channel axis* (1->8 channels, kernel 3; 8->8, kernel 3, stride 2) with ReLU, flattened (4C values)
-  into the heads. It costs about ``4*C*(K+1)`` MACs: a tiny fraction of a ConvX branch, whose
-  cost grows with C^2*H*W.
-* ``pool`` -- EENets' Bnpool: BN, ReLU, global average pool, the heads.
-* ``sdn`` -- the SDN baseline (Kaya et al. 2019): a learned mix of max and average pooling to 4x4,
-  then a linear classifier. Used as the peer method in benchmarks (score it by softmax).
+The types (bodies):
+
+* ``mlp`` (default) -- the reduced map flattened, one hidden layer (Linear, BN, ReLU). Its width
+  is sized so the branch costs at most ``budget`` of the backbone (see :func:`make_branch`).
+* ``conv1``/``conv2``/``conv3`` -- PTEEnet's ConvX (Lahiany & Aperstein): X x [3x3 conv, BN,
+  ReLU], global average pool, the heads; run on the reduced map at a width sized to the budget.
+* ``conv1d`` -- BTS-EE's lightweight branch (Aperstein & Apartsin). The paper gives no layers;
+  ours reduces to one value per channel (average and max), then BN+ReLU and two 1-D convolutions
+  *along the channel axis* (1->8 channels, kernel 3; 8->8, kernel 3, stride 2) with ReLU.
+* ``pool`` -- EENets' Bnpool: global pooling, BN, ReLU, the heads.
+* ``sdn`` -- the SDN baseline (Kaya et al. 2019): a learned mix of max and average pooling to
+  4x4, then a linear classifier. Used as the peer method in benchmarks.
 """
 
 from __future__ import annotations
@@ -20,16 +27,41 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import OptionError
 from .tracing import count_flops
 
-__all__ = ["BRANCH_TYPES", "Branch", "branch_flops", "make_branch"]
+__all__ = ["BRANCH_TYPES", "DEFAULT_BRANCH", "Branch", "Reduce", "branch_flops", "make_branch",
+           "softmax_stats"]
+
+BRANCH_TYPES = ("mlp", "conv1", "conv2", "conv3", "conv1d", "pool", "sdn")
+DEFAULT_BRANCH = "mlp"
+GRID = 4  # the reduced map's side for mlp, ConvX and sdn
+MAX_WIDTH = 256  # the widest hidden layer a budget may buy (wider did not help on CIFAR)
+MIN_WIDTH = 16
+
+
+class Reduce(nn.Module):
+    """Average and max pooling to ``size`` x ``size``, concatenated on channels: [N, 2C, s, s].
+
+    Parameter-free and deterministic, so its output can be cached once for every epoch. Max
+    pooling keeps the strongest local response that averaging alone would wash out (SDN's
+    mixed pooling, Kaya et al. 2019).
+    """
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = min(self.size, x.shape[-2], x.shape[-1])
+        return torch.cat([F.adaptive_avg_pool2d(x, s), F.adaptive_max_pool2d(x, s)], 1)
 
 
 class Branch(nn.Module):
-    """A body that maps the feature map to a vector, then the classifier and confidence heads.
+    """The reduction, then a body that maps it to a vector, then classifier and confidence heads.
 
     The confidence head sees the body's features *and* three statistics of the classifier's own
     softmax (top probability, top-1 minus top-2 margin, normalised entropy). A linear head on the
@@ -39,14 +71,19 @@ class Branch(nn.Module):
     classifier.
     """
 
-    def __init__(self, body: nn.Module, width: int, num_classes: int) -> None:
+    def __init__(self, reduce: Reduce, body: nn.Module, width: int, num_classes: int) -> None:
         super().__init__()
+        self.reduce = reduce
         self.body = body
         self.classifier = nn.Linear(width, num_classes)
         self.confidence = nn.Linear(width + 3, 1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = self.body(x)
+        return self.head(self.reduce(x))
+
+    def head(self, reduced: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and confidence logit from the reduced map (what training caches)."""
+        z = self.body(reduced)
         logits = self.classifier(z)
         stats = softmax_stats(logits.detach())
         return logits, self.confidence(torch.cat([z, stats], 1)).squeeze(1)
@@ -61,20 +98,20 @@ def softmax_stats(logits: torch.Tensor) -> torch.Tensor:
     return torch.stack([top[:, 0], margin, entropy], 1).to(logits.dtype)
 
 
-def _conv_body(c: int, depth: int) -> nn.Module:
+def _conv_body(c: int, width: int, depth: int) -> nn.Module:
     layers: list[nn.Module] = []
-    for _ in range(depth):
-        layers += [nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU()]
+    for i in range(depth):
+        layers += [nn.Conv2d(c if i == 0 else width, width, 3, padding=1, bias=False),
+                   nn.BatchNorm2d(width), nn.ReLU()]
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
 
 class _ChannelConv1d(nn.Module):
-    """Treat the pooled C-vector as a 1-channel signal of length C and convolve along it."""
+    """Treat the pooled channel vector as a 1-channel signal and convolve along it."""
 
     def __init__(self, c: int) -> None:
         super().__init__()
-        self.pre = nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                                 nn.Flatten())
+        self.pre = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(c), nn.ReLU())
         self.convs = nn.Sequential(
             nn.Conv1d(1, 8, 3, padding=1), nn.ReLU(),
             nn.Conv1d(8, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
@@ -85,41 +122,64 @@ class _ChannelConv1d(nn.Module):
 
 
 class _MixedPool(nn.Module):
-    """SDN's pooling: a learned convex mix of max and average pooling to 4x4."""
+    """SDN's pooling: a learned convex mix of the reduction's max and average halves."""
 
     def __init__(self) -> None:
         super().__init__()
         self.alpha = nn.Parameter(torch.zeros(1))
-        self.max = nn.AdaptiveMaxPool2d(4)
-        self.avg = nn.AdaptiveAvgPool2d(4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        avg, mx = x.chunk(2, dim=1)
         a = torch.sigmoid(self.alpha)
-        return (a * self.max(x) + (1 - a) * self.avg(x)).flatten(1)
+        return (a * mx + (1 - a) * avg).flatten(1)
 
 
-def _body(kind: str, c: int) -> tuple[nn.Module, int]:
+def _width(per_unit: float, fixed: float, budget: float | None, cap: int) -> int:
+    """The widest layer (at most ``cap``) whose MACs ``per_unit * w + fixed`` fit ``budget``."""
+    if budget is None:
+        return cap
+    return int(max(MIN_WIDTH, min(cap, (budget - fixed) // max(per_unit, 1))))
+
+
+def _parts(kind: str, shape: tuple[int, ...], k: int, budget: float | None,
+           width: int | None) -> tuple[Reduce, nn.Module, int]:
+    c, h, w = shape
+    cells = min(GRID, h) * min(GRID, w)
+    if kind == "mlp":
+        width = width or _width(2 * c * cells + k + 4, 0, budget, MAX_WIDTH)
+        body = nn.Sequential(nn.Flatten(), nn.Linear(2 * c * cells, width, bias=False),
+                             nn.BatchNorm1d(width), nn.ReLU())
+        return Reduce(GRID), body, width
     if kind in ("conv1", "conv2", "conv3"):
-        return _conv_body(c, int(kind[-1])), c
+        depth = int(kind[-1])
+        # MACs: cells * 9 * (2c*w + (depth-1)*w^2); solve for w conservatively (linear part).
+        per = cells * 9 * (2 * c + (depth - 1) * min(c, MAX_WIDTH)) + k + 4
+        width = width or _width(per, 0, budget, min(max(c, MIN_WIDTH), MAX_WIDTH))
+        return Reduce(GRID), _conv_body(2 * c, width, depth), width
     if kind == "conv1d":
-        return _ChannelConv1d(c), 8 * ((c + 1) // 2)
+        return Reduce(1), _ChannelConv1d(2 * c), 8 * ((2 * c + 1) // 2)
     if kind == "pool":
-        return nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                             nn.Flatten()), c
+        return Reduce(1), nn.Sequential(nn.Flatten(), nn.BatchNorm1d(2 * c), nn.ReLU()), 2 * c
     if kind == "sdn":
-        return _MixedPool(), 16 * c
+        return Reduce(GRID), _MixedPool(), c * cells
     raise ValueError(kind)
 
 
-BRANCH_TYPES = ("conv1", "conv2", "conv3", "conv1d", "pool", "sdn")
+def make_branch(kind: str, shape: tuple[int, ...] | int, num_classes: int,
+                budget: float | None = None, *, width: int | None = None) -> Branch:
+    """Build an untrained branch of ``kind`` for a feature map of ``shape`` (C, H, W).
 
-
-def make_branch(kind: str, channels: int, num_classes: int) -> Branch:
-    """Build an untrained branch of ``kind`` for a feature map with ``channels`` channels."""
+    ``budget`` is the most FLOPs the branch may cost per image; ``mlp`` and ConvX widths shrink
+    to fit it (never below 16). ``width`` fixes the hidden width instead (a saved bundle's). A
+    bare channel count stands for a 4x4 map.
+    """
     if kind not in BRANCH_TYPES:
         raise OptionError(f"unknown branch type '{kind}': use one of {', '.join(BRANCH_TYPES)}")
-    body, width = _body(kind, channels)
-    return Branch(body, width, num_classes)
+    if isinstance(shape, int):
+        shape = (shape, GRID, GRID)
+    macs = None if budget is None else budget / 2
+    reduce, body, width = _parts(kind, tuple(shape), num_classes, macs, width)
+    return Branch(reduce, body, width, num_classes)
 
 
 def branch_flops(branch: nn.Module, shape: tuple[int, ...]) -> int:

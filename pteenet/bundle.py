@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from . import __version__
 from .atomic import MANIFEST, commit_files, read_manifest, read_member
 from .backbones import Backbone, create_backbone, sha256_file
-from .early_exit import EarlyExitModel, build_early_exit
+from .early_exit import SCORES, EarlyExitModel, build_early_exit
 from .errors import BundleError, PteenetError
 from .preprocess import MAX_INPUT_SIDE, Preprocess
 from .thresholds import as_table
@@ -54,7 +54,7 @@ __all__ = [
     "write_thresholds",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: branches reduce their map first (pooled grid); 1 is refused
 BRANCHES_FILE = "branches.safetensors"
 THRESHOLDS_FILE = "thresholds.json"
 THRESHOLDS_CSV = "thresholds.csv"
@@ -105,10 +105,17 @@ class ThresholdTable:
     """Per branch and class exit thresholds (inf = never), how they were chosen, and a summary."""
 
     thresholds: torch.Tensor
-    score: str = "head"
+    score: str = "softmax"
     method: str = "global"
     params: dict[str, Any] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
+    gamma: list[float] | None = None  # the gate score's per-exit powers (inf = exit off)
+
+    @classmethod
+    def of(cls, model: EarlyExitModel) -> ThresholdTable:
+        """The table a model holds now (with the gate's powers when it uses the gate)."""
+        gamma = model.gamma.tolist() if model.score == "gate" else None
+        return cls(model.thresholds, model.score, gamma=gamma)
 
 
 # -- writing ----------------------------------------------------------------------------------
@@ -117,9 +124,10 @@ def calibration_digest(indices: list[int]) -> str:
     return hashlib.sha256(",".join(map(str, indices)).encode()).hexdigest()
 
 
-def save_bundle(out: str | os.PathLike, model: EarlyExitModel, info: BundleInfo) -> Path:
-    """Write ``branches.safetensors`` and a default threshold table as one commit (see
-    :func:`pteenet.atomic.commit_files`), holding the folder's writer lock."""
+def save_bundle(out: str | os.PathLike, model: EarlyExitModel, info: BundleInfo,
+                table: ThresholdTable | None = None) -> Path:
+    """Write ``branches.safetensors`` and the threshold table (default: the model's own) as one
+    commit (see :func:`pteenet.atomic.commit_files`), holding the folder's writer lock."""
     out = Path(out)
     tensors = {f"branches.{k}": v.detach().cpu().contiguous()
                for k, v in model.branches.state_dict().items()}
@@ -128,7 +136,7 @@ def save_bundle(out: str | os.PathLike, model: EarlyExitModel, info: BundleInfo)
     doc["extra"] = {**info.extra, "calibration_sha256": calibration_digest(
         list(info.calibration_indices))}
     meta = {_META_KEY: json.dumps(doc, sort_keys=True)}
-    csv_text, json_text = _threshold_texts(ThresholdTable(model.thresholds, model.score))
+    csv_text, json_text = _threshold_texts(table or ThresholdTable.of(model))
     commit_files(out, {
         BRANCHES_FILE: lambda p: save_file(tensors, str(p), metadata=meta),
         THRESHOLDS_CSV: lambda p: p.write_text(csv_text, encoding="utf-8"),
@@ -148,6 +156,8 @@ def _threshold_texts(table: ThresholdTable) -> tuple[str, str]:
     doc = {"format_version": FORMAT_VERSION, "num_branches": int(t.shape[0]),
            "num_classes": int(t.shape[1]), "score": table.score, "method": table.method,
            "params": table.params, "thresholds": _json_thresholds(t), "summary": table.summary}
+    if table.gamma is not None:
+        doc["gamma"] = _json_thresholds(torch.tensor([table.gamma], dtype=torch.float64))[0]
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["branch", "class", "threshold"])
@@ -330,6 +340,9 @@ def _info(snap: _Snapshot) -> BundleInfo:
     if version > FORMAT_VERSION:
         raise BundleError(f"{where} has format version {_show(version)}, newer than this pteenet "
                           f"understands ({FORMAT_VERSION}); upgrade pteenet")
+    if version < FORMAT_VERSION:
+        raise BundleError(f"{where} has format version {version}, from a pteenet whose branches "
+                          f"read whole feature maps; re-run `pteenet attach`")
     backbone = _need(meta, "backbone", dict, where)
     for key, kind in (("name", str), ("source", str), ("num_classes", int)):
         _need(backbone, key, kind, where)
@@ -388,8 +401,9 @@ def read_thresholds(path: str | os.PathLike, info: BundleInfo) -> ThresholdTable
 
 
 def _table(data: bytes | None, where: str, info: BundleInfo) -> ThresholdTable:
-    if data is None:
-        return ThresholdTable(as_table(0.5, info.num_branches, info.num_classes))
+    if data is None:  # never calibrated: every exit off, the model is the backbone
+        return ThresholdTable(as_table(None, info.num_branches, info.num_classes),
+                              method="none")
     doc = _parse_json(data, where, "re-run `pteenet calibrate`")
     rows = _need(doc, "thresholds", list, where)
     ok = all(isinstance(r, list) for r in rows) and all(
@@ -409,14 +423,30 @@ def _table(data: bytes | None, where: str, info: BundleInfo) -> ThresholdTable:
         raise BundleError(f"{where}: thresholds must lie in [0, 1] (null = never); found "
                           f"{found}; re-run `pteenet calibrate`")
     score = doc.get("score", "head")
-    if score not in ("head", "softmax"):
+    if score not in SCORES:
         raise BundleError(f"{where}: unknown score '{_show(score)}'")
+    gamma = _gamma(doc.get("gamma"), info.num_branches, score, where)
     for key in ("params", "summary"):
         if doc.get(key) is not None and not isinstance(doc[key], dict):
             raise BundleError(f"{where}: field '{key}' is malformed; re-run `pteenet calibrate`")
     return ThresholdTable(as_table(rows, info.num_branches, info.num_classes), score,
                           str(doc.get("method", "global")), dict(doc.get("params") or {}),
-                          dict(doc.get("summary") or {}))
+                          dict(doc.get("summary") or {}), gamma)
+
+
+def _gamma(raw: Any, b: int, score: str, f: str) -> list[float] | None:
+    """The gate's powers: ``b`` numbers >= 0 or null (inf: off); required for the gate score."""
+    if raw is None:
+        if score == "gate":
+            raise BundleError(f"{f}: the gate score needs 'gamma'; re-run `pteenet calibrate`")
+        return None
+    ok = isinstance(raw, list) and len(raw) == b and all(
+        v is None or isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1e6
+        for v in raw)
+    if not ok:
+        raise BundleError(f"{f}: 'gamma' must hold {b} numbers >= 0 or null; re-run "
+                          f"`pteenet calibrate`")
+    return [math.inf if v is None else float(v) for v in raw]
 
 
 def load_backbone(info: BundleInfo, checkpoint: str | os.PathLike | None = None,
@@ -452,7 +482,7 @@ def load(path: str | os.PathLike = "pteenet-out", *, checkpoint: str | os.PathLi
     """Rebuild the early-exit model of a bundle, with its threshold table, in eval mode.
 
     Everything comes from one committed generation of the bundle. ``thresholds=False`` skips
-    the stored table (the default 0.5 is used): what calibrate needs to replace a table that
+    the stored table (every exit off): what calibrate needs to replace a table that
     is missing, corrupt or for another bundle."""
     snap = _snapshot(path, table=thresholds)
     info = _info(snap)
@@ -462,8 +492,10 @@ def load(path: str | os.PathLike = "pteenet-out", *, checkpoint: str | os.PathLi
         trace = trace_backbone(backbone.model, info.preprocess.input_size,
                                cuts=info.cuts if info.module_cuts else None, with_thop=False)
         model = build_early_exit(trace, info.cuts, info.num_classes,
-                                 [b["type"] for b in info.branches],
-                                 thresholds=table.thresholds, score=table.score)
+                                 [b["type"] for b in info.branches], budget=None,
+                                 widths=[b.get("width") for b in info.branches],
+                                 thresholds=table.thresholds, score=table.score,
+                                 gamma=table.gamma)
     except (PteenetError, RuntimeError) as e:
         raise BundleError(f"{info.path}: cannot rebuild the model ({_show(str(e))})") from e
     state = {k[len("branches."):]: v for k, v in snap.tensors.items()

@@ -1,14 +1,20 @@
 """Calibration: decide, per branch (and class), when an exit may answer.
 
-Three methods write the same threshold table:
+Five methods write the same threshold table:
 
+* ``mincost`` (the default) -- the per-exit thresholds, and the set of exits left on, that
+  minimise the expected cost while the accuracy drop (disagreement with the backbone without
+  labels) stays within ``max_drop`` (:mod:`pteenet.cost_search`); exits that do not pay for
+  their branch are switched off and never run;
+* ``budget`` -- the same search, stopped at the least error that reaches a relative cost;
 * ``global`` -- one threshold T on every exit score (PTEEnet's run-time knob);
 * ``cpm`` -- Class Precision Margin (BTS-EE, Aperstein & Apartsin): per branch and predicted class,
   the lowest score whose exits keep that class's precision within ``margin`` of the backbone's;
-* ``risk`` -- risk control after Jazbec et al. 2024 ("Fast yet Safe"): the most permissive
-  thresholds (global, or the CPM table scaled) whose upper confidence bound on the cascade's
-  disagreement with the backbone (or, with labels, its accuracy drop) is at most ``max_drop``
-  with probability ``1 - delta``.
+* ``risk`` -- risk control after Jazbec et al. 2024 ("Fast yet Safe"): the most permissive table
+  on the cost search's path (or the CPM table scaled) whose upper confidence bound on the accuracy
+  drop (disagreement without labels) is at most ``max_drop`` with probability ``1 - delta``. The
+  path is built on one half of the calibration samples and certified on the other, so the
+  guarantee does not lean on the data that chose it.
 
 By default it runs on the bundle's held-out split, which training never saw.
 """
@@ -24,25 +30,31 @@ from torch import Tensor
 
 from .atomic import writes_into
 from .bundle import ThresholdTable, load, read_info, write_thresholds
+from .cost_search import cascade_cost, min_cost_thresholds
 from .data import open_data
 from .devices import check_device
+from .early_exit import gate_power
 from .errors import CalibrationError, OptionError
 from .thresholds import (
     as_table,
     class_precision,
     cpm_thresholds,
     exit_index,
-    global_candidates,
     losses_for,
     risk_control,
     scaled_candidates,
     summarize,
 )
-from .training import branch_scores, compute_features
+from .training import FeatureSet, branch_scores, compute_features
 
-__all__ = ["DEFAULT_MARGIN", "CalibrationResult", "Outputs", "calibrate", "collect", "class_rows"]
+__all__ = ["DEFAULT_MARGIN", "DEFAULT_MAX_DROP", "METHODS", "CalibrationResult", "Outputs",
+           "calibrate", "choose_table", "class_rows", "collect", "outputs_from_features",
+           "uses_gate"]
 
 DEFAULT_MARGIN = 0.02
+DEFAULT_MAX_DROP = 0.01
+METHODS = ("mincost", "budget", "global", "cpm", "risk")
+BOUNDS = ("wsr", "hb")
 
 
 @dataclass
@@ -53,7 +65,12 @@ class Outputs:
     preds: Tensor  # [N, B]
     final_pred: Tensor  # [N]
     labels: Tensor | None  # [N] or None when the data has no (matching) labels
-    exit_costs: list[float]
+    segment_costs: list[float]  # [B + 1] backbone cost up to each cut (last: 1.0)
+    branch_costs: list[float]  # [B] each branch's own cost
+
+    def exit_costs(self, thr: Tensor) -> list[float]:
+        """Relative cost of each exit when ``thr`` decides which exits are on."""
+        return cascade_cost(self.segment_costs, self.branch_costs, thr.amin(1) <= 1).tolist()
 
 
 @dataclass
@@ -86,31 +103,52 @@ def collect(model, data: str | os.PathLike | None = None, *, split: str = "train
     if max_samples is not None:
         indices = indices[:max_samples]
     feats = compute_features(model, dataset, indices, device=device)
+    usable = dataset.has_labels and len(dataset.classes or []) == model.num_classes
+    return outputs_from_features(model, feats, usable, device)
+
+
+def outputs_from_features(model, feats: FeatureSet, labels_usable: bool = True,
+                          device: str = "cpu") -> Outputs:
+    """Branch scores and predictions from already computed features (no backbone pass)."""
     scores, preds = branch_scores(model, feats, device)
     labels = feats.labels
-    usable = dataset.has_labels and bool((labels >= 0).all()) and \
-        len(dataset.classes or []) == model.num_classes
-    return Outputs(scores, preds, feats.final.argmax(1), labels if usable else None,
-                   model.exit_costs())
+    usable = labels_usable and len(labels) > 0 and bool((labels >= 0).all())
+    total = model.backbone_flops
+    segment = (torch.tensor(model.segment_flops, dtype=torch.float64).cumsum(0) / total).tolist()
+    branch = [f / total for f in model.branch_flops]
+    return Outputs(scores, preds, feats.final.argmax(1), labels if usable else None, segment,
+                   branch)
 
 
-def _check(threshold: float | None, cpm: bool, max_drop: float | None, delta: float,
-           margin: float, min_support: int) -> str:
-    if threshold is not None and (cpm or max_drop is not None):
-        raise OptionError("--threshold cannot be combined with --cpm or --max-drop")
+def _method(threshold: float | None, cpm: bool, max_drop: float | None, budget: float | None,
+            risk: bool, delta: float, bound: str, margin: float, min_support: int) -> str:
+    """Which method the options ask for, after checking them (one line per problem)."""
+    if threshold is not None and (cpm or max_drop is not None or budget is not None or risk):
+        raise OptionError("--threshold cannot be combined with --cpm, --max-drop, --budget or "
+                          "--risk")
+    if budget is not None and (cpm or max_drop is not None or risk):
+        raise OptionError("--budget cannot be combined with --cpm, --max-drop or --risk")
     if threshold is not None and not 0 <= threshold <= 1:
         raise OptionError(f"--threshold must lie in [0, 1], got {threshold}")
     if max_drop is not None and not 0 < max_drop < 1:
         raise OptionError(f"--max-drop must lie strictly between 0 and 1, got {max_drop}")
+    if budget is not None and not 0 < budget <= 1:
+        raise OptionError(f"--budget must lie in (0, 1], got {budget}")
     if not 0 < delta < 1:
         raise OptionError(f"--delta must lie strictly between 0 and 1, got {delta}")
+    if bound not in BOUNDS:
+        raise OptionError(f"--bound must be one of {', '.join(BOUNDS)}, got {bound}")
     if not 0 <= margin <= 1:
         raise OptionError(f"--margin must lie in [0, 1], got {margin}")
     if min_support < 1:
         raise OptionError(f"--min-support must be at least 1, got {min_support}")
-    if max_drop is not None:
+    if threshold is not None:
+        return "global"
+    if budget is not None:
+        return "budget"
+    if risk:
         return "risk"
-    return "global" if threshold is not None else "cpm"
+    return "cpm" if cpm else "mincost"
 
 
 def _cpm_table(out: Outputs, k: int, margin: float, min_support: int) -> Tensor:
@@ -135,18 +173,68 @@ def class_rows(out: Outputs, thr: Tensor) -> list[dict[str, Any]]:
     return rows
 
 
+def choose_table(out: Outputs, num_classes: int, *, method: str = "mincost",
+                 threshold: float | None = None, max_drop: float | None = None,
+                 budget: float | None = None, cpm: bool = False, margin: float = DEFAULT_MARGIN,
+                 min_support: int = 20, delta: float = 0.1, bound: str = "wsr",
+                 score: str = "softmax") -> ThresholdTable:
+    """The threshold table ``method`` picks on ``out``, with its parameters and summary.
+
+    ``out`` must hold top-softmax scores for the cost-search methods (see :func:`uses_gate`)
+    and ``score``'s scores otherwise."""
+    b, k = out.scores.shape[1], num_classes
+    params: dict[str, Any] = {"score": score, "samples": int(out.final_pred.numel()),
+                              "labels": out.labels is not None}
+    drop = DEFAULT_MAX_DROP if max_drop is None else max_drop
+    if method == "global":
+        thr = as_table(threshold, b, k)
+        params["threshold"] = threshold
+    elif method == "cpm":
+        thr = _cpm_table(out, k, margin, min_support)
+        params.update(margin=margin, min_support=min_support)
+    elif method in ("mincost", "budget"):
+        found = _search(out, drop if method == "mincost" else None, budget)
+        thr = as_table(found.thresholds.float(), b, k)
+        params.update(max_drop=drop if method == "mincost" else None, budget=budget,
+                      expected_error=found.error, expected_cost=found.cost)
+    else:
+        thr = _risk_table(out, k, cpm, margin, min_support, drop, delta, bound, params)
+    summary = summarize(out.scores, out.preds, out.final_pred, thr, out.exit_costs(thr),
+                        out.labels)
+    if uses_gate(method, cpm):
+        params["softmax_thresholds"] = [None if v > 1 else v for v in thr[:, 0].tolist()]
+        gamma = [gate_power(v) for v in thr[:, 0].tolist()]
+        gated = torch.where(thr > 1, thr, torch.full_like(thr, 0.5))
+        return ThresholdTable(gated, "gate", method, params, summary, gamma)
+    return ThresholdTable(thr, score, method, params, summary)
+
+
+def uses_gate(method: str, cpm: bool = False) -> bool:
+    """Per-exit tables from the cost search are written on the gate scale (0.5 = calibrated);
+    they are searched on the top softmax probability, which ranked samples best."""
+    return method in ("mincost", "budget") or (method == "risk" and not cpm)
+
+
+def _search(out: Outputs, max_drop: float | None, budget: float | None):
+    return min_cost_thresholds(out.scores, out.preds, out.final_pred, out.segment_costs,
+                               out.branch_costs, labels=out.labels, max_drop=max_drop,
+                               budget=budget)
+
+
 @writes_into("bundle", when="write")  # one writer at a time; checks writability first
 def calibrate(
     bundle: str | os.PathLike = "pteenet-out",
     *,
     threshold: float | None = None,
+    max_drop: float | None = None,
+    budget: float | None = None,
     cpm: bool = False,
     margin: float = DEFAULT_MARGIN,
     min_support: int = 20,
-    max_drop: float | None = None,
+    risk: bool = False,
     delta: float = 0.1,
-    bound: str = "hb",
-    score: str = "head",
+    bound: str = "wsr",
+    score: str = "softmax",
     data: str | os.PathLike | None = None,
     split: str = "train",
     checkpoint: str | os.PathLike | None = None,
@@ -156,50 +244,65 @@ def calibrate(
 ) -> CalibrationResult:
     """Choose the threshold table and write it into the bundle (thresholds.json + .csv).
 
-    With no method flag, CPM is used. ``max_drop`` alone scans global thresholds; with ``cpm``
-    it scans the CPM table scaled from "never" towards itself.
+    With no method option the cost search runs at ``max_drop`` 0.01 (one point of accuracy, or
+    of agreement without labels). ``risk`` certifies ``max_drop`` with probability
+    ``1 - delta``; with ``cpm`` it scans the CPM table scaled from "never" towards itself.
     """
-    method = _check(threshold, cpm, max_drop, delta, margin, min_support)
+    method = _method(threshold, cpm, max_drop, budget, risk, delta, bound, margin, min_support)
     check_device(device)
     read_info(bundle)  # fail fast, before the backbone is built
     model = load(bundle, checkpoint=checkpoint, force=force, device=device, thresholds=False)
-    model.set_thresholds(1.0, score=score)
+    model.set_thresholds(1.0, score="softmax" if uses_gate(method, cpm) else score)
     out = collect(model, data, split=split, device=device)
-    b, k = model.num_branches, model.num_classes
-    params: dict[str, Any] = {"score": score, "samples": int(out.final_pred.numel()),
-                              "labels": out.labels is not None}
-    if method == "global":
-        thr = as_table(threshold, b, k)
-        params["threshold"] = threshold
-    elif method == "cpm":
-        thr = _cpm_table(out, k, margin, min_support)
-        params.update(margin=margin, min_support=min_support)
-    else:
-        thr = _risk_table(out, b, k, cpm, margin, min_support, max_drop, delta, bound, params)
-    summary = summarize(out.scores, out.preds, out.final_pred, thr, out.exit_costs, out.labels)
-    table = ThresholdTable(thr, score, method, params, summary)
+    table = choose_table(out, model.num_classes, method=method, threshold=threshold,
+                         max_drop=max_drop, budget=budget, cpm=cpm, margin=margin,
+                         min_support=min_support, delta=delta, bound=bound, score=score)
     if write:
         write_thresholds(model.info.path, table)
-    return CalibrationResult(table, out, summary, class_rows(out, thr))
+    return CalibrationResult(table, out, table.summary, class_rows(out, table.thresholds))
 
 
-def _risk_table(out: Outputs, b: int, k: int, cpm: bool, margin: float, min_support: int,
+def _risk_table(out: Outputs, k: int, cpm: bool, margin: float, min_support: int,
                 max_drop: float, delta: float, bound: str, params: dict) -> Tensor:
+    """Fixed-sequence testing along a conservative-to-permissive family of tables.
+
+    The family is built on half of the samples (the cost search's path, or the CPM table
+    scaled) and the bound is computed on the other half. With labels each sample's loss is
+    ``(1[cascade wrong] - 1[backbone wrong] + 1) / 2`` in {0, 1/2, 1}, whose mean is
+    ``(drop + 1) / 2``, so bounding it bounds the accuracy drop itself (the WSR bound adapts to
+    its small variance); without labels the loss is disagreement with the backbone.
+    """
+    n, b = out.scores.shape
+    if n < 4:
+        raise CalibrationError(f"risk control needs at least 4 calibration samples, got {n}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    build, test = perm[: n // 2], perm[n // 2:]
+    half = _subset(out, build)
     if cpm:
-        candidates = scaled_candidates(_cpm_table(out, k, margin, min_support))
+        family = [as_table(None, b, k), *scaled_candidates(_cpm_table(half, k, margin,
+                                                                     min_support))]
     else:
-        candidates = global_candidates(b, k)
-    never = as_table(None, b, k)
-    candidates = [never, *candidates]
-    losses = torch.stack([losses_for(out.scores, out.preds, out.final_pred, t, out.labels)
-                          for t in candidates])
-    res = risk_control(losses, max_drop, delta, bound)
-    params.update(max_drop=max_drop, delta=delta, bound=bound, family="cpm" if cpm else "global",
-                  ucb=res.ucb, empirical=res.empirical, certified=res.index is not None)
+        path = _search(half, min(3 * max_drop, 0.99), None).path
+        family = [as_table(t.float(), b, k) for t in path]
+    checked = _subset(out, test)
+    losses = torch.stack([losses_for(checked.scores, checked.preds, checked.final_pred, t,
+                                      checked.labels) for t in family])
+    level = (max_drop + 1) / 2 if checked.labels is not None else max_drop
+    res = risk_control(losses, level, delta, bound)
+    scale = (lambda v: 2 * v - 1) if checked.labels is not None else (lambda v: v)
+    params.update(max_drop=max_drop, delta=delta, bound=bound, family="cpm" if cpm else "mincost",
+                  ucb=scale(res.ucb), empirical=scale(res.empirical),
+                  certified=res.index is not None, certified_on=int(test.numel()))
     if res.index is None:
         raise CalibrationError(
             f"even the most conservative thresholds cannot be certified at max-drop {max_drop} "
-            f"with {losses.shape[1]} samples (bound {res.ucb:.3f}); use more calibration data "
-            f"or a larger --max-drop"
+            f"with {test.numel()} samples (bound {scale(res.ucb):.3f}); use more calibration "
+            f"data or a larger --max-drop"
         )
-    return candidates[res.index].float()
+    return family[res.index].float()
+
+
+def _subset(out: Outputs, idx: Tensor) -> Outputs:
+    labels = None if out.labels is None else out.labels[idx]
+    return Outputs(out.scores[idx], out.preds[idx], out.final_pred[idx], labels,
+                   out.segment_costs, out.branch_costs)

@@ -33,10 +33,12 @@ from torch import Tensor
 from .atomic import atomic_path, write_text
 from .backbones import create_backbone, sha256_file
 from .benchmarking import bench
+from .branches import DEFAULT_BRANCH
 from .calibration import calibrate
 from .cifar_resnet import cifar_resnet
 from .data import make_loader, open_data
 from .errors import DataError
+from .placement import DEFAULT_POLICY
 from .preprocess import Preprocess
 from .retrofit import attach
 from .training import TrainConfig
@@ -66,19 +68,10 @@ class DemoSettings:
     test_fraction: float = 0.2
     seed: int = 0
     backbone_epochs: int = 8
-    branches: int = 3
-    placement: str = "pareto"
-    branch: str = "sdn"  # pools to 4x4, keeping the stroke layout early features need
-    attach_epochs: int = 12
-    attach_lr: float = 3e-3
-    attach_batch_size: int = 32
+    attach_epochs: int = 12  # pteenet's defaults otherwise (branches, placement, calibration)
+    attach_batch_size: int = 32  # ~1,400 training images: small batches, more steps
     attach_samples: int | None = None
-    val_fraction: float = 0.25  # large enough that CPM sees ~35 held-out samples per class
-    margin: float = 0.02
-    min_support: int = 10
-    # Trained on the backbone's own argmax, the confidence heads learn to defer to it (scores
-    # ~1e-7 here), so the exit score is the branch's top softmax probability, as SDN intends.
-    score: str = "softmax"
+    val_fraction: float = 0.25  # ~350 held-out samples for the calibration's cost search
     bench_samples: int | None = None
     latency_samples: int = 100
     repeats: int = 5
@@ -87,8 +80,8 @@ class DemoSettings:
     def for_mode(cls, quick: bool) -> DemoSettings:
         if not quick:
             return cls()
-        return cls(backbone_epochs=2, attach_epochs=4, attach_samples=600, min_support=5,
-                   bench_samples=150, latency_samples=10, repeats=2)
+        return cls(backbone_epochs=2, attach_epochs=4, attach_samples=600, bench_samples=150,
+                   latency_samples=10, repeats=2)
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -286,11 +279,10 @@ def train_backbone(workdir: str | os.PathLike, data: dict, settings: DemoSetting
 def _attach(root: str, ckpt: str, out: Path, settings: DemoSettings, progress: bool) -> Any:
     bb = create_backbone(MODEL, checkpoint=ckpt, num_classes=10,
                          input_size=settings.input_size)
-    config = TrainConfig(epochs=settings.attach_epochs, lr=settings.attach_lr,
-                         batch_size=settings.attach_batch_size, seed=settings.seed)
-    return attach(MODEL, root, checkpoint=ckpt, branches=settings.branches,
-                  placement=settings.placement, branch=settings.branch,
-                  val_fraction=settings.val_fraction, out=out, config=config,
+    config = TrainConfig(epochs=settings.attach_epochs, batch_size=settings.attach_batch_size,
+                         seed=settings.seed)
+    return attach(MODEL, root, checkpoint=ckpt, val_fraction=settings.val_fraction, out=out,
+                  config=config,
                   max_samples=settings.attach_samples, progress=progress, backbone=bb)
 
 
@@ -325,7 +317,7 @@ def run_demo(out: str | os.PathLike = "pteenet-demo", *,
              threads: int | None = 1) -> dict[str, Any]:
     """Run the whole retrofit on real, offline data and return a JSON-serialisable summary.
 
-    Stages: digits -> backbone (both cached in ``workdir``) -> attach -> calibrate (CPM) ->
+    Stages: digits -> backbone (both cached in ``workdir``) -> attach -> calibrate ->
     bench, the last three writing the bundle to ``out``, exactly as the commands would.
     ``quick`` is a reduced run for tests; ``threads`` bounds torch's threads (see
     :func:`torch_threads`); ``log`` gets one line per step (default: stderr) and ``progress``
@@ -371,8 +363,8 @@ def _stage_backbone(workdir: Path, data: dict, settings: DemoSettings, quick: bo
 
 def _stage_attach(data: dict, backbone: dict, out: Path, settings: DemoSettings, progress: bool,
                   log: Log) -> Any:
-    log(f"[3/{STAGES}] attach: {settings.branches} {settings.branch} exits ({settings.placement} "
-        "placement) trained on the frozen backbone's own predictions")
+    log(f"[3/{STAGES}] attach: exits with pteenet's defaults ({DEFAULT_BRANCH} branches, "
+        f"{DEFAULT_POLICY} placement) trained on the backbone's predictions and the labels")
     res = _attach(data["root"], backbone["checkpoint"], out, settings, progress)
     cuts = ", ".join(f"{r['cut']} ({_pct(r['exit_flops'])} FLOPs, agrees "
                      f"{_pct(r['agreement'])})" for r in res.rows())
@@ -381,10 +373,9 @@ def _stage_attach(data: dict, backbone: dict, out: Path, settings: DemoSettings,
 
 
 def _stage_calibrate(out: Path, settings: DemoSettings, log: Log) -> Any:
-    log(f"[4/{STAGES}] calibrate: Class Precision Margin (margin {settings.margin}, "
-        f"{settings.score} score) on the held-out split")
-    cal = calibrate(out, cpm=True, margin=settings.margin, min_support=settings.min_support,
-                    score=settings.score)
+    log(f"[4/{STAGES}] calibrate: least FLOPs within one point of the backbone's accuracy on "
+        f"the held-out split (exits that do not pay are switched off)")
+    cal = calibrate(out)
     s = cal.summary
     log(f"      expected: top-1 {_pct(s['accuracy'])} (backbone {_pct(s['backbone_accuracy'])}), "
         f"relative FLOPs {s['mean_relative_flops']:.2f}; wrote {out}/thresholds.json")

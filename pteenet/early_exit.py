@@ -10,18 +10,27 @@ It wraps the backbone's pieces and never edits them (like timm's feature wrapper
 
 Thresholds are a ``[branches, classes]`` table: a sample predicted ``c`` at branch ``k`` leaves
 when its score is at least ``thresholds[k, c]``. One global value or one per branch is broadcast.
-Scores are the confidence head's sigmoid (EENets/PTEEnet) or the top softmax probability.
+Scores (``score``) are the top softmax probability (``softmax``), the confidence head's sigmoid
+(``head``, EENets/PTEEnet), or -- what calibration writes by default -- the ``gate``: the top
+softmax probability raised to a per-exit power ``gamma[k]`` chosen so that the calibrated
+threshold sits at exactly 0.5. On the gate scale the global knob means the same on every exit
+and every model: 0.5 is the calibrated operating point, higher exits later (safer), lower
+earlier; an exit that calibration switched off (``gamma = inf``) stays off at any knob.
+
+An exit whose every threshold is above 1 can never fire, so it is *off*: its branch is not run
+and its FLOPs are not spent. With every exit off the model is the backbone, at exactly its cost.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .branches import branch_flops, make_branch
+from .branches import DEFAULT_BRANCH, branch_flops, make_branch
 from .errors import OptionError
 from .thresholds import as_table
 from .tracing import Trace, split_at
@@ -31,9 +40,27 @@ __all__ = [
     "EarlyExitResult",
     "TrainOutputs",
     "build_early_exit",
+    "gate",
+    "gate_power",
 ]
 
-SCORES = ("head", "softmax")
+SCORES = ("gate", "softmax", "head")
+DEFAULT_BUDGET = 0.01  # each branch costs at most 1 % of the backbone by default
+
+
+def gate(top: torch.Tensor, gamma: torch.Tensor | float) -> torch.Tensor:
+    """The gate score ``top ** gamma``; 0 where ``gamma`` is inf (an exit switched off)."""
+    g = torch.as_tensor(gamma, dtype=top.dtype, device=top.device)
+    return torch.where(torch.isinf(g), torch.zeros_like(top), top.clamp_min(0) ** g)
+
+
+def gate_power(threshold: float) -> float:
+    """The power that maps a top-softmax threshold to exactly 0.5 (inf: the exit is off)."""
+    if not threshold <= 1:
+        return math.inf
+    if threshold <= 0:
+        return 0.0
+    return math.log(0.5) / math.log(min(threshold, 1 - 1e-7))
 
 
 @dataclass
@@ -74,7 +101,8 @@ class EarlyExitModel(nn.Module):
         branch_flops: Sequence[int],
         num_classes: int,
         thresholds: object = 0.5,
-        score: str = "head",
+        score: str = "softmax",
+        gamma: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         if len(segments) != len(branches) + 1:
@@ -86,7 +114,8 @@ class EarlyExitModel(nn.Module):
         self.num_classes = num_classes
         self.score = score
         self.register_buffer("thresholds", torch.empty(0), persistent=False)
-        self.set_thresholds(thresholds)
+        self.register_buffer("gamma", torch.ones(len(branches)), persistent=False)
+        self.set_thresholds(thresholds, gamma=gamma)
 
     # -- configuration --------------------------------------------------------------------
     @property
@@ -97,23 +126,46 @@ class EarlyExitModel(nn.Module):
     def backbone_flops(self) -> int:
         return sum(self.segment_flops)
 
-    def exit_costs(self) -> list[float]:
-        """Relative FLOPs of a sample leaving at exit k (k = B: the backbone), branches included."""
+    @property
+    def active(self) -> list[bool]:
+        """Per exit: can it fire under the current thresholds? Off exits are never evaluated.
+
+        On the gate score an exit calibration switched off (``gamma`` inf) stays off whatever
+        the thresholds, so a global knob never brings back a branch that does not pay."""
+        on = self.thresholds.amin(1) <= 1
+        if self.score == "gate":
+            on &= ~torch.isinf(self.gamma.to(on.device))
+        return on.tolist()
+
+    def exit_costs(self, active: Sequence[bool] | None = None) -> list[float]:
+        """Relative FLOPs of a sample leaving at exit k (k = B: the backbone).
+
+        Only the branches of ``active`` exits (default: those the thresholds leave on) are
+        counted, since only those run; pass all True for the cost with every branch evaluated.
+        """
+        on = self.active if active is None else list(active)
         costs, spent = [], 0
         for k in range(self.num_branches):
-            spent += self.segment_flops[k] + self.branch_flops[k]
+            spent += self.segment_flops[k] + (self.branch_flops[k] if on[k] else 0)
             costs.append(spent / self.backbone_flops)
         costs.append((spent + self.segment_flops[-1]) / self.backbone_flops)
         return costs
 
-    def set_thresholds(self, value: object, score: str | None = None) -> None:
-        """Set the exit thresholds (float, per branch, or per branch and class)."""
+    def set_thresholds(self, value: object, score: str | None = None,
+                       gamma: Sequence[float] | None = None) -> None:
+        """Set the exit thresholds (float, per branch, or per branch and class), optionally the
+        score they apply to and the gate's per-exit powers."""
         if score is not None:
             if score not in SCORES:
                 raise OptionError(f"unknown score '{score}': use one of {', '.join(SCORES)}")
             self.score = score
         t = as_table(value, self.num_branches, self.num_classes).float()
         self.thresholds = t.to(self.thresholds.device if self.thresholds.numel() else "cpu")
+        if gamma is not None:
+            g = torch.as_tensor(list(gamma), dtype=torch.float32)
+            if g.shape != (self.num_branches,) or torch.isnan(g).any() or (g < 0).any():
+                raise OptionError(f"gamma needs {self.num_branches} values >= 0")
+            self.gamma = g.to(self.thresholds.device)
 
     def train(self, mode: bool = True) -> EarlyExitModel:
         """Only branches ever train: the backbone's segments stay in eval mode."""
@@ -122,10 +174,20 @@ class EarlyExitModel(nn.Module):
         return self
 
     # -- computation ----------------------------------------------------------------------
-    def exit_score(self, logits: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
+    def exit_score(self, logits: torch.Tensor, confidence: torch.Tensor, k: int) -> torch.Tensor:
+        """Exit ``k``'s score of each sample (see the module docstring for the three kinds)."""
         if self.score == "head":
             return torch.sigmoid(confidence)
-        return torch.softmax(logits, dim=1).amax(1)
+        top = torch.softmax(logits.float(), dim=1).amax(1)
+        if self.score == "softmax":
+            return top
+        return gate(top, self.gamma[k])
+
+    def all_scores(self, logits: Sequence[torch.Tensor], conf: Sequence[torch.Tensor]
+                   ) -> torch.Tensor:
+        """Every exit's score, stacked [N, B] (what calibration and bench record)."""
+        return torch.stack([self.exit_score(lg, c, k)
+                            for k, (lg, c) in enumerate(zip(logits, conf))], 1)
 
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -136,14 +198,25 @@ class EarlyExitModel(nn.Module):
             feats.append(x)
         return feats, self.segments[-1](x)
 
-    def branch_outputs(self, feats: Sequence[torch.Tensor]) -> tuple[list, list]:
-        outs = [b(f) for b, f in zip(self.branches, feats)]
+    @torch.no_grad()
+    def reduced_features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Each branch's fixed reduction of its cut's map (what training caches), and the logits.
+
+        The reductions are small (a 4x4 grid at most), so caching them costs a fraction of
+        caching whole maps, and every epoch runs only the branches' learned parts.
+        """
+        feats, final = self.features(x)
+        return [b.reduce(f) for b, f in zip(self.branches, feats)], final
+
+    def branch_outputs(self, reduced: Sequence[torch.Tensor]) -> tuple[list, list]:
+        """Every branch's logits and confidence logit from its reduced map."""
+        outs = [b.head(r) for b, r in zip(self.branches, reduced)]
         return [o[0] for o in outs], [o[1] for o in outs]
 
     def forward(self, x: torch.Tensor) -> TrainOutputs | EarlyExitResult:
         if self.training:
-            feats, final = self.features(x)
-            logits, conf = self.branch_outputs(feats)
+            reduced, final = self.reduced_features(x)
+            logits, conf = self.branch_outputs(reduced)
             return TrainOutputs(logits, conf, final)
         return self.early_exit(x)
 
@@ -163,11 +236,14 @@ class EarlyExitModel(nn.Module):
         cheap_checks = dev.type == "cpu"
         spent = 0
         h = x
-        for k, branch in enumerate(self.branches):
+        for k, (branch, on) in enumerate(zip(self.branches, self.active)):
             h = self.segments[k](h)
-            spent += self.segment_flops[k] + self.branch_flops[k]
+            spent += self.segment_flops[k]
+            if not on:
+                continue
+            spent += self.branch_flops[k]
             logits, conf = branch(h)
-            leave = self.exit_score(logits, conf) >= thr[k].gather(0, logits.argmax(1))
+            leave = self.exit_score(logits, conf, k) >= thr[k].gather(0, logits.argmax(1))
             if cheap_checks and not leave.any():
                 continue
             if cheap_checks and leave.all():
@@ -194,18 +270,30 @@ def build_early_exit(
     trace: Trace,
     cut_names: Sequence[str],
     num_classes: int,
-    branch: str | Sequence[str] = "conv2",
+    branch: str | Sequence[str] = DEFAULT_BRANCH,
     *,
+    budget: float | None = DEFAULT_BUDGET,
+    widths: Sequence[int | None] | None = None,
     thresholds: object = 0.5,
-    score: str = "head",
+    score: str = "softmax",
+    gamma: Sequence[float] | None = None,
 ) -> EarlyExitModel:
-    """Split the traced backbone at ``cut_names`` and attach a fresh branch after each cut."""
+    """Split the traced backbone at ``cut_names`` and attach a fresh branch after each cut.
+
+    ``budget`` caps each branch's FLOPs as a share of the backbone's (``None``: no cap);
+    ``widths`` (from a bundle) rebuilds branches at the widths they were trained with.
+    """
     kinds = [branch] * len(cut_names) if isinstance(branch, str) else list(branch)
     if len(kinds) != len(cut_names):
         raise OptionError(f"{len(kinds)} branch types given for {len(cut_names)} cuts")
+    if budget is not None and not 0 < budget <= 1:
+        raise OptionError(f"--branch-budget must lie in (0, 1], got {budget}")
     segments = split_at(trace, cut_names)
     cuts = [trace.cut(c) for c in cut_names]
-    branches = [make_branch(k, c.shape[0], num_classes) for k, c in zip(kinds, cuts)]
+    cap = None if budget is None else budget * trace.total_flops
+    widths = list(widths) if widths is not None else [None] * len(cuts)
+    branches = [make_branch(k, c.shape, num_classes, cap, width=w)
+                for k, c, w in zip(kinds, cuts, widths)]
     prev, seg_flops = 0, []
     for c in cuts:
         seg_flops.append(c.flops - prev)
@@ -214,5 +302,5 @@ def build_early_exit(
     return EarlyExitModel(
         segments, branches, segment_flops=seg_flops,
         branch_flops=[branch_flops(b, c.shape) for b, c in zip(branches, cuts)],
-        num_classes=num_classes, thresholds=thresholds, score=score,
+        num_classes=num_classes, thresholds=thresholds, score=score, gamma=gamma,
     )

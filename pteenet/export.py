@@ -38,6 +38,7 @@ from . import __version__
 from .atomic import atomic_path, write_text, writer_lock
 from .backbones import sha256_file
 from .bundle import load, read_info
+from .early_exit import gate
 from .errors import BundleError, OptionError
 
 __all__ = ["FORMATS", "MANIFEST", "MANIFEST_VERSION", "export", "manifest_for"]
@@ -54,16 +55,20 @@ INSTALL_HINT = "pip install pteenet[onnx]"
 class ScoredBranch(nn.Module):
     """A branch whose second output is already the exit score, so runtimes need no torch math."""
 
-    def __init__(self, branch: nn.Module, score: str) -> None:
+    def __init__(self, branch: nn.Module, score: str, gamma: float = 1.0) -> None:
         super().__init__()
         self.branch = branch
         self.score = score
+        self.gamma = float(gamma)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits, confidence = self.branch(x)
         if self.score == "head":
             return logits, torch.sigmoid(confidence)
-        return logits, torch.softmax(logits, dim=1).amax(1)
+        top = torch.softmax(logits, dim=1).amax(1)
+        if self.score == "softmax":
+            return logits, top
+        return logits, gate(top, self.gamma)
 
 
 def export(
@@ -94,7 +99,8 @@ def export(
 def _write_graphs(model: Any, folder: Path, format: str, opset: int) -> dict[str, list[str]]:
     """Each segment and branch as its own graph file; returns their names by group."""
     graphs = {"segment": list(model.segments),
-              "branch": [ScoredBranch(b, model.score).eval() for b in model.branches]}
+              "branch": [ScoredBranch(b, model.score, g).eval()
+                         for b, g in zip(model.branches, model.gamma.tolist())]}
     traced, checked = _example_inputs(model, TRACE_BATCH), _example_inputs(model, CHECK_BATCH)
     files: dict[str, list[str]] = {"segments": [], "branches": []}
     for kind, group in (("segment", "segments"), ("branch", "branches")):
@@ -116,7 +122,7 @@ def manifest_for(model: Any, format: str, files: dict[str, list[str]]) -> dict[s
         "num_classes": model.num_classes, "input_size": list(info.preprocess.input_size),
         "mean": list(info.preprocess.mean), "std": list(info.preprocess.std),
         "classes": info.classes, "cuts": list(info.cuts), "score": model.score,
-        "thresholds": thr, "segment_flops": list(model.segment_flops),
+        "thresholds": thr, "active": model.active, "segment_flops": list(model.segment_flops),
         "branch_flops": list(model.branch_flops), "backbone_flops": model.backbone_flops,
         "exit_costs": model.exit_costs(), "files": files,
     }

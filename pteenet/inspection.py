@@ -7,7 +7,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from .backbones import create_backbone
-from .placement import choose_cuts
+from .branches import DEFAULT_BRANCH, branch_flops, make_branch
+from .early_exit import DEFAULT_BUDGET
+from .placement import DEFAULT_POLICY, choose_cuts, useful_cuts
 from .tracing import trace_backbone
 
 __all__ = ["inspect_backbone"]
@@ -19,14 +21,17 @@ def inspect_backbone(
     checkpoint: str | os.PathLike | None = None,
     num_classes: int | None = None,
     branches: int | None = None,
-    placement: str = "pareto",
+    placement: str = DEFAULT_POLICY,
     at: Sequence[float] | None = None,
     cuts: Sequence[str] | None = None,
     input_size: tuple[int, int] | None = None,
     mean: tuple[float, float, float] | None = None,
     std: tuple[float, float, float] | None = None,
+    branch: str = DEFAULT_BRANCH,
+    branch_budget: float | None = DEFAULT_BUDGET,
 ) -> dict[str, Any]:
-    """Trace ``model`` and describe every cut point; mark those a placement would choose.
+    """Trace ``model`` and describe every cut point; mark those a placement would choose, with
+    what a ``branch`` there would cost (as attach would build it under ``branch_budget``).
 
     Returns a JSON-serialisable dict (the same data ``--json`` prints).
     """
@@ -39,6 +44,8 @@ def inspect_backbone(
     elif branches or at:
         chosen = choose_cuts(trace, branches, placement, at)
     total = trace.total_flops
+    useful = {c.name for c in useful_cuts(trace)}
+    costs = _branch_costs(trace, chosen, bb.num_classes, branch, branch_budget)
     return {
         "model": bb.full_name,
         "source": bb.source,
@@ -55,7 +62,19 @@ def inspect_backbone(
         "cuts": [
             {"name": c.name, "shape": list(c.shape), "flops": c.flops,
              "fraction": c.flops / total if total else 0.0, "params": c.params,
-             "chosen": c.name in chosen}
+             "chosen": c.name in chosen, "useful": c.name in useful,
+             "branch_flops": costs.get(c.name)}
             for c in trace.cuts
         ],
     }
+
+
+def _branch_costs(trace, chosen: Sequence[str], num_classes: int, branch: str,
+                  budget: float | None) -> dict[str, int]:
+    """FLOPs of the branch attach would put at each chosen cut."""
+    cap = None if budget is None else budget * trace.total_flops
+    out = {}
+    for name in chosen:
+        shape = trace.cut(name).shape
+        out[name] = branch_flops(make_branch(branch, shape, num_classes, cap), shape)
+    return out

@@ -4,7 +4,10 @@ The policies are those of EENets (Demir & Akbas, section 3.4): ``pareto`` lets e
 remaining FLOPs 20/80, ``golden`` 61.8/38.2, ``fine`` 5/95; ``linear`` spaces exits so the FLOPs
 between consecutive exits are equal; ``quadratic`` makes those gaps grow quadratically. Explicit
 fractions (``--at``) are the escape hatch. Targets are fractions of the backbone's FLOPs; each is
-mapped to the nearest unused cut.
+mapped to the nearest unused *useful* cut: of several cuts at the same FLOP fraction (a residual
+``add`` and the ``relu`` after it) only the last counts, and cuts in the last ``TAIL`` of the
+FLOPs are never used, since an exit there could save almost nothing yet costs its branch on every
+sample that reaches it.
 """
 
 from __future__ import annotations
@@ -12,12 +15,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .errors import PlacementError
-from .tracing import Trace
+from .tracing import Cut, Trace
 
-__all__ = ["POLICIES", "choose_cuts", "target_fractions"]
+__all__ = ["DEFAULT_BRANCHES", "DEFAULT_POLICY", "POLICIES", "TAIL", "choose_cuts",
+           "target_fractions", "useful_cuts"]
 
 _SPLIT_RATIO = {"pareto": 0.2, "golden": 0.618, "fine": 0.05}
 POLICIES = ("pareto", "golden", "fine", "linear", "quadratic")
+DEFAULT_POLICY = "linear"
+DEFAULT_BRANCHES = 10
+TAIL = 0.05
 
 
 def target_fractions(policy: str, n: int) -> list[float]:
@@ -47,20 +54,42 @@ def _check_fractions(at: Sequence[float]) -> list[float]:
     return at
 
 
-def choose_cuts(
-    trace: Trace, n: int | None = None, policy: str = "pareto", at: Sequence[float] | None = None
-) -> list[str]:
-    """Names of the cuts nearest to the policy's targets (or ``at``), distinct and in order.
+def useful_cuts(trace: Trace) -> list[Cut]:
+    """The cuts an exit may use: one per distinct FLOP fraction (the last), none in the tail."""
+    total = max(trace.total_flops, 1)
+    kept: list[Cut] = []
+    for c in trace.cuts:
+        if c.flops / total > 1 - TAIL:
+            continue
+        if kept and kept[-1].flops == c.flops:
+            kept[-1] = c
+        else:
+            kept.append(c)
+    return kept
 
-    Targets are served in order; each takes the unused cut nearest to it in FLOP fraction while
-    leaving enough later cuts for the targets after it, so no two exits share a cut.
+
+def choose_cuts(
+    trace: Trace, n: int | None = None, policy: str = DEFAULT_POLICY,
+    at: Sequence[float] | None = None
+) -> list[str]:
+    """Names of the useful cuts nearest to the policy's targets (or ``at``), distinct, in order.
+
+    ``n=None`` asks for :data:`DEFAULT_BRANCHES`, or one exit per useful cut where there are
+    fewer. Targets are served in order; each takes the unused cut nearest to it in FLOP
+    fraction while leaving enough later cuts for the targets after it, so no two exits share a
+    cut.
     """
+    cuts = useful_cuts(trace)
+    if not cuts:
+        raise PlacementError(f"this backbone has no cut point before the last {TAIL:.0%} of "
+                             f"its FLOPs")
+    if at is None and n is None:
+        n = min(DEFAULT_BRANCHES, len(cuts))
     targets = _check_fractions(at) if at is not None else target_fractions(policy, n or 0)
-    cuts = trace.cuts
     if len(targets) > len(cuts):
         raise PlacementError(
-            f"asked for {len(targets)} branches but this backbone has only {len(cuts)} cut points"
-        )
+            f"asked for {len(targets)} branches but this backbone has only {len(cuts)} useful "
+            f"cut points (one per distinct FLOP count, none in the last {TAIL:.0%} of FLOPs)")
     fracs = [c.flops / trace.total_flops for c in cuts]
     chosen: list[int] = []
     for i, t in enumerate(targets):

@@ -10,7 +10,7 @@ import hashlib
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,12 +20,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from . import __version__
 from .atomic import writes_into
 from .backbones import Backbone, create_backbone
-from .bundle import BundleInfo, ThresholdTable, save_bundle, write_thresholds
+from .branches import DEFAULT_BRANCH
+from .bundle import BundleInfo, ThresholdTable, save_bundle
+from .calibration import choose_table, outputs_from_features
 from .data import available_splits, open_data
 from .distributed import all_sum, init_from_env, is_main, launched_as_main, rank_world
-from .early_exit import EarlyExitModel, build_early_exit
+from .early_exit import DEFAULT_BUDGET, EarlyExitModel, build_early_exit
 from .errors import OptionError
-from .placement import choose_cuts
+from .placement import DEFAULT_POLICY, choose_cuts
 from .tracing import Trace, trace_backbone
 from .training import (
     LiveFeatures,
@@ -37,9 +39,10 @@ from .training import (
     train_branches,
 )
 
-__all__ = ["STATE_FILE", "AttachResult", "attach"]
+__all__ = ["STATE_FILE", "WARN_SHARE", "AttachResult", "attach"]
 
 STATE_FILE = ".attach-state.pt"
+WARN_SHARE = 0.25  # attach warns when all branches together cost more than this
 
 
 @dataclass
@@ -51,6 +54,8 @@ class AttachResult:
     trace: Trace
     report: TrainReport
     seconds: float
+    table: ThresholdTable | None = None
+    notes: list[str] = field(default_factory=list)
 
     def rows(self) -> list[dict]:
         """Per branch: cut, FLOPs fraction at the exit, and held-out agreement with the backbone."""
@@ -73,11 +78,12 @@ def attach(
     data: str | os.PathLike,
     *,
     checkpoint: str | os.PathLike | None = None,
-    branches: int = 5,
-    placement: str = "pareto",
+    branches: int | None = None,
+    placement: str = DEFAULT_POLICY,
     at: Sequence[float] | None = None,
     cuts: Sequence[str] | None = None,
-    branch: str = "conv2",
+    branch: str = DEFAULT_BRANCH,
+    branch_budget: float | None = DEFAULT_BUDGET,
     val_fraction: float = 0.1,
     out: str | os.PathLike = "pteenet-out",
     config: TrainConfig | None = None,
@@ -93,8 +99,12 @@ def attach(
     """Place exits on a frozen backbone, train them on its pseudo-labels and write the bundle.
 
     ``cuts`` names modules to split at (for models fx cannot trace whole); otherwise ``at`` or
-    ``placement`` with ``branches`` choose among the traced cut points. ``max_samples`` trains on
-    a seeded subset (quick runs). The bundle is written only when training has finished; with
+    ``placement`` with ``branches`` (default: 10, or one per useful cut point where there are
+    fewer) choose among the traced cut points. Each branch costs at most
+    ``branch_budget`` of the backbone's FLOPs. ``max_samples`` trains on a seeded subset (quick
+    runs). After training, the held-out split calibrates the bundle with the default rule
+    (:func:`pteenet.calibration.choose_table`: least cost within one point of accuracy), so the
+    bundle is ready to use. The bundle is written only when training has finished; with
     ``resume`` the training state is saved after every epoch in ``out/.attach-state.pt`` and an
     interrupted run with the same settings continues from its last finished epoch.
     """
@@ -116,8 +126,11 @@ def attach(
                           f"predicts {bb.num_classes}; --target labels needs them to match")
     trace = trace_backbone(bb.model, bb.preprocess.input_size, cuts=cuts)
     names = list(cuts) if cuts else choose_cuts(trace, branches, placement, at)
+    notes: list[str] = []
     torch.manual_seed(config.seed)
-    ee = build_early_exit(trace, names, bb.num_classes, branch).to(config.device)
+    ee = build_early_exit(trace, names, bb.num_classes, branch,
+                          budget=branch_budget).to(config.device)
+    notes += _cost_notes(ee)
     n = len(dataset)
     pool = list(range(n))
     if max_samples is not None and max_samples < n:
@@ -151,18 +164,36 @@ def attach(
         report = train_branches(ee, train, held, config, on_epoch, state)
         report.skipped = int(all_sum(torch.tensor(train.skipped, device=config.device))) + \
             held.skipped
-    ee.eval()
-    if report.thresholds is not None:
-        ee.set_thresholds(report.thresholds)
+        ee.eval()
+        labeled = dataset.has_labels and len(dataset.classes or []) == bb.num_classes
+        table = _first_table(ee, held, report, config, labeled)
+    ee.set_thresholds(table.thresholds, score=table.score, gamma=table.gamma)
     info = _bundle_info(bb, ee, names, bool(cuts), branch, dataset, config, report, held,
                         val_fraction, len(pool), data)
     if is_main():  # one writer; the other ranks hold the same branches
-        save_bundle(out, ee, info)
-        if report.thresholds is not None:
-            write_thresholds(out, ThresholdTable(report.thresholds, ee.score, "cpm",
-                                                 {"margin": config.margin, "boosted": True}))
+        save_bundle(out, ee, info, table)
         (Path(out) / STATE_FILE).unlink(missing_ok=True)
-    return AttachResult(ee, info, trace, report, time.perf_counter() - start)
+    return AttachResult(ee, info, trace, report, time.perf_counter() - start, table, notes)
+
+
+def _first_table(ee: EarlyExitModel, held, report: TrainReport, config: TrainConfig,
+                 labeled: bool) -> ThresholdTable:
+    """The table the bundle leaves attach with: boosted training's own CPM table, else the
+    default calibration on the held-out features already in memory (no second backbone pass)."""
+    if report.thresholds is not None:
+        return ThresholdTable(report.thresholds, ee.score, "cpm",
+                              {"margin": config.margin, "boosted": True})
+    ee.set_thresholds(1.0, score="softmax")  # the cost search ranks by top softmax
+    return choose_table(outputs_from_features(ee, held, labeled, config.device), ee.num_classes)
+
+
+def _cost_notes(ee: EarlyExitModel) -> list[str]:
+    share = sum(ee.branch_flops) / ee.backbone_flops
+    if share <= WARN_SHARE:
+        return []
+    return [f"the branches together cost {share:.0%} of the backbone (above {WARN_SHARE:.0%}); "
+            f"calibration switches off the ones that do not pay, but fewer or cheaper branches "
+            f"(--branches, --branch-budget) train faster"]
 
 
 def _fingerprint(bb: Backbone, names, branch, config: TrainConfig, data, pool) -> str:
@@ -183,13 +214,13 @@ def _bundle_info(bb: Backbone, ee: EarlyExitModel, names, module_cuts, branch, d
                   "checkpoint_path": str(Path(ckpt).resolve()) if ckpt else None,
                   "checkpoint_sha256": bb.checkpoint_sha256},
         preprocess=bb.preprocess, cuts=list(names), module_cuts=module_cuts,
-        branches=[{"type": branch, "flops": f, "channels": int(b.classifier.in_features)}
+        branches=[{"type": branch, "flops": f, "width": int(b.classifier.in_features)}
                   for b, f in zip(ee.branches, ee.branch_flops)],
         segment_flops=ee.segment_flops,
         classes=list(dataset.classes) if dataset.classes and
         len(dataset.classes) == bb.num_classes else None,
         training={**asdict(config), "mode": f"boosted-{config.boosted}" if config.boosted
-                  else "joint", "losses": report.losses, "agreement": report.agreement,
+                  else config.loss, "losses": report.losses, "agreement": report.agreement,
                   "survivors": report.survivors, "skipped_images": report.skipped,
                   "pteenet_version": __version__},
         data={"spec": str(Path(data).resolve()) if Path(str(data)).exists() else str(data),

@@ -81,7 +81,6 @@ class Cascade:
         rows = manifest["thresholds"]
         self.thresholds = np.array([[np.inf if v is None else v for v in r] for r in rows],
                                    dtype=np.float32).reshape(len(self.branches), -1)
-        self._exit_flops = _exit_flops(manifest)
 
     # -- loading --------------------------------------------------------------------------
     @classmethod
@@ -127,10 +126,15 @@ class Cascade:
         logits = np.zeros((n, self.num_classes), dtype=np.float32)
         exit_index = np.full(n, b, dtype=np.int64)
         alive, h = np.arange(n), x
+        # an exit that can never fire, or that calibration switched off, is not run
+        active = (self.thresholds.min(1) <= 1) & np.asarray(self.manifest.get("active", [True] * b),
+                                                             dtype=bool)
         for k in range(b):
             if alive.size == 0:
                 break
             h = self.segments[k](h)[0]
+            if not active[k]:
+                continue
             out, score = self.branches[k](h)[:2]
             leave = score >= self.thresholds[k][out.argmax(1)]
             logits[alive[leave]] = out[leave]
@@ -139,7 +143,7 @@ class Cascade:
                 h, alive = np.ascontiguousarray(h[~leave]), alive[~leave]
         if alive.size:
             logits[alive] = self.segments[b](h)[0]
-        return CascadeResult(logits, exit_index, self._exit_flops[exit_index])
+        return CascadeResult(logits, exit_index, _exit_flops(self.manifest, active)[exit_index])
 
     def _check_images(self, images: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(images, dtype=np.float32)
@@ -263,10 +267,10 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _exit_flops(manifest: dict[str, Any]) -> np.ndarray:
-    """FLOPs spent by a sample leaving at exit k (k = B: the backbone), branches included."""
+def _exit_flops(manifest: dict[str, Any], active: np.ndarray) -> np.ndarray:
+    """FLOPs spent by a sample leaving at exit k (k = B: the backbone), active branches only."""
     seg, br = manifest["segment_flops"], manifest["branch_flops"]
-    steps = [s + b for s, b in zip(seg, br)] + [seg[-1]]
+    steps = [s + (b if on else 0) for s, b, on in zip(seg, br, active)] + [seg[-1]]
     return np.cumsum(np.asarray(steps, dtype=np.float64))
 
 

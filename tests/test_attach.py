@@ -35,7 +35,7 @@ def test_attach_writes_a_complete_bundle(bundle):
     out, result, _ = bundle
     assert (out / BRANCHES_FILE).is_file() and (out / THRESHOLDS_FILE).is_file()
     assert (out / "thresholds.csv").read_text().startswith("branch,class,threshold")
-    assert "agrees (held-out)" in result.output
+    assert "calibrated (mincost) on the held-out split" in result.output
     info = read_info(out)
     assert info.num_branches == 2 and info.num_classes == 3
     assert info.backbone["checkpoint_sha256"] and info.preprocess.input_size == (32, 32)

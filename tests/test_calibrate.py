@@ -52,7 +52,7 @@ def test_cpm_table_round_trips_and_load_applies_it(bundle):
 def test_per_class_thresholds_from_the_table_drive_real_exits(bundle):
     model = load(bundle)
     x = torch.randn(16, 3, 32, 32)
-    feats, _ = model.features(x)
+    feats, _ = model.reduced_features(x)
     logits, _ = model.branch_outputs(feats)
     pred0 = logits[0].argmax(1)
     table = torch.full((2, 3), math.inf)
@@ -66,21 +66,23 @@ def test_global_threshold_and_risk_control(bundle):
     r = runner.invoke(app, ["calibrate", "-b", str(bundle), "--threshold", "0.7"])
     assert r.exit_code == 0, r.output
     assert "0.700" in r.stdout
-    res = calibrate(bundle, max_drop=0.5, delta=0.2)
+    res = calibrate(bundle, max_drop=0.5, delta=0.2, risk=True, bound="hb")
     p = res.table.params
     assert p["certified"] and p["ucb"] <= 0.5 and p["empirical"] <= p["ucb"]
-    assert res.table.method == "risk"
+    assert res.table.method == "risk" and res.table.score == "gate"
     r = runner.invoke(app, ["calibrate", "-b", str(bundle), "--max-drop", "0.5", "--cpm",
-                            "--bound", "wsr", "--delta", "0.2", "--min-support", "2"])
+                            "--risk", "--delta", "0.2", "--min-support", "2"])
     assert r.exit_code == 0, r.output
     assert "risk control: wsr bound" in r.stdout
 
 
-def test_softmax_score_is_recorded_and_used(bundle):
-    calibrate(bundle, threshold=0.9, score="softmax")
-    assert load(bundle).score == "softmax"
-    calibrate(bundle, threshold=0.5)
+def test_score_is_recorded_and_used(bundle):
+    calibrate(bundle, threshold=0.9, score="head")
     assert load(bundle).score == "head"
+    calibrate(bundle, threshold=0.5)
+    assert load(bundle).score == "softmax"
+    calibrate(bundle)
+    assert load(bundle).score == "gate"
 
 
 @pytest.mark.parametrize("args", [["--threshold", "1.5"], ["--threshold", "0.5", "--cpm"],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -9,7 +11,7 @@ from hypothesis import strategies as st
 
 from pteenet.backbones import freeze
 from pteenet.cifar_resnet import cifar_resnet
-from pteenet.early_exit import EarlyExitModel, build_early_exit
+from pteenet.early_exit import EarlyExitModel, build_early_exit, gate, gate_power
 from pteenet.errors import OptionError
 from pteenet.placement import choose_cuts
 from pteenet.thresholds import exit_index
@@ -34,24 +36,29 @@ def setup() -> tuple[torch.nn.Module, EarlyExitModel, torch.Tensor]:
 
 def simulate(model: EarlyExitModel, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference: run everything, then apply the exit rule sample by sample (no compaction)."""
-    feats, final = model.features(x)
+    feats, final = model.reduced_features(x)
     logits, conf = model.branch_outputs(feats)
-    scores = torch.stack([model.exit_score(lg, c) for lg, c in zip(logits, conf)], 1)
+    scores = model.all_scores(logits, conf)
     preds = torch.stack([lg.argmax(1) for lg in logits], 1)
     exits = exit_index(scores, preds, model.thresholds)
     every = torch.stack([*logits, final], 1)
     return every[torch.arange(len(x)), exits], exits
 
 
-def test_thresholds_above_one_equal_the_backbone(setup):
+@settings(max_examples=15, deadline=None, suppress_health_check=FIXTURE)
+@given(table=st.lists(st.lists(st.floats(1.001, math.inf), min_size=K,
+                               max_size=K), min_size=3, max_size=3),
+       score=st.sampled_from(["gate", "head", "softmax"]))
+def test_thresholds_above_one_equal_the_backbone_at_exactly_its_cost(setup, table, score):
     backbone, model, x = setup
-    model.set_thresholds(1.5)
+    model.set_thresholds(table, score=score)
     res = model(x)
     assert torch.equal(res.logits, backbone(x))
     assert (res.exit_index == model.num_branches).all()
-    full = model.backbone_flops + sum(model.branch_flops)
-    assert torch.allclose(res.flops, torch.full_like(res.flops, full))
-    assert res.flops[0] / model.backbone_flops == pytest.approx(model.exit_costs()[-1])
+    # every exit is off: no branch runs, so the cost is the backbone's, not a FLOP more
+    assert model.active == [False] * model.num_branches
+    assert torch.equal(res.flops, torch.full_like(res.flops, model.backbone_flops))
+    assert model.exit_costs()[-1] == 1.0
 
 
 def test_zero_thresholds_leave_at_the_first_branch(setup):
@@ -96,7 +103,7 @@ def test_batch_size_does_not_change_per_sample_results(setup, t, batch):
 
 def test_per_class_thresholds_apply_to_the_predicted_class(setup):
     _, model, x = setup
-    feats, _ = model.features(x)
+    feats, _ = model.reduced_features(x)
     logits, _ = model.branch_outputs(feats)
     pred0 = logits[0].argmax(1)
     c = int(pred0.mode().values)
@@ -126,3 +133,36 @@ def test_bad_thresholds_are_refused(setup, bad):
     _, model, _ = setup
     with pytest.raises(OptionError):
         model.set_thresholds(bad)
+
+
+def test_an_off_exit_is_not_run_and_costs_nothing(setup, monkeypatch):
+    _, model, x = setup
+    model.set_thresholds([0.0, math.inf, math.inf], score="softmax")
+    ran: list[int] = []
+    monkeypatch.setattr(model.branches[1], "forward", lambda h: ran.append(1))
+    model.set_thresholds([math.inf, math.inf, 0.0])
+    res = model(x)
+    assert ran == [] and (res.exit_index == 2).all()  # branch 1 never ran
+    expected = sum(model.segment_flops[:3]) + model.branch_flops[2]
+    assert (res.flops == expected).all()
+    assert model.exit_costs()[2] == pytest.approx(expected / model.backbone_flops)
+
+
+def test_gate_half_is_the_calibrated_softmax_table_and_off_exits_stay_off(setup):
+    _, model, x = setup
+    softmax = [0.3, 0.6, math.inf]  # a table on the top-softmax scale; exit 2 off
+    model.set_thresholds(softmax, score="softmax")
+    want = model(x)
+    gamma = [gate_power(t) for t in softmax]
+    model.set_thresholds([0.5, 0.5, math.inf], score="gate", gamma=gamma)
+    got = model(x)
+    assert torch.equal(got.exit_index, want.exit_index) and torch.equal(got.flops, want.flops)
+    # the knob: higher is safer (later exits), lower is earlier; exit 2 stays off at any value
+    model.set_thresholds(0.9)
+    later = model(x)
+    model.set_thresholds(0.0)
+    earliest = model(x)
+    assert model.active == [True, True, False]
+    assert (later.exit_index >= got.exit_index).all() and (earliest.exit_index == 0).all()
+    assert gate(torch.tensor([0.3, 1.0]), gate_power(0.3)).tolist() == pytest.approx([0.5, 1.0])
+    model.set_thresholds(0.5, score="softmax", gamma=[1.0] * 3)

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import pteenet
-from pteenet.bundle import BRANCHES_FILE, THRESHOLDS_FILE
+from pteenet.bundle import BRANCHES_FILE, FORMAT_VERSION, THRESHOLDS_FILE
 from pteenet.errors import BundleError
 from tests._helpers import (  # noqa: F401  (one_thread: autouse fixture)
     fails_cleanly,
@@ -257,7 +257,7 @@ def test_metadata_absent(bundle):
 def test_newer_format_version(bundle):
     rewrite(bundle, lambda m: m.update(format_version=99))
     line = refused_everywhere(bundle, "format version 99", "upgrade pteenet")
-    assert "(1)" in line  # what this pteenet understands
+    assert f"({FORMAT_VERSION})" in line  # what this pteenet understands
     line = fails_cleanly(invoke("bench", "-b", bundle, *FAST_BENCH), 3)
     assert "upgrade pteenet" in line
 

@@ -127,6 +127,8 @@ CALIBRATE = [
     (["--max-drop", "0.1", "--bound", "chernoff"], ["chernoff", "hb", "wsr"]),
     (["--min-support", "0"], ["--min-support"]),
     (["-t", "0.5", "--score", "logit"], ["logit", "head", "softmax"]),
+    (["--budget", "0.5", "--max-drop", "0.1"], ["--budget", "--max-drop"]),
+    (["--budget", "0"], ["--budget", "(0, 1]"]),
 ]
 
 

@@ -46,7 +46,7 @@ def _spread_table(model, x: torch.Tensor) -> list[list[float | None]]:
     """Thresholds that send samples to every exit; class 2 may never leave at branch 0."""
     feats, _ = model.features(x)
     outs = [b(f) for b, f in zip(model.branches, feats)]
-    s0, s1 = (model.exit_score(lg, c) for lg, c in outs)
+    s0, s1 = (model.exit_score(lg, c, k) for k, (lg, c) in enumerate(outs))
     t0 = _gap_threshold(s0, 0.6)
     left = ~((s0 >= t0) & (outs[0][0].argmax(1) != 2))
     t1 = _gap_threshold(s1[left], 0.5)
@@ -65,9 +65,11 @@ def bundle(tiny, tmp_path_factory):  # noqa: F811
     paths = [test.samples[i][0] for i in idx]
     real = torch.stack([test[i][0] for i in idx])
     x = torch.cat([torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(0)), real])
-    table = _spread_table(load(out), x)
+    model = load(out)
+    model.set_thresholds(1.0, score="softmax")
+    table = _spread_table(model, x)
     write_thresholds(out, ThresholdTable(torch.tensor(
-        [[float("inf") if v is None else v for v in r] for r in table])))
+        [[float("inf") if v is None else v for v in r] for r in table]), score="softmax"))
     return out, x, paths
 
 
@@ -127,7 +129,7 @@ def test_batch_of_one_and_empty_batch(exported, bundle, reference):
 def test_manifest_describes_the_cascade(exported, bundle, reference):
     doc = json.loads((exported / MANIFEST).read_text())
     model = load(bundle[0])
-    assert doc["num_branches"] == 2 and doc["num_classes"] == 3 and doc["score"] == "head"
+    assert doc["num_branches"] == 2 and doc["num_classes"] == 3 and doc["score"] == "softmax"
     assert doc["thresholds"][0][2] is None and doc["input_size"] == [32, 32]
     assert doc["segment_flops"] == model.segment_flops
     assert doc["branch_flops"] == model.branch_flops
@@ -167,7 +169,7 @@ def test_scored_branch_bakes_in_either_score(bundle):
             logits, conf = model.branches[0](feats[0])
             got = ScoredBranch(model.branches[0], score)(feats[0])
         assert torch.equal(got[0], logits)
-        assert torch.equal(got[1], model.exit_score(logits, conf))
+        assert torch.equal(got[1], model.exit_score(logits, conf, 0))
 
 
 def test_unknown_format_is_one_line(bundle):

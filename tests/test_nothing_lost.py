@@ -250,12 +250,11 @@ def test_written_files_follow_the_umask(tmp_path):
 
 
 def _nan_on_call(monkeypatch, n: int) -> list[int]:
-    """The joint loss returns NaN (still differentiable) on its n-th call, i.e. n-th batch.
+    """The default loss returns NaN (still differentiable) on its n-th call, i.e. n-th batch.
 
-    Joint training calls ``eenet_per_sample`` once per batch where that exists (``eenet_loss``
-    is its mean), else ``eenet_loss``; the one training calls is the one replaced.
+    Training calls ``distill_per_sample`` once per batch (the default ``--loss distill``).
     """
-    name = "eenet_per_sample" if hasattr(training, "eenet_per_sample") else "eenet_loss"
+    name = "distill_per_sample"
     real = getattr(training, name)
     calls: list[int] = []
 

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from pteenet.errors import PlacementError, PteenetError
-from pteenet.placement import POLICIES, choose_cuts, target_fractions
+from pteenet.placement import (
+    DEFAULT_BRANCHES,
+    POLICIES,
+    TAIL,
+    choose_cuts,
+    target_fractions,
+    useful_cuts,
+)
 from pteenet.tracing import Cut, Trace
 
 
@@ -118,7 +125,7 @@ def test_too_many_branches():
     with pytest.raises(PlacementError) as info:
         choose_cuts(NINE, 10, "pareto")
     msg = str(info.value)
-    assert "10 branches" in msg and "9 cut points" in msg
+    assert "10 branches" in msg and "9 useful cut points" in msg
     with pytest.raises(PlacementError):
         choose_cuts(NINE, at=[i / 11 for i in range(1, 11)])
     assert choose_cuts(NINE, 9, "linear") == [f"c{i}" for i in range(9)]
@@ -159,13 +166,15 @@ def profiles(draw):
     cuts = [Cut(f"n{i}", (4, 2, 2), f, i) for i, f in enumerate(flops)]
     trace = Trace(graph_module=None, cuts=cuts, total_flops=total, total_params=len(cuts),
                   input_size=(8, 8))
-    n = draw(st.integers(1, len(cuts)))
+    useful = len(useful_cuts(trace))
+    assume(useful > 0)
+    n = draw(st.integers(1, useful))
     return trace, n
 
 
 @settings(max_examples=150, deadline=None)
 @given(profiles())
-def test_choose_cuts_always_distinct_and_ordered(case):
+def test_choose_cuts_always_distinct_ordered_and_useful(case):
     trace, n = case
     order = {c.name: i for i, c in enumerate(trace.cuts)}
     for policy in POLICIES:
@@ -173,6 +182,9 @@ def test_choose_cuts_always_distinct_and_ordered(case):
         assert len(chosen) == n
         idx = [order[c] for c in chosen]
         assert idx == sorted(set(idx)), (policy, chosen)
+        flops = [trace.cut(c).flops for c in chosen]
+        assert len(set(flops)) == n  # never two exits at the same FLOP fraction
+        assert all(f / trace.total_flops <= 1 - TAIL for f in flops)  # none in the tail
 
 
 @settings(max_examples=100, deadline=None)
@@ -185,3 +197,19 @@ def test_choose_cuts_at_always_distinct_and_ordered(case, data):
     idx = [order[c] for c in choose_cuts(trace, at=at)]
     assert len(idx) == n
     assert idx == sorted(set(idx))
+
+
+def test_duplicate_fractions_and_the_tail_are_not_useful():
+    # c0/c1 share a FLOP count (an add and its relu): only the later one counts; c4 sits in
+    # the last 5 % and c5 at 100 %: neither can carry an exit
+    trace = _trace([0.2, 0.2, 0.5, 0.7, 0.97, 1.0])
+    assert [c.name for c in useful_cuts(trace)] == ["c1", "c2", "c3"]
+    assert choose_cuts(trace, 3, "linear") == ["c1", "c2", "c3"]
+    with pytest.raises(PlacementError, match="only 3 useful cut points"):
+        choose_cuts(trace, 4, "linear")
+
+
+def test_default_count_shrinks_to_the_useful_cuts():
+    assert len(choose_cuts(NINE)) == 9 < DEFAULT_BRANCHES
+    many = _trace([k / 40 for k in range(1, 38)])
+    assert len(choose_cuts(many)) == DEFAULT_BRANCHES

@@ -450,8 +450,16 @@ def test_losses_for():
     thr = as_table(0.5, 1, 2)
     # cascade preds 0, 1, 1, 0 (the last goes to the backbone)
     assert losses_for(scores, preds, final, thr).tolist() == [0.0, 1.0, 0.0, 0.0]
-    # wrong and backbone right: sample 1 only (sample 0: both wrong; sample 2: both wrong)
-    assert losses_for(scores, preds, final, thr, labels).tolist() == [0.0, 1.0, 0.0, 0.0]
+    # (1[cascade wrong] - 1[backbone wrong] + 1) / 2: sample 1 breaks a right answer (1),
+    # samples 0 and 2 are wrong either way (1/2), sample 3 is the backbone's own answer (1/2)
+    losses = losses_for(scores, preds, final, thr, labels)
+    assert losses.tolist() == [0.5, 1.0, 0.5, 0.5]
+    # its mean is (drop + 1) / 2
+    right = (torch.tensor([0, 1, 1, 0]) == labels).double().mean()
+    drop = (final == labels).double().mean() - right
+    assert float(losses.double().mean()) == pytest.approx((float(drop) + 1) / 2)
+    fixed = losses_for(scores, preds, final, thr, torch.tensor([0, 1, 1, 1]))
+    assert fixed.tolist() == [0.5, 0.0, 0.0, 0.5]  # the exit fixes the backbone: below 1/2
 
 
 def _simulate(n, g):
