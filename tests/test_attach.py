@@ -193,3 +193,19 @@ def test_amp_trains_in_bf16_and_stays_close(tiny, tmp_path):  # noqa: F811
     assert read_info(tmp_path).training["amp"] is True
     assert all(torch.isfinite(torch.tensor(res.report.losses)))
     assert res.report.losses[-1] < res.report.losses[0]
+
+
+def test_attach_warns_in_one_line_when_branches_cost_too_much(tiny, tmp_path,  # noqa: F811
+                                                              monkeypatch):
+    import pteenet.retrofit as retrofit
+
+    data, ckpt = tiny
+    args = ["attach", "resnet20", "--data", str(data), "--checkpoint", str(ckpt),
+            "--num-classes", "3", "-n", "2", "--epochs", "1", "--batch-size", "16", "--quiet"]
+    quiet = runner.invoke(app, [*args, "--out", str(tmp_path / "a")])
+    assert quiet.exit_code == 0 and "warning" not in quiet.output  # 2 branches: ~1 % together
+    monkeypatch.setattr(retrofit, "WARN_SHARE", 0.001)
+    loud = runner.invoke(app, [*args, "--out", str(tmp_path / "b")])
+    assert loud.exit_code == 0, loud.output
+    lines = [ln for ln in loud.stderr.splitlines() if ln.startswith("warning:")]
+    assert len(lines) == 1 and "branches together cost" in lines[0]
