@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -120,3 +123,25 @@ def reseal(bundle: Path) -> None:
             doc["files"][name] = {"sha256": hashlib.sha256(f.read_bytes()).hexdigest(),
                                   "size": f.stat().st_size}
     (bundle / MANIFEST).write_text(json.dumps(doc))
+
+
+def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], *, timeout: float = 120,
+              poll: float = 0.002, meanwhile: Callable[[], None] | None = None) -> None:
+    """SIGKILL ``proc`` the moment ``ready()`` holds (it must still be running then and get
+    there within ``timeout`` s); ``meanwhile`` runs on every poll. The process is always reaped
+    and its stderr closed."""
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            if meanwhile:
+                meanwhile()
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "the moment to kill never came"
+            time.sleep(poll)
+        proc.kill()
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()

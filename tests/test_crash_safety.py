@@ -56,7 +56,12 @@ from pteenet.bundle import (
 from pteenet.errors import BundleError
 from pteenet.retrofit import attach
 from pteenet.training import TrainConfig
-from tests._helpers import fails_cleanly, one_thread, shared_bundle  # noqa: F401  (autouse)
+from tests._helpers import (  # noqa: F401  (autouse)
+    fails_cleanly,
+    kill_when,
+    one_thread,
+    shared_bundle,
+)
 
 runner = CliRunner()
 SAVE_STEPS = ["start", "wrote-branches.safetensors", "wrote-thresholds.csv",
@@ -192,22 +197,13 @@ def test_calibrate_killed_after_its_commit_then_calibrate_again(new, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "pteenet", "calibrate", "-b", str(out),
                              "-t", "0.6"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while not (pause / "committed").exists():
-            for marker in pause.iterdir():
-                if marker.name != "committed":  # it may appear while we look: keep it there
-                    marker.unlink()
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline
-            time.sleep(0.002)
-        proc.kill()
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
+
+    def release() -> None:
+        for marker in pause.iterdir():
+            if marker.name != "committed":  # it may appear while we look: keep it there
+                marker.unlink()
+
+    kill_when(proc, lambda: (pause / "committed").exists(), meanwhile=release)
     assert (out / f".{THRESHOLDS_FILE}{PENDING_SUFFIX}").exists()  # killed before its renames
     assert torch.equal(pteenet.load(out).thresholds, torch.full((2, 3), 0.6))
     result = runner.invoke(app, ["calibrate", "-b", str(out), "-t", "0.4"])
@@ -369,19 +365,8 @@ def test_feature_cache_of_a_killed_attach_is_in_out_and_swept(shared, tmp_path):
             f"config=TrainConfig(epochs=10000, batch_size=16, cache_limit=1))")
     env = {**os.environ, "TMPDIR": str(tmp), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while not (out.is_dir() and any(p.name.startswith(CACHE_PREFIX) for p in out.iterdir())):
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        proc.kill()
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
+    kill_when(proc, lambda: out.is_dir() and any(p.name.startswith(CACHE_PREFIX)
+                                                 for p in out.iterdir()), poll=0.01)
     assert list(tmp.iterdir()) == []  # nothing in $TMPDIR ...
     assert any(n.startswith(CACHE_PREFIX) for n in files_of(out))  # ... it is in --out
     with writer_lock(out):

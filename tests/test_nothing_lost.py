@@ -14,7 +14,6 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -41,7 +40,7 @@ from pteenet.placement import choose_cuts
 from pteenet.retrofit import STATE_FILE, attach
 from pteenet.tracing import trace_backbone
 from pteenet.training import TrainConfig, compute_features, split_indices, train_branches
-from tests._helpers import one_thread, write_images  # noqa: F401  (autouse fixture)
+from tests._helpers import kill_when, one_thread, write_images  # noqa: F401  (autouse fixture)
 
 runner = CliRunner()
 
@@ -104,19 +103,8 @@ def test_sigkill_mid_training_loses_nothing_and_resume_matches(material, old_bun
                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     state = out / STATE_FILE
-    deadline = time.monotonic() + 300
-    try:
-        while not state.exists():
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline, "no training state appeared"
-            time.sleep(0.001)
-        proc.send_signal(signal.SIGKILL)  # the moment the first epoch's state is in place
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
+    # the moment the first epoch's state is in place
+    kill_when(proc, state.exists, timeout=300, poll=0.001)
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     saved = torch.load(state, map_location="cpu", weights_only=True)
     assert 0 <= saved["epoch"] < EPOCHS - 1  # really killed mid-training
