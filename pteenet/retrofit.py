@@ -10,7 +10,7 @@ import hashlib
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -120,17 +120,19 @@ def attach(
                                      std=std)
     dataset = open_data(data, bb.preprocess, split="train")
     config.validate(dataset.has_labels)
-    if dataset.classes is not None and len(dataset.classes) != bb.num_classes and \
-            config.target == "labels":
-        raise OptionError(f"the data has {len(dataset.classes)} classes but the backbone "
-                          f"predicts {bb.num_classes}; --target labels needs them to match")
+    labeled = dataset.has_labels and len(dataset.classes or []) == bb.num_classes
+    if dataset.has_labels and not labeled and config.target in ("labels", "mixed"):
+        raise OptionError(f"the data has {len(dataset.classes or [])} classes but the backbone "
+                          f"predicts {bb.num_classes}; --target {config.target} needs them to "
+                          f"match")
+    # labels whose classes are not the backbone's cannot be targets: auto falls back to soft
+    config = replace(config, target=config.resolved_target(labeled))
     trace = trace_backbone(bb.model, bb.preprocess.input_size, cuts=cuts)
     names = list(cuts) if cuts else choose_cuts(trace, branches, placement, at)
-    notes: list[str] = []
     torch.manual_seed(config.seed)
     ee = build_early_exit(trace, names, bb.num_classes, branch,
                           budget=branch_budget).to(config.device)
-    notes += _cost_notes(ee)
+    notes = _cost_notes(ee)
     n = len(dataset)
     pool = list(range(n))
     if max_samples is not None and max_samples < n:
@@ -165,7 +167,6 @@ def attach(
         report.skipped = int(all_sum(torch.tensor(train.skipped, device=config.device))) + \
             held.skipped
         ee.eval()
-        labeled = dataset.has_labels and len(dataset.classes or []) == bb.num_classes
         table = _first_table(ee, held, report, config, labeled)
     ee.set_thresholds(table.thresholds, score=table.score, gamma=table.gamma)
     info = _bundle_info(bb, ee, names, bool(cuts), branch, dataset, config, report, held,

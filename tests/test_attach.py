@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from pteenet.backbones import create_backbone
 from pteenet.bundle import BRANCHES_FILE, THRESHOLDS_FILE, load, read_info
+from pteenet.errors import OptionError
 from pteenet.retrofit import attach
 from pteenet.training import TrainConfig, eenet_loss
 from tests._helpers import tiny  # noqa: F401  (fixture)
@@ -209,3 +210,14 @@ def test_attach_warns_in_one_line_when_branches_cost_too_much(tiny, tmp_path,  #
     assert loud.exit_code == 0, loud.output
     lines = [ln for ln in loud.stderr.splitlines() if ln.startswith("warning:")]
     assert len(lines) == 1 and "branches together cost" in lines[0]
+
+
+def test_labels_of_other_classes_are_not_targets(tiny, tmp_path):  # noqa: F811
+    data, _ = tiny  # three colour classes; this backbone predicts four
+    bb = create_backbone("resnet20", num_classes=4)
+    res = attach("resnet20", data, backbone=bb, branches=2, out=tmp_path / "auto",
+                 config=TrainConfig(epochs=1, batch_size=16), progress=False)
+    assert res.info.training["target"] == "soft"  # auto: the backbone's softmax, not labels
+    with pytest.raises(OptionError, match="--target mixed needs them to match"):
+        attach("resnet20", data, backbone=bb, branches=2, out=tmp_path / "mixed",
+               config=TrainConfig(epochs=1, target="mixed"), progress=False)
