@@ -172,7 +172,9 @@ def _best_move(cascade: _Cascade, grid, pos, thr, err, cost, limit):
 
 
 def _prune(cascade: _Cascade, thr: Tensor, err: float, cost: float, limit: float):
-    """Switch off, one at a time, every exit whose removal lowers the cost within ``limit``."""
+    """Switch off, one at a time, every exit whose removal does not raise the cost, within
+    ``limit``: an exit that no calibration sample reaches is switched off too, since on new data
+    it would cost its branch and, as far as anyone can tell, save nothing."""
     changed = True
     while changed:
         changed = False
@@ -180,6 +182,6 @@ def _prune(cascade: _Cascade, thr: Tensor, err: float, cost: float, limit: float
             t = thr.clone()
             t[k] = math.inf
             e, c = cascade.evaluate(t)
-            if c < cost and e <= max(limit, err) + 1e-12:
+            if c <= cost and e <= max(limit, err) + 1e-12:
                 thr, err, cost, changed = t, e, c, True
     return thr, err, cost

@@ -98,3 +98,12 @@ def test_cascade_cost_counts_only_active_branches():
     assert cascade_cost([0.25, 0.5, 1.0], [0.1, 0.2], torch.tensor([False, False]))[-1] == 1.0
     assert math.isclose(float(cascade_cost([1.0], [], torch.tensor([], dtype=torch.bool))[0]),
                         1.0)
+
+
+def test_an_exit_no_sample_reaches_is_switched_off():
+    scores, preds, final, segments = _cascade(6)
+    scores[:, 0] = 1.0  # the first exit is sure of everything and always right
+    preds[:, 0] = final
+    found = min_cost_thresholds(scores, preds, final, segments, [0.01] * 4, max_drop=0.0)
+    assert found.thresholds[0] <= 1
+    assert torch.isinf(found.thresholds[1:]).all()  # nothing reaches them: off, never run
