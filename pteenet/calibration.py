@@ -30,10 +30,10 @@ from torch import Tensor
 
 from .atomic import writes_into
 from .bundle import ThresholdTable, load, read_info, write_thresholds
-from .cost_search import cascade_cost, min_cost_thresholds
+from .cost_search import min_cost_thresholds
 from .data import open_data
 from .devices import check_device
-from .early_exit import gate_power
+from .early_exit import cascade_cost, gate_power
 from .errors import CalibrationError, OptionError
 from .thresholds import (
     as_table,
@@ -113,11 +113,8 @@ def outputs_from_features(model, feats: FeatureSet, labels_usable: bool = True,
     scores, preds = branch_scores(model, feats, device)
     labels = feats.labels
     usable = labels_usable and len(labels) > 0 and bool((labels >= 0).all())
-    total = model.backbone_flops
-    segment = (torch.tensor(model.segment_flops, dtype=torch.float64).cumsum(0) / total).tolist()
-    branch = [f / total for f in model.branch_flops]
-    return Outputs(scores, preds, feats.final.argmax(1), labels if usable else None, segment,
-                   branch)
+    return Outputs(scores, preds, feats.final.argmax(1), labels if usable else None,
+                   model.segment_costs, model.branch_costs)
 
 
 def _method(threshold: float | None, cpm: bool, max_drop: float | None, budget: float | None,

@@ -32,9 +32,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .early_exit import cascade_cost
 from .errors import OptionError
 
-__all__ = ["CostSearch", "cascade_cost", "min_cost_thresholds"]
+__all__ = ["CostSearch", "min_cost_thresholds"]
 
 STEPS = 40  # quantile steps per exit: each lowers a threshold past 2.5 % of the samples
 ENABLE_SLACK = 0.02  # a first step may raise the cost this much (the new branch's own cost)
@@ -49,19 +50,6 @@ class CostSearch:
     cost: float
     error: float
     path: list[Tensor]
-
-
-def cascade_cost(segment_costs: Sequence[float], branch_costs: Sequence[float],
-                 active: Tensor) -> Tensor:
-    """Relative cost of leaving at each exit (last: the backbone) with only ``active`` branches.
-
-    ``segment_costs[k]`` is the backbone's cumulative cost up to cut ``k`` (``B + 1`` entries,
-    the last 1.0) and ``branch_costs[k]`` branch ``k``'s own, both relative to the backbone.
-    """
-    seg = torch.as_tensor(segment_costs, dtype=torch.float64)
-    br = torch.as_tensor(branch_costs, dtype=torch.float64) * active.to(torch.float64)
-    spent = torch.cumsum(br, 0)
-    return seg + torch.cat([spent, spent[-1:]]) if len(br) else seg
 
 
 class _Cascade:

@@ -40,12 +40,26 @@ __all__ = [
     "EarlyExitResult",
     "TrainOutputs",
     "build_early_exit",
+    "cascade_cost",
     "gate",
     "gate_power",
 ]
 
 SCORES = ("gate", "softmax", "head")
 DEFAULT_BUDGET = 0.01  # each branch costs at most 1 % of the backbone by default
+
+
+def cascade_cost(segment_costs: Sequence[float], branch_costs: Sequence[float],
+                 active: torch.Tensor) -> torch.Tensor:
+    """Relative cost of leaving at each exit (last: the backbone) with only ``active`` branches.
+
+    ``segment_costs[k]`` is the backbone's cumulative cost up to cut ``k`` (``B + 1`` entries,
+    the last 1.0) and ``branch_costs[k]`` branch ``k``'s own, both relative to the backbone.
+    """
+    seg = torch.as_tensor(segment_costs, dtype=torch.float64)
+    br = torch.as_tensor(branch_costs, dtype=torch.float64) * active.to(torch.float64)
+    spent = torch.cumsum(br, 0)
+    return seg + torch.cat([spent, spent[-1:]]) if len(br) else seg
 
 
 def gate(top: torch.Tensor, gamma: torch.Tensor | float) -> torch.Tensor:
@@ -143,13 +157,19 @@ class EarlyExitModel(nn.Module):
         Only the branches of ``active`` exits (default: those the thresholds leave on) are
         counted, since only those run; pass all True for the cost with every branch evaluated.
         """
-        on = self.active if active is None else list(active)
-        costs, spent = [], 0
-        for k in range(self.num_branches):
-            spent += self.segment_flops[k] + (self.branch_flops[k] if on[k] else 0)
-            costs.append(spent / self.backbone_flops)
-        costs.append((spent + self.segment_flops[-1]) / self.backbone_flops)
-        return costs
+        on = torch.tensor(self.active if active is None else list(active), dtype=torch.bool)
+        return cascade_cost(self.segment_costs, self.branch_costs, on).tolist()
+
+    @property
+    def segment_costs(self) -> list[float]:
+        """The backbone's cumulative cost up to each cut (last: 1.0), relative to the backbone."""
+        spent = torch.tensor(self.segment_flops, dtype=torch.float64).cumsum(0)
+        return (spent / self.backbone_flops).tolist()
+
+    @property
+    def branch_costs(self) -> list[float]:
+        """Each branch's own cost, relative to the backbone."""
+        return [f / self.backbone_flops for f in self.branch_flops]
 
     def set_thresholds(self, value: object, score: str | None = None,
                        gamma: Sequence[float] | None = None) -> None:

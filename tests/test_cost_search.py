@@ -9,7 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pteenet.cost_search import cascade_cost, min_cost_thresholds
+from pteenet.cost_search import min_cost_thresholds
+from pteenet.early_exit import cascade_cost
 from pteenet.errors import OptionError
 
 
