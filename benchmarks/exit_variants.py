@@ -183,8 +183,8 @@ def main() -> None:
         held = compute_features(ee, train_ds, [pool[i] for i in held_pos])
         test = compute_features(ee, test_ds, list(range(len(test_ds))))
     print(f"features: {time.perf_counter() - started:.0f}s", flush=True)
-    half = len(held) // 2
-    fit, cal = torch.arange(half), torch.arange(half, len(held))
+    order = torch.randperm(len(held), generator=torch.Generator().manual_seed(0))
+    fit, cal = order[: len(held) // 2], order[len(held) // 2:]  # held-out is in class order
     finals = [held.final[cal].argmax(1), test.final.argmax(1)]
     labels = [held.labels[cal], test.labels]
     seg, bc = ee.segment_costs, ee.branch_costs

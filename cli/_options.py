@@ -79,3 +79,6 @@ def size(text: str | None) -> tuple[int, int] | None:
 
 def names(text: str | None) -> list[str] | None:
     return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
+Cost = Annotated[str | None, typer.Option(
+    "--cost", help="What exits must save: flops, or latency (each segment's and branch's time "
+    "measured on this machine replaces FLOPs in placement, the loss and the threshold search).")]

@@ -17,6 +17,7 @@ from pteenet.training import TrainConfig
 from ._options import (
     At,
     Checkpoint,
+    Cost,
     Cuts,
     Device,
     InputSize,
@@ -87,6 +88,7 @@ def attach(
         help="bf16 mixed precision for branch training (CUDA, or CPUs with bf16).")] = False,
     resume: Annotated[bool, typer.Option(
         help="Save training state every epoch and continue an interrupted attach.")] = False,
+    cost: Cost = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Attach N exit branches to MODEL and train them on the backbone's own predictions.
@@ -106,7 +108,8 @@ def attach(
                      val_fraction=val_fraction, out=out, config=config, num_classes=num_classes,
                      input_size=size(input_size), mean=triple(mean, "--mean"),
                      std=triple(std, "--std"),
-                     max_samples=max_samples, progress=not quiet, resume=resume)
+                     max_samples=max_samples, progress=not quiet, resume=resume,
+                     cost=cost or "flops")
     if not is_main():
         return
     for note in res.notes:

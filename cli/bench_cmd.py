@@ -42,7 +42,22 @@ def comparison_rows(res: dict[str, Any]) -> list[list[Any]]:
     rows.append([f"throughput @ {t['batch_size']} (img/s)",
                  _num(t["throughput"]["early_exit"], ".1f"),
                  _num(t["throughput"]["backbone"], ".1f"), _times(sp["throughput"])])
+    if "ideal_latency" in sp:
+        for key, label in (("latency", "batch-1"), ("throughput", "batched")):
+            got = sp[f"{key}_of_ideal"]
+            rows.append([f"ideal {label} speedup (measured times)", "", "",
+                         _times(sp[f"ideal_{key}"]) + ("" if got is None else
+                                                       f" ({got:.0%} reached)")])
     return rows
+
+
+PROFILE_COLUMNS = ["piece", "FLOPs", "batch-1 ms", "batched ms / image"]
+
+
+def profile_rows(res: dict[str, Any]) -> list[list[Any]]:
+    """Each segment and branch: FLOPs share beside measured time (off branches marked)."""
+    return [[p["piece"] + ("" if p.get("on", True) else " (off)"), pct(p["flops_share"], 2),
+             f"{p['ms']:.3f}", f"{p['ms_batched']:.4f}"] for p in res["profile"]["pieces"]]
 
 
 def _bar(share: float) -> str:
@@ -104,6 +119,12 @@ def bench(
     max_samples: Annotated[int | None, typer.Option(
         "--max-samples", help="Measure a seeded subset of this many images (quick runs).")]
     = None,
+    threads: Annotated[int | None, typer.Option(
+        "--threads", help="CPU threads for the whole run (default: torch's, usually the core "
+        "count); recorded in bench.json.", min=1)] = None,
+    profile: Annotated[bool, typer.Option(
+        help="Time every segment and branch (batch 1 and batched) and report the ideal speedup "
+        "those times and the exit shares imply, beside the achieved one.")] = True,
     json: Json = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -132,9 +153,12 @@ def bench(
     res = run_bench(bundle, data=data, split=split, threshold=threshold, batch_size=batch_size,
                     latency_samples=latency_samples, repeats=repeats, sweep=sweep, device=device,
                     checkpoint=checkpoint, force=force, max_samples=max_samples,
-                    progress=not (quiet or json))
+                    progress=not (quiet or json), num_threads=threads, profile=profile)
     out.table("early exit vs backbone", ["metric", "early exit", "backbone", "speedup"],
               comparison_rows(res))
     out.table("where samples left", EXIT_COLUMNS, exit_rows(res))
+    if res["profile"]:
+        out.table(f"time profile ({res['profile']['device']}, batched at "
+                  f"{res['profile']['batch_size']})", PROFILE_COLUMNS, profile_rows(res))
     _notes(out, res)
     out.result(res)

@@ -10,7 +10,7 @@ import typer
 from pteenet.calibration import DEFAULT_MARGIN
 from pteenet.calibration import calibrate as run_calibrate
 
-from ._options import Bundle, Checkpoint, Device, Json
+from ._options import Bundle, Checkpoint, Cost, Device, Json
 from ._output import Output, pct
 
 
@@ -24,8 +24,8 @@ def calibrate(
         "--budget", help="Instead: the best accuracy at this relative cost, e.g. 0.5.")] = None,
     risk: Annotated[bool, typer.Option(
         "--risk", help="Certify --max-drop with probability 1-delta (risk control, Jazbec et al. "
-        "2024): the cost search's path is built on half the split and certified on the other "
-        "half.")] = False,
+        "2024): cost-search optima found on a third of the split are certified, in order, on "
+        "the other two thirds.")] = False,
     threshold: Annotated[float | None, typer.Option(
         "--threshold", "-t", help="One global threshold T in [0, 1] on every exit score.")] = None,
     cpm: Annotated[bool, typer.Option(
@@ -49,6 +49,7 @@ def calibrate(
     force: Annotated[bool, typer.Option(
         help="Use a checkpoint whose hash differs from the bundle's.")] = False,
     device: Device = "cpu",
+    cost: Cost = None,
     verbose: Annotated[bool, typer.Option(
         "--verbose", "-v", help="Show every (branch, class) row, not the per-branch summary.")]
     = False,
@@ -65,7 +66,7 @@ def calibrate(
     res = run_calibrate(bundle, threshold=threshold, cpm=cpm, margin=margin,
                         min_support=min_support, max_drop=max_drop, budget=budget, risk=risk,
                         delta=delta, bound=bound, score=score, data=data,
-                        checkpoint=checkpoint, force=force, device=device)
+                        checkpoint=checkpoint, force=force, device=device, cost=cost)
     t = res.table
     per_class = verbose and bool((t.thresholds != t.thresholds[:, :1]).any())
     rows = [[r["branch"], r["class"], _thr(r["threshold"]), pct(r["share"]),
@@ -80,8 +81,9 @@ def calibrate(
     exits = " ".join(pct(e["share"], 0) for e in s["exits"])
     acc = f"accuracy {pct(s['accuracy'])} (backbone {pct(s['backbone_accuracy'])}), " \
         if s["accuracy"] is not None else ""
+    unit = "relative time" if t.params.get("cost") == "latency" else "relative FLOPs"
     out.note(f"expected on {s['num_samples']} calibration samples: {acc}agreement "
-             f"{pct(s['agreement'])}, relative FLOPs {s['mean_relative_flops']:.3f}; exits {exits}")
+             f"{pct(s['agreement'])}, {unit} {s['mean_relative_flops']:.3f}; exits {exits}")
     if t.method == "risk":
         p = t.params
         out.note(f"risk control: {p['bound']} bound {p['ucb']:.4f} <= {p['max_drop']} "

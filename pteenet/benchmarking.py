@@ -42,8 +42,9 @@ from .atomic import atomic_path, write_text, writes_into
 from .bundle import BundleInfo, ThresholdTable, load, load_backbone, read_info, read_thresholds
 from .data import DATASET_NAMES, ImageData, available_splits, make_loader, open_data
 from .devices import check_device
-from .early_exit import EarlyExitModel
+from .early_exit import EarlyExitModel, cascade_cost
 from .errors import BundleError, DataError, OptionError
+from .latency import device_name
 from .thresholds import exit_index, global_candidates, scaled_candidates, summarize
 
 __all__ = [
@@ -60,6 +61,8 @@ __all__ = [
     "quality",
     "select_data",
     "sweep_points",
+    "threads",
+    "time_profile",
     "wall_clock",
 ]
 
@@ -253,7 +256,7 @@ def _exit_rows(p: Pass, costs: Sequence[float], oracle_counts: list[int],
 
 def quality(p: Pass, model: EarlyExitModel) -> dict[str, Any]:
     """Top-1, agreement, real mean relative FLOPs and exit shares; the oracle's FLOPs."""
-    costs = model.exit_costs()
+    costs = model.exit_costs(kind="flops")
     oracle, counts = oracle_flops(p.preds, p.final, costs)
     top1 = (lambda pred: None) if p.labels is None else (lambda pred: _rate(pred == p.labels))
     return {
@@ -268,8 +271,8 @@ def quality(p: Pass, model: EarlyExitModel) -> dict[str, Any]:
 
 def _simulation_check(p: Pass, model: EarlyExitModel) -> dict[str, Any]:
     """How often the simulated exit rule (used by the sweep) matches the real run's exits."""
-    s = summarize(p.scores, p.preds, p.final, model.thresholds.cpu(), model.exit_costs(),
-                  p.labels)
+    s = summarize(p.scores, p.preds, p.final, model.thresholds.cpu(),
+                  model.exit_costs(kind="flops"), p.labels)
     same = exit_index(p.scores, p.preds, model.thresholds.cpu()) == p.ee_exit
     return {"exit_match": _rate(same), "relative_flops": s["mean_relative_flops"],
             "agreement": s["agreement"]}
@@ -321,20 +324,20 @@ def _latency(models: dict[str, Callable], images: Tensor, samples: int,
     for r, name, fn in _interleaved(models, samples):
         i = r % len(images)
         times[name].append(clock(fn, images[i:i + 1]) * 1000.0)
-    return {k: {"median_ms": statistics.median(v), "p90_ms": float(np.percentile(v, 90))}
-            for k, v in times.items()}
+    return {k: {"median_ms": statistics.median(v), "p10_ms": float(np.percentile(v, 10)),
+                "p90_ms": float(np.percentile(v, 90))} for k, v in times.items()}
 
 
 def _throughput(models: dict[str, Callable], batches: list[Tensor], repeats: int,
-               clock: Clock) -> dict[str, float]:
-    """Images per second over real batches: each repeat runs every batch; median of repeats."""
+               clock: Clock) -> dict[str, list[float]]:
+    """Images per second over real batches: each repeat runs every batch; every repeat's rate."""
     n = sum(len(b) for b in batches)
     for fn in models.values():
         fn(batches[0])
     rates: dict[str, list[float]] = {k: [] for k in models}
     for _, name, fn in _interleaved(models, repeats):
         rates[name].append(n / sum(clock(fn, b) for b in batches))
-    return {k: statistics.median(v) for k, v in rates.items()}
+    return rates
 
 
 def _timing_batches(images: Tensor, batch_size: int) -> list[Tensor]:
@@ -355,8 +358,10 @@ def wall_clock(backbone: nn.Module, model: EarlyExitModel, images: Tensor, *,
     batches = _timing_batches(images, batch_size)
     with torch.inference_mode():
         lat = _latency(models, images, latency_samples, clock) if latency_samples else None
-        tput = _throughput(models, batches, repeats, clock)
-    return {"latency": lat, "throughput": tput, "batch_size": len(batches[0]),
+        rates = _throughput(models, batches, repeats, clock)
+    return {"latency": lat, "throughput": {k: statistics.median(v) for k, v in rates.items()},
+            "throughput_range": {k: [min(v), max(v)] for k, v in rates.items()},
+            "batch_size": len(batches[0]),
             "batches": len(batches), "repeats": repeats, "latency_samples": latency_samples,
             "distinct_latency_images": min(latency_samples, len(images)),
             "clock": "cuda events" if device.type == "cuda" else "perf_counter",
@@ -388,6 +393,66 @@ def _speedups(timing: dict[str, Any], flops: float) -> dict[str, float | None]:
         lat["backbone"]["median_ms"] / lat["early_exit"]["median_ms"],
         "throughput": tput["early_exit"] / tput["backbone"],
     }
+
+
+# -- time profile -----------------------------------------------------------------------------
+def time_profile(model: EarlyExitModel, images: Tensor, batch_size: int,
+                 shares: Sequence[float]) -> dict[str, Any]:
+    """Each segment's and branch's measured time beside its FLOPs, and the *ideal* speedups the
+    exit shares imply with those times (no bookkeeping, perfect batching), to hold the
+    achieved ones against."""
+    prof = model.profile(images, batch_size=batch_size)
+    flops = model.costs("flops")
+    seg_flops = [b - a for a, b in zip([0.0, *flops[0][:-1]], flops[0])]
+    pieces = [{"piece": f"segment {k}", "flops_share": f, "ms": m, "ms_batched": mb}
+              for k, (f, m, mb) in enumerate(zip(seg_flops, prof.segment_ms,
+                                                  prof.segment_ms_batched))]
+    pieces += [{"piece": f"branch {k}", "flops_share": f, "ms": m, "ms_batched": mb, "on": on}
+               for k, (f, m, mb, on) in enumerate(zip(flops[1], prof.branch_ms,
+                                                       prof.branch_ms_batched, model.active))]
+    active = torch.tensor(model.active)
+    share = torch.tensor(list(shares), dtype=torch.float64)
+    ideal = {}
+    for key, batched in (("latency", False), ("throughput", True)):
+        exit_time = cascade_cost(*prof.costs(batched), active)
+        ideal[key] = 1.0 / float((share * exit_time).sum())
+    return {"device": prof.device, "threads": prof.threads, "batch_size": prof.batch_size,
+            "pieces": pieces, "ideal_speedup": ideal}
+
+
+def _profile_note(info: BundleInfo, device: str) -> str | None:
+    """Latency-cost bundles rank exits by times from one machine; say when this is another."""
+    if info.cost != "latency" or info.latency is None or info.latency.device == device:
+        return None
+    return (f"the bundle's costs are times measured on {info.latency.device}; this run is on "
+            f"{device}: run `pteenet calibrate --cost latency` here to re-rank the exits")
+
+
+@contextlib.contextmanager
+def threads(n: int | None) -> Iterator[None]:
+    """Run with ``n`` CPU threads (None: leave torch's setting), restoring it afterwards."""
+    if n is None:
+        yield
+        return
+    if n < 1:
+        raise OptionError(f"--threads must be at least 1, got {n}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _efficiency(speedup: dict[str, float | None], prof: dict[str, Any]) -> dict[str, Any]:
+    """Ideal speedups from measured times and exit shares, and achieved / ideal."""
+    ideal = prof["ideal_speedup"]
+    out: dict[str, Any] = {"ideal_latency": ideal["latency"],
+                           "ideal_throughput": ideal["throughput"]}
+    for key in ("latency", "throughput"):
+        got = speedup.get(key)
+        out[f"{key}_of_ideal"] = None if got is None else got / ideal[key]
+    return out
 
 
 # -- sweep ------------------------------------------------------------------------------------
@@ -530,15 +595,25 @@ def bench(
     out_json: bool = True,
     progress: bool = False,
     max_samples: int | None = None,
+    num_threads: int | None = None,
+    profile: bool = True,
 ) -> dict[str, Any]:
     """Measure a bundle's early exits against its untouched backbone (see the module docstring).
 
     ``threshold`` replaces the bundle's table with one global value (0 = every sample leaves at
     the first exit; above 1 or inf = none leaves early). ``out_json`` writes ``bench.json`` into
-    the bundle folder; ``sweep`` also writes ``sweep.png`` and ``sweep.csv`` there. Returns the
-    same JSON-serialisable dict.
+    the bundle folder; ``sweep`` also writes ``sweep.png`` and ``sweep.csv`` there.
+    ``num_threads`` sets the CPU threads for the whole run; ``profile`` times every segment and
+    branch (:func:`time_profile`). Returns the same JSON-serialisable dict.
     """
     _check_options(threshold, batch_size, latency_samples, repeats, max_samples)
+    with threads(num_threads):
+        return _bench(bundle, data, split, threshold, batch_size, latency_samples, repeats,
+                      sweep, device, checkpoint, force, out_json, progress, max_samples, profile)
+
+
+def _bench(bundle, data, split, threshold, batch_size, latency_samples, repeats, sweep, device,
+           checkpoint, force, out_json, progress, max_samples, profile) -> dict[str, Any]:
     dev = check_device(device)
     info = read_info(bundle)
     table = read_thresholds(info.path, info)
@@ -558,10 +633,16 @@ def bench(
     result["timing"] = wall_clock(backbone, model, p.images, latency_samples=latency_samples,
                                   batch_size=batch_size, repeats=repeats, device=dev)
     result["speedup"] = _speedups(result["timing"], result["early_exit"]["relative_flops"])
-    if note := _busy_note(result["timing"]):
-        result["notes"].append(note)
-    result["sweep"] = sweep_points(p, model.thresholds.cpu(), model.exit_costs()) if sweep \
-        else None
+    result["profile"] = time_profile(model, p.images.to(dev), result["timing"]["batch_size"],
+                                     [e["share"] for e in result["early_exit"]["exits"]]) \
+        if profile else None
+    if result["profile"]:
+        result["speedup"].update(_efficiency(result["speedup"], result["profile"]))
+    for note in (_busy_note(result["timing"]), _profile_note(info, device_name(dev))):
+        if note:
+            result["notes"].append(note)
+    result["sweep"] = sweep_points(p, model.thresholds.cpu(), model.exit_costs(kind="flops")) \
+        if sweep else None
     _write_outputs(info.path, result, sweep, out_json)
     return result
 
@@ -581,7 +662,7 @@ def _assemble(info: BundleInfo, ev: EvalSet, table: ThresholdTable, threshold: f
                        "value": None if threshold is None or math.isinf(threshold)
                        else float(threshold),
                        "table": _json_table(model.thresholds.cpu())},
-        "exit_costs": [float(c) for c in model.exit_costs()],
+        "exit_costs": [float(c) for c in model.exit_costs(kind="flops")],
         **quality(p, model),
         "simulation": _simulation_check(p, model),
         "notes": list(ev.notes),

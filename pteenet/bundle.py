@@ -33,6 +33,7 @@ from .atomic import MANIFEST, commit_files, read_manifest, read_member
 from .backbones import Backbone, create_backbone, sha256_file
 from .early_exit import SCORES, EarlyExitModel, build_early_exit
 from .errors import BundleError, PteenetError
+from .latency import COSTS, TimeProfile
 from .preprocess import MAX_INPUT_SIDE, Preprocess
 from .thresholds import as_table
 from .tracing import trace_backbone
@@ -81,6 +82,8 @@ class BundleInfo:
     data: dict[str, Any]
     calibration_indices: list[int] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    cost: str = "flops"  # what the cost model counts (see EarlyExitModel)
+    latency: TimeProfile | None = None  # measured at attach with --cost latency
 
     @property
     def num_classes(self) -> int:
@@ -97,6 +100,7 @@ class BundleInfo:
             "cuts": self.cuts, "module_cuts": self.module_cuts, "branches": self.branches,
             "segment_flops": self.segment_flops, "classes": self.classes,
             "training": self.training, "data": self.data, "extra": self.extra,
+            "cost": self.cost, "latency": self.latency.to_dict() if self.latency else None,
         }
 
 
@@ -368,14 +372,36 @@ def _info(snap: _Snapshot) -> BundleInfo:
         if meta.get(key) is not None and not isinstance(meta[key], dict):
             raise BundleError(f"{where}: field '{key}' is malformed; re-run `pteenet attach`")
     extra = dict(meta.get("extra") or {})
+    cost, latency = _cost_model(meta, len(cuts), where)
     return BundleInfo(
         path=snap.folder, backbone=backbone, preprocess=pre, cuts=cuts,
         module_cuts=bool(meta.get("module_cuts", False)), branches=branches,
         segment_flops=seg, classes=classes, training=dict(meta.get("training") or {}),
         data=dict(meta.get("data") or {}),
         calibration_indices=_calibration(snap.tensors.get("calibration_indices"), extra, where),
-        extra=extra,
+        extra=extra, cost=cost, latency=latency,
     )
+
+
+def _cost_model(meta: dict[str, Any], branches: int, where: str
+                ) -> tuple[str, TimeProfile | None]:
+    """The recorded cost kind and time profile (bundles before ``--cost`` count FLOPs)."""
+    cost, raw = meta.get("cost", "flops"), meta.get("latency")
+    if cost not in COSTS or (cost == "latency" and raw is None):
+        raise BundleError(f"{where}: field 'cost' is malformed; re-run `pteenet attach`")
+    if raw is None:
+        return cost, None
+    try:
+        profile = TimeProfile.from_dict(raw)
+        ok = len(profile.segment_ms) == branches + 1 and len(profile.branch_ms) == branches \
+            and all(isinstance(v, (int, float)) and v >= 0 for v in
+                    [*profile.segment_ms, *profile.branch_ms, *profile.segment_ms_batched,
+                     *profile.branch_ms_batched])
+    except (KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise BundleError(f"{where}: field 'latency' is malformed; re-run `pteenet attach`")
+    return cost, profile
 
 
 def read_info(path: str | os.PathLike) -> BundleInfo:
@@ -510,5 +536,6 @@ def load(path: str | os.PathLike = "pteenet-out", *, checkpoint: str | os.PathLi
         model.branches.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise BundleError(f"{info.path}: branch tensors do not match the metadata (edited?)") from e
+    model.use_cost(info.cost, info.latency)
     model.info = info  # type: ignore[attr-defined]
     return model.to(device).eval()

@@ -34,8 +34,9 @@ from .bundle import ThresholdTable, load, read_info, write_thresholds
 from .cost_search import min_cost_thresholds
 from .data import open_data
 from .devices import check_device
-from .early_exit import cascade_cost, gate_power
+from .early_exit import EarlyExitModel, cascade_cost, gate_power
 from .errors import CalibrationError, OptionError
+from .latency import device_name, probe_images
 from .thresholds import (
     as_table,
     class_precision,
@@ -68,6 +69,7 @@ class Outputs:
     labels: Tensor | None  # [N] or None when the data has no (matching) labels
     segment_costs: list[float]  # [B + 1] backbone cost up to each cut (last: 1.0)
     branch_costs: list[float]  # [B] each branch's own cost
+    cost: str = "flops"  # what the costs count (see EarlyExitModel.cost)
 
     def exit_costs(self, thr: Tensor) -> list[float]:
         """Relative cost of each exit when ``thr`` decides which exits are on."""
@@ -115,7 +117,7 @@ def outputs_from_features(model, feats: FeatureSet, labels_usable: bool = True,
     labels = feats.labels
     usable = labels_usable and len(labels) > 0 and bool((labels >= 0).all())
     return Outputs(scores, preds, feats.final.argmax(1), labels if usable else None,
-                   model.segment_costs, model.branch_costs)
+                   model.segment_costs, model.branch_costs, model.cost)
 
 
 def _method(threshold: float | None, cpm: bool, max_drop: float | None, budget: float | None,
@@ -182,7 +184,7 @@ def choose_table(out: Outputs, num_classes: int, *, method: str = "mincost",
     and ``score``'s scores otherwise."""
     b, k = out.scores.shape[1], num_classes
     params: dict[str, Any] = {"score": score, "samples": int(out.final_pred.numel()),
-                              "labels": out.labels is not None}
+                              "labels": out.labels is not None, "cost": out.cost}
     drop = DEFAULT_MAX_DROP if max_drop is None else max_drop
     if method == "global":
         thr = as_table(threshold, b, k)
@@ -239,25 +241,41 @@ def calibrate(
     force: bool = False,
     device: str = "cpu",
     write: bool = True,
+    cost: str | None = None,
 ) -> CalibrationResult:
     """Choose the threshold table and write it into the bundle (thresholds.json + .csv).
 
     With no method option the cost search runs at ``max_drop`` 0.01 (one point of accuracy, or
     of agreement without labels). ``risk`` certifies ``max_drop`` with probability
     ``1 - delta``; with ``cpm`` it scans the CPM table scaled from "never" towards itself.
+    ``cost`` (default: the bundle's) is what the search minimises: ``"flops"``, or
+    ``"latency"``, measured times (the bundle's profile when it was measured on this device,
+    else a fresh one).
     """
     method = _method(threshold, cpm, max_drop, budget, risk, delta, bound, margin, min_support)
     check_device(device)
     read_info(bundle)  # fail fast, before the backbone is built
     model = load(bundle, checkpoint=checkpoint, force=force, device=device, thresholds=False)
     model.set_thresholds(1.0, score="softmax" if uses_gate(method, cpm) else score)
+    use_cost(model, cost or model.cost, device)
     out = collect(model, data, split=split, device=device)
     table = choose_table(out, model.num_classes, method=method, threshold=threshold,
                          max_drop=max_drop, budget=budget, cpm=cpm, margin=margin,
                          min_support=min_support, delta=delta, bound=bound, score=score)
+    if model.cost == "latency" and model.latency is not None:
+        table.params["cost_device"] = model.latency.device
     if write:
         write_thresholds(model.info.path, table)
     return CalibrationResult(table, out, table.summary, class_rows(out, table.thresholds))
+
+
+def use_cost(model: EarlyExitModel, cost: str, device: str = "cpu") -> None:
+    """Put ``model`` on the ``cost`` model; for latency, re-measure the profile unless it was
+    measured on this device (times from another machine would rank exits wrongly)."""
+    profile = model.latency
+    if cost == "latency" and (profile is None or profile.device != device_name(device)):
+        profile = model.profile(probe_images(model.info.preprocess.input_size, device))
+    model.use_cost(cost, profile)
 
 
 def _risk_table(out: Outputs, k: int, cpm: bool, margin: float, min_support: int,
@@ -323,4 +341,4 @@ def _mincost_family(out: Outputs, max_drop: float) -> list[Tensor]:
 def _subset(out: Outputs, idx: Tensor) -> Outputs:
     labels = None if out.labels is None else out.labels[idx]
     return Outputs(out.scores[idx], out.preds[idx], out.final_pred[idx], labels,
-                   out.segment_costs, out.branch_costs)
+                   out.segment_costs, out.branch_costs, out.cost)

@@ -32,6 +32,7 @@ from torch import nn
 
 from .branches import DEFAULT_BRANCH, branch_flops, make_branch
 from .errors import OptionError
+from .latency import COSTS, PROBE_BATCH, TimeProfile, profile_cascade
 from .thresholds import as_table
 from .tracing import Trace, split_at
 
@@ -103,7 +104,9 @@ class EarlyExitModel(nn.Module):
     """Segments of a frozen backbone interleaved with trainable exit branches.
 
     ``segment_flops[k]`` and ``branch_flops[k]`` are per-image FLOPs; their sum over segments is
-    the backbone's own cost, against which relative FLOPs are reported.
+    the backbone's own cost, against which relative FLOPs are reported. ``cost`` says what the
+    cost model (calibration's search, L_v2's cost term) counts: ``"flops"``, or ``"latency"``,
+    the measured times of ``latency`` (a :class:`~pteenet.latency.TimeProfile`).
     """
 
     def __init__(
@@ -127,6 +130,8 @@ class EarlyExitModel(nn.Module):
         self.branch_flops = [int(f) for f in branch_flops]
         self.num_classes = num_classes
         self.score = score
+        self.cost = "flops"
+        self.latency: TimeProfile | None = None
         self.register_buffer("thresholds", torch.empty(0), persistent=False)
         self.register_buffer("gamma", torch.ones(len(branches)), persistent=False)
         self.set_thresholds(thresholds, gamma=gamma)
@@ -151,25 +156,62 @@ class EarlyExitModel(nn.Module):
             on &= ~torch.isinf(self.gamma.to(on.device))
         return on.tolist()
 
-    def exit_costs(self, active: Sequence[bool] | None = None) -> list[float]:
-        """Relative FLOPs of a sample leaving at exit k (k = B: the backbone).
+    def exit_costs(self, active: Sequence[bool] | None = None, kind: str | None = None
+                   ) -> list[float]:
+        """Relative cost of a sample leaving at exit k (k = B: the backbone).
 
         Only the branches of ``active`` exits (default: those the thresholds leave on) are
         counted, since only those run; pass all True for the cost with every branch evaluated.
+        ``kind`` is ``"flops"`` or ``"latency"`` (default: the model's ``cost``).
         """
         on = torch.tensor(self.active if active is None else list(active), dtype=torch.bool)
-        return cascade_cost(self.segment_costs, self.branch_costs, on).tolist()
+        return cascade_cost(*self.costs(kind), on).tolist()
+
+    def costs(self, kind: str | None = None) -> tuple[list[float], list[float]]:
+        """(the backbone's cumulative cost up to each cut, last 1.0; each branch's own cost),
+        relative to the backbone, in FLOPs or in measured batch-1 time."""
+        kind = kind or self.cost
+        if kind == "latency":
+            if self.latency is None:
+                raise OptionError("no time profile: measure one with use_latency(profile(...))")
+            return self.latency.costs()
+        spent = torch.tensor(self.segment_flops, dtype=torch.float64).cumsum(0)
+        return ((spent / self.backbone_flops).tolist(),
+                [f / self.backbone_flops for f in self.branch_flops])
 
     @property
     def segment_costs(self) -> list[float]:
-        """The backbone's cumulative cost up to each cut (last: 1.0), relative to the backbone."""
-        spent = torch.tensor(self.segment_flops, dtype=torch.float64).cumsum(0)
-        return (spent / self.backbone_flops).tolist()
+        """The backbone's cumulative cost up to each cut (last: 1.0) in the model's cost."""
+        return self.costs()[0]
 
     @property
     def branch_costs(self) -> list[float]:
-        """Each branch's own cost, relative to the backbone."""
-        return [f / self.backbone_flops for f in self.branch_flops]
+        """Each branch's own cost, relative to the backbone, in the model's cost."""
+        return self.costs()[1]
+
+    def use_cost(self, kind: str, latency: TimeProfile | None = None) -> None:
+        """Count ``kind`` in the cost model; ``latency`` is required (or kept) for latency."""
+        if kind not in COSTS:
+            raise OptionError(f"unknown cost '{kind}': use one of {', '.join(COSTS)}")
+        if latency is not None:
+            n = self.num_branches
+            if len(latency.segment_ms) != n + 1 or len(latency.branch_ms) != n:
+                raise OptionError(f"the time profile has {len(latency.branch_ms)} branches, "
+                                  f"the model {n}")
+            self.latency = latency
+        if kind == "latency" and self.latency is None:
+            raise OptionError("cost latency needs a time profile")
+        self.cost = kind
+
+    def profile(self, images: torch.Tensor, batch_size: int = PROBE_BATCH) -> TimeProfile:
+        """Measure every segment's and branch's time on ``images``' device (see
+        :mod:`pteenet.latency`)."""
+        was = self.training
+        self.eval()
+        try:
+            return profile_cascade(self.segments, self.branches, images, batch_size)
+        finally:
+            self.train(was)
 
     def set_thresholds(self, value: object, score: str | None = None,
                        gamma: Sequence[float] | None = None) -> None:

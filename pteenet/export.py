@@ -124,7 +124,7 @@ def manifest_for(model: Any, format: str, files: dict[str, list[str]]) -> dict[s
         "classes": info.classes, "cuts": list(info.cuts), "score": model.score,
         "thresholds": thr, "active": model.active, "segment_flops": list(model.segment_flops),
         "branch_flops": list(model.branch_flops), "backbone_flops": model.backbone_flops,
-        "exit_costs": model.exit_costs(), "files": files,
+        "exit_costs": model.exit_costs(kind="flops"), "files": files,
     }
 
 

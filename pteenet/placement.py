@@ -12,7 +12,7 @@ sample that reaches it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from .errors import PlacementError
 from .tracing import Cut, Trace
@@ -70,14 +70,16 @@ def useful_cuts(trace: Trace) -> list[Cut]:
 
 def choose_cuts(
     trace: Trace, n: int | None = None, policy: str = DEFAULT_POLICY,
-    at: Sequence[float] | None = None
+    at: Sequence[float] | None = None, fractions: Mapping[str, float] | None = None
 ) -> list[str]:
     """Names of the useful cuts nearest to the policy's targets (or ``at``), distinct, in order.
 
     ``n=None`` asks for :data:`DEFAULT_BRANCHES`, or one exit per useful cut where there are
     fewer. Targets are served in order; each takes the unused cut nearest to it in FLOP
     fraction while leaving enough later cuts for the targets after it, so no two exits share a
-    cut.
+    cut. ``fractions`` (cut name -> share of the backbone's time before it, from
+    :func:`pteenet.latency.cut_time_fractions`) replaces the FLOP fraction as the axis the
+    targets live on (``--cost latency``).
     """
     cuts = useful_cuts(trace)
     if not cuts:
@@ -90,7 +92,7 @@ def choose_cuts(
         raise PlacementError(
             f"asked for {len(targets)} branches but this backbone has only {len(cuts)} useful "
             f"cut points (one per distinct FLOP count, none in the last {TAIL:.0%} of FLOPs)")
-    fracs = [c.flops / trace.total_flops for c in cuts]
+    fracs = [fractions[c.name] if fractions else c.flops / trace.total_flops for c in cuts]
     chosen: list[int] = []
     for i, t in enumerate(targets):
         lo = chosen[-1] + 1 if chosen else 0

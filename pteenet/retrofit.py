@@ -27,7 +27,8 @@ from .data import available_splits, open_data
 from .distributed import all_sum, init_from_env, is_main, launched_as_main, rank_world
 from .early_exit import DEFAULT_BUDGET, EarlyExitModel, build_early_exit
 from .errors import OptionError
-from .placement import DEFAULT_POLICY, choose_cuts
+from .latency import COSTS, cut_time_fractions, probe_images
+from .placement import DEFAULT_POLICY, choose_cuts, useful_cuts
 from .tracing import Trace, trace_backbone
 from .training import (
     LiveFeatures,
@@ -59,7 +60,7 @@ class AttachResult:
 
     def rows(self) -> list[dict]:
         """Per branch: cut, FLOPs fraction at the exit, and held-out agreement with the backbone."""
-        costs = self.model.exit_costs()
+        costs = self.model.exit_costs(kind="flops")
         return [{"branch": i, "cut": c, "type": b["type"], "exit_flops": costs[i],
                  "branch_flops": b["flops"] / self.model.backbone_flops,
                  "agreement": self.report.agreement[i] if self.report.agreement else None}
@@ -95,6 +96,7 @@ def attach(
     progress: bool = True,
     backbone: Backbone | None = None,
     resume: bool = False,
+    cost: str = "flops",
 ) -> AttachResult:
     """Place exits on a frozen backbone, train them on its pseudo-labels and write the bundle.
 
@@ -107,9 +109,12 @@ def attach(
     bundle is ready to use. The bundle is written only when training has finished; with
     ``resume`` the training state is saved after every epoch in ``out/.attach-state.pt`` and an
     interrupted run with the same settings continues from its last finished epoch.
+    ``cost="latency"`` measures each piece's time on this machine and uses it instead of FLOPs
+    for placement, L_v2's cost term and calibration (:mod:`pteenet.latency`).
     """
     config = config or TrainConfig()
     config.validate(has_labels=True)  # options first: fail before any download or trace
+    _check_cost(cost)
     init_from_env(config.device)
     available_splits(data)  # the data must exist before the backbone is fetched
     if Path(out).exists() and not Path(out).is_dir():
@@ -128,10 +133,16 @@ def attach(
     # labels whose classes are not the backbone's cannot be targets: auto falls back to soft
     config = replace(config, target=config.resolved_target(labeled))
     trace = trace_backbone(bb.model, bb.preprocess.input_size, cuts=cuts)
-    names = list(cuts) if cuts else choose_cuts(trace, branches, placement, at)
+    probe = probe_images(bb.preprocess.input_size, config.device) if cost == "latency" else None
+    fractions = None
+    if probe is not None and not cuts:
+        fractions = cut_time_fractions(trace, [c.name for c in useful_cuts(trace)], probe)
+    names = list(cuts) if cuts else choose_cuts(trace, branches, placement, at, fractions)
     torch.manual_seed(config.seed)
     ee = build_early_exit(trace, names, bb.num_classes, branch,
                           budget=branch_budget).to(config.device)
+    if probe is not None:
+        ee.use_cost("latency", ee.profile(probe))
     notes = _cost_notes(ee)
     n = len(dataset)
     pool = list(range(n))
@@ -162,7 +173,7 @@ def attach(
                        info=f"loss {loss:.3f}" + (f"  agree {shown}" if shown else ""))
 
         state = Resume(Path(out) / STATE_FILE, _fingerprint(bb, names, branch, config, data,
-                                                            pool)) if resume else None
+                                                            pool, cost)) if resume else None
         report = train_branches(ee, train, held, config, on_epoch, state)
         report.skipped = int(all_sum(torch.tensor(train.skipped, device=config.device))) + \
             held.skipped
@@ -175,6 +186,14 @@ def attach(
         save_bundle(out, ee, info, table)
         (Path(out) / STATE_FILE).unlink(missing_ok=True)
     return AttachResult(ee, info, trace, report, time.perf_counter() - start, table, notes)
+
+
+def _check_cost(cost: str) -> None:
+    if cost not in COSTS:
+        raise OptionError(f"unknown cost '{cost}': use one of {', '.join(COSTS)}")
+    if cost == "latency" and rank_world()[1] > 1:
+        raise OptionError("--cost latency measures one process's time: run attach without "
+                          "torchrun, or with --cost flops")
 
 
 def _first_table(ee: EarlyExitModel, held, report: TrainReport, config: TrainConfig,
@@ -197,8 +216,9 @@ def _cost_notes(ee: EarlyExitModel) -> list[str]:
             f"(--branches, --branch-budget) train faster"]
 
 
-def _fingerprint(bb: Backbone, names, branch, config: TrainConfig, data, pool) -> str:
+def _fingerprint(bb: Backbone, names, branch, config: TrainConfig, data, pool, cost) -> str:
     parts = [bb.full_name, bb.checkpoint_sha256, names, branch, asdict(config), str(data),
+             cost,
              len(pool), hashlib.sha256(str(pool).encode()).hexdigest()]
     return hashlib.sha256(repr(parts).encode()).hexdigest()
 
@@ -229,4 +249,5 @@ def _bundle_info(bb: Backbone, ee: EarlyExitModel, names, module_cuts, branch, d
               "has_labels": dataset.has_labels},
         calibration_indices=held_idx,
         extra={"calibration_sha256": digest},
+        cost=ee.cost, latency=ee.latency,
     )

@@ -84,13 +84,14 @@ class Cascade:
 
     # -- loading --------------------------------------------------------------------------
     @classmethod
-    def open(cls, folder: str | os.PathLike, *,
-             providers: Sequence[str] | None = None) -> Cascade:
-        """Read ``manifest.json`` and load every graph; ``providers`` are onnxruntime's."""
+    def open(cls, folder: str | os.PathLike, *, providers: Sequence[str] | None = None,
+             threads: int | None = None) -> Cascade:
+        """Read ``manifest.json`` and load every graph; ``providers`` are onnxruntime's,
+        ``threads`` its intra-op threads (default: onnxruntime's choice)."""
         folder = Path(folder)
         manifest = read_manifest(folder)
         onnx = manifest["format"] == "onnx"
-        load = _onnx_loader(providers) if onnx else _torchscript_loader()
+        load = _onnx_loader(providers, threads) if onnx else _torchscript_loader()
         files = manifest["files"]
         return cls(manifest, [load(folder / f) for f in files["segments"]],
                    [load(folder / f) for f in files["branches"]])
@@ -288,16 +289,22 @@ def _graph_errors(path: Path, what: str) -> Iterator[None]:
                           f"`pteenet export` again") from e
 
 
-def _onnx_loader(providers: Sequence[str] | None) -> Callable[[Path], Graph]:
+def _onnx_loader(providers: Sequence[str] | None, threads: int | None = None
+                 ) -> Callable[[Path], Graph]:
     try:
         import onnxruntime as ort
     except ImportError as e:
         raise OptionError(f"running an ONNX export needs onnxruntime: {INSTALL_HINT}") from e
     chosen = list(providers) if providers else ["CPUExecutionProvider"]
+    if threads is not None and threads < 1:
+        raise OptionError(f"threads must be at least 1, got {threads}")
+    opts = ort.SessionOptions()
+    if threads is not None:
+        opts.intra_op_num_threads = threads
 
     def load(path: Path) -> Graph:
         with _graph_errors(path, "load"):
-            sess = ort.InferenceSession(str(path), providers=chosen)
+            sess = ort.InferenceSession(str(path), opts, providers=chosen)
             name = sess.get_inputs()[0].name
 
         def run(x: np.ndarray) -> tuple[np.ndarray, ...]:

@@ -1,0 +1,155 @@
+"""Wall clock on this CPU: does the default early-exit ResNet-44 pay in time, not only FLOPs?
+
+One run, on the real weights and the shared CIFAR-10 test images (not run in CI):
+
+1. the default bundle: ``pteenet.attach(model, data)`` with every default (or ``--bundle``);
+2. ``pteenet.bench`` on ``test/``: backbone and early-exit model interleaved, batch 1 and
+   batched, with the time profile of every segment and branch and the *ideal* speedups those
+   measured times and the exit shares imply (achieved / ideal shows the exit loop's overhead);
+3. the same bundle with every threshold above 1 (every exit off): its time against the
+   backbone's, which should be equal;
+4. the exported ONNX cascade (``pteenet.runtime.Cascade``) against the backbone exported to
+   ONNX, both on onnxruntime, interleaved, batch 1 and batched.
+
+    python benchmarks/wall_clock.py --model resnet44 --threads 2
+
+writes ``benchmarks/results/wall-clock.md`` and ``.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import pteenet
+from pteenet.bundle import load_backbone, read_info
+from pteenet.data import make_loader, open_data
+
+sys.path.insert(0, str(Path(__file__).parent))
+from cifar_resnet import CHECKPOINTS, SHARED, extract  # noqa: E402
+
+
+def bench_row(bundle: Path, root: Path, args, **kw) -> dict:
+    r = pteenet.bench(bundle, data=root, split="test", out_json=False, batch_size=args.batch,
+                      latency_samples=args.latency_samples, repeats=args.repeats,
+                      num_threads=args.threads, **kw)
+    lat, t = r["timing"]["latency"], r["timing"]
+    return {"top1": r["early_exit"]["top1"], "backbone_top1": r["backbone"]["top1"],
+            "relative_flops": r["early_exit"]["relative_flops"],
+            "batch1_ms": {k: v["median_ms"] for k, v in lat.items()},
+            "batch1_p10_p90_ms": {k: [v["p10_ms"], v["p90_ms"]] for k, v in lat.items()},
+            "throughput": t["throughput"], "throughput_range": t["throughput_range"],
+            "speedup": r["speedup"], "profile": r["profile"], "threads": t["cpu_threads"],
+            "load_average": t["load_average"], "notes": r["notes"]}
+
+
+def onnx_row(bundle: Path, root: Path, args) -> dict:
+    """Exported cascade vs exported backbone on onnxruntime, interleaved."""
+    import onnxruntime as ort
+
+    from pteenet.runtime import Cascade
+    info = read_info(bundle)
+    folder = pteenet.export(bundle, format="onnx")
+    cascade = Cascade.open(folder, threads=args.threads)
+    backbone = load_backbone(info, None, False).model.eval()
+    h, w = info.preprocess.input_size
+    path = folder / "backbone.onnx"
+    torch.onnx.export(backbone, (torch.zeros(1, 3, h, w),), str(path), input_names=["input"],
+                      output_names=["output"], dynamic_axes={"input": {0: "batch"},
+                                                             "output": {0: "batch"}},
+                      opset_version=17, dynamo=False)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = args.threads
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    images = test_images(root, info, args.batch)
+    runs = {"backbone": lambda x: sess.run(None, {"input": x}), "early_exit": cascade.run}
+    for fn in runs.values():
+        fn(images[:1])
+        fn(images)
+    one = {k: [] for k in runs}
+    for i in range(args.latency_samples):
+        for name, fn in (runs.items() if i % 2 == 0 else reversed(runs.items())):
+            t0 = time.perf_counter()
+            fn(images[i % len(images)][None])
+            one[name].append(time.perf_counter() - t0)
+    many = {k: [] for k in runs}
+    for i in range(args.repeats):
+        for name, fn in (runs.items() if i % 2 == 0 else reversed(runs.items())):
+            t0 = time.perf_counter()
+            fn(images)
+            many[name].append(len(images) / (time.perf_counter() - t0))
+    b1 = {k: 1000 * statistics.median(v) for k, v in one.items()}
+    tp = {k: statistics.median(v) for k, v in many.items()}
+    return {"batch1_ms": b1, "throughput": tp,
+            "speedup": {"latency": b1["backbone"] / b1["early_exit"],
+                        "throughput": tp["early_exit"] / tp["backbone"]}}
+
+
+def test_images(root: Path, info, n: int) -> np.ndarray:
+    data = open_data(root, info.preprocess, split="test")
+    loader = make_loader(data, batch_size=n, indices=list(range(n)))
+    return next(iter(loader)).images.numpy()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="resnet44", choices=sorted(CHECKPOINTS))
+    ap.add_argument("--bundle", help="an existing bundle (default: attach with the defaults)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--latency-samples", type=int, default=400)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = extract(Path(tmp) / "data")
+        bundle = Path(args.bundle) if args.bundle else Path(tmp) / "bundle"
+        if not args.bundle:
+            ckpt = SHARED / "weights" / "cifar-resnet" / CHECKPOINTS[args.model]
+            pteenet.attach(args.model, root, checkpoint=ckpt, out=bundle, progress=False)
+        rows = {"default": bench_row(bundle, root, args),
+                "all exits off": bench_row(bundle, root, args, threshold=math.inf,
+                                           profile=False),
+                "onnx": onnx_row(bundle, root, args)}
+    write(rows, args)
+
+
+def write(rows: dict, args) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "wall-clock.json").write_text(json.dumps({"model": args.model, "threads": args.threads,
+                                                    "batch": args.batch, "rows": rows}, indent=1))
+    d, off, onnx = rows["default"], rows["all exits off"], rows["onnx"]
+    sp = d["speedup"]
+    lines = [f"# Wall clock: {args.model}, default bundle, {args.threads} threads, "
+             f"batch 1 and {args.batch}", "",
+             "| run | batch-1 speedup | batched speedup | ideal (batch 1 / batched) | "
+             "achieved / ideal | relative FLOPs |", "|---|---|---|---|---|---|",
+             f"| early exit (torch) | {sp['latency']:.2f}x | {sp['throughput']:.2f}x | "
+             f"{sp['ideal_latency']:.2f}x / {sp['ideal_throughput']:.2f}x | "
+             f"{sp['latency_of_ideal']:.2f} / {sp['throughput_of_ideal']:.2f} | "
+             f"{d['relative_flops']:.3f} |",
+             f"| every exit off (torch) | {off['speedup']['latency']:.3f}x | "
+             f"{off['speedup']['throughput']:.3f}x | 1.00x | | {off['relative_flops']:.3f} |",
+             f"| ONNX cascade vs ONNX backbone | {onnx['speedup']['latency']:.2f}x | "
+             f"{onnx['speedup']['throughput']:.2f}x | | | |", "",
+             f"Batch-1 ms (torch): backbone {d['batch1_ms']['backbone']:.2f}, early exit "
+             f"{d['batch1_ms']['early_exit']:.2f}; throughput (img/s): backbone "
+             f"{d['throughput']['backbone']:.0f}, early exit {d['throughput']['early_exit']:.0f}; "
+             f"load average {d['load_average']}."]
+    (out / "wall-clock.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

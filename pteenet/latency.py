@@ -1,0 +1,162 @@
+"""Latency: what each piece of a cascade costs in wall-clock time on the device at hand.
+
+FLOPs are a poor proxy for time on a CPU: the first stage of a CIFAR ResNet (16 channels at
+32x32) takes more time per FLOP than the last, and a tiny exit head costs a dispatch whatever
+its FLOPs. A :class:`TimeProfile` holds each backbone segment's and each branch's measured time
+per image, at batch 1 and batched; ``--cost latency`` uses it in place of FLOPs for placement,
+EENets' L_v2 cost term and the threshold search, and ``bench`` compares the speedup it implies
+with the one achieved.
+
+Each piece is timed on its real input (the previous segments' output for the same images), with
+warm-up calls first and the median of interleaved repeats, under ``torch.inference_mode``.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import OptionError
+from .tracing import Trace, split_at
+
+__all__ = ["COSTS", "TimeProfile", "chain_times", "cut_time_fractions", "device_name",
+           "probe_images", "profile_cascade", "relative_costs"]
+
+COSTS = ("flops", "latency")
+WARMUP = 3
+REPEATS = 15
+PROBE_BATCH = 64  # images per timed batch
+
+
+@dataclass
+class TimeProfile:
+    """Milliseconds per image of each segment (``B + 1``) and branch (``B``) on one device."""
+
+    device: str
+    threads: int
+    batch_size: int
+    segment_ms: list[float]  # batch 1
+    branch_ms: list[float]
+    segment_ms_batched: list[float]  # per image, at batch_size
+    branch_ms_batched: list[float]
+
+    def costs(self, batched: bool = False) -> tuple[list[float], list[float]]:
+        """(cumulative segment costs, branch costs), relative to the backbone's own time."""
+        if batched:
+            return relative_costs(self.segment_ms_batched, self.branch_ms_batched)
+        return relative_costs(self.segment_ms, self.branch_ms)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TimeProfile:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+
+
+def relative_costs(segment: Sequence[float], branch: Sequence[float]
+                   ) -> tuple[list[float], list[float]]:
+    """Cumulative segment times and branch times, as shares of the segments' total."""
+    total = sum(segment)
+    if total <= 0:
+        raise OptionError("the time profile has no positive segment time")
+    spent = torch.tensor(list(segment), dtype=torch.float64).cumsum(0) / total
+    return spent.tolist(), [b / total for b in branch]
+
+
+def device_name(device: torch.device | str = "cpu") -> str:
+    """What the times were measured on: the CPU model (or GPU name) and the thread count."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(dev)}"
+    return f"cpu: {_cpu_model()} x{torch.get_num_threads()} threads"
+
+
+def probe_images(input_size: tuple[int, int], device: torch.device | str = "cpu",
+                 n: int = PROBE_BATCH) -> Tensor:
+    """Seeded random images to time a model on: a CNN's time does not depend on pixel values."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, 3, *input_size, generator=g).to(device)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_time(fn: Callable[[Tensor], Any], x: Tensor, repeats: int) -> float:
+    """Median seconds of ``fn(x)`` after warm-up calls."""
+    for _ in range(WARMUP):
+        fn(x)
+    times = []
+    for _ in range(repeats):
+        _sync(x.device)
+        t0 = time.perf_counter()
+        fn(x)
+        _sync(x.device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def chain_times(segments: Sequence[nn.Module], x: Tensor,
+                side: Sequence[nn.Module | None] = (), repeats: int = REPEATS
+                ) -> tuple[list[float], list[float]]:
+    """Seconds per call of each segment on its real input, and of ``side[k]`` on segment k's
+    output (a branch), walking the chain once."""
+    seg_s, side_s = [], []
+    for k, seg in enumerate(segments):
+        seg_s.append(_median_time(seg, x, repeats))
+        x = seg(x)
+        if k < len(side) and side[k] is not None:
+            side_s.append(_median_time(side[k], x, repeats))
+    return seg_s, side_s
+
+
+def profile_cascade(segments: Sequence[nn.Module], branches: Sequence[nn.Module],
+                    images: Tensor, batch_size: int = PROBE_BATCH, repeats: int = REPEATS
+                    ) -> TimeProfile:
+    """Time every segment and branch at batch 1 and at ``batch_size`` (per image)."""
+    if images.shape[0] < 1:
+        raise OptionError("profiling needs at least one image")
+    one = images[:1]
+    big = images[:batch_size]
+    if big.shape[0] < batch_size:
+        big = big.repeat((batch_size + big.shape[0] - 1) // big.shape[0], 1, 1, 1)[:batch_size]
+    s1, b1 = chain_times(segments, one, branches, repeats)
+    sb, bb = chain_times(segments, big, branches, max(3, repeats // 3))
+    ms = 1000.0
+    return TimeProfile(
+        device=device_name(images.device), threads=torch.get_num_threads(),
+        batch_size=batch_size, segment_ms=[t * ms for t in s1], branch_ms=[t * ms for t in b1],
+        segment_ms_batched=[t * ms / batch_size for t in sb],
+        branch_ms_batched=[t * ms / batch_size for t in bb])
+
+
+
+def cut_time_fractions(trace: Trace, names: Sequence[str], images: Tensor,
+                       repeats: int = REPEATS) -> dict[str, float]:
+    """Share of the backbone's batch-1 time spent before each of ``names`` (placement's
+    ``--cost latency`` axis in place of the FLOP fraction)."""
+    segments = [s.eval() for s in split_at(trace, names)]
+    seg_s, _ = chain_times(segments, images[:1], (), repeats)
+    spent, _ = relative_costs(seg_s, [])
+    return dict(zip(names, spent))

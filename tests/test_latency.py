@@ -1,0 +1,135 @@
+"""Latency as the cost: time profiles, ``--cost latency`` through placement, the bundle,
+calibration and bench, and bench's time profile with the ideal speedup it implies."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from pteenet_cli.app import app
+from typer.testing import CliRunner
+
+from pteenet.benchmarking import bench
+from pteenet.bundle import load, read_info
+from pteenet.calibration import calibrate
+from pteenet.cifar_resnet import cifar_resnet
+from pteenet.early_exit import build_early_exit
+from pteenet.errors import BundleError, OptionError
+from pteenet.latency import cut_time_fractions, probe_images, relative_costs
+from pteenet.placement import choose_cuts, useful_cuts
+from pteenet.retrofit import attach
+from pteenet.tracing import trace_backbone
+from pteenet.training import TrainConfig
+from tests._helpers import one_thread, reseal, tiny  # noqa: F401  (fixtures)
+
+FAST = dict(latency_samples=3, batch_size=8, repeats=1, out_json=False)
+
+
+@pytest.fixture(scope="module")
+def trace():
+    return trace_backbone(cifar_resnet("resnet20", num_classes=3).eval(), (32, 32))
+
+
+@pytest.fixture(scope="module")
+def timed(tiny, tmp_path_factory) -> Path:  # noqa: F811
+    data, ckpt = tiny
+    out = tmp_path_factory.mktemp("lat") / "bundle"
+    attach("resnet20", data, checkpoint=ckpt, branches=2, out=out, num_classes=3,
+           config=TrainConfig(epochs=1, batch_size=32), progress=False, cost="latency")
+    return out
+
+
+def test_relative_costs_are_cumulative_shares_of_the_backbone_time():
+    seg, br = relative_costs([1.0, 2.0, 1.0], [0.5, 0.25])
+    assert seg == pytest.approx([0.25, 0.75, 1.0]) and br == pytest.approx([0.125, 0.0625])
+
+
+def test_profile_times_every_piece_on_its_own_input(trace):
+    ee = build_early_exit(trace, choose_cuts(trace, 3), 3).eval()
+    prof = ee.profile(probe_images((32, 32), n=4), batch_size=4)
+    assert len(prof.segment_ms) == 4 and len(prof.branch_ms) == 3
+    assert all(t > 0 for t in prof.segment_ms + prof.branch_ms + prof.segment_ms_batched)
+    seg, _ = prof.costs()
+    assert seg[-1] == pytest.approx(1.0) and seg == sorted(seg)
+
+
+def test_latency_costs_replace_flops_only_where_asked(trace):
+    ee = build_early_exit(trace, choose_cuts(trace, 3), 3).eval()
+    flops = ee.exit_costs()
+    prof = ee.profile(probe_images((32, 32), n=2), batch_size=2)
+    prof.segment_ms = [10.0, 1.0, 1.0, 1.0]  # a slow first stage, as on CPUs
+    ee.use_cost("latency", prof)
+    assert ee.exit_costs()[0] > 0.7 > flops[0]
+    assert ee.exit_costs(kind="flops") == flops
+    with pytest.raises(OptionError, match="branches"):
+        ee.use_cost("latency", type(prof)(**{**prof.to_dict(), "branch_ms": [1.0]}))
+
+
+def test_placement_follows_time_when_given(trace):
+    names = [c.name for c in useful_cuts(trace)]
+    by_flops = choose_cuts(trace, 3)
+    front = {n: (i + 1) / len(names) for i, n in enumerate(names)}  # time spread evenly
+    front = {n: f ** 0.3 for n, f in front.items()}  # ... then front-loaded
+    by_time = choose_cuts(trace, 3, fractions=front)
+    assert by_time != by_flops
+    assert names.index(by_time[0]) < names.index(by_flops[0])
+    fr = cut_time_fractions(trace, names, probe_images((32, 32), n=1), repeats=2)
+    assert list(fr) == names and all(0 < v <= 1 for v in fr.values())
+
+
+def test_latency_bundle_round_trips_and_bench_reports_ideal(timed):
+    info = read_info(timed)
+    model = load(timed)
+    assert info.cost == "latency" and model.cost == "latency"
+    assert model.latency == info.latency and model.exit_costs() != model.exit_costs(kind="flops")
+    res = bench(timed, num_threads=2, **FAST)  # the module runs on one thread
+    assert res["timing"]["cpu_threads"] == 2 and torch.get_num_threads() == 1
+    prof = res["profile"]
+    assert len(prof["pieces"]) == 2 * model.num_branches + 1
+    assert res["speedup"]["ideal_latency"] > 0 and res["speedup"]["throughput_of_ideal"] > 0
+    assert any("x1 threads; this run is on cpu: " in n for n in res["notes"])
+    assert not any("measured on" in n for n in bench(timed, **FAST)["notes"])
+
+
+def test_bench_notes_a_profile_from_another_machine(timed, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from pteenet.bundle import _META_KEY, BRANCHES_FILE
+    copy = tmp_path / "b"
+    shutil.copytree(timed, copy)
+    f = copy / BRANCHES_FILE
+    from safetensors import safe_open
+    with safe_open(str(f), "pt") as h:
+        meta = h.metadata()
+    doc = json.loads(meta[_META_KEY])
+    doc["latency"]["device"] = "cpu: some other machine"
+    save_file(load_file(str(f)), str(f), metadata={**meta, _META_KEY: json.dumps(doc)})
+    reseal(copy)
+    res = bench(copy, **FAST)
+    assert any("measured on cpu: some other machine" in n for n in res["notes"])
+    doc["latency"]["segment_ms"] = [1.0]
+    save_file(load_file(str(f)), str(f), metadata={**meta, _META_KEY: json.dumps(doc)})
+    reseal(copy)
+    with pytest.raises(BundleError, match="latency"):
+        read_info(copy)
+
+
+def test_calibrate_can_switch_the_cost_model(timed):
+    res = calibrate(timed, cost="flops", write=False)
+    assert res.table.params["cost"] == "flops"
+    res = calibrate(timed, write=False)
+    assert res.table.params["cost"] == "latency" and "cost_device" in res.table.params
+
+
+def test_cli_cost_and_threads(timed):
+    r = CliRunner().invoke(app, ["bench", "--bundle", str(timed), "--threads", "1",
+                                 "--latency-samples", "2", "--batch-size", "8", "--repeats", "1",
+                                 "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert "time profile" in r.stdout and "ideal batch-1 speedup" in r.stdout
+    r = CliRunner().invoke(app, ["calibrate", "--bundle", str(timed), "--cost", "watts"])
+    assert r.exit_code != 0 and "unknown cost 'watts'" in r.stderr
