@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from enum import Enum
+
 from pteenet.errors import (
     BundleError,
     CalibrationError,
@@ -48,12 +50,36 @@ def describe(exc: BaseException) -> tuple[str, int]:
             f"(run again with --debug for the traceback and please report it)"), 1
 
 
-def describe_usage(exc: Exception) -> str:
-    """A click/typer usage error (bad or missing option or argument) as our one line."""
+def describe_usage(exc: Exception, command=None) -> str:
+    """A click/typer usage error (bad or missing option or argument) as our one line.
+    ``command``: the command being parsed, for errors raised before its context existed."""
     ctx = getattr(exc, "ctx", None)
     where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
     text = exc.format_message() if hasattr(exc, "format_message") else str(exc)
-    return f"error (bad option): {_one_line(text)}{where}"
+    command = ctx.command if ctx is not None else command
+    return f"error (bad option): {_one_line(text)}{_choices(exc, command)}{where}"
+
+
+def _choices(exc: Exception, command) -> str:
+    """The values an option takes, when it was given without one (``--boosted`` bare): click
+    only says a value is required, which leaves the user to look them up."""
+    name = getattr(exc, "option_name", None)
+    for p in getattr(command, "params", []):
+        if name in getattr(p, "opts", ()):
+            values = _values_of(p)
+            return f" (one of: {', '.join(values)})" if values else ""
+    return ""
+
+
+def _values_of(param) -> list[str]:
+    """A choice option's values: typer < 0.29 gives click a Choice type, later ones keep the
+    Enum annotation."""
+    choices = getattr(getattr(param, "type", None), "choices", None)
+    if choices is not None:
+        return [str(c) for c in choices]
+    kind = getattr(getattr(param, "type_descriptor", None), "annotation", None)
+    return [str(e.value) for e in kind] if isinstance(kind, type) and issubclass(kind, Enum) \
+        else []
 
 
 def _one_line(exc: BaseException | str) -> str:

@@ -60,7 +60,9 @@ class _Group(TyperGroup):
         except _USAGE as exc:
             if isinstance(exc, _HELP):
                 raise
-            click.echo(describe_usage(exc), err=True)
+            sub = self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand \
+                else None
+            click.echo(describe_usage(exc, sub), err=True)
             ctx.exit(exc.exit_code)
         except _PASS_THROUGH:
             raise

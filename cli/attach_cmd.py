@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -32,12 +33,23 @@ from ._options import (
 from ._output import Output, human, pct
 
 
+class Boost(str, Enum):
+    """``--boosted`` values: a choice, so a bare or wrong ``--boosted`` names them."""
+
+    hard = "hard"
+    soft = "soft"
+
+
 def attach(
     model: Annotated[str, typer.Argument(help="Backbone name, e.g. resnet44 or timm:resnet18.")],
     data: Annotated[str, typer.Option(
         "--data", "-d", help="Image folder (<class>/<image>, or train/ + test/ inside) or a "
         "dataset name: cifar10, cifar100, svhn, mnist, fashion-mnist. Labels are optional.")],
     checkpoint: Checkpoint = None,
+    pretrained: Annotated[bool, typer.Option(
+        "--pretrained/--no-pretrained", help="Without --checkpoint: download the registry's "
+        "pretrained weights, or start from random ones (seeded, so the bundle loads the same "
+        "backbone again).")] = True,
     num_classes: NumClasses = None,
     input_size: InputSize = None,
     mean: Mean = None,
@@ -66,9 +78,9 @@ def attach(
     = "auto",
     temperature: Annotated[float, typer.Option(
         help="Distillation temperature of soft and mixed targets.")] = 4.0,
-    boosted: Annotated[str | None, typer.Option(
-        help="BTS-EE sequential training: hard (drop samples earlier exits take) or soft "
-        "(down-weight them).")] = None,
+    boosted: Annotated[Boost | None, typer.Option(
+        help="BTS-EE sequential training, one branch at a time; the value is required: hard "
+        "(drop the samples earlier exits take) or soft (down-weight them).")] = None,
     margin: Annotated[float, typer.Option(help="CPM margin used between boosted stages.")] = 0.02,
     val_fraction: Annotated[float, typer.Option(
         help="Share of the data held out for calibration (never trained on).")] = 0.1,
@@ -98,7 +110,8 @@ def attach(
     """
     out_ = Output()
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, lam=lam, target=target,
-                         temperature=temperature, loss=loss, boosted=boosted, margin=margin,
+                         temperature=temperature, loss=loss,
+                         boosted=boosted.value if boosted else None, margin=margin,
                          seed=seed, device=device, cache=not no_cache, amp=amp)
     res = run_attach(model, data, checkpoint=checkpoint, branches=branches, placement=placement,
                      at=floats(at, "--at"), cuts=names(cuts), branch=branch,
@@ -106,9 +119,12 @@ def attach(
                      val_fraction=val_fraction, out=out, config=config, num_classes=num_classes,
                      input_size=size(input_size), mean=triple(mean, "--mean"),
                      std=triple(std, "--std"),
-                     max_samples=max_samples, progress=not quiet, resume=resume)
+                     max_samples=max_samples, progress=not quiet, resume=resume,
+                     pretrained=pretrained)
     if not is_main():
         return
+    for line in res.inferred:
+        out_.note(line)
     for note in res.notes:
         out_.warn(note)
     on = res.model.active

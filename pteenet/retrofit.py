@@ -55,7 +55,8 @@ class AttachResult:
     report: TrainReport
     seconds: float
     table: ThresholdTable | None = None
-    notes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # warnings
+    inferred: list[str] = field(default_factory=list)  # settings read from the checkpoint
 
     def rows(self) -> list[dict]:
         """Per branch: cut, FLOPs fraction at the exit, and held-out agreement with the backbone."""
@@ -95,6 +96,7 @@ def attach(
     progress: bool = True,
     backbone: Backbone | None = None,
     resume: bool = False,
+    pretrained: bool = True,
 ) -> AttachResult:
     """Place exits on a frozen backbone, train them on its pseudo-labels and write the bundle.
 
@@ -115,7 +117,7 @@ def attach(
     if Path(out).exists() and not Path(out).is_dir():
         raise OptionError(f"--out {out} is a file; the bundle needs a folder")
     start = time.perf_counter()
-    bb = backbone or create_backbone(model, checkpoint=checkpoint, pretrained=checkpoint is None,
+    bb = backbone or create_backbone(model, checkpoint=checkpoint, pretrained=pretrained,
                                      num_classes=num_classes, input_size=input_size, mean=mean,
                                      std=std)
     dataset = open_data(data, bb.preprocess, split="train")
@@ -174,7 +176,8 @@ def attach(
     if is_main():  # one writer; the other ranks hold the same branches
         save_bundle(out, ee, info, table)
         (Path(out) / STATE_FILE).unlink(missing_ok=True)
-    return AttachResult(ee, info, trace, report, time.perf_counter() - start, table, notes)
+    return AttachResult(ee, info, trace, report, time.perf_counter() - start, table, notes,
+                        bb.notes)
 
 
 def _first_table(ee: EarlyExitModel, held, report: TrainReport, config: TrainConfig,
@@ -213,7 +216,7 @@ def _bundle_info(bb: Backbone, ee: EarlyExitModel, names, module_cuts, branch, d
         backbone={"name": bb.name, "source": bb.source, "num_classes": bb.num_classes,
                   "checkpoint": Path(ckpt).name if ckpt else None,
                   "checkpoint_path": str(Path(ckpt).resolve()) if ckpt else None,
-                  "checkpoint_sha256": bb.checkpoint_sha256},
+                  "checkpoint_sha256": bb.checkpoint_sha256, "pretrained": bb.pretrained},
         preprocess=bb.preprocess, cuts=list(names), module_cuts=module_cuts,
         branches=[{"type": branch, "flops": f, "width": int(b.classifier.in_features)}
                   for b, f in zip(ee.branches, ee.branch_flops)],
