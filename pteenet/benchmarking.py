@@ -553,8 +553,9 @@ def bench(
         p = measure_pass(model, ev, batch_size=batch_size, device=dev, keep=keep, progress=tick)
     result = _assemble(info, ev, table, threshold, model, p)
     if threshold is None and table.method == "none":
-        result["notes"].append("the bundle has no thresholds.json: every exit is off and this "
-                               "measures the backbone; run `pteenet calibrate` first")
+        result["warnings"].append("the bundle's thresholds were never calibrated (no "
+                                  "thresholds.json): every exit is off and this measures the "
+                                  "backbone; run `pteenet calibrate` or pass --threshold")
     result["timing"] = wall_clock(backbone, model, p.images, latency_samples=latency_samples,
                                   batch_size=batch_size, repeats=repeats, device=dev)
     result["speedup"] = _speedups(result["timing"], result["early_exit"]["relative_flops"])
@@ -585,4 +586,5 @@ def _assemble(info: BundleInfo, ev: EvalSet, table: ThresholdTable, threshold: f
         **quality(p, model),
         "simulation": _simulation_check(p, model),
         "notes": list(ev.notes),
+        "warnings": [],
     }

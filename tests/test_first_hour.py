@@ -3,6 +3,7 @@ uncalibrated or repeated, and the options a new user reaches for first."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,36 @@ def test_no_pretrained_backbone_is_random_seeded_and_loads_again(shared, tmp_pat
     torch.manual_seed(456)
     fresh = create_backbone("resnet20", num_classes=3).model.state_dict()
     assert all(torch.equal(loaded[k], fresh[k]) for k in fresh)
+
+
+# --------------------------------------------------------------------------- bench
+
+
+def _bench(bundle: Path, *extra: str):
+    return runner.invoke(app, ["bench", "--bundle", str(bundle), "--max-samples", "8",
+                               "--latency-samples", "0", "--repeats", "1", "--quiet", *extra])
+
+
+@pytest.fixture
+def bundle(shared, tmp_path) -> Path:
+    copy = tmp_path / "bundle"
+    shutil.copytree(shared[2], copy)
+    return copy
+
+
+def test_bench_warns_once_when_thresholds_were_never_calibrated(bundle):
+    (bundle / "thresholds.json").unlink()
+    (bundle / "thresholds.csv").unlink()
+    result = _bench(bundle)
+    assert result.exit_code == 0, result.output
+    warned = [ln for ln in result.stderr.splitlines() if ln.startswith("warning:")]
+    assert len(warned) == 1 and "never calibrated" in warned[0], result.stderr
+    assert "--threshold" in warned[0]
+    quiet = _bench(bundle, "--threshold", "0.5")  # the user chose a threshold: nothing to say
+    assert quiet.exit_code == 0 and "warning" not in quiet.stderr, quiet.stderr
+
+
+def test_bench_on_a_calibrated_bundle_does_not_warn(bundle):
+    result = _bench(bundle)
+    assert result.exit_code == 0, result.output
+    assert "warning" not in result.stderr, result.stderr
