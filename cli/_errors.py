@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from enum import Enum
 
 from pteenet.errors import (
@@ -9,6 +10,7 @@ from pteenet.errors import (
     CalibrationError,
     CheckpointError,
     DataError,
+    Interrupted,
     ModelNotFoundError,
     OfflineError,
     OptionError,
@@ -37,8 +39,12 @@ ERROR_TABLE: dict[type[PteenetError], tuple[str, int]] = {
 MAX_LINE = 600  # characters of a message shown; the rest is cut
 
 
-def describe(exc: BaseException) -> tuple[str, int]:
-    """Return the one line to print and the exit code for ``exc``."""
+def describe(exc: BaseException, argv: list[str] | None = None) -> tuple[str, int]:
+    """Return the one line to print and the exit code for ``exc``; ``argv``, the command's
+    arguments, gives an interrupted run the exact command that continues it."""
+    if isinstance(exc, Interrupted):
+        again = f"; continue with: {resume_command(argv)}" if exc.resumable and argv else ""
+        return f"interrupted: {_one_line(exc)}{again}", 130
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted: nothing was written (earlier results are intact)", 130
     for kind, (label, code) in ERROR_TABLE.items():
@@ -48,6 +54,12 @@ def describe(exc: BaseException) -> tuple[str, int]:
         return f"error: {_one_line(exc)}", 1
     return (f"internal error: {type(exc).__name__}: {_one_line(exc)} "
             f"(run again with --debug for the traceback and please report it)"), 1
+
+
+def resume_command(argv: list[str]) -> str:
+    """The same command line with ``--resume`` (once), quoted for a POSIX shell."""
+    args = list(argv) if "--resume" in argv else [*argv, "--resume"]
+    return shlex.join(["pteenet", *args])
 
 
 def describe_usage(exc: Exception, command=None) -> str:

@@ -9,7 +9,7 @@ import contextlib
 import hashlib
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from .calibration import choose_table, outputs_from_features
 from .data import available_splits, open_data
 from .distributed import all_sum, init_from_env, is_main, launched_as_main, rank_world
 from .early_exit import DEFAULT_BUDGET, EarlyExitModel, build_early_exit
-from .errors import OptionError
+from .errors import Interrupted, OptionError
 from .placement import DEFAULT_POLICY, choose_cuts
 from .tracing import Trace, trace_backbone
 from .training import (
@@ -143,41 +143,58 @@ def attach(
     train_pos, held_pos = split_indices(len(pool), val_fraction, config.seed)
     train_idx, held_idx = [pool[i] for i in train_pos], [pool[i] for i in held_pos]
     rank, world = rank_world()
-    if resume and world > 1:
-        raise OptionError("--resume is not supported with several processes yet")
     train_idx = train_idx[rank::world]  # each rank caches and trains on its own shard
-    with contextlib.ExitStack() as stack, _progress(progress and rank == 0) as bar:
-        task = bar.add_task("backbone features", total=len(pool if config.cache else held_idx),
-                            info="")
-        kw = dict(batch_size=256, device=config.device, num_workers=config.num_workers,
-                  cache_limit=config.cache_limit, stack=stack, cache_dir=out,
-                  progress=lambda m: bar.advance(task, m))
-        train = compute_features(ee, dataset, train_idx, **kw) if config.cache else \
-            LiveFeatures(ee, dataset, train_idx, config.device)
-        held = compute_features(ee, dataset, held_idx, **kw)
-        epochs = config.epochs * (ee.num_branches if config.boosted else 1)
-        etask = bar.add_task("training", total=epochs, info="")
+    state = Resume(Path(out) / STATE_FILE, _fingerprint(bb, names, branch, config, data,
+                                                        pool)) if resume else None
+    with _on_interrupt(out, state):
+        with contextlib.ExitStack() as stack, _progress(progress and rank == 0) as bar:
+            task = bar.add_task("backbone features", total=len(pool if config.cache else held_idx),
+                                info="")
+            kw = dict(batch_size=256, device=config.device, num_workers=config.num_workers,
+                      cache_limit=config.cache_limit, stack=stack, cache_dir=out,
+                      progress=lambda m: bar.advance(task, m))
+            train = compute_features(ee, dataset, train_idx, **kw) if config.cache else \
+                LiveFeatures(ee, dataset, train_idx, config.device)
+            held = compute_features(ee, dataset, held_idx, **kw)
+            epochs = config.epochs * (ee.num_branches if config.boosted else 1)
+            etask = bar.add_task("training", total=epochs, info="")
 
-        def on_epoch(epoch: int, loss: float, agree: list[float]) -> None:
-            shown = " ".join(f"{a:.0%}" for a in agree)
-            bar.update(etask, completed=epoch + 1,
-                       info=f"loss {loss:.3f}" + (f"  agree {shown}" if shown else ""))
+            def on_epoch(epoch: int, loss: float, agree: list[float]) -> None:
+                shown = " ".join(f"{a:.0%}" for a in agree)
+                bar.update(etask, completed=epoch + 1,
+                           info=f"loss {loss:.3f}" + (f"  agree {shown}" if shown else ""))
 
-        state = Resume(Path(out) / STATE_FILE, _fingerprint(bb, names, branch, config, data,
-                                                            pool)) if resume else None
-        report = train_branches(ee, train, held, config, on_epoch, state)
-        report.skipped = int(all_sum(torch.tensor(train.skipped, device=config.device))) + \
-            held.skipped
-        ee.eval()
-        table = _first_table(ee, held, report, config, labeled)
-    ee.set_thresholds(table.thresholds, score=table.score, gamma=table.gamma)
-    info = _bundle_info(bb, ee, names, bool(cuts), branch, dataset, config, report, held,
-                        val_fraction, len(pool), data)
-    if is_main():  # one writer; the other ranks hold the same branches
-        save_bundle(out, ee, info, table)
-        (Path(out) / STATE_FILE).unlink(missing_ok=True)
+            report = train_branches(ee, train, held, config, on_epoch, state)
+            report.skipped = int(all_sum(torch.tensor(train.skipped, device=config.device))) + \
+                held.skipped
+            ee.eval()
+            table = _first_table(ee, held, report, config, labeled)
+        ee.set_thresholds(table.thresholds, score=table.score, gamma=table.gamma)
+        info = _bundle_info(bb, ee, names, bool(cuts), branch, dataset, config, report, held,
+                            val_fraction, len(pool), data)
+        if is_main():  # one writer; the other ranks hold the same branches
+            save_bundle(out, ee, info, table)
+            (Path(out) / STATE_FILE).unlink(missing_ok=True)
     return AttachResult(ee, info, trace, report, time.perf_counter() - start, table, notes,
                         bb.notes)
+
+
+@contextlib.contextmanager
+def _on_interrupt(out: str | os.PathLike, state: Resume | None) -> Iterator[None]:
+    """Ctrl-C becomes :class:`Interrupted` saying what was kept: the training state, which the
+    same command with ``--resume`` continues, or nothing (earlier files are intact either
+    way: the bundle is written only at the end, with one commit point)."""
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        if state is not None and state.done and state.path.is_file():
+            raise Interrupted(f"the training state after {state.done} is kept in {state.path}; "
+                              f"no bundle was written (earlier files in {out} are intact)",
+                              resumable=True) from e
+        hint = "" if state is not None else "; with --resume attach keeps its training state " \
+            "after every epoch"
+        raise Interrupted(f"nothing was written (earlier files in {out} are intact){hint}") \
+            from e
 
 
 def _first_table(ee: EarlyExitModel, held, report: TrainReport, config: TrainConfig,

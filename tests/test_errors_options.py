@@ -55,7 +55,6 @@ ATTACH = [  # (extra arguments, words the line must hold)
     (["--at", "0.5,abc"], ["--at", "comma-separated"]),
     (["--at", "0.6,0.3"], ["--at", "increasing"]),
     (["--at", "0,0.5"], ["--at", "between 0 and 1"]),
-    (["--resume", "--boosted", "hard"], ["--resume", "--boosted"]),
 ]
 
 

@@ -110,3 +110,88 @@ def test_bench_on_a_calibrated_bundle_does_not_warn(bundle):
     result = _bench(bundle)
     assert result.exit_code == 0, result.output
     assert "warning" not in result.stderr, result.stderr
+
+
+# --------------------------------------------------------------------------- Ctrl-C and --resume
+
+
+def _stop_after_first_save(monkeypatch) -> None:
+    import pteenet.training as training
+
+    real = training.Resume._write
+
+    def stop(self, state, done):
+        real(self, state, done)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.Resume, "_write", stop)
+
+
+def test_ctrl_c_says_what_was_kept_and_the_exact_resume_command(shared, tmp_path, monkeypatch):
+    import shlex
+
+    data, ckpt, _ = shared
+    out = tmp_path / "my out"  # a space: the printed command must be quoted
+    args = _attach(data, ckpt, out, "--epochs", "3", "--resume")
+    _stop_after_first_save(monkeypatch)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 130, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.output, result.stderr
+    assert "after epoch 1" in lines[0] and str(out / ".attach-state.pt") in lines[0], lines[0]
+    command = lines[0].split("continue with: ")[1]
+    assert shlex.split(command) == ["pteenet", *args]
+    monkeypatch.undo()
+    again = runner.invoke(app, shlex.split(command)[1:])
+    assert again.exit_code == 0, again.output
+    assert (out / "branches.safetensors").is_file() and not (out / ".attach-state.pt").exists()
+
+
+def test_ctrl_c_without_resume_says_nothing_was_kept(shared, tmp_path, monkeypatch):
+    import pteenet.training as training
+
+    data, ckpt, _ = shared
+    out = tmp_path / "out"
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "agreement", stop)  # Ctrl-C at the end of the first epoch
+    result = runner.invoke(app, _attach(data, ckpt, out))
+    assert result.exit_code == 130, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "nothing was written" in lines[0], result.stderr
+    assert "with --resume" in lines[0] and "continue with" not in lines[0]
+
+
+def test_boosted_resume_continues_to_the_uninterrupted_result(shared, tmp_path, monkeypatch):
+    from pteenet.bundle import load
+
+    data, ckpt, _ = shared
+    extra = ("--boosted", "hard", "--margin", "0.5", "--epochs", "2", "--resume")
+    full = runner.invoke(app, _attach(data, ckpt, tmp_path / "full", *extra))
+    assert full.exit_code == 0, full.output
+    out = tmp_path / "cut"
+    _stop_after_first_save(monkeypatch)
+    cut = runner.invoke(app, _attach(data, ckpt, out, *extra))
+    assert cut.exit_code == 130 and "after branch 1" in cut.stderr, cut.output
+    monkeypatch.undo()
+    import pteenet.training as training
+
+    starts: list[int] = []
+    real = training.Resume.load_stage
+
+    def recording(self, *a):
+        got = real(self, *a)
+        starts.append(got[0] if got else 0)
+        return got
+
+    monkeypatch.setattr(training.Resume, "load_stage", recording)
+    resumed = runner.invoke(app, _attach(data, ckpt, out, *extra))
+    assert resumed.exit_code == 0, resumed.output
+    assert starts == [1]  # the second branch only
+    a, b = load(tmp_path / "full"), load(out)
+    assert all(torch.equal(v, b.branches.state_dict()[k])
+               for k, v in a.branches.state_dict().items())
+    assert (tmp_path / "full" / "thresholds.json").read_bytes() == \
+        (out / "thresholds.json").read_bytes()
