@@ -123,7 +123,7 @@ def attach(
                      pretrained=pretrained)
     if not is_main():
         return
-    for line in res.inferred:
+    for line in res.said:
         out_.note(line)
     for note in res.notes:
         out_.warn(note)

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from .atomic import atomic_path, write_text, writes_into
 from .bundle import BundleInfo, ThresholdTable, load, load_backbone, read_info, read_thresholds
 from .data import DATASET_NAMES, ImageData, available_splits, make_loader, open_data
+from .derived import BUNDLE_HASH_KEY, bundle_hash
 from .devices import check_device
 from .early_exit import EarlyExitModel
 from .errors import BundleError, DataError, OptionError
@@ -457,7 +458,8 @@ def plot_sweep(path: Path, sweep: dict[str, Any], result: dict[str, Any]) -> Non
     ax.legend(loc="best")
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
+        fig.savefig(tmp, format="png", metadata={  # which bundle it shows (pteenet.derived)
+            "Description": f"pteenet sweep; {BUNDLE_HASH_KEY} {result['bundle']['sha256']}"})
 
 
 # -- checks -----------------------------------------------------------------------------------
@@ -573,7 +575,8 @@ def _assemble(info: BundleInfo, ev: EvalSet, table: ThresholdTable, threshold: f
     return {
         "bundle": {"path": str(info.path), "backbone": f"{info.backbone['source']}:"
                    f"{info.backbone['name']}", "branches": info.num_branches,
-                   "num_classes": info.num_classes, "backbone_flops": model.backbone_flops},
+                   "num_classes": info.num_classes, "backbone_flops": model.backbone_flops,
+                   "sha256": bundle_hash(info.path)},
         "data": {"spec": ev.spec, "split": ev.split, "subset": ev.subset,
                  "num_samples": len(p), "skipped": p.skipped, "labels": p.labels is not None},
         "thresholds": {"source": "bundle" if threshold is None else "--threshold",

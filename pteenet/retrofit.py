@@ -24,6 +24,7 @@ from .branches import DEFAULT_BRANCH
 from .bundle import BundleInfo, ThresholdTable, save_bundle
 from .calibration import choose_table, outputs_from_features
 from .data import available_splits, open_data
+from .derived import remove_stale
 from .distributed import all_sum, init_from_env, is_main, launched_as_main, rank_world
 from .early_exit import DEFAULT_BUDGET, EarlyExitModel, build_early_exit
 from .errors import Interrupted, OptionError
@@ -56,7 +57,7 @@ class AttachResult:
     seconds: float
     table: ThresholdTable | None = None
     notes: list[str] = field(default_factory=list)  # warnings
-    inferred: list[str] = field(default_factory=list)  # settings read from the checkpoint
+    said: list[str] = field(default_factory=list)  # what was inferred or tidied, not warnings
 
     def rows(self) -> list[dict]:
         """Per branch: cut, FLOPs fraction at the exit, and held-out agreement with the backbone."""
@@ -134,7 +135,7 @@ def attach(
     torch.manual_seed(config.seed)
     ee = build_early_exit(trace, names, bb.num_classes, branch,
                           budget=branch_budget).to(config.device)
-    notes = _cost_notes(ee)
+    notes, said = _cost_notes(ee), list(bb.notes)
     n = len(dataset)
     pool = list(range(n))
     if max_samples is not None and max_samples < n:
@@ -175,8 +176,12 @@ def attach(
         if is_main():  # one writer; the other ranks hold the same branches
             save_bundle(out, ee, info, table)
             (Path(out) / STATE_FILE).unlink(missing_ok=True)
+            stale = remove_stale(out)
+            if stale:
+                said.append(f"removed {', '.join(stale)} from {out}: derived from the bundle "
+                            f"this one replaced")
     return AttachResult(ee, info, trace, report, time.perf_counter() - start, table, notes,
-                        bb.notes)
+                        said)
 
 
 @contextlib.contextmanager

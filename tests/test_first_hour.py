@@ -3,6 +3,7 @@ uncalibrated or repeated, and the options a new user reaches for first."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -195,3 +196,51 @@ def test_boosted_resume_continues_to_the_uninterrupted_result(shared, tmp_path, 
                for k, v in a.branches.state_dict().items())
     assert (tmp_path / "full" / "thresholds.json").read_bytes() == \
         (out / "thresholds.json").read_bytes()
+
+
+# --------------------------------------------------------------------------- stale derived files
+
+
+def test_reattach_removes_what_the_old_bundle_left_and_nothing_else(shared, bundle):
+    from pteenet.derived import BUNDLE_HASH_KEY, bundle_hash
+
+    data, ckpt, _ = shared
+    assert _bench(bundle, "--sweep").exit_code == 0
+    old = bundle_hash(bundle)
+    assert json.loads((bundle / "bench.json").read_text())["bundle"]["sha256"] == old
+    export = runner.invoke(app, ["export", "--bundle", str(bundle), "--format", "torchscript"])
+    assert export.exit_code == 0, export.output
+    manifest = json.loads((bundle / "export-torchscript" / "manifest.json").read_text())
+    assert manifest[BUNDLE_HASH_KEY] == old
+    (bundle / "notes.txt").write_text("mine")
+    (bundle / "export-torchscript" / "mine.txt").write_text("mine")
+    result = runner.invoke(app, _attach(data, ckpt, bundle, "--seed", "1"))
+    assert result.exit_code == 0, result.output
+    said = [ln for ln in result.stdout.splitlines() if ln.startswith("removed ")]
+    assert len(said) == 1 and "bench.json" in said[0] and "export-torchscript" in said[0], \
+        result.stdout
+    for name in ("bench.json", "sweep.png", "sweep.csv", "export-torchscript/manifest.json"):
+        assert not (bundle / name).exists(), name
+    assert (bundle / "notes.txt").exists() and (bundle / "export-torchscript" / "mine.txt").exists()
+    # a bench and an export of the new bundle are current: they stay
+    assert _bench(bundle).exit_code == 0
+    assert runner.invoke(app, ["export", "--bundle", str(bundle), "--format",
+                               "torchscript"]).exit_code == 0
+    from pteenet.derived import remove_stale
+
+    assert remove_stale(bundle) == []
+    assert (bundle / "bench.json").exists()
+    assert (bundle / "export-torchscript" / "manifest.json").exists()
+
+
+def test_an_export_of_a_recalibrated_bundle_is_refused(bundle):
+    from pteenet.errors import BundleError
+    from pteenet.runtime import Cascade
+
+    assert runner.invoke(app, ["export", "--bundle", str(bundle), "--format",
+                               "torchscript"]).exit_code == 0
+    Cascade.open(bundle / "export-torchscript")  # current: opens
+    again = runner.invoke(app, ["calibrate", "--bundle", str(bundle), "--threshold", "0.3"])
+    assert again.exit_code == 0, again.output
+    with pytest.raises(BundleError, match="stale.*pteenet export"):
+        Cascade.open(bundle / "export-torchscript")
