@@ -79,6 +79,7 @@ class CalibrationResult:
     outputs: Outputs
     summary: dict[str, Any]
     rows: list[dict[str, Any]]
+    classes: list[str] | None = None  # the bundle's class names, for showing rows
 
 
 def collect(model, data: str | os.PathLike | None = None, *, split: str = "train",
@@ -256,7 +257,8 @@ def calibrate(
                          min_support=min_support, delta=delta, bound=bound, score=score)
     if write:
         write_thresholds(model.info.path, table)
-    return CalibrationResult(table, out, table.summary, class_rows(out, table.thresholds))
+    return CalibrationResult(table, out, table.summary, class_rows(out, table.thresholds),
+                             model.info.classes)
 
 
 def _risk_table(out: Outputs, k: int, cpm: bool, margin: float, min_support: int,

@@ -244,3 +244,29 @@ def test_an_export_of_a_recalibrated_bundle_is_refused(bundle):
     assert again.exit_code == 0, again.output
     with pytest.raises(BundleError, match="stale.*pteenet export"):
         Cascade.open(bundle / "export-torchscript")
+
+
+# --------------------------------------------------------------------------- calibrate's table
+
+
+def test_calibrate_shows_one_row_per_exit_by_default(bundle):
+    result = runner.invoke(app, ["calibrate", "--bundle", str(bundle)])
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    for column in ("takes", "agrees", "FLOPs at exit"):
+        assert column in out, out
+    rows = [ln for ln in out.splitlines() if ln.startswith("│")]
+    assert len(rows) == 3, out  # two branches and the backbone, no per-class rows
+    assert "blue" not in out
+
+
+def test_calibrate_verbose_names_the_classes(bundle):
+    result = runner.invoke(app, ["calibrate", "--bundle", str(bundle), "--cpm", "--verbose"])
+    assert result.exit_code == 0, result.output
+    rows = [ln for ln in result.stdout.splitlines() if ln.startswith("│")]
+    assert len(rows) == 6, result.stdout  # 2 exits x 3 classes
+    for name in ("blue", "green", "red"):
+        assert sum(name in r for r in rows) == 2, (name, result.stdout)
+    doc = json.loads(runner.invoke(app, ["calibrate", "--bundle", str(bundle), "--cpm",
+                                         "--json"]).stdout)
+    assert [r["class_name"] for r in doc["rows"][:3]] == ["blue", "green", "red"]
