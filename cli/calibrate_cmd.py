@@ -68,7 +68,7 @@ def calibrate(
     res = run_calibrate(bundle, threshold=threshold, cpm=cpm, margin=margin,
                         min_support=min_support, max_drop=max_drop, budget=budget, risk=risk,
                         delta=delta, bound=bound, score=score, data=data,
-                        checkpoint=checkpoint, force=force, device=device)
+                        checkpoint=checkpoint, force=force, device=device, progress=not json)
     t = res.table
     if verbose:
         out.table(f"thresholds per exit and class ({t.method}, score={t.score})",

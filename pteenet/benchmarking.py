@@ -21,7 +21,6 @@ calibration samples of its train split, never the samples the branches were trai
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -45,6 +44,7 @@ from .derived import BUNDLE_HASH_KEY, bundle_hash
 from .devices import check_device
 from .early_exit import EarlyExitModel
 from .errors import BundleError, DataError, OptionError
+from .progress import single_bar
 from .thresholds import exit_index, global_candidates, scaled_candidates, summarize
 
 __all__ = [
@@ -480,19 +480,6 @@ def _check_options(threshold: float | None, batch_size: int, latency_samples: in
 
 
 # -- the whole job ----------------------------------------------------------------------------
-def _progress(enabled: bool, total: int) -> tuple[contextlib.AbstractContextManager,
-                                                  Callable[[int], None] | None]:
-    if not enabled:
-        return contextlib.nullcontext(), None
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   console=Console(stderr=True))
-    task = bar.add_task("measuring", total=total)
-    return bar, lambda m: bar.advance(task, m)
-
-
 def _json_table(t: Tensor) -> list[list[float | None]]:
     return [[None if math.isinf(v) else float(v) for v in row] for row in t.tolist()]
 
@@ -550,8 +537,7 @@ def bench(
         model.set_thresholds(float(threshold))
     backbone = load_backbone(info, checkpoint, force).model.to(dev).eval().requires_grad_(False)
     keep = _images_to_keep(info, latency_samples, batch_size)
-    ctx, tick = _progress(progress, len(ev.indices))
-    with ctx:
+    with single_bar(progress, "measuring", len(ev.indices)) as tick:
         p = measure_pass(model, ev, batch_size=batch_size, device=dev, keep=keep, progress=tick)
     result = _assemble(info, ev, table, threshold, model, p)
     if threshold is None and table.method == "none":

@@ -35,6 +35,7 @@ from .data import open_data
 from .devices import check_device
 from .early_exit import cascade_cost, gate_power
 from .errors import CalibrationError, OptionError
+from .progress import single_bar
 from .thresholds import (
     as_table,
     class_precision,
@@ -83,7 +84,8 @@ class CalibrationResult:
 
 
 def collect(model, data: str | os.PathLike | None = None, *, split: str = "train",
-            device: str = "cpu", max_samples: int | None = None) -> Outputs:
+            device: str = "cpu", max_samples: int | None = None,
+            progress: bool = False) -> Outputs:
     """Run the model's branches and backbone on the calibration samples, once.
 
     Without ``data``: the bundle's own held-out split (exactly the samples recorded at attach).
@@ -103,7 +105,8 @@ def collect(model, data: str | os.PathLike | None = None, *, split: str = "train
                                f"held-out split no longer exists: pass --data")
     if max_samples is not None:
         indices = indices[:max_samples]
-    feats = compute_features(model, dataset, indices, device=device)
+    with single_bar(progress, "calibration features", len(indices)) as tick:
+        feats = compute_features(model, dataset, indices, device=device, progress=tick)
     usable = dataset.has_labels and len(dataset.classes or []) == model.num_classes
     return outputs_from_features(model, feats, usable, device)
 
@@ -239,6 +242,7 @@ def calibrate(
     force: bool = False,
     device: str = "cpu",
     write: bool = True,
+    progress: bool = False,
 ) -> CalibrationResult:
     """Choose the threshold table and write it into the bundle (thresholds.json + .csv).
 
@@ -251,7 +255,7 @@ def calibrate(
     read_info(bundle)  # fail fast, before the backbone is built
     model = load(bundle, checkpoint=checkpoint, force=force, device=device, thresholds=False)
     model.set_thresholds(1.0, score="softmax" if uses_gate(method, cpm) else score)
-    out = collect(model, data, split=split, device=device)
+    out = collect(model, data, split=split, device=device, progress=progress)
     table = choose_table(out, model.num_classes, method=method, threshold=threshold,
                          max_drop=max_drop, budget=budget, cpm=cpm, margin=margin,
                          min_support=min_support, delta=delta, bound=bound, score=score)

@@ -14,8 +14,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import __version__
 from .atomic import writes_into
@@ -29,8 +27,10 @@ from .distributed import all_sum, init_from_env, is_main, launched_as_main, rank
 from .early_exit import DEFAULT_BUDGET, EarlyExitModel, build_early_exit
 from .errors import Interrupted, OptionError
 from .placement import DEFAULT_POLICY, choose_cuts
+from .progress import bar as progress_bar
 from .tracing import Trace, trace_backbone
 from .training import (
+    FeatureSet,
     LiveFeatures,
     Resume,
     TrainConfig,
@@ -66,12 +66,6 @@ class AttachResult:
                  "branch_flops": b["flops"] / self.model.backbone_flops,
                  "agreement": self.report.agreement[i] if self.report.agreement else None}
                 for i, (c, b) in enumerate(zip(self.info.cuts, self.info.branches))]
-
-
-def _progress(enabled: bool) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
-                    console=Console(stderr=True), disable=not enabled, transient=False)
 
 
 @writes_into("out", create=True, when=launched_as_main)  # lock + writability, before any work
@@ -143,33 +137,11 @@ def attach(
         pool = sorted(torch.randperm(n, generator=g)[:max_samples].tolist())
     train_pos, held_pos = split_indices(len(pool), val_fraction, config.seed)
     train_idx, held_idx = [pool[i] for i in train_pos], [pool[i] for i in held_pos]
-    rank, world = rank_world()
-    train_idx = train_idx[rank::world]  # each rank caches and trains on its own shard
     state = Resume(Path(out) / STATE_FILE, _fingerprint(bb, names, branch, config, data,
                                                         pool)) if resume else None
     with _on_interrupt(out, state):
-        with contextlib.ExitStack() as stack, _progress(progress and rank == 0) as bar:
-            task = bar.add_task("backbone features", total=len(pool if config.cache else held_idx),
-                                info="")
-            kw = dict(batch_size=256, device=config.device, num_workers=config.num_workers,
-                      cache_limit=config.cache_limit, stack=stack, cache_dir=out,
-                      progress=lambda m: bar.advance(task, m))
-            train = compute_features(ee, dataset, train_idx, **kw) if config.cache else \
-                LiveFeatures(ee, dataset, train_idx, config.device)
-            held = compute_features(ee, dataset, held_idx, **kw)
-            epochs = config.epochs * (ee.num_branches if config.boosted else 1)
-            etask = bar.add_task("training", total=epochs, info="")
-
-            def on_epoch(epoch: int, loss: float, agree: list[float]) -> None:
-                shown = " ".join(f"{a:.0%}" for a in agree)
-                bar.update(etask, completed=epoch + 1,
-                           info=f"loss {loss:.3f}" + (f"  agree {shown}" if shown else ""))
-
-            report = train_branches(ee, train, held, config, on_epoch, state)
-            report.skipped = int(all_sum(torch.tensor(train.skipped, device=config.device))) + \
-                held.skipped
-            ee.eval()
-            table = _first_table(ee, held, report, config, labeled)
+        report, held, table = _train(ee, dataset, train_idx, held_idx, config, out, state,
+                                     labeled, progress)
         ee.set_thresholds(table.thresholds, score=table.score, gamma=table.gamma)
         info = _bundle_info(bb, ee, names, bool(cuts), branch, dataset, config, report, held,
                             val_fraction, len(pool), data)
@@ -182,6 +154,39 @@ def attach(
                             f"this one replaced")
     return AttachResult(ee, info, trace, report, time.perf_counter() - start, table, notes,
                         said)
+
+
+def _train(ee: EarlyExitModel, dataset, train_idx: list[int], held_idx: list[int],
+           config: TrainConfig, out, state: Resume | None, labeled: bool, progress: bool
+           ) -> tuple[TrainReport, FeatureSet, ThresholdTable]:
+    """Cache the backbone's features, train the branches, choose the first table; each rank
+    caches and trains its own shard of ``train_idx``. Rank 0 shows the bars: images, per
+    batch, so each has a rate and an ETA."""
+    rank, world = rank_world()
+    rounds = config.epochs * (ee.num_branches if config.boosted else 1)
+    with contextlib.ExitStack() as stack, progress_bar(progress and rank == 0) as bar:
+        mine = train_idx[rank::world]
+        task = bar.add_task("backbone features", total=(len(mine) if config.cache else 0)
+                            + len(held_idx))
+        kw = dict(batch_size=256, device=config.device, num_workers=config.num_workers,
+                  cache_limit=config.cache_limit, stack=stack, cache_dir=out,
+                  progress=lambda m: bar.advance(task, m))
+        train = compute_features(ee, dataset, mine, **kw) if config.cache else \
+            LiveFeatures(ee, dataset, mine, config.device)
+        held = compute_features(ee, dataset, held_idx, **kw)
+        etask = bar.add_task("training", total=rounds * len(train_idx))
+
+        def on_epoch(epoch: int, loss: float, agree: list[float]) -> None:
+            shown = " ".join(f"{a:.0%}" for a in agree)
+            bar.update(etask, completed=(epoch + 1) * len(train_idx),  # boosted: + non-survivors
+                       info=f"loss {loss:.3f}" + (f"  agree {shown}" if shown else ""))
+
+        report = train_branches(ee, train, held, config, on_epoch, state,
+                                on_batch=lambda m: bar.advance(etask, m))
+        report.skipped = int(all_sum(torch.tensor(train.skipped, device=config.device))) + \
+            held.skipped
+        ee.eval()
+        return report, held, _first_table(ee, held, report, config, labeled)
 
 
 @contextlib.contextmanager

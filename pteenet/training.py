@@ -416,19 +416,20 @@ class _Guard:
 
 def train_branches(model: EarlyExitModel, train: FeatureSet, held: FeatureSet,
                    config: TrainConfig, on_epoch: Callable[[int, float, list[float]], None]
-                   | None = None, resume: Resume | None = None) -> TrainReport:
+                   | None = None, resume: Resume | None = None,
+                   on_batch: Callable[[int], None] | None = None) -> TrainReport:
     """Train the branches (joint or boosted) from cached features; the backbone never moves.
 
     With ``resume``, state is saved after every epoch (after every branch when boosted) and a
-    saved state is continued.
+    saved state is continued. ``on_batch`` is told each global batch's size (progress bars).
     """
     torch.manual_seed(config.seed)
     config = replace(config, target=config.resolved_target(_has_labels(train)))
     model.train()
     model.branches.to(config.device)
     if config.boosted:
-        return _train_boosted(model, train, held, config, on_epoch, resume)
-    return _train_joint(model, train, held, config, on_epoch, resume)
+        return _train_boosted(model, train, held, config, on_epoch, resume, on_batch)
+    return _train_joint(model, train, held, config, on_epoch, resume, on_batch)
 
 
 def _has_labels(train: FeatureSet | LiveFeatures) -> bool:
@@ -527,7 +528,8 @@ class Resume:
                      "w_held": w_held}, f"branch {stage + 1}")
 
 
-def _train_joint(model, train, held, config, on_epoch, resume: Resume | None) -> TrainReport:
+def _train_joint(model, train, held, config, on_epoch, resume: Resume | None,
+                 on_batch: Callable[[int], None] | None) -> TrainReport:
     opt = torch.optim.Adam(model.branches.parameters(), lr=config.lr)
     gen = torch.Generator().manual_seed(config.seed)
     costs = model.exit_costs()
@@ -553,6 +555,8 @@ def _train_joint(model, train, held, config, on_epoch, resume: Resume | None) ->
             else:
                 per_sample = distill_per_sample(logits, conf, target)
             total += _step(opt, per_sample, None, len(pos), shard, params, guard, epoch)
+            if on_batch:
+                on_batch(len(pos))
         shard.average_buffers(model.branches)
         guard.commit()
         report.losses.append(total / len(shard))
@@ -566,7 +570,8 @@ def _train_joint(model, train, held, config, on_epoch, resume: Resume | None) ->
     return report
 
 
-def _train_boosted(model, train, held, config, on_epoch, resume: Resume | None) -> TrainReport:
+def _train_boosted(model, train, held, config, on_epoch, resume: Resume | None,
+                   on_batch: Callable[[int], None] | None) -> TrainReport:
     """BTS-EE: train branch k on the survivors of branches < k, calibrate it, remove its exits.
     With ``resume`` the state is saved after every branch but the last."""
     report = TrainReport()
@@ -591,7 +596,7 @@ def _train_boosted(model, train, held, config, on_epoch, resume: Resume | None) 
         w_global = shard.to_global(w_train)
         report.survivors.append({"train": int((w_global > 0.5).sum()),
                                  "held_out": int((w_held > 0.5).sum())})
-        _train_one(model, k, train, w_global, shard, config, gen, on_epoch, report)
+        _train_one(model, k, train, w_global, shard, config, gen, on_epoch, report, on_batch)
         s_held, p_held = branch_scores(model, held, config.device)
         alive = w_held > 0.5
         table = cpm_thresholds(s_held[alive, k:k + 1], p_held[alive, k:k + 1], ref[alive],
@@ -619,7 +624,7 @@ def _survival(model, data: FeatureSet, k: int, thr: Tensor, config: TrainConfig)
 
 
 def _train_one(model, k, train, weight: Tensor, shard: Shard, config, gen, on_epoch,
-               report) -> None:
+               report, on_batch: Callable[[int], None] | None) -> None:
     """Train branch k on the survivors; ``weight`` is the global survival vector (all ranks)."""
     soft = config.boosted == "soft"
     keep = (weight > (1e-3 if soft else 0.5)).nonzero().squeeze(1)
@@ -645,6 +650,8 @@ def _train_one(model, k, train, weight: Tensor, shard: Shard, config, gen, on_ep
             w = local_w[sel].to(config.device) if soft else None
             denom = float(weight[glob].sum()) if soft else len(glob)
             total += _step(opt, per_sample, w, denom, shard, params, guard, epoch)
+            if on_batch:
+                on_batch(len(glob))
         shard.average_buffers(branch)
         guard.commit()
         report.losses.append(total / keep.numel())

@@ -270,3 +270,46 @@ def test_calibrate_verbose_names_the_classes(bundle):
     doc = json.loads(runner.invoke(app, ["calibrate", "--bundle", str(bundle), "--cpm",
                                          "--json"]).stdout)
     assert [r["class_name"] for r in doc["rows"][:3]] == ["blue", "green", "red"]
+
+
+# --------------------------------------------------------------------------- progress
+
+
+@pytest.fixture
+def recorded_bars(monkeypatch) -> dict[str, list[float]]:
+    """Every bar any command draws: its description -> the advances it got."""
+    import pteenet.progress as progress
+
+    seen: dict[str, list[float]] = {}
+    real = progress.Progress
+
+    class Recording(real):
+        def add_task(self, description, *a, **k):
+            seen[description] = []
+            return super().add_task(description, *a, **k)
+
+        def advance(self, task_id, advance=1):
+            seen[self._tasks[task_id].description].append(advance)
+            super().advance(task_id, advance)
+
+    monkeypatch.setattr(progress, "Progress", Recording)
+    return seen
+
+
+def test_every_long_step_has_a_bar_with_rate_and_eta_advancing_per_batch(shared, tmp_path,
+                                                                        recorded_bars):
+    from pteenet.progress import bar
+
+    data, ckpt, _ = shared  # 24 training images, 18 after the held-out quarter
+    out = tmp_path / "out"
+    args = [a for a in _attach(data, ckpt, out, "--epochs", "2") if a != "--quiet"]
+    assert runner.invoke(app, args).exit_code == 0
+    assert recorded_bars["backbone features"] == [18, 6]  # one advance per batch
+    assert recorded_bars["training"] == [16, 2, 16, 2]  # batches of 16, two epochs
+    assert runner.invoke(app, ["calibrate", "--bundle", str(out)]).exit_code == 0
+    assert recorded_bars["calibration features"] == [6]
+    result = runner.invoke(app, ["bench", "--bundle", str(out), "--latency-samples", "0",
+                                 "--repeats", "1"])
+    assert result.exit_code == 0 and sum(recorded_bars["measuring"]) > 0
+    columns = " ".join(type(c).__name__ for c in bar().columns)
+    assert "_Rate" in columns and "TimeRemainingColumn" in columns
