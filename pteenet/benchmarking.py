@@ -444,9 +444,13 @@ def plot_sweep(path: Path, sweep: dict[str, Any], result: dict[str, Any]) -> Non
     ax = fig.add_subplot()
     pts = sweep["points"]
     ax.plot([q["relative_flops"] for q in pts], [100 * q[metric] for q in pts], "-o",
-            ms=3, label=f"sweep ({sweep['parameter']})")
-    for key, marker, text in (("backbone", "*", "backbone"), ("oracle", "D", "oracle (floor)"),
-                              ("early_exit", "s", "measured")):
+            ms=3, label=_sweep_rule(sweep, result["thresholds"]))
+    th = result["thresholds"]
+    now = f"--threshold {th['value']}" if th["source"] == "--threshold" else \
+        f"the bundle's {th['method']} table"
+    for key, marker, text in (("backbone", "*", "backbone (no exits)"),
+                              ("oracle", "D", "oracle: first agreeing exit (floor)"),
+                              ("early_exit", "s", f"current thresholds: {now} (measured)")):
         r = result[key]
         ax.plot([r["relative_flops"]], [100 * r[metric]], marker, ms=10, label=text)
     ax.set_xlabel("mean FLOPs per sample (relative to the backbone)")
@@ -460,6 +464,13 @@ def plot_sweep(path: Path, sweep: dict[str, Any], result: dict[str, Any]) -> Non
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", metadata={  # which bundle it shows (pteenet.derived)
             "Description": f"pteenet sweep; {BUNDLE_HASH_KEY} {result['bundle']['sha256']}"})
+
+
+def _sweep_rule(sweep: dict[str, Any], thresholds: dict[str, Any]) -> str:
+    """The curve's legend entry: which thresholds it moves, and how."""
+    if sweep["parameter"] == "threshold":
+        return f"one global threshold on the {thresholds['score']} score, 1 to 0"
+    return f"the {thresholds['method']} table scaled from never (0) to itself (1)"
 
 
 # -- checks -----------------------------------------------------------------------------------

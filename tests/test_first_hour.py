@@ -313,3 +313,26 @@ def test_every_long_step_has_a_bar_with_rate_and_eta_advancing_per_batch(shared,
     assert result.exit_code == 0 and sum(recorded_bars["measuring"]) > 0
     columns = " ".join(type(c).__name__ for c in bar().columns)
     assert "_Rate" in columns and "TimeRemainingColumn" in columns
+
+
+# --------------------------------------------------------------------------- the sweep plot
+
+
+@pytest.mark.parametrize(("extra", "rule", "current"), [
+    ([], "the mincost table scaled", "the bundle's mincost table"),
+    (["--threshold", "0.5"], "one global threshold on the gate score", "--threshold 0.5"),
+])
+def test_sweep_plot_labels_its_rule_and_marks_the_three_points(bundle, monkeypatch, extra, rule,
+                                                               current):
+    from matplotlib.figure import Figure
+
+    figures = []
+    real = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (figures.append(self),
+                                                                   real(self, *a, **k)))
+    assert _bench(bundle, "--sweep", *extra).exit_code == 0
+    labels = [t.get_text() for t in figures[-1].axes[0].get_legend().get_texts()]
+    assert len(labels) == 4, labels
+    assert rule in labels[0], labels
+    assert labels[1].startswith("backbone") and labels[2].startswith("oracle"), labels
+    assert labels[3].startswith("current thresholds") and current in labels[3], labels
