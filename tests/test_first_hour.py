@@ -336,3 +336,27 @@ def test_sweep_plot_labels_its_rule_and_marks_the_three_points(bundle, monkeypat
     assert rule in labels[0], labels
     assert labels[1].startswith("backbone") and labels[2].startswith("oracle"), labels
     assert labels[3].startswith("current thresholds") and current in labels[3], labels
+
+
+# --------------------------------------------------------------------------- file modes
+
+
+def test_every_file_attach_bench_and_export_write_follows_the_umask(shared, tmp_path):
+    import os
+    import stat
+
+    data, ckpt, _ = shared
+    out = tmp_path / "out"
+    old = os.umask(0o027)
+    try:
+        assert runner.invoke(app, _attach(data, ckpt, out)).exit_code == 0
+        assert _bench(out, "--sweep").exit_code == 0
+        assert runner.invoke(app, ["export", "--bundle", str(out), "--format",
+                                   "torchscript"]).exit_code == 0
+    finally:
+        os.umask(old)
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert {p.name for p in files} >= {"branches.safetensors", "thresholds.json", "bench.json",
+                                       "sweep.png", "manifest.json"}
+    for p in files:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o640, p
