@@ -68,7 +68,8 @@ def inspect(
     thop = human(info["thop_macs"]) if info["thop_macs"] else "n/a"
     out.note(f"total: {human(info['total_flops'])}FLOPs = {human(info['total_macs'])}MACs "
              f"(aten-level FlopCounterMode), {human(info['total_params'])} params; "
-             f"thop: {thop}MACs (module hooks only: misses residual adds and functional ops)")
+             f"thop: {thop}MACs (module hooks: adds BatchNorm and pooling, misses functional "
+             f"ops and module subclasses such as timm's)")
     if info["chosen"]:
         out.note(f"placement {info['placement']}: {', '.join(info['chosen'])}")
     out.result(info)
