@@ -98,7 +98,8 @@ def attach(
     amp: Annotated[bool, typer.Option(
         help="bf16 mixed precision for branch training (CUDA, or CPUs with bf16).")] = False,
     resume: Annotated[bool, typer.Option(
-        help="Save training state every epoch and continue an interrupted attach.")] = False,
+        help="Save training state every epoch (every branch when boosted) and continue an "
+        "interrupted attach from it; Ctrl-C prints the command that does.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Attach N exit branches to MODEL and train them on the backbone's own predictions.

@@ -102,8 +102,11 @@ def attach(
     runs). After training, the held-out split calibrates the bundle with the default rule
     (:func:`pteenet.calibration.choose_table`: least cost within one point of accuracy), so the
     bundle is ready to use. The bundle is written only when training has finished; with
-    ``resume`` the training state is saved after every epoch in ``out/.attach-state.pt`` and an
-    interrupted run with the same settings continues from its last finished epoch.
+    ``resume`` the training state is saved after every epoch (every branch when boosted) in
+    ``out/.attach-state.pt`` and an interrupted run with the same settings continues from there;
+    Ctrl-C raises :class:`~pteenet.errors.Interrupted`, saying what was kept. After writing,
+    derived files of the bundle it replaced are removed (:func:`pteenet.derived.remove_stale`).
+    ``pretrained=False`` without a checkpoint starts from seeded random weights.
     """
     config = config or TrainConfig()
     config.validate(has_labels=True)  # options first: fail before any download or trace
