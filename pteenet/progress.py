@@ -41,10 +41,15 @@ class _Info(ProgressColumn):
 
 
 def bar(enabled: bool = True) -> Progress:
-    """A rich Progress (use as a context manager; ``add_task`` counts images)."""
+    """A rich Progress (use as a context manager; ``add_task`` counts images).
+
+    Off a terminal (a pipe, a log file, a test) the finished bars are not printed: there they
+    would only be stray lines on stderr, around a one-line error."""
+    console = Console(stderr=True)
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     _Rate(), TextColumn("ETA"), TimeRemainingColumn(), TimeElapsedColumn(),
-                    _Info(), console=Console(stderr=True), disable=not enabled)
+                    _Info(), console=console, disable=not enabled,
+                    transient=not console.is_terminal)
 
 
 @contextlib.contextmanager
