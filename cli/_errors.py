@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import shlex
+from enum import Enum
+
 from pteenet.errors import (
     BundleError,
     CalibrationError,
     CheckpointError,
     DataError,
+    Interrupted,
     ModelNotFoundError,
     OfflineError,
     OptionError,
@@ -35,8 +39,12 @@ ERROR_TABLE: dict[type[PteenetError], tuple[str, int]] = {
 MAX_LINE = 600  # characters of a message shown; the rest is cut
 
 
-def describe(exc: BaseException) -> tuple[str, int]:
-    """Return the one line to print and the exit code for ``exc``."""
+def describe(exc: BaseException, argv: list[str] | None = None) -> tuple[str, int]:
+    """Return the one line to print and the exit code for ``exc``; ``argv``, the command's
+    arguments, gives an interrupted run the exact command that continues it."""
+    if isinstance(exc, Interrupted):
+        again = f"; continue with: {resume_command(argv)}" if exc.resumable and argv else ""
+        return f"interrupted: {_one_line(exc)}{again}", 130
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted: nothing was written (earlier results are intact)", 130
     for kind, (label, code) in ERROR_TABLE.items():
@@ -48,12 +56,42 @@ def describe(exc: BaseException) -> tuple[str, int]:
             f"(run again with --debug for the traceback and please report it)"), 1
 
 
-def describe_usage(exc: Exception) -> str:
-    """A click/typer usage error (bad or missing option or argument) as our one line."""
+def resume_command(argv: list[str]) -> str:
+    """The same command line with ``--resume`` (once), quoted for a POSIX shell."""
+    args = list(argv) if "--resume" in argv else [*argv, "--resume"]
+    return shlex.join(["pteenet", *args])
+
+
+def describe_usage(exc: Exception, command=None) -> str:
+    """A click/typer usage error (bad or missing option or argument) as our one line.
+    ``command``: the command being parsed, for errors raised before its context existed."""
     ctx = getattr(exc, "ctx", None)
     where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
     text = exc.format_message() if hasattr(exc, "format_message") else str(exc)
-    return f"error (bad option): {_one_line(text)}{where}"
+    command = ctx.command if ctx is not None else command
+    return f"error (bad option): {_one_line(text)}{_choices(exc, command)}{where}"
+
+
+def _choices(exc: Exception, command) -> str:
+    """The values an option takes, when it was given without one (``--boosted`` bare): click
+    only says a value is required, which leaves the user to look them up."""
+    name = getattr(exc, "option_name", None)
+    for p in getattr(command, "params", []):
+        if name in getattr(p, "opts", ()):
+            values = _values_of(p)
+            return f" (one of: {', '.join(values)})" if values else ""
+    return ""
+
+
+def _values_of(param) -> list[str]:
+    """A choice option's values: typer < 0.29 gives click a Choice type, later ones keep the
+    Enum annotation."""
+    choices = getattr(getattr(param, "type", None), "choices", None)
+    if choices is not None:
+        return [str(c) for c in choices]
+    kind = getattr(getattr(param, "type_descriptor", None), "annotation", None)
+    return [str(e.value) for e in kind] if isinstance(kind, type) and issubclass(kind, Enum) \
+        else []
 
 
 def _one_line(exc: BaseException | str) -> str:

@@ -11,8 +11,8 @@ Checkpoint = Annotated[Path | None, typer.Option(
     "--checkpoint", "-c", help="Weights file (.pt/.pth/.th/.bin/.safetensors). Without it the "
     "registry's pretrained weights are downloaded.")]
 NumClasses = Annotated[int | None, typer.Option(
-    "--num-classes", help="Classes of the backbone's head, when the checkpoint's differ from "
-    "the default.", min=1)]
+    "--num-classes", help="Classes of the backbone's head. Default: read from the checkpoint's "
+    "classifier, else the model's own.", min=1)]
 Branches = Annotated[int, typer.Option("--branches", "-n", help="Number of exit branches.", min=1)]
 Placement = Annotated[str, typer.Option(
     "--placement", "-p", help="pareto (20/80 splits), golden (61.8/38.2), fine (5/95), linear "

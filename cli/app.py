@@ -37,6 +37,7 @@ _PASS_THROUGH = tuple({click.exceptions.Exit, click.ClickException, click.except
 _USAGE = tuple(e for e in _PASS_THROUGH if e.__name__ in ("UsageError", "BadParameter"))
 _HELP = tuple(e for e in {getattr(click.exceptions, "NoArgsIsHelpError", None),  # click >= 8.2
                           *_typer_exceptions(("NoArgsIsHelpError",))} if e is not None)
+ARGV = "pteenet.argv"  # ctx.meta key: the arguments as given
 _EXIT = getattr(typer.core, "Exit", click.exceptions.Exit)  # what typer's main turns into a code
 
 
@@ -45,9 +46,13 @@ class _Group(TyperGroup):
     error ends as one line on stderr and an exit code (the traceback only with ``--debug``)."""
 
     def make_context(self, info_name, args, parent=None, **extra):
-        """Usage errors before any command runs (``pteenet --bogus``): one line too."""
+        """Usage errors before any command runs (``pteenet --bogus``): one line too. Keeps
+        the arguments, for the exact command that continues an interrupted run."""
+        argv = list(args)
         try:
-            return super().make_context(info_name, args, parent=parent, **extra)
+            ctx = super().make_context(info_name, args, parent=parent, **extra)
+            ctx.meta[ARGV] = argv
+            return ctx
         except _USAGE as exc:
             if isinstance(exc, _HELP):
                 raise
@@ -60,14 +65,16 @@ class _Group(TyperGroup):
         except _USAGE as exc:
             if isinstance(exc, _HELP):
                 raise
-            click.echo(describe_usage(exc), err=True)
+            sub = self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand \
+                else None
+            click.echo(describe_usage(exc, sub), err=True)
             ctx.exit(exc.exit_code)
         except _PASS_THROUGH:
             raise
         except (Exception, KeyboardInterrupt) as exc:
             if ctx.params.get("debug"):
                 traceback.print_exc()
-            message, code = describe(exc)
+            message, code = describe(exc, ctx.meta.get(ARGV))
             click.echo(message, err=True)
             ctx.exit(code)
 

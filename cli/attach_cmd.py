@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -33,12 +34,23 @@ from ._options import (
 from ._output import Output, human, pct
 
 
+class Boost(str, Enum):
+    """``--boosted`` values: a choice, so a bare or wrong ``--boosted`` names them."""
+
+    hard = "hard"
+    soft = "soft"
+
+
 def attach(
     model: Annotated[str, typer.Argument(help="Backbone name, e.g. resnet44 or timm:resnet18.")],
     data: Annotated[str, typer.Option(
         "--data", "-d", help="Image folder (<class>/<image>, or train/ + test/ inside) or a "
         "dataset name: cifar10, cifar100, svhn, mnist, fashion-mnist. Labels are optional.")],
     checkpoint: Checkpoint = None,
+    pretrained: Annotated[bool, typer.Option(
+        "--pretrained/--no-pretrained", help="Without --checkpoint: download the registry's "
+        "pretrained weights, or start from random ones (seeded, so the bundle loads the same "
+        "backbone again).")] = True,
     num_classes: NumClasses = None,
     input_size: InputSize = None,
     mean: Mean = None,
@@ -67,9 +79,9 @@ def attach(
     = "auto",
     temperature: Annotated[float, typer.Option(
         help="Distillation temperature of soft and mixed targets.")] = 4.0,
-    boosted: Annotated[str | None, typer.Option(
-        help="BTS-EE sequential training: hard (drop samples earlier exits take) or soft "
-        "(down-weight them).")] = None,
+    boosted: Annotated[Boost | None, typer.Option(
+        help="BTS-EE sequential training, one branch at a time; the value is required: hard "
+        "(drop the samples earlier exits take) or soft (down-weight them).")] = None,
     margin: Annotated[float, typer.Option(help="CPM margin used between boosted stages.")] = 0.02,
     val_fraction: Annotated[float, typer.Option(
         help="Share of the data held out for calibration (never trained on).")] = 0.1,
@@ -87,7 +99,8 @@ def attach(
     amp: Annotated[bool, typer.Option(
         help="bf16 mixed precision for branch training (CUDA, or CPUs with bf16).")] = False,
     resume: Annotated[bool, typer.Option(
-        help="Save training state every epoch and continue an interrupted attach.")] = False,
+        help="Save training state every epoch (every branch when boosted) and continue an "
+        "interrupted attach from it; Ctrl-C prints the command that does.")] = False,
     cost: Cost = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
@@ -100,7 +113,8 @@ def attach(
     """
     out_ = Output()
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, lam=lam, target=target,
-                         temperature=temperature, loss=loss, boosted=boosted, margin=margin,
+                         temperature=temperature, loss=loss,
+                         boosted=boosted.value if boosted else None, margin=margin,
                          seed=seed, device=device, cache=not no_cache, amp=amp)
     res = run_attach(model, data, checkpoint=checkpoint, branches=branches, placement=placement,
                      at=floats(at, "--at"), cuts=names(cuts), branch=branch,
@@ -109,9 +123,11 @@ def attach(
                      input_size=size(input_size), mean=triple(mean, "--mean"),
                      std=triple(std, "--std"),
                      max_samples=max_samples, progress=not quiet, resume=resume,
-                     cost=cost or "flops")
+                     pretrained=pretrained, cost=cost or "flops")
     if not is_main():
         return
+    for line in res.said:
+        out_.note(line)
     for note in res.notes:
         out_.warn(note)
     on = res.model.active

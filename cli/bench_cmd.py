@@ -85,6 +85,8 @@ def _notes(out: Output, res: dict[str, Any]) -> None:
                     f"{d['subset']}: {d['num_samples']} images{skipped}); thresholds: {how}"))
     for n in res["notes"]:
         out.note(escape(f"note: {n}"))
+    for w in res["warnings"]:
+        out.warn(escape(w))
     for name, path in res["files"].items():
         out.note(escape(f"{name.replace('_', '.', 1)} -> {path}"))
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from pteenet.calibration import DEFAULT_MARGIN
+from pteenet.calibration import DEFAULT_MARGIN, CalibrationResult
 from pteenet.calibration import calibrate as run_calibrate
 
 from ._options import Bundle, Checkpoint, Cost, Device, Json
@@ -51,7 +51,8 @@ def calibrate(
     device: Device = "cpu",
     cost: Cost = None,
     verbose: Annotated[bool, typer.Option(
-        "--verbose", "-v", help="Show every (branch, class) row, not the per-branch summary.")]
+        "--verbose", "-v", help="Show every (exit, class) row, with class names, instead of "
+        "one row per exit.")]
     = False,
     json: Json = False,
 ) -> None:
@@ -59,24 +60,25 @@ def calibrate(
 
     By default: the thresholds that cost least within --max-drop (one point) of the backbone's
     accuracy; exits that do not pay for their branch are switched off and never run. The
-    table shows, per branch, its threshold, the share of calibration samples it takes and its
-    precision on them, then the whole cascade's expected accuracy and relative FLOPs.
+    table shows, per exit, its threshold, the share of calibration samples it takes, how often
+    it agrees with the backbone on them and what leaving there costs (relative FLOPs); then the
+    whole cascade's expected accuracy and relative FLOPs. --verbose shows every exit and class
+    (by name) with the precision there.
     """
     out = Output(json)
     res = run_calibrate(bundle, threshold=threshold, cpm=cpm, margin=margin,
                         min_support=min_support, max_drop=max_drop, budget=budget, risk=risk,
                         delta=delta, bound=bound, score=score, data=data,
-                        checkpoint=checkpoint, force=force, device=device, cost=cost)
+                        checkpoint=checkpoint, force=force, device=device, cost=cost,
+                        progress=not json)
     t = res.table
-    per_class = verbose and bool((t.thresholds != t.thresholds[:, :1]).any())
-    rows = [[r["branch"], r["class"], _thr(r["threshold"]), pct(r["share"]),
-             pct(r["precision"]), r["support"]] for r in res.rows] if per_class else [
-        [b, "all", _branch_thr(t.thresholds[b]), pct(sum(r["share"] for r in rs)),
-         pct(_precision(rs)), sum(r["support"] for r in rs)]
-        for b in range(t.thresholds.shape[0])
-        for rs in [[r for r in res.rows if r["branch"] == b]]]
-    out.table(f"thresholds ({t.method}, score={t.score})",
-              ["branch", "class", "threshold", "takes", "precision", "support"], rows)
+    if verbose:
+        out.table(f"thresholds per exit and class ({t.method}, score={t.score})",
+                  ["exit", "class", "threshold", "takes", "precision", "support"],
+                  class_rows(res))
+    else:
+        out.table(f"exits ({t.method}, score={t.score}; --verbose: per class)",
+                  ["exit", "threshold", "takes", "agrees", "FLOPs at exit"], exit_rows(res))
     s = res.summary
     exits = " ".join(pct(e["share"], 0) for e in s["exits"])
     acc = f"accuracy {pct(s['accuracy'])} (backbone {pct(s['backbone_accuracy'])}), " \
@@ -90,7 +92,28 @@ def calibrate(
                  f"(empirical {p['empirical']:.4f}) with probability {1 - p['delta']:.2f}")
     out.note(f"wrote {bundle}/thresholds.json and thresholds.csv")
     out.result({"method": t.method, "score": t.score, "params": t.params, "summary": s,
-                "rows": res.rows})
+                "rows": [{**r, "class_name": _name(res, r["class"])} for r in res.rows]})
+
+
+def _name(res: CalibrationResult, c: int) -> str:
+    """A class's name where the bundle knows it (attach on labeled data), else its index."""
+    return res.classes[c] if res.classes else str(c)
+
+
+def exit_rows(res: CalibrationResult) -> list[list[str]]:
+    """One row per exit (the backbone last): threshold, the share it takes, how often it
+    agrees with the backbone there, and the relative FLOPs a sample leaving there costs."""
+    t, exits = res.table.thresholds, res.summary["exits"]
+    costs = res.outputs.exit_costs(t)
+    rows = [[f"branch {k}", _branch_thr(t[k]), pct(e["share"]), pct(e["agreement"]),
+             pct(costs[k])] for k, e in enumerate(exits[:-1])]
+    return rows + [["backbone", "always", pct(exits[-1]["share"]),
+                    pct(exits[-1]["agreement"]), pct(costs[-1])]]
+
+
+def class_rows(res: CalibrationResult) -> list[list[str]]:
+    return [[f"branch {r['branch']}", _name(res, r["class"]), _thr(r["threshold"]),
+             pct(r["share"]), pct(r["precision"]), str(r["support"])] for r in res.rows]
 
 
 def _thr(v: float) -> str:
@@ -99,10 +122,3 @@ def _thr(v: float) -> str:
 
 def _branch_thr(row) -> str:
     return _thr(float(row[0])) if bool((row == row[0]).all()) else "per class"
-
-
-def _precision(rows: list[dict]) -> float | None:
-    """Precision over everything a branch takes, from its per-class rows."""
-    taken = sum(r["support"] for r in rows)
-    hits = sum(r["support"] * r["precision"] for r in rows if r["precision"] is not None)
-    return hits / taken if taken else None

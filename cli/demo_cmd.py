@@ -1,4 +1,4 @@
-"""``pteenet demo``: the whole retrofit on real data, offline, in a minute or two."""
+"""``pteenet demo``: the whole retrofit on real data, offline, in well under a minute."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def demo(
         "--workdir", help="Cache for the digits and the trained backbone. Default: "
         "$PTEENET_CACHE/demo, else ~/.cache/pteenet/demo.")] = None,
     quick: Annotated[bool, typer.Option(
-        "--quick", help="A reduced run (fewer epochs and images; under a minute) for smoke "
+        "--quick", help="A reduced run (fewer epochs and images) for smoke "
         "tests; its numbers are not representative.")] = False,
     threads: Annotated[int, typer.Option(
         "--threads", min=1, help="Torch CPU threads. One is fastest for these tiny models, "

@@ -31,6 +31,10 @@ def inspect(
     model: Annotated[str, typer.Argument(help="Backbone: NAME, cifar:NAME, timm:NAME or "
                                          "torchvision:NAME (e.g. resnet56).")],
     checkpoint: Checkpoint = None,
+    pretrained: Annotated[bool, typer.Option(
+        "--pretrained/--no-pretrained", help="Without --checkpoint: download the registry's "
+        "pretrained weights, or use random ones (the default: FLOPs do not depend on "
+        "them).")] = False,
     num_classes: NumClasses = None,
     branches: Annotated[int | None, typer.Option("--branches", "-n", min=1,
                                                  help="Mark where N exits would go.")] = None,
@@ -47,7 +51,10 @@ def inspect(
     info = inspect_backbone(model, checkpoint=checkpoint, num_classes=num_classes,
                             branches=branches, placement=placement, at=floats(at, "--at"),
                             cuts=names(cuts), input_size=size(input_size),
-                            mean=triple(mean, "--mean"), std=triple(std, "--std"))
+                            mean=triple(mean, "--mean"), std=triple(std, "--std"),
+                            pretrained=pretrained)
+    for line in info["inferred"]:
+        out.note(line)
     out.note(f"[bold]{info['model']}[/] (resolved from '{model}' via {info['source']}), "
              f"input {info['input_size'][0]}x{info['input_size'][1]}, "
              f"{info['num_classes']} classes")
@@ -61,7 +68,8 @@ def inspect(
     thop = human(info["thop_macs"]) if info["thop_macs"] else "n/a"
     out.note(f"total: {human(info['total_flops'])}FLOPs = {human(info['total_macs'])}MACs "
              f"(aten-level FlopCounterMode), {human(info['total_params'])} params; "
-             f"thop: {thop}MACs (module hooks only: misses residual adds and functional ops)")
+             f"thop: {thop}MACs (module hooks: adds BatchNorm and pooling, misses functional "
+             f"ops and module subclasses such as timm's)")
     if info["chosen"]:
         out.note(f"placement {info['placement']}: {', '.join(info['chosen'])}")
     out.result(info)

@@ -88,8 +88,13 @@ def _temp_beside(target: Path, suffix: str = ".tmp") -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.pteenet-", suffix=suffix,
                                dir=target.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; written files follow the umask
     return Path(tmp)
+
+
+def _follow_umask(path: Path) -> None:
+    """Give a finished file the mode any tool's new file gets (0666 less the umask): mkstemp
+    makes 0600, and some writers (safetensors) create their file anew with 0600 too."""
+    os.chmod(path, 0o666 & ~_umask())
 
 
 def _fsync(path: Path) -> None:
@@ -108,6 +113,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     tmp = _temp_beside(target)
     try:
         yield tmp
+        _follow_umask(tmp)
         _fsync(tmp)
         os.replace(tmp, target)
     finally:
@@ -338,6 +344,7 @@ def commit_files(folder: str | os.PathLike, writers: Mapping[str, Callable[[Path
             pause_point("start")
             for (name, write), path in zip(writers.items(), pending):
                 write(path)
+                _follow_umask(path)
                 _fsync(path)
                 files[name] = _entry(path)
                 pause_point(f"wrote-{name}")

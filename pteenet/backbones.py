@@ -17,7 +17,7 @@ import io
 import os
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -55,6 +55,7 @@ CIFAR_URLS = {
 }
 CIFAR_PREPROCESS = Preprocess(input_size=(32, 32), mean=IMAGENET_MEAN, std=IMAGENET_STD)
 _PREFIXES = ("module.", "_orig_mod.")
+RANDOM_INIT_SEED = 0  # the seed of random (not pretrained) backbone weights
 
 
 @dataclass
@@ -68,6 +69,8 @@ class Backbone:
     preprocess: Preprocess
     checkpoint: str | None = None
     checkpoint_sha256: str | None = None
+    pretrained: bool = False  # the registry's weights (False with a checkpoint, or random ones)
+    notes: list[str] = field(default_factory=list)  # what was inferred, one line each
 
     @property
     def full_name(self) -> str:
@@ -236,6 +239,17 @@ def freeze(model: nn.Module) -> nn.Module:
 
 
 def _build(source: str, name: str, num_classes: int | None, pretrained: bool) -> nn.Module:
+    """The model with the registry's weights, or random ones drawn from a fixed seed so that
+    a bundle trained on a random backbone (``--no-pretrained``) loads the same backbone again."""
+    if pretrained:
+        return _build_model(source, name, num_classes, True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        return _build_model(source, name, num_classes, False)
+
+
+def _build_model(source: str, name: str, num_classes: int | None, pretrained: bool
+                 ) -> nn.Module:
     if source == "cifar":
         model = cifar_resnet(name, num_classes or 10)
         if pretrained:
@@ -342,11 +356,18 @@ def create_backbone(
         raise OptionError(f"--input-size {max(input_size)} is larger than pteenet supports "
                           f"({MAX_INPUT_SIDE} per side)")
     source, bare = resolve_name(name)
-    model = _build(source, bare, num_classes, pretrained and checkpoint is None)
-    sha = None
+    pretrained = pretrained and checkpoint is None
+    model = _build(source, bare, num_classes, pretrained)
+    sha, notes = None, []
     if checkpoint is not None:
         path = Path(checkpoint)
-        _apply_state_dict(model, load_state_dict_file(path), path, f"{source}:{bare}")
+        sd = load_state_dict_file(path)
+        if num_classes is None and (found := _head_classes(model, sd)) is not None:
+            num_classes, key = found
+            model = _build(source, bare, num_classes, False)
+            notes.append(f"--num-classes {num_classes}: read from the checkpoint's classifier "
+                         f"({key})")
+        _apply_state_dict(model, sd, path, f"{source}:{bare}")
         sha = sha256_file(path)
     pre = _default_preprocess(source, bare, model)
     pre = Preprocess(
@@ -358,4 +379,16 @@ def create_backbone(
     return Backbone(model=model, name=bare, source=source,
                     num_classes=num_classes or _head_size(model, pre), preprocess=pre,
                     checkpoint=str(checkpoint) if checkpoint is not None else None,
-                    checkpoint_sha256=sha)
+                    checkpoint_sha256=sha, pretrained=pretrained, notes=notes)
+
+
+def _head_classes(model: nn.Module, sd: dict[str, torch.Tensor]) -> tuple[int, str] | None:
+    """The checkpoint's class count, when its classifier differs from the model's default: the
+    classifier is the model's last 2-D weight (``linear``, ``fc``, ``classifier.3``, ``head``)."""
+    own = model.state_dict()
+    key = next((k for k in reversed(own) if k.endswith("weight") and own[k].ndim == 2), None)
+    if key is None or key not in sd or sd[key].ndim != 2 or sd[key].shape == own[key].shape:
+        return None
+    if sd[key].shape[1] != own[key].shape[1]:
+        return None  # another architecture: the load below says so
+    return int(sd[key].shape[0]), key

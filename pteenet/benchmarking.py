@@ -41,10 +41,12 @@ from torch import Tensor, nn
 from .atomic import atomic_path, write_text, writes_into
 from .bundle import BundleInfo, ThresholdTable, load, load_backbone, read_info, read_thresholds
 from .data import DATASET_NAMES, ImageData, available_splits, make_loader, open_data
+from .derived import BUNDLE_HASH_KEY, bundle_hash
 from .devices import check_device
 from .early_exit import EarlyExitModel, cascade_cost
 from .errors import BundleError, DataError, OptionError
 from .latency import device_name
+from .progress import single_bar
 from .thresholds import exit_index, global_candidates, scaled_candidates, summarize
 
 __all__ = [
@@ -508,9 +510,13 @@ def plot_sweep(path: Path, sweep: dict[str, Any], result: dict[str, Any]) -> Non
     ax = fig.add_subplot()
     pts = sweep["points"]
     ax.plot([q["relative_flops"] for q in pts], [100 * q[metric] for q in pts], "-o",
-            ms=3, label=f"sweep ({sweep['parameter']})")
-    for key, marker, text in (("backbone", "*", "backbone"), ("oracle", "D", "oracle (floor)"),
-                              ("early_exit", "s", "measured")):
+            ms=3, label=_sweep_rule(sweep, result["thresholds"]))
+    th = result["thresholds"]
+    now = f"--threshold {th['value']}" if th["source"] == "--threshold" else \
+        f"the bundle's {th['method']} table"
+    for key, marker, text in (("backbone", "*", "backbone (no exits)"),
+                              ("oracle", "D", "oracle: first agreeing exit (floor)"),
+                              ("early_exit", "s", f"current thresholds: {now} (measured)")):
         r = result[key]
         ax.plot([r["relative_flops"]], [100 * r[metric]], marker, ms=10, label=text)
     ax.set_xlabel("mean FLOPs per sample (relative to the backbone)")
@@ -522,7 +528,15 @@ def plot_sweep(path: Path, sweep: dict[str, Any], result: dict[str, Any]) -> Non
     ax.legend(loc="best")
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
+        fig.savefig(tmp, format="png", metadata={  # which bundle it shows (pteenet.derived)
+            "Description": f"pteenet sweep; {BUNDLE_HASH_KEY} {result['bundle']['sha256']}"})
+
+
+def _sweep_rule(sweep: dict[str, Any], thresholds: dict[str, Any]) -> str:
+    """The curve's legend entry: which thresholds it moves, and how."""
+    if sweep["parameter"] == "threshold":
+        return f"one global threshold on the {thresholds['score']} score, 1 to 0"
+    return f"the {thresholds['method']} table scaled from never (0) to itself (1)"
 
 
 # -- checks -----------------------------------------------------------------------------------
@@ -543,19 +557,6 @@ def _check_options(threshold: float | None, batch_size: int, latency_samples: in
 
 
 # -- the whole job ----------------------------------------------------------------------------
-def _progress(enabled: bool, total: int) -> tuple[contextlib.AbstractContextManager,
-                                                  Callable[[int], None] | None]:
-    if not enabled:
-        return contextlib.nullcontext(), None
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   console=Console(stderr=True))
-    task = bar.add_task("measuring", total=total)
-    return bar, lambda m: bar.advance(task, m)
-
-
 def _json_table(t: Tensor) -> list[list[float | None]]:
     return [[None if math.isinf(v) else float(v) for v in row] for row in t.tolist()]
 
@@ -623,13 +624,13 @@ def _bench(bundle, data, split, threshold, batch_size, latency_samples, repeats,
         model.set_thresholds(float(threshold))
     backbone = load_backbone(info, checkpoint, force).model.to(dev).eval().requires_grad_(False)
     keep = _images_to_keep(info, latency_samples, batch_size)
-    ctx, tick = _progress(progress, len(ev.indices))
-    with ctx:
+    with single_bar(progress, "measuring", len(ev.indices)) as tick:
         p = measure_pass(model, ev, batch_size=batch_size, device=dev, keep=keep, progress=tick)
     result = _assemble(info, ev, table, threshold, model, p)
     if threshold is None and table.method == "none":
-        result["notes"].append("the bundle has no thresholds.json: every exit is off and this "
-                               "measures the backbone; run `pteenet calibrate` first")
+        result["warnings"].append("the bundle's thresholds were never calibrated (no "
+                                  "thresholds.json): every exit is off and this measures the "
+                                  "backbone; run `pteenet calibrate` or pass --threshold")
     result["timing"] = wall_clock(backbone, model, p.images, latency_samples=latency_samples,
                                   batch_size=batch_size, repeats=repeats, device=dev)
     result["speedup"] = _speedups(result["timing"], result["early_exit"]["relative_flops"])
@@ -653,7 +654,8 @@ def _assemble(info: BundleInfo, ev: EvalSet, table: ThresholdTable, threshold: f
     return {
         "bundle": {"path": str(info.path), "backbone": f"{info.backbone['source']}:"
                    f"{info.backbone['name']}", "branches": info.num_branches,
-                   "num_classes": info.num_classes, "backbone_flops": model.backbone_flops},
+                   "num_classes": info.num_classes, "backbone_flops": model.backbone_flops,
+                   "sha256": bundle_hash(info.path)},
         "data": {"spec": ev.spec, "split": ev.split, "subset": ev.subset,
                  "num_samples": len(p), "skipped": p.skipped, "labels": p.labels is not None},
         "thresholds": {"source": "bundle" if threshold is None else "--threshold",
@@ -666,4 +668,5 @@ def _assemble(info: BundleInfo, ev: EvalSet, table: ThresholdTable, threshold: f
         **quality(p, model),
         "simulation": _simulation_check(p, model),
         "notes": list(ev.notes),
+        "warnings": [],
     }

@@ -495,8 +495,9 @@ def load_backbone(info: BundleInfo, checkpoint: str | os.PathLike | None = None,
             raise BundleError(
                 f"checkpoint {ckpt} (sha256 {have[:12]}) is not the one the branches were "
                 f"trained on ({_show(want)[:12]}); pass --force (force=True) to use it anyway")
-    return create_backbone(
-        f"{bb['source']}:{bb['name']}", checkpoint=ckpt, pretrained=ckpt is None,
+    return create_backbone(  # bundles before --no-pretrained recorded no "pretrained"
+        f"{bb['source']}:{bb['name']}", checkpoint=ckpt,
+        pretrained=ckpt is None and bb.get("pretrained", True) is not False,
         num_classes=info.num_classes, input_size=info.preprocess.input_size,
         mean=info.preprocess.mean, std=info.preprocess.std,
     )

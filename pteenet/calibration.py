@@ -37,6 +37,7 @@ from .devices import check_device
 from .early_exit import EarlyExitModel, cascade_cost, gate_power
 from .errors import CalibrationError, OptionError
 from .latency import device_name, probe_images
+from .progress import single_bar
 from .thresholds import (
     as_table,
     class_precision,
@@ -82,10 +83,12 @@ class CalibrationResult:
     outputs: Outputs
     summary: dict[str, Any]
     rows: list[dict[str, Any]]
+    classes: list[str] | None = None  # the bundle's class names, for showing rows
 
 
 def collect(model, data: str | os.PathLike | None = None, *, split: str = "train",
-            device: str = "cpu", max_samples: int | None = None) -> Outputs:
+            device: str = "cpu", max_samples: int | None = None,
+            progress: bool = False) -> Outputs:
     """Run the model's branches and backbone on the calibration samples, once.
 
     Without ``data``: the bundle's own held-out split (exactly the samples recorded at attach).
@@ -105,7 +108,8 @@ def collect(model, data: str | os.PathLike | None = None, *, split: str = "train
                                f"held-out split no longer exists: pass --data")
     if max_samples is not None:
         indices = indices[:max_samples]
-    feats = compute_features(model, dataset, indices, device=device)
+    with single_bar(progress, "calibration features", len(indices)) as tick:
+        feats = compute_features(model, dataset, indices, device=device, progress=tick)
     usable = dataset.has_labels and len(dataset.classes or []) == model.num_classes
     return outputs_from_features(model, feats, usable, device)
 
@@ -242,6 +246,7 @@ def calibrate(
     device: str = "cpu",
     write: bool = True,
     cost: str | None = None,
+    progress: bool = False,
 ) -> CalibrationResult:
     """Choose the threshold table and write it into the bundle (thresholds.json + .csv).
 
@@ -258,7 +263,7 @@ def calibrate(
     model = load(bundle, checkpoint=checkpoint, force=force, device=device, thresholds=False)
     model.set_thresholds(1.0, score="softmax" if uses_gate(method, cpm) else score)
     use_cost(model, cost or model.cost, device)
-    out = collect(model, data, split=split, device=device)
+    out = collect(model, data, split=split, device=device, progress=progress)
     table = choose_table(out, model.num_classes, method=method, threshold=threshold,
                          max_drop=max_drop, budget=budget, cpm=cpm, margin=margin,
                          min_support=min_support, delta=delta, bound=bound, score=score)
@@ -266,7 +271,8 @@ def calibrate(
         table.params["cost_device"] = model.latency.device
     if write:
         write_thresholds(model.info.path, table)
-    return CalibrationResult(table, out, table.summary, class_rows(out, table.thresholds))
+    return CalibrationResult(table, out, table.summary, class_rows(out, table.thresholds),
+                             model.info.classes)
 
 
 def use_cost(model: EarlyExitModel, cost: str, device: str = "cpu") -> None:

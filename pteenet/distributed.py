@@ -93,6 +93,14 @@ class Shard:
                 self.local[self.owner == r]]
         return out
 
+    def to_local(self, global_values: Tensor) -> Tensor:
+        """This rank's part of a vector in the global order, in its local order (the inverse
+        of :meth:`to_global`)."""
+        mine = self.owner == self.rank
+        out = torch.empty(int(mine.sum()), dtype=global_values.dtype)
+        out[self.local[mine]] = global_values[mine]
+        return out
+
     def reduce_grads(self, params: Iterable[nn.Parameter]) -> None:
         """Sum branch gradients across ranks in one coalesced all-reduce."""
         if self.world == 1:

@@ -13,6 +13,7 @@ __all__ = [
     "CalibrationError",
     "CheckpointError",
     "DataError",
+    "Interrupted",
     "ModelNotFoundError",
     "OfflineError",
     "OptionError",
@@ -65,3 +66,13 @@ class CalibrationError(PteenetError):
 
 class OptionError(PteenetError):
     """An option value out of range, or options that conflict."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a long run, with what was kept: still a KeyboardInterrupt (``except
+    Exception`` does not swallow it), but its message says what survived and ``resumable``
+    whether the same command with ``--resume`` continues it."""
+
+    def __init__(self, message: str, resumable: bool = False) -> None:
+        super().__init__(message)
+        self.resumable = resumable

@@ -38,6 +38,7 @@ from . import __version__
 from .atomic import atomic_path, write_text, writer_lock
 from .backbones import sha256_file
 from .bundle import load, read_info
+from .derived import BUNDLE_HASH_KEY, bundle_hash
 from .early_exit import gate
 from .errors import BundleError, OptionError
 
@@ -125,6 +126,7 @@ def manifest_for(model: Any, format: str, files: dict[str, list[str]]) -> dict[s
         "thresholds": thr, "active": model.active, "segment_flops": list(model.segment_flops),
         "branch_flops": list(model.branch_flops), "backbone_flops": model.backbone_flops,
         "exit_costs": model.exit_costs(kind="flops"), "files": files,
+        BUNDLE_HASH_KEY: bundle_hash(info.path),
     }
 
 

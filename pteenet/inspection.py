@@ -29,13 +29,16 @@ def inspect_backbone(
     std: tuple[float, float, float] | None = None,
     branch: str = DEFAULT_BRANCH,
     branch_budget: float | None = DEFAULT_BUDGET,
+    pretrained: bool = False,
 ) -> dict[str, Any]:
     """Trace ``model`` and describe every cut point; mark those a placement would choose, with
     what a ``branch`` there would cost (as attach would build it under ``branch_budget``).
 
-    Returns a JSON-serialisable dict (the same data ``--json`` prints).
+    FLOPs do not depend on the weights, so ``pretrained`` (download the registry's) is off by
+    default. Returns a JSON-serialisable dict (the same data ``--json`` prints).
     """
     bb = create_backbone(model, checkpoint=checkpoint, num_classes=num_classes,
+                         pretrained=pretrained,
                          input_size=input_size, mean=mean, std=std)
     trace = trace_backbone(bb.model, bb.preprocess.input_size, cuts=cuts)
     chosen: list[str] = []
@@ -53,6 +56,7 @@ def inspect_backbone(
         "mean": list(bb.preprocess.mean),
         "std": list(bb.preprocess.std),
         "num_classes": bb.num_classes,
+        "inferred": bb.notes,
         "total_flops": total,
         "total_macs": total // 2,
         "total_params": trace.total_params,

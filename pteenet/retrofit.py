@@ -9,13 +9,11 @@ import contextlib
 import hashlib
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import __version__
 from .atomic import writes_into
@@ -24,13 +22,16 @@ from .branches import DEFAULT_BRANCH
 from .bundle import BundleInfo, ThresholdTable, save_bundle
 from .calibration import choose_table, outputs_from_features
 from .data import available_splits, open_data
+from .derived import remove_stale
 from .distributed import all_sum, init_from_env, is_main, launched_as_main, rank_world
 from .early_exit import DEFAULT_BUDGET, EarlyExitModel, build_early_exit
-from .errors import OptionError
+from .errors import Interrupted, OptionError
 from .latency import COSTS, cut_time_fractions, probe_images
 from .placement import DEFAULT_POLICY, choose_cuts, useful_cuts
+from .progress import bar as progress_bar
 from .tracing import Trace, trace_backbone
 from .training import (
+    FeatureSet,
     LiveFeatures,
     Resume,
     TrainConfig,
@@ -56,7 +57,8 @@ class AttachResult:
     report: TrainReport
     seconds: float
     table: ThresholdTable | None = None
-    notes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # warnings
+    said: list[str] = field(default_factory=list)  # what was inferred or tidied, not warnings
 
     def rows(self) -> list[dict]:
         """Per branch: cut, FLOPs fraction at the exit, and held-out agreement with the backbone."""
@@ -65,12 +67,6 @@ class AttachResult:
                  "branch_flops": b["flops"] / self.model.backbone_flops,
                  "agreement": self.report.agreement[i] if self.report.agreement else None}
                 for i, (c, b) in enumerate(zip(self.info.cuts, self.info.branches))]
-
-
-def _progress(enabled: bool) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
-                    console=Console(stderr=True), disable=not enabled, transient=False)
 
 
 @writes_into("out", create=True, when=launched_as_main)  # lock + writability, before any work
@@ -97,6 +93,7 @@ def attach(
     backbone: Backbone | None = None,
     resume: bool = False,
     cost: str = "flops",
+    pretrained: bool = True,
 ) -> AttachResult:
     """Place exits on a frozen backbone, train them on its pseudo-labels and write the bundle.
 
@@ -107,8 +104,11 @@ def attach(
     runs). After training, the held-out split calibrates the bundle with the default rule
     (:func:`pteenet.calibration.choose_table`: least cost within one point of accuracy), so the
     bundle is ready to use. The bundle is written only when training has finished; with
-    ``resume`` the training state is saved after every epoch in ``out/.attach-state.pt`` and an
-    interrupted run with the same settings continues from its last finished epoch.
+    ``resume`` the training state is saved after every epoch (every branch when boosted) in
+    ``out/.attach-state.pt`` and an interrupted run with the same settings continues from there;
+    Ctrl-C raises :class:`~pteenet.errors.Interrupted`, saying what was kept. After writing,
+    derived files of the bundle it replaced are removed (:func:`pteenet.derived.remove_stale`).
+    ``pretrained=False`` without a checkpoint starts from seeded random weights.
     ``cost="latency"`` measures each piece's time on this machine and uses it instead of FLOPs
     for placement, L_v2's cost term and calibration (:mod:`pteenet.latency`).
     """
@@ -120,7 +120,7 @@ def attach(
     if Path(out).exists() and not Path(out).is_dir():
         raise OptionError(f"--out {out} is a file; the bundle needs a folder")
     start = time.perf_counter()
-    bb = backbone or create_backbone(model, checkpoint=checkpoint, pretrained=checkpoint is None,
+    bb = backbone or create_backbone(model, checkpoint=checkpoint, pretrained=pretrained,
                                      num_classes=num_classes, input_size=input_size, mean=mean,
                                      std=std)
     dataset = open_data(data, bb.preprocess, split="train")
@@ -143,7 +143,7 @@ def attach(
                           budget=branch_budget).to(config.device)
     if probe is not None:
         ee.use_cost("latency", ee.profile(probe))
-    notes = _cost_notes(ee)
+    notes, said = _cost_notes(ee), list(bb.notes)
     n = len(dataset)
     pool = list(range(n))
     if max_samples is not None and max_samples < n:
@@ -151,41 +151,74 @@ def attach(
         pool = sorted(torch.randperm(n, generator=g)[:max_samples].tolist())
     train_pos, held_pos = split_indices(len(pool), val_fraction, config.seed)
     train_idx, held_idx = [pool[i] for i in train_pos], [pool[i] for i in held_pos]
+    state = Resume(Path(out) / STATE_FILE, _fingerprint(bb, names, branch, config, data,
+                                                        pool, cost)) if resume else None
+    with _on_interrupt(out, state):
+        report, held, table = _train(ee, dataset, train_idx, held_idx, config, out, state,
+                                     labeled, progress)
+        ee.set_thresholds(table.thresholds, score=table.score, gamma=table.gamma)
+        info = _bundle_info(bb, ee, names, bool(cuts), branch, dataset, config, report, held,
+                            val_fraction, len(pool), data)
+        if is_main():  # one writer; the other ranks hold the same branches
+            save_bundle(out, ee, info, table)
+            (Path(out) / STATE_FILE).unlink(missing_ok=True)
+            stale = remove_stale(out)
+            if stale:
+                said.append(f"removed {', '.join(stale)} from {out}: derived from the bundle "
+                            f"this one replaced")
+    return AttachResult(ee, info, trace, report, time.perf_counter() - start, table, notes,
+                        said)
+
+
+def _train(ee: EarlyExitModel, dataset, train_idx: list[int], held_idx: list[int],
+           config: TrainConfig, out, state: Resume | None, labeled: bool, progress: bool
+           ) -> tuple[TrainReport, FeatureSet, ThresholdTable]:
+    """Cache the backbone's features, train the branches, choose the first table; each rank
+    caches and trains its own shard of ``train_idx``. Rank 0 shows the bars: images, per
+    batch, so each has a rate and an ETA."""
     rank, world = rank_world()
-    if resume and world > 1:
-        raise OptionError("--resume is not supported with several processes yet")
-    train_idx = train_idx[rank::world]  # each rank caches and trains on its own shard
-    with contextlib.ExitStack() as stack, _progress(progress and rank == 0) as bar:
-        task = bar.add_task("backbone features", total=len(pool if config.cache else held_idx),
-                            info="")
+    rounds = config.epochs * (ee.num_branches if config.boosted else 1)
+    with contextlib.ExitStack() as stack, progress_bar(progress and rank == 0) as bar:
+        mine = train_idx[rank::world]
+        task = bar.add_task("backbone features", total=(len(mine) if config.cache else 0)
+                            + len(held_idx))
         kw = dict(batch_size=256, device=config.device, num_workers=config.num_workers,
                   cache_limit=config.cache_limit, stack=stack, cache_dir=out,
                   progress=lambda m: bar.advance(task, m))
-        train = compute_features(ee, dataset, train_idx, **kw) if config.cache else \
-            LiveFeatures(ee, dataset, train_idx, config.device)
+        train = compute_features(ee, dataset, mine, **kw) if config.cache else \
+            LiveFeatures(ee, dataset, mine, config.device)
         held = compute_features(ee, dataset, held_idx, **kw)
-        epochs = config.epochs * (ee.num_branches if config.boosted else 1)
-        etask = bar.add_task("training", total=epochs, info="")
+        etask = bar.add_task("training", total=rounds * len(train_idx))
 
         def on_epoch(epoch: int, loss: float, agree: list[float]) -> None:
             shown = " ".join(f"{a:.0%}" for a in agree)
-            bar.update(etask, completed=epoch + 1,
+            bar.update(etask, completed=(epoch + 1) * len(train_idx),  # boosted: + non-survivors
                        info=f"loss {loss:.3f}" + (f"  agree {shown}" if shown else ""))
 
-        state = Resume(Path(out) / STATE_FILE, _fingerprint(bb, names, branch, config, data,
-                                                            pool, cost)) if resume else None
-        report = train_branches(ee, train, held, config, on_epoch, state)
+        report = train_branches(ee, train, held, config, on_epoch, state,
+                                on_batch=lambda m: bar.advance(etask, m))
         report.skipped = int(all_sum(torch.tensor(train.skipped, device=config.device))) + \
             held.skipped
         ee.eval()
-        table = _first_table(ee, held, report, config, labeled)
-    ee.set_thresholds(table.thresholds, score=table.score, gamma=table.gamma)
-    info = _bundle_info(bb, ee, names, bool(cuts), branch, dataset, config, report, held,
-                        val_fraction, len(pool), data)
-    if is_main():  # one writer; the other ranks hold the same branches
-        save_bundle(out, ee, info, table)
-        (Path(out) / STATE_FILE).unlink(missing_ok=True)
-    return AttachResult(ee, info, trace, report, time.perf_counter() - start, table, notes)
+        return report, held, _first_table(ee, held, report, config, labeled)
+
+
+@contextlib.contextmanager
+def _on_interrupt(out: str | os.PathLike, state: Resume | None) -> Iterator[None]:
+    """Ctrl-C becomes :class:`Interrupted` saying what was kept: the training state, which the
+    same command with ``--resume`` continues, or nothing (earlier files are intact either
+    way: the bundle is written only at the end, with one commit point)."""
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        if state is not None and state.done and state.path.is_file():
+            raise Interrupted(f"the training state after {state.done} is kept in {state.path}; "
+                              f"no bundle was written (earlier files in {out} are intact)",
+                              resumable=True) from e
+        hint = "" if state is not None else "; with --resume attach keeps its training state " \
+            "after every epoch"
+        raise Interrupted(f"nothing was written (earlier files in {out} are intact){hint}") \
+            from e
 
 
 def _check_cost(cost: str) -> None:
@@ -233,7 +266,7 @@ def _bundle_info(bb: Backbone, ee: EarlyExitModel, names, module_cuts, branch, d
         backbone={"name": bb.name, "source": bb.source, "num_classes": bb.num_classes,
                   "checkpoint": Path(ckpt).name if ckpt else None,
                   "checkpoint_path": str(Path(ckpt).resolve()) if ckpt else None,
-                  "checkpoint_sha256": bb.checkpoint_sha256},
+                  "checkpoint_sha256": bb.checkpoint_sha256, "pretrained": bb.pretrained},
         preprocess=bb.preprocess, cuts=list(names), module_cuts=module_cuts,
         branches=[{"type": branch, "flops": f, "width": int(b.classifier.in_features)}
                   for b, f in zip(ee.branches, ee.branch_flops)],

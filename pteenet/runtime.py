@@ -207,7 +207,22 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
     _check_manifest(doc, path)
     for f in doc["files"]["segments"] + doc["files"]["branches"]:
         _check_file(path.parent, f, doc.get("sha256"), path)
+    _check_fresh(doc, path)
     return doc
+
+
+def _check_fresh(doc: dict[str, Any], path: Path) -> None:
+    """An export inside its bundle (``<bundle>/export-*``) must still be of that bundle: after a
+    re-attach or re-calibration its graphs or thresholds are another model's. (The same rule
+    as :mod:`pteenet.derived`, inlined: this module runs without the rest of pteenet.)"""
+    folder = path.parent
+    record = folder.parent / "bundle.json"
+    recorded = doc.get("bundle_sha256")
+    if not folder.name.startswith("export-") or recorded is None or not record.is_file():
+        return
+    if hashlib.sha256(record.read_bytes()).hexdigest() != recorded:
+        raise BundleError(f"{folder} is stale: the bundle in {folder.parent} was re-attached or "
+                          f"re-calibrated since this export; run `pteenet export` again")
 
 
 def _number(v: Any, low: float = 0.0, high: float = math.inf) -> bool:

@@ -44,7 +44,7 @@ from torch import Tensor
 from .atomic import CACHE_PREFIX, atomic_path
 from .data import ImageData, collate_skip, make_loader
 from .devices import check_device
-from .distributed import Shard, all_sum
+from .distributed import Shard, all_sum, is_main
 from .early_exit import EarlyExitModel
 from .errors import DataError, OptionError, TrainingError
 from .thresholds import class_precision, cpm_thresholds, exit_index
@@ -416,20 +416,20 @@ class _Guard:
 
 def train_branches(model: EarlyExitModel, train: FeatureSet, held: FeatureSet,
                    config: TrainConfig, on_epoch: Callable[[int, float, list[float]], None]
-                   | None = None, resume: Resume | None = None) -> TrainReport:
+                   | None = None, resume: Resume | None = None,
+                   on_batch: Callable[[int], None] | None = None) -> TrainReport:
     """Train the branches (joint or boosted) from cached features; the backbone never moves.
 
-    With ``resume`` (joint mode), state is saved after every epoch and a saved state is continued.
+    With ``resume``, state is saved after every epoch (after every branch when boosted) and a
+    saved state is continued. ``on_batch`` is told each global batch's size (progress bars).
     """
     torch.manual_seed(config.seed)
     config = replace(config, target=config.resolved_target(_has_labels(train)))
     model.train()
     model.branches.to(config.device)
     if config.boosted:
-        if resume:
-            raise OptionError("--resume is not supported with --boosted yet")
-        return _train_boosted(model, train, held, config, on_epoch)
-    return _train_joint(model, train, held, config, on_epoch, resume)
+        return _train_boosted(model, train, held, config, on_epoch, resume, on_batch)
+    return _train_joint(model, train, held, config, on_epoch, resume, on_batch)
 
 
 def _has_labels(train: FeatureSet | LiveFeatures) -> bool:
@@ -452,43 +452,84 @@ def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
 
 
 class Resume:
-    """Training state saved after every epoch, so an interrupted attach can continue.
+    """Training state saved after every epoch (every branch when boosted), so an interrupted
+    attach can continue.
 
     The file holds only tensors and plain values (loaded with ``weights_only=True``) and is
     written atomically; ``key`` fingerprints the run so a state is never applied to another one.
+    Under several processes rank 0 writes it and every rank reads it: all ranks hold the same
+    branches, optimiser and sample order, and boosted survivors are saved in the global order.
+    ``done`` says what the file holds (``epoch 3``), for the message of an interrupted run.
     """
 
     def __init__(self, path: str | os.PathLike, key: str) -> None:
         self.path, self.key = Path(path), key
+        self.done: str | None = None
 
-    def load(self, model: EarlyExitModel, opt: torch.optim.Optimizer, gen: torch.Generator,
-             report: TrainReport) -> int:
-        """Restore the last finished epoch; return the epoch to start from."""
+    def _read(self) -> dict | None:
         if not self.path.is_file():
-            return 0
+            return None
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise TrainingError(f"resume state {self.path} is unreadable ({e}); delete it and "
                                 f"start again without --resume") from e
-        if state.get("key") != self.key:
+        if not isinstance(state, dict) or state.get("key") != self.key:
             raise OptionError(f"resume state {self.path} belongs to a different attach (other "
                               f"model, data or settings); delete it or drop --resume")
+        return state
+
+    def _write(self, state: dict, done: str) -> None:
+        if is_main():
+            with atomic_path(self.path) as tmp:
+                torch.save({"key": self.key, **state}, tmp)
+        self.done = done
+
+    def load(self, model: EarlyExitModel, opt: torch.optim.Optimizer, gen: torch.Generator,
+             report: TrainReport) -> int:
+        """Restore the last finished epoch; return the epoch to start from."""
+        state = self._read()
+        if state is None:
+            return 0
         model.branches.load_state_dict(state["branches"])
         opt.load_state_dict(state["optim"])
         gen.set_state(state["gen"])
         report.losses = list(state["losses"])
+        self.done = f"epoch {int(state['epoch']) + 1}"
         return int(state["epoch"]) + 1
 
     def save(self, epoch: int, model: EarlyExitModel, opt: torch.optim.Optimizer,
              gen: torch.Generator, report: TrainReport) -> None:
-        state = {"key": self.key, "epoch": epoch, "branches": model.branches.state_dict(),
-                 "optim": opt.state_dict(), "gen": gen.get_state(), "losses": report.losses}
-        with atomic_path(self.path) as tmp:
-            torch.save(state, tmp)
+        self._write({"epoch": epoch, "branches": model.branches.state_dict(),
+                     "optim": opt.state_dict(), "gen": gen.get_state(),
+                     "losses": report.losses}, f"epoch {epoch + 1}")
+
+    def load_stage(self, model: EarlyExitModel, gen: torch.Generator, report: TrainReport
+                   ) -> tuple[int, Tensor, Tensor, Tensor] | None:
+        """Boosted mode: restore the branches finished so far; return the next branch, the
+        thresholds so far and the survivors' weights (train in the global order, held-out)."""
+        state = self._read()
+        if state is None:
+            return None
+        if "stage" not in state:
+            raise OptionError(f"resume state {self.path} belongs to a different attach (other "
+                              f"model, data or settings); delete it or drop --resume")
+        model.branches.load_state_dict(state["branches"])
+        gen.set_state(state["gen"])
+        report.losses, report.survivors = list(state["losses"]), list(state["survivors"])
+        self.done = f"branch {int(state['stage']) + 1}"
+        return int(state["stage"]) + 1, state["thr"], state["w_train"], state["w_held"]
+
+    def save_stage(self, stage: int, model: EarlyExitModel, gen: torch.Generator,
+                   report: TrainReport, thr: Tensor, w_train: Tensor, w_held: Tensor) -> None:
+        self._write({"stage": stage, "branches": model.branches.state_dict(),
+                     "gen": gen.get_state(), "losses": report.losses,
+                     "survivors": report.survivors, "thr": thr, "w_train": w_train,
+                     "w_held": w_held}, f"branch {stage + 1}")
 
 
-def _train_joint(model, train, held, config, on_epoch, resume: Resume | None) -> TrainReport:
+def _train_joint(model, train, held, config, on_epoch, resume: Resume | None,
+                 on_batch: Callable[[int], None] | None) -> TrainReport:
     opt = torch.optim.Adam(model.branches.parameters(), lr=config.lr)
     gen = torch.Generator().manual_seed(config.seed)
     costs = model.exit_costs()
@@ -514,6 +555,8 @@ def _train_joint(model, train, held, config, on_epoch, resume: Resume | None) ->
             else:
                 per_sample = distill_per_sample(logits, conf, target)
             total += _step(opt, per_sample, None, len(pos), shard, params, guard, epoch)
+            if on_batch:
+                on_batch(len(pos))
         shard.average_buffers(model.branches)
         guard.commit()
         report.losses.append(total / len(shard))
@@ -527,8 +570,10 @@ def _train_joint(model, train, held, config, on_epoch, resume: Resume | None) ->
     return report
 
 
-def _train_boosted(model, train, held, config, on_epoch) -> TrainReport:
-    """BTS-EE: train branch k on the survivors of branches < k, calibrate it, remove its exits."""
+def _train_boosted(model, train, held, config, on_epoch, resume: Resume | None,
+                   on_batch: Callable[[int], None] | None) -> TrainReport:
+    """BTS-EE: train branch k on the survivors of branches < k, calibrate it, remove its exits.
+    With ``resume`` the state is saved after every branch but the last."""
     report = TrainReport()
     b, k_cls = model.num_branches, model.num_classes
     thr = torch.full((b, k_cls), math.inf)
@@ -540,11 +585,18 @@ def _train_boosted(model, train, held, config, on_epoch) -> TrainReport:
     precision = class_precision(held.final.argmax(1), ref, k_cls) \
         if labeled else None
     shard = Shard(train.indices)
-    for k in range(b):
+    start = 0
+    saved = resume.load_stage(model, gen, report) if resume else None
+    if saved is not None:
+        start, thr, w_global, w_held = saved
+        w_train = shard.to_local(w_global)
+        if on_epoch:
+            on_epoch(start * config.epochs - 1, report.losses[-1], [])
+    for k in range(start, b):
         w_global = shard.to_global(w_train)
         report.survivors.append({"train": int((w_global > 0.5).sum()),
                                  "held_out": int((w_held > 0.5).sum())})
-        _train_one(model, k, train, w_global, shard, config, gen, on_epoch, report)
+        _train_one(model, k, train, w_global, shard, config, gen, on_epoch, report, on_batch)
         s_held, p_held = branch_scores(model, held, config.device)
         alive = w_held > 0.5
         table = cpm_thresholds(s_held[alive, k:k + 1], p_held[alive, k:k + 1], ref[alive],
@@ -554,6 +606,8 @@ def _train_boosted(model, train, held, config, on_epoch) -> TrainReport:
             break
         w_train = w_train * _survival(model, train, k, thr, config)
         w_held = w_held * _survival(model, held, k, thr, config)
+        if resume:
+            resume.save_stage(k, model, gen, report, thr, shard.to_global(w_train), w_held)
     report.agreement = agreement(model, held, config.device)
     report.thresholds = thr
     return report
@@ -570,7 +624,7 @@ def _survival(model, data: FeatureSet, k: int, thr: Tensor, config: TrainConfig)
 
 
 def _train_one(model, k, train, weight: Tensor, shard: Shard, config, gen, on_epoch,
-               report) -> None:
+               report, on_batch: Callable[[int], None] | None) -> None:
     """Train branch k on the survivors; ``weight`` is the global survival vector (all ranks)."""
     soft = config.boosted == "soft"
     keep = (weight > (1e-3 if soft else 0.5)).nonzero().squeeze(1)
@@ -580,8 +634,7 @@ def _train_one(model, k, train, weight: Tensor, shard: Shard, config, gen, on_ep
     params = list(branch.parameters())
     opt = torch.optim.Adam(params, lr=config.lr)
     guard = _Guard(model)
-    local_w = torch.empty(len(train))
-    local_w[shard.local[shard.owner == shard.rank]] = weight[shard.owner == shard.rank]
+    local_w = shard.to_local(weight)
     steps = math.ceil(keep.numel() / config.batch_size)
     for epoch in range(config.epochs):
         total = 0.0
@@ -597,6 +650,8 @@ def _train_one(model, k, train, weight: Tensor, shard: Shard, config, gen, on_ep
             w = local_w[sel].to(config.device) if soft else None
             denom = float(weight[glob].sum()) if soft else len(glob)
             total += _step(opt, per_sample, w, denom, shard, params, guard, epoch)
+            if on_batch:
+                on_batch(len(glob))
         shard.average_buffers(branch)
         guard.commit()
         report.losses.append(total / keep.numel())

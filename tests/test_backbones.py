@@ -302,12 +302,14 @@ def test_checkpoint_with_other_number_of_classes(tmp_path, probe):
     path = tmp_path / "cifar100.pt"
     torch.save(src.state_dict(), path)
 
-    with pytest.raises(CheckpointError) as info:
-        create_backbone("resnet20", checkpoint=path)
+    with pytest.raises(CheckpointError) as info:  # a wrong explicit count is still refused
+        create_backbone("resnet20", checkpoint=path, num_classes=10)
     assert "--num-classes 100" in _one_line(info.value)
 
+    inferred = create_backbone("resnet20", checkpoint=path)  # read from the classifier
+    assert inferred.num_classes == 100 and "--num-classes 100" in inferred.notes[0]
     bb = create_backbone("resnet20", checkpoint=path, num_classes=100)
-    assert bb.num_classes == 100
+    assert bb.num_classes == 100 and bb.notes == []
     with torch.no_grad():
         out = bb.model(probe)
         assert out.shape == (4, 100)

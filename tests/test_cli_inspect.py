@@ -93,7 +93,10 @@ def test_inspect_with_checkpoint_and_num_classes(invoke, tmp_path):
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["num_classes"] == 100
 
-    result = invoke("inspect", "resnet20", "-c", path)
+    result = invoke("inspect", "resnet20", "-c", path)  # read from the checkpoint, and said
+    assert result.exit_code == 0 and "--num-classes 100: read from" in result.stdout
+
+    result = invoke("inspect", "resnet20", "-c", path, "--num-classes", "10")
     line = _assert_clean_failure(result, 3)
     assert "--num-classes 100" in line
 

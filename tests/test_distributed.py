@@ -42,3 +42,41 @@ def test_two_gloo_processes_match_one(tiny, tmp_path, extra):  # noqa: F811
     assert ia.calibration_indices == ib.calibration_indices
     assert ia.training["survivors"] == ib.training["survivors"]
     assert ia.training["losses"] == pytest.approx(ib.training["losses"], rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [[], ["--boosted", "hard", "--margin", "0.5"]])
+def test_two_processes_resume_a_one_process_run(tiny, tmp_path, monkeypatch, extra):  # noqa: F811
+    """One process is interrupted after its first saved state; two processes resume it (rank 0
+    writes the state, every rank reads it) and end where an uninterrupted run ends."""
+    from pteenet_cli.app import app
+    from typer.testing import CliRunner
+
+    import pteenet.training as training
+
+    data, ckpt = tiny
+    common = ["resnet20", "--data", str(data), "--checkpoint", str(ckpt), "--num-classes", "3",
+              "--branches", "2", "--branch", "sdn", "--epochs", "2", "--batch-size", "16",
+              "--quiet", *extra]
+    one = _attach([*common, "--out", str(tmp_path / "one")], 1, tmp_path)
+    assert one.returncode == 0, one.stderr
+
+    def stop(self, state, done):
+        real(self, state, done)
+        raise KeyboardInterrupt
+
+    real = training.Resume._write
+    monkeypatch.setattr(training.Resume, "_write", stop)
+    out = tmp_path / "two"
+    cut = CliRunner().invoke(app, ["attach", *common, "--resume", "--out", str(out)])
+    assert cut.exit_code == 130 and "--resume" in cut.stderr, cut.output
+    assert (out / ".attach-state.pt").is_file()
+    two = _attach([*common, "--resume", "--out", str(out)], 2, tmp_path)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert not (out / ".attach-state.pt").exists()
+    a = load(tmp_path / "one").branches.state_dict()
+    b = load(out).branches.state_dict()
+    for k, v in a.items():
+        assert torch.allclose(v, b[k], atol=1e-5), k
+    assert read_info(tmp_path / "one").training["losses"] == pytest.approx(
+        read_info(out).training["losses"], rel=1e-5)

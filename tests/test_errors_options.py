@@ -51,11 +51,10 @@ ATTACH = [  # (extra arguments, words the line must hold)
     (["--branch", "conv9"], ["conv9", "conv1", "conv2", "pool", "sdn"]),
     (["--placement", "gold"], ["gold", "golden", "pareto"]),
     (["--target", "pseudo"], ["--target", "hard", "soft", "labels"]),
-    (["--boosted", "medium"], ["--boosted", "hard or soft"]),
+    (["--boosted", "medium"], ["--boosted", "hard", "soft"]),
     (["--at", "0.5,abc"], ["--at", "comma-separated"]),
     (["--at", "0.6,0.3"], ["--at", "increasing"]),
     (["--at", "0,0.5"], ["--at", "between 0 and 1"]),
-    (["--resume", "--boosted", "hard"], ["--resume", "--boosted"]),
 ]
 
 
