@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from pteenet.backbones import create_backbone
 from pteenet.bundle import BRANCHES_FILE, THRESHOLDS_FILE, load, read_info
-from pteenet.errors import OptionError
+from pteenet.data import open_data
+from pteenet.errors import BundleError, OptionError
 from pteenet.retrofit import attach
 from pteenet.training import TrainConfig, eenet_loss
 from tests._helpers import tiny  # noqa: F401  (fixture)
@@ -90,19 +91,30 @@ def test_same_seed_gives_byte_identical_bundles(tiny, tmp_path):  # noqa: F811
 
 
 def test_interrupted_attach_leaves_no_partial_bundle(tiny, tmp_path, monkeypatch):  # noqa: F811
+    """Ctrl-C while the bundle is being written (its branches file already on disk, not yet
+    committed): no bundle appears, and nothing half-written is left in --out."""
     data, ckpt = tiny
-    import pteenet.retrofit as retrofit
+    import pteenet.atomic as atomic
 
-    def boom(*a, **k):
-        raise KeyboardInterrupt
+    real = atomic.pause_point
 
-    monkeypatch.setattr(retrofit, "train_branches", boom)
+    def ctrl_c_after_branches(step: str) -> None:
+        real(step)
+        if step == f"wrote-{BRANCHES_FILE}":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic, "pause_point", ctrl_c_after_branches)
+    out = tmp_path / "b"
     result = runner.invoke(app, ["attach", "resnet20", "--data", str(data), "--checkpoint",
-                                 str(ckpt), "--num-classes", "3", "-n", "1", "--out",
-                                 str(tmp_path / "b"), "--quiet"])
+                                 str(ckpt), "--num-classes", "3", "-n", "1", "--out", str(out),
+                                 "--epochs", "1", "--quiet"])
     assert result.exit_code == 130
     assert "interrupted" in result.stderr
-    assert not (tmp_path / "b").exists()
+    left = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) \
+        if out.exists() else []
+    assert left == [], left
+    with pytest.raises(BundleError):
+        read_info(out)
 
 
 def test_boosted_branch_k_trains_on_the_survivors(tiny, tmp_path):  # noqa: F811
@@ -118,9 +130,7 @@ def test_boosted_branch_k_trains_on_the_survivors(tiny, tmp_path):  # noqa: F811
     from pteenet.thresholds import exit_index
     from pteenet.training import branch_scores, compute_features
 
-    dataset = __import__("pteenet.data", fromlist=["open_data"]).open_data(
-        data, res.model.info.preprocess if hasattr(res.model, "info") else
-        create_backbone("resnet20", checkpoint=ckpt, num_classes=3).preprocess)
+    dataset = open_data(data, read_info(tmp_path).preprocess)
     info = read_info(tmp_path)
     held = compute_features(res.model, dataset, info.calibration_indices)
     train_idx = sorted(set(range(len(dataset))) - set(info.calibration_indices))

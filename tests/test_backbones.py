@@ -371,9 +371,18 @@ def test_checkpoint_wins_over_pretrained_offline(monkeypatch, tmp_path, source_m
     _check_loads(path, source_model, probe, pretrained=True)
 
 
-def test_errors_are_pteenet_errors():
-    for kind in (CheckpointError, ModelNotFoundError, OfflineError):
-        assert issubclass(kind, PteenetError)
+def test_errors_are_pteenet_errors(monkeypatch, tmp_path):
+    """What each failure really raises is ours (the CLI turns PteenetError into one line)."""
+    bad = tmp_path / "bad.th"
+    bad.write_bytes(b"not a checkpoint")
+    _block_network(monkeypatch, tmp_path)
+    cases = [(ModelNotFoundError, lambda: create_backbone("resnet20x")),
+             (CheckpointError, lambda: create_backbone("resnet20", checkpoint=bad)),
+             (OfflineError, lambda: create_backbone("resnet20", pretrained=True))]
+    for kind, call in cases:
+        with pytest.raises(PteenetError) as info:
+            call()
+        assert type(info.value) is kind, (kind, info.value)
 
 
 # --------------------------------------------------------------------------- real weights

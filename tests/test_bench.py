@@ -54,20 +54,21 @@ def test_bench_json_is_consistent(bundle: Path, costs: list[float]) -> None:
     ee = r["early_exit"]
     assert r["data"]["split"] == "test" and r["data"]["num_samples"] == 72
     assert r["exit_costs"] == pytest.approx(costs)
-    assert costs[0] - 1e-12 <= ee["relative_flops"] <= costs[-1] + 1e-12
     assert costs[-1] > 1.0  # branches add work to samples that never leave
-    assert sum(e["share"] for e in ee["exits"]) == pytest.approx(1.0)
-    assert sum(e["count"] for e in ee["exits"]) == 72
-    assert sum(r["oracle"]["shares"]) == pytest.approx(1.0)
-    if ee["agreement"] == 1.0:
-        assert r["oracle"]["relative_flops"] <= ee["relative_flops"] + 1e-12
+    exits = ee["exits"]
+    assert [e["count"] for e in exits] == [round(e["share"] * 72) for e in exits]
+    assert sum(e["count"] for e in exits) == 72
+    # the real run's per-sample FLOPs are exactly what leaving at each exit costs
+    assert ee["relative_flops"] == pytest.approx(sum(e["share"] * c for e, c in zip(exits, costs)))
+    assert r["oracle"]["relative_flops"] == pytest.approx(
+        sum(s * c for s, c in zip(r["oracle"]["shares"], costs)))
     assert r["backbone"]["agreement"] == 1.0 and r["backbone"]["relative_flops"] == 1.0
-    assert 0.0 <= ee["top1"] <= 1.0 and 0.0 <= r["backbone"]["top1"] <= 1.0
     assert r["simulation"]["exit_match"] == 1.0  # the sweep's exit rule is the model's
     t = r["timing"]
     for model in ("backbone", "early_exit"):
         assert t["latency"][model]["median_ms"] > 0
-        assert t["latency"][model]["p90_ms"] >= t["latency"][model]["median_ms"]
+        assert t["latency"][model]["p10_ms"] <= t["latency"][model]["median_ms"] \
+            <= t["latency"][model]["p90_ms"]
         assert t["throughput"][model] > 0
     assert r["speedup"]["flops"] == pytest.approx(1 / ee["relative_flops"])
     written = json.loads((bundle / "bench.json").read_text())

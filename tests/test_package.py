@@ -9,8 +9,16 @@ import pteenet
 
 
 def test_public_names_resolve():
-    for name in pteenet.__all__:
-        assert getattr(pteenet, name) is not None, name
+    """Every public name is the very object its home module defines (what the README's API
+    section and ``from pteenet import X`` promise), not merely something non-None."""
+    import importlib
+    for name, module in pteenet._LAZY.items():
+        home = importlib.import_module(f"pteenet.{module}")
+        obj = getattr(pteenet, name)
+        assert obj is getattr(home, name), name
+        assert getattr(obj, "__module__", home.__name__) == home.__name__, name
+    assert set(pteenet.__all__) == {*pteenet._LAZY, "thresholds"}
+    assert pteenet.thresholds is importlib.import_module("pteenet.thresholds")
 
 
 def test_runtime_imports_without_torch():

@@ -47,6 +47,14 @@ def test_target_fractions_n3(policy, expected):
 
 
 def test_golden_values_spelled_out():
+    """EENets' golden rule: each exit sits at 61.8 % of the FLOPs left after the previous one
+    (0.618, then 0.618 of the remaining 0.382, ...), for every n, not only n = 3."""
+    for n in range(1, 8):
+        expected, at = [], 0.0
+        for _ in range(n):
+            at += 0.618 * (1 - at)
+            expected.append(at)
+        assert target_fractions("golden", n) == pytest.approx(expected, rel=1e-12), n
     assert target_fractions("golden", 3) == pytest.approx([0.618, 0.854076, 0.944257], abs=1e-6)
 
 
