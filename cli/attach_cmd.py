@@ -29,7 +29,7 @@ from ._options import (
     size,
     triple,
 )
-from ._output import Output, human, pct
+from ._output import Output, human, kb, pct
 
 
 def attach(
@@ -113,11 +113,13 @@ def attach(
         out_.warn(note)
     on = res.model.active
     rows = [[r["branch"], r["cut"], r["type"], pct(r["exit_flops"]), pct(r["branch_flops"], 2),
-             pct(r["agreement"]), "on" if on[r["branch"]] else "off"] for r in res.rows()]
+             kb(r["cache_bytes"]), pct(r["agreement"]), "on" if on[r["branch"]] else "off"]
+            for r in res.rows()]
     out_.table(f"{res.info.backbone['source']}:{res.info.backbone['name']}: "
                f"{len(rows)} exits ({res.info.training['mode']})",
-               ["branch", "cut", "type", "FLOPs at exit", "branch cost", "agrees (held-out)",
-                "calibrated"], rows)
+               ["branch", "cut", "type", "FLOPs at exit", "branch cost", "cache/image",
+                "agrees (held-out)", "calibrated"], rows)
+    out_.note(f"feature cache: {kb(sum(r['cache_bytes'] for r in res.rows()))} per image")
     if res.table is not None and res.table.summary:
         s = res.table.summary
         out_.note(f"calibrated ({res.table.method}) on the held-out split: relative FLOPs "

@@ -1,0 +1,61 @@
+"""ImageNet-size backbones (224x224, random weights): bounded cache, cheap branches, placement."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pteenet.backbones import create_backbone
+from pteenet.branches import MAX_VALUES, Reduce, make_branch, reduction
+from pteenet.early_exit import build_early_exit
+from pteenet.inspection import inspect_backbone
+from pteenet.placement import choose_cuts
+from pteenet.tracing import trace_backbone
+
+SEVEN = ("timm:resnet18", "timm:resnet50", "timm:mobilenetv3_large_100", "timm:efficientnet_b0",
+         "timm:convnext_tiny", "torchvision:resnet50", "torchvision:mobilenet_v3_large")
+
+
+@pytest.mark.parametrize("shape", [(16, 32, 32), (32, 16, 16), (64, 8, 8)])
+def test_cifar_resnet_maps_keep_the_full_4x4_avg_max_grid(shape):
+    reduce = make_branch("mlp", shape, 10, budget=1e9).reduce
+    assert (reduce.size, reduce.group) == (4, 1)
+    assert reduce.out_shape(shape) == (2 * shape[0], 4, 4)
+
+
+@pytest.mark.parametrize("shape", [(128, 28, 28), (1024, 14, 14), (2048, 7, 7), (1152, 7, 7),
+                                   (1031, 7, 7)])
+def test_wide_maps_are_reduced_to_at_most_max_values(shape):
+    reduce = reduction(shape, 4)
+    out = reduce(torch.randn(2, *shape))
+    assert tuple(out.shape[1:]) == reduce.out_shape(shape)
+    assert out[0].numel() <= MAX_VALUES
+
+
+def test_channel_groups_average_adjacent_channels_of_each_half():
+    x = torch.randn(1, 4096, 2, 2)
+    out = Reduce(1, 4)(x)
+    avg = x.mean((2, 3)).view(1, 1024, 4).mean(2)
+    mx = x.amax((2, 3)).view(1, 1024, 4).mean(2)
+    assert torch.allclose(out.flatten(1), torch.cat([avg, mx], 1), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_default_resnet50_attach_caches_at_most_64_kb_per_image():
+    info = inspect_backbone("timm:resnet50", branches=10)
+    chosen = [c for c in info["cuts"] if c["chosen"]]
+    assert len(chosen) == 10
+    assert info["cache_bytes"] == sum(c["cache_bytes"] for c in chosen) <= 64 * 1024
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", SEVEN)
+def test_default_branches_cost_at_most_2_percent_and_placement_traces(model):
+    bb = create_backbone(model)
+    trace = trace_backbone(bb.model, bb.preprocess.input_size, with_thop=False)
+    names = choose_cuts(trace)  # what attach places by default
+    assert len(names) >= 8
+    fractions = [trace.cut(n).flops / trace.total_flops for n in names]
+    assert fractions[0] < 0.2 and fractions[-1] > 0.8
+    ee = build_early_exit(trace, names, bb.num_classes)
+    assert max(ee.branch_costs) <= 0.02
