@@ -158,9 +158,17 @@ class TorchvisionData(ImageData):
 
 
 def _to_tensor(image: Image.Image, preprocess: Preprocess) -> Tensor:
-    """RGB PIL image -> float tensor resized to ``input_size`` and normalised."""
-    tensor = TF.to_tensor(image.convert("RGB"))
+    """RGB PIL image -> normalised float tensor of ``input_size``.
+
+    With a ``resize_size`` (ImageNet models) the shorter side is resized on the 8-bit image with
+    the model's interpolation and the centre cropped, as timm and torchvision evaluate; without
+    one the image is resized straight to ``input_size`` (a no-op for CIFAR-size data).
+    """
     size = [int(s) for s in preprocess.input_size]
+    if preprocess.resize_size is not None:
+        mode = TF.InterpolationMode(preprocess.interpolation)
+        image = TF.center_crop(TF.resize(image.convert("RGB"), preprocess.resize_size, mode), size)
+    tensor = TF.to_tensor(image.convert("RGB"))
     if list(tensor.shape[1:]) != size:
         tensor = TF.resize(
             tensor, size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pteenet.backbones import create_backbone
-from pteenet.branches import MAX_VALUES, Reduce, make_branch, reduction
+from pteenet.branches import Reduce, make_branch, reduction
 from pteenet.early_exit import build_early_exit
 from pteenet.inspection import inspect_backbone
 from pteenet.placement import choose_cuts
@@ -29,7 +29,7 @@ def test_wide_maps_are_reduced_to_at_most_max_values(shape):
     reduce = reduction(shape, 4)
     out = reduce(torch.randn(2, *shape))
     assert tuple(out.shape[1:]) == reduce.out_shape(shape)
-    assert out[0].numel() <= MAX_VALUES
+    assert out[0].numel() <= 2048  # 4 KB per cut in the fp16 cache
 
 
 def test_channel_groups_average_adjacent_channels_of_each_half():
@@ -59,3 +59,25 @@ def test_default_branches_cost_at_most_2_percent_and_placement_traces(model):
     assert fractions[0] < 0.2 and fractions[-1] > 0.8
     ee = build_early_exit(trace, names, bb.num_classes)
     assert max(ee.branch_costs) <= 0.02
+
+
+@pytest.mark.parametrize("model", ["timm:resnet18", "torchvision:mobilenet_v3_small"])
+def test_images_are_preprocessed_like_the_models_own_eval_transform(model):
+    import numpy as np
+    from PIL import Image
+
+    from pteenet.data import _to_tensor
+
+    bb = create_backbone(model)
+    if bb.source == "timm":
+        from timm.data import create_transform, resolve_data_config
+
+        reference = create_transform(**resolve_data_config({}, model=bb.model))
+    else:
+        import torchvision
+
+        reference = torchvision.models.get_model_weights(bb.name).DEFAULT.transforms()
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (300, 410, 3), dtype=np.uint8))
+    assert bb.preprocess.resize_size is not None
+    assert torch.allclose(_to_tensor(image, bb.preprocess), reference(image), atol=1e-5)
