@@ -33,6 +33,7 @@ __all__ = [
     "available_splits",
     "collate_skip",
     "default_cache_dir",
+    "default_workers",
     "make_loader",
     "open_data",
 ]
@@ -414,6 +415,15 @@ def collate_skip(batch: Sequence[tuple[Tensor | None, int, int]]) -> Batch:
     labels = torch.tensor([int(item[1]) for item in kept], dtype=torch.long)
     indices = torch.tensor([int(item[2]) for item in kept], dtype=torch.long)
     return Batch(images, labels, indices, len(batch) - len(kept))
+
+
+def default_workers(data: ImageData) -> int:
+    """Loader processes for one pass over ``data``: image files are decoded in parallel with the
+    backbone's forward pass (half the cores, at most 8: the backbone needs the rest); in-memory
+    datasets are not worth a process."""
+    if not isinstance(data, FolderData):
+        return 0
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
 def make_loader(
