@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from pteenet.backbones import create_backbone
 from pteenet.branches import Reduce, make_branch, reduction
+from pteenet.bundle import read_info
 from pteenet.early_exit import build_early_exit
 from pteenet.inspection import inspect_backbone
 from pteenet.placement import choose_cuts
@@ -63,9 +69,6 @@ def test_default_branches_cost_at_most_2_percent_and_placement_traces(model):
 
 @pytest.mark.parametrize("model", ["timm:resnet18", "torchvision:mobilenet_v3_small"])
 def test_images_are_preprocessed_like_the_models_own_eval_transform(model):
-    import numpy as np
-    from PIL import Image
-
     from pteenet.data import _to_tensor
 
     bb = create_backbone(model)
@@ -81,3 +84,46 @@ def test_images_are_preprocessed_like_the_models_own_eval_transform(model):
     image = Image.fromarray(rng.integers(0, 256, (300, 410, 3), dtype=np.uint8))
     assert bb.preprocess.resize_size is not None
     assert torch.allclose(_to_tensor(image, bb.preprocess), reference(image), atol=1e-5)
+
+
+def _imagenet_folder(root: Path, per_class: int = 10, seed: int = 0) -> Path:
+    """An ImageNet-style folder: ``train/`` and ``val/`` with class folders of JPEGs of mixed,
+    non-square sizes (so the resize-and-crop recipe really runs)."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", per_class), ("val", per_class // 2)):
+        for c, name in enumerate(("n01440764", "n01443537")):
+            d = root / split / name
+            d.mkdir(parents=True)
+            for i in range(n):
+                h, w = rng.integers(200, 320, 2)
+                img = rng.integers(0, 120, (h, w, 3))
+                img[..., c] += 120
+                Image.fromarray(img.astype("uint8")).save(d / f"{i:03d}.JPEG", quality=85)
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["timm:mobilenetv3_small_050",
+                                   "torchvision:mobilenet_v3_small"])
+def test_attach_calibrate_bench_on_a_224_folder(model, tmp_path, invoke):
+    data = _imagenet_folder(tmp_path / "imagenet")
+    bb = create_backbone(model)  # random weights, saved as a user's checkpoint would be
+    ckpt = tmp_path / "weights.pth"
+    torch.save(bb.model.state_dict(), ckpt)
+    out = tmp_path / "bundle"
+    r = invoke("attach", model, "--checkpoint", ckpt, "--data", data, "--out", out,
+               "--branches", "3", "--epochs", "2", "--batch-size", "8", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert "feature cache:" in r.stdout
+    info = read_info(out)
+    assert info.preprocess == bb.preprocess  # the model's own resize, crop, interpolation
+    assert info.preprocess.resize_size > 224
+    assert sum(b["cache_bytes"] for b in info.branches) <= 3 * 4096
+    r = invoke("calibrate", "--bundle", out)
+    assert r.exit_code == 0, r.output
+    r = invoke("bench", "--bundle", out, "--data", data, "--split", "val", "--batch-size", "4",
+               "--latency-samples", "2", "--repeats", "1", "--quiet")
+    assert r.exit_code == 0, r.output
+    result = json.loads((out / "bench.json").read_text())
+    assert result["data"]["num_samples"] == 10 and result["data"]["split"] == "test"
+    assert sum(e["count"] for e in result["early_exit"]["exits"]) == 10
