@@ -86,27 +86,29 @@ def test_images_are_preprocessed_like_the_models_own_eval_transform(model):
     assert torch.allclose(_to_tensor(image, bb.preprocess), reference(image), atol=1e-5)
 
 
-def _imagenet_folder(root: Path, per_class: int = 10, seed: int = 0) -> Path:
-    """An ImageNet-style folder: ``train/`` and ``val/`` with class folders of JPEGs of mixed,
-    non-square sizes (so the resize-and-crop recipe really runs)."""
+def _imagenet_folders(root: Path, per_class: int = 10, seed: int = 0) -> Path:
+    """An ImageNet-style folder (``train/`` and ``val/`` with class folders) and an unlabeled one
+    (``unlabeled/``, images directly inside) of JPEGs of mixed, non-square sizes, so the
+    resize-and-crop recipe really runs."""
     rng = np.random.default_rng(seed)
-    for split, n in (("train", per_class), ("val", per_class // 2)):
+    for split, n in (("train", per_class), ("val", per_class // 2), ("unlabeled", per_class)):
         for c, name in enumerate(("n01440764", "n01443537")):
-            d = root / split / name
-            d.mkdir(parents=True)
+            d = root / split if split == "unlabeled" else root / split / name
+            d.mkdir(parents=True, exist_ok=True)
             for i in range(n):
                 h, w = rng.integers(200, 320, 2)
                 img = rng.integers(0, 120, (h, w, 3))
                 img[..., c] += 120
-                Image.fromarray(img.astype("uint8")).save(d / f"{i:03d}.JPEG", quality=85)
+                Image.fromarray(img.astype("uint8")).save(d / f"{c}{i:03d}.JPEG", quality=85)
     return root
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["timm:mobilenetv3_small_050",
-                                   "torchvision:mobilenet_v3_small"])
-def test_attach_calibrate_bench_on_a_224_folder(model, tmp_path, invoke):
-    data = _imagenet_folder(tmp_path / "imagenet")
+@pytest.mark.parametrize("model, layout", [("timm:mobilenetv3_small_050", "unlabeled"),
+                                           ("torchvision:mobilenet_v3_small", "imagenet")])
+def test_attach_calibrate_bench_on_a_224_folder(model, layout, tmp_path, invoke):
+    root = _imagenet_folders(tmp_path / "images")
+    data = root / "unlabeled" if layout == "unlabeled" else root
     bb = create_backbone(model)  # random weights, saved as a user's checkpoint would be
     ckpt = tmp_path / "weights.pth"
     torch.save(bb.model.state_dict(), ckpt)
@@ -121,7 +123,9 @@ def test_attach_calibrate_bench_on_a_224_folder(model, tmp_path, invoke):
     assert sum(b["cache_bytes"] for b in info.branches) <= 3 * 4096
     r = invoke("calibrate", "--bundle", out)
     assert r.exit_code == 0, r.output
-    r = invoke("bench", "--bundle", out, "--data", data, "--split", "val", "--batch-size", "4",
+    assert info.data["num_samples"] == 20
+    assert info.data["has_labels"] == (layout == "imagenet")
+    r = invoke("bench", "--bundle", out, "--data", root, "--split", "val", "--batch-size", "4",
                "--latency-samples", "2", "--repeats", "1", "--quiet")
     assert r.exit_code == 0, r.output
     result = json.loads((out / "bench.json").read_text())
