@@ -17,6 +17,7 @@ from pteenet.early_exit import build_early_exit
 from pteenet.inspection import inspect_backbone
 from pteenet.placement import choose_cuts
 from pteenet.tracing import trace_backbone
+from tests._helpers import tiny  # noqa: F401  (fixture)
 
 SEVEN = ("timm:resnet18", "timm:resnet50", "timm:mobilenetv3_large_100", "timm:efficientnet_b0",
          "timm:convnext_tiny", "torchvision:resnet50", "torchvision:mobilenet_v3_large")
@@ -131,3 +132,31 @@ def test_attach_calibrate_bench_on_a_224_folder(model, layout, tmp_path, invoke)
     result = json.loads((out / "bench.json").read_text())
     assert result["data"]["num_samples"] == 10 and result["data"]["split"] == "test"
     assert sum(e["count"] for e in result["early_exit"]["exits"]) == 10
+
+
+def test_every_image_is_decoded_once_however_many_epochs(tiny, tmp_path, monkeypatch):  # noqa: F811
+    from pteenet.data import FolderData
+    from pteenet.retrofit import attach
+    from pteenet.training import TrainConfig
+
+    data, ckpt = tiny
+    decoded: list[int] = []
+    original = FolderData._image
+
+    def counting(self, index):
+        decoded.append(index)
+        return original(self, index)
+
+    monkeypatch.setattr(FolderData, "_image", counting)
+    attach("resnet20", data, checkpoint=ckpt, num_classes=3, branches=2, out=tmp_path / "b",
+           progress=False, config=TrainConfig(epochs=3, batch_size=16, num_workers=0))
+    assert sorted(decoded) == list(range(72))  # train and held-out, once each
+
+
+def test_loader_workers_by_default_only_for_image_files(tmp_path):
+    from pteenet.data import ImageData, default_workers, open_data
+    from pteenet.preprocess import Preprocess
+
+    folder = _imagenet_folders(tmp_path, per_class=2) / "unlabeled"
+    assert default_workers(open_data(folder, Preprocess((32, 32)))) >= 1
+    assert default_workers(ImageData("in-memory", None, Preprocess((32, 32)))) == 0
