@@ -49,7 +49,8 @@ def attach(
     at: At = None,
     cuts: Cuts = None,
     branch: Annotated[str, typer.Option(
-        "--branch", help="Branch type: mlp (pooled 4x4 map, one hidden layer; the default), "
+        "--branch", help="Branch type: mlp (pooled map, 4x4 or smaller for wide maps, one hidden "
+        "layer; the default), "
         "conv1/conv2/conv3 (PTEEnet ConvX on the pooled map), conv1d (BTS-EE, lightweight), "
         "pool (EENets Bnpool) or sdn.")] = DEFAULT_BRANCH,
     branch_budget: Annotated[float, typer.Option(
