@@ -64,6 +64,11 @@ def human(n: float | None) -> str:
     return f"{n:.0f}"
 
 
+def kb(n: int | None) -> str:
+    """Bytes as kilobytes (1 KB = 1024 bytes), the unit the feature cache is sized in."""
+    return "" if n is None else f"{n / 1024:.1f} KB"
+
+
 def unwrap_help(doc: str | None) -> str | None:
     """Join each docstring paragraph into one line: Typer's rich help keeps single newlines,
     which would break --help text at the source's line ends instead of the terminal's."""

@@ -31,7 +31,7 @@ from ._options import (
     size,
     triple,
 )
-from ._output import Output, human, pct
+from ._output import Output, human, kb, pct
 
 
 class Boost(str, Enum):
@@ -62,7 +62,8 @@ def attach(
     at: At = None,
     cuts: Cuts = None,
     branch: Annotated[str, typer.Option(
-        "--branch", help="Branch type: mlp (pooled 4x4 map, one hidden layer; the default), "
+        "--branch", help="Branch type: mlp (pooled map, 4x4 or smaller for wide maps, one hidden "
+        "layer; the default), "
         "conv1/conv2/conv3 (PTEEnet ConvX on the pooled map), conv1d (BTS-EE, lightweight), "
         "pool (EENets Bnpool) or sdn.")] = DEFAULT_BRANCH,
     branch_budget: Annotated[float, typer.Option(
@@ -132,11 +133,13 @@ def attach(
         out_.warn(note)
     on = res.model.active
     rows = [[r["branch"], r["cut"], r["type"], pct(r["exit_flops"]), pct(r["branch_flops"], 2),
-             pct(r["agreement"]), "on" if on[r["branch"]] else "off"] for r in res.rows()]
+             kb(r["cache_bytes"]), pct(r["agreement"]), "on" if on[r["branch"]] else "off"]
+            for r in res.rows()]
     out_.table(f"{res.info.backbone['source']}:{res.info.backbone['name']}: "
                f"{len(rows)} exits ({res.info.training['mode']})",
-               ["branch", "cut", "type", "FLOPs at exit", "branch cost", "agrees (held-out)",
-                "calibrated"], rows)
+               ["branch", "cut", "type", "FLOPs at exit", "branch cost", "cache/image",
+                "agrees (held-out)", "calibrated"], rows)
+    out_.note(f"feature cache: {kb(sum(r['cache_bytes'] for r in res.rows()))} per image")
     if res.table is not None and res.table.summary:
         s = res.table.summary
         out_.note(f"calibrated ({res.table.method}) on the held-out split: relative FLOPs "

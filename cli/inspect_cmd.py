@@ -24,7 +24,7 @@ from ._options import (
     size,
     triple,
 )
-from ._output import Output, human, pct
+from ._output import Output, human, kb, pct
 
 
 def inspect(
@@ -72,4 +72,6 @@ def inspect(
              f"ops and module subclasses such as timm's)")
     if info["chosen"]:
         out.note(f"placement {info['placement']}: {', '.join(info['chosen'])}")
+        per_cut = ", ".join(kb(c["cache_bytes"]) for c in info["cuts"] if c["chosen"])
+        out.note(f"feature cache: {kb(info['cache_bytes'])} per image ({per_cut} per cut)")
     out.result(info)

@@ -14,10 +14,11 @@ import difflib
 import functools
 import hashlib
 import io
+import math
 import os
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ from torch import nn
 
 from .cifar_resnet import CIFAR_DEPTHS, cifar_resnet
 from .errors import CheckpointError, ModelNotFoundError, OfflineError, OptionError
-from .preprocess import IMAGENET_MEAN, IMAGENET_STD, MAX_INPUT_SIDE, Preprocess
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, MAX_INPUT_SIDE, Preprocess
 
 __all__ = [
     "Backbone",
@@ -314,20 +315,31 @@ def _download_cifar(model: nn.Module, name: str) -> None:
 
 
 def _default_preprocess(source: str, name: str, model: nn.Module) -> Preprocess:
+    """The model's own evaluation recipe (timm's data config, torchvision's weights transforms);
+    ImageNet's resize-256-crop-224 where torchvision knows no weights for the name."""
     if source == "cifar":
         return CIFAR_PREPROCESS
     if source == "timm":
         from timm.data import resolve_data_config
 
         cfg = resolve_data_config({}, model=model)
-        return Preprocess(tuple(cfg["input_size"][1:]), tuple(cfg["mean"]), tuple(cfg["std"]))
+        size = tuple(cfg["input_size"][1:])
+        resize = math.floor(min(size) / cfg["crop_pct"]) if cfg.get("crop_pct") else None
+        return Preprocess(size, tuple(cfg["mean"]), tuple(cfg["std"]), resize,
+                          _interpolation(cfg.get("interpolation")))
     import torchvision
 
     try:
         t = torchvision.models.get_model_weights(name).DEFAULT.transforms()
-        return Preprocess((t.crop_size[0], t.crop_size[0]), tuple(t.mean), tuple(t.std))
+        return Preprocess((t.crop_size[0], t.crop_size[0]), tuple(t.mean), tuple(t.std),
+                          int(t.resize_size[0]), _interpolation(t.interpolation.value))
     except (ValueError, AttributeError, KeyError):
-        return Preprocess((224, 224))
+        return Preprocess((224, 224), resize_size=256)
+
+
+def _interpolation(name: str | None) -> str:
+    """timm and torchvision name it the same way; anything exotic falls back to bilinear."""
+    return name if name in INTERPOLATIONS else "bilinear"
 
 
 def _head_size(model: nn.Module, preprocess: Preprocess) -> int:
@@ -370,11 +382,8 @@ def create_backbone(
         _apply_state_dict(model, sd, path, f"{source}:{bare}")
         sha = sha256_file(path)
     pre = _default_preprocess(source, bare, model)
-    pre = Preprocess(
-        tuple(input_size) if input_size else pre.input_size,
-        tuple(mean) if mean else pre.mean,
-        tuple(std) if std else pre.std,
-    )
+    pre = replace(pre.resized(tuple(input_size)) if input_size else pre,
+                  mean=tuple(mean) if mean else pre.mean, std=tuple(std) if std else pre.std)
     freeze(model)
     return Backbone(model=model, name=bare, source=source,
                     num_classes=num_classes or _head_size(model, pre), preprocess=pre,

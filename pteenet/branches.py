@@ -6,7 +6,9 @@ score), the exit block of EENets (Demir & Akbas, section 3.1). The split is what
 pay: the reduction (average and max pooling to a small grid, concatenated) is the same in every
 epoch, so training caches the reduced map instead of the whole feature map, and the learned part
 runs on a few hundred numbers instead of a full-resolution map. On CIFAR ResNet-44 a full-map
-ConvX branch cost 5 % of the backbone; the default ``mlp`` branch costs 0.1-0.5 %.
+ConvX branch cost 5 % of the backbone; the default ``mlp`` branch costs 0.1-0.5 %. The reduced map
+holds at most ``MAX_VALUES`` numbers (4 KB per image in the cache): wide ImageNet maps get a
+smaller grid, and past one cell per channel adjacent channels are averaged (:func:`reduction`).
 
 The types (bodies):
 
@@ -33,31 +35,65 @@ from torch import nn
 from .errors import OptionError
 from .tracing import count_flops
 
-__all__ = ["BRANCH_TYPES", "DEFAULT_BRANCH", "Branch", "Reduce", "branch_flops", "make_branch",
-           "softmax_stats"]
+__all__ = ["BRANCH_TYPES", "DEFAULT_BRANCH", "MAX_VALUES", "Branch", "Reduce", "branch_flops",
+           "cache_bytes", "make_branch", "reduction", "softmax_stats"]
 
 BRANCH_TYPES = ("mlp", "conv1", "conv2", "conv3", "conv1d", "pool", "sdn")
 DEFAULT_BRANCH = "mlp"
-GRID = 4  # the reduced map's side for mlp, ConvX and sdn
+GRID = 4  # the reduced map's side for mlp, ConvX and sdn (smaller for wide maps)
+MAX_VALUES = 2048  # numbers one branch's reduced map may hold per image: 4 KB in the fp16 cache
 MAX_WIDTH = 256  # the widest hidden layer a budget may buy (wider did not help on CIFAR)
 MIN_WIDTH = 16
 
 
 class Reduce(nn.Module):
-    """Average and max pooling to ``size`` x ``size``, concatenated on channels: [N, 2C, s, s].
+    """Average and max pooling to ``size`` x ``size``, concatenated on channels: [N, 2C', s, s].
 
     Parameter-free and deterministic, so its output can be cached once for every epoch. Max
     pooling keeps the strongest local response that averaging alone would wash out (SDN's
-    mixed pooling, Kaya et al. 2019).
+    mixed pooling, Kaya et al. 2019). ``group`` > 1 then averages each run of ``group``
+    adjacent channels (C' = C / group): the last resort of :func:`reduction` for maps so wide
+    that even one cell per channel is more than a branch may cache.
     """
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, group: int = 1) -> None:
         super().__init__()
-        self.size = size
+        self.size, self.group = size, group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = min(self.size, x.shape[-2], x.shape[-1])
-        return torch.cat([F.adaptive_avg_pool2d(x, s), F.adaptive_max_pool2d(x, s)], 1)
+        y = torch.cat([F.adaptive_avg_pool2d(x, s), F.adaptive_max_pool2d(x, s)], 1)
+        if self.group > 1:
+            y = y.unflatten(1, (-1, self.group)).mean(2)
+        return y
+
+    def out_shape(self, shape: tuple[int, ...]) -> tuple[int, int, int]:
+        """The reduced map's per-image shape for a (C, H, W) input."""
+        c, h, w = shape
+        return 2 * c // self.group, min(self.size, h), min(self.size, w)
+
+
+def reduction(shape: tuple[int, ...], grid: int) -> Reduce:
+    """The fixed reduction of a (C, H, W) map: at most ``MAX_VALUES`` numbers per image.
+
+    The grid halves (4, 2, 1) until avg+max of every channel fits; past one cell per channel,
+    adjacent channels are averaged in the smallest group that divides C and fits. A CIFAR ResNet
+    (16-64 channels) keeps its full 4x4 grid; ResNet-50's 2048-channel stage caches 2048 numbers
+    instead of 65,536, so a default attach caches under 64 KB per image over ten cuts.
+    """
+    c, h, w = shape
+    s = grid
+    while s > 1 and 2 * c * min(s, h) * min(s, w) > MAX_VALUES:
+        s //= 2
+    group = 1
+    while 2 * c // group > MAX_VALUES or c % group:
+        group += 1
+    return Reduce(s, group)
+
+
+def cache_bytes(reduce: Reduce, shape: tuple[int, ...]) -> int:
+    """Bytes one image's reduced map takes in the training cache (fp16)."""
+    return 2 * math.prod(reduce.out_shape(shape))
 
 
 class Branch(nn.Module):
@@ -143,25 +179,26 @@ def _width(per_unit: float, fixed: float, budget: float | None, cap: int) -> int
 
 def _parts(kind: str, shape: tuple[int, ...], k: int, budget: float | None,
            width: int | None) -> tuple[Reduce, nn.Module, int]:
-    c, h, w = shape
-    cells = min(GRID, h) * min(GRID, w)
+    reduce = reduction(shape, 1 if kind in ("conv1d", "pool") else GRID)
+    c2, h, w = reduce.out_shape(shape)  # c2: avg and max channels together
+    cells = h * w
     if kind == "mlp":
-        width = width or _width(2 * c * cells + k + 4, 0, budget, MAX_WIDTH)
-        body = nn.Sequential(nn.Flatten(), nn.Linear(2 * c * cells, width, bias=False),
+        width = width or _width(c2 * cells + k + 4, 0, budget, MAX_WIDTH)
+        body = nn.Sequential(nn.Flatten(), nn.Linear(c2 * cells, width, bias=False),
                              nn.BatchNorm1d(width), nn.ReLU())
-        return Reduce(GRID), body, width
+        return reduce, body, width
     if kind in ("conv1", "conv2", "conv3"):
         depth = int(kind[-1])
-        # MACs: cells * 9 * (2c*w + (depth-1)*w^2); solve for w conservatively (linear part).
-        per = cells * 9 * (2 * c + (depth - 1) * min(c, MAX_WIDTH)) + k + 4
-        width = width or _width(per, 0, budget, min(max(c, MIN_WIDTH), MAX_WIDTH))
-        return Reduce(GRID), _conv_body(2 * c, width, depth), width
+        # MACs: cells * 9 * (c2*w + (depth-1)*w^2); solve for w conservatively (linear part).
+        per = cells * 9 * (c2 + (depth - 1) * min(c2 // 2, MAX_WIDTH)) + k + 4
+        width = width or _width(per, 0, budget, min(max(c2 // 2, MIN_WIDTH), MAX_WIDTH))
+        return reduce, _conv_body(c2, width, depth), width
     if kind == "conv1d":
-        return Reduce(1), _ChannelConv1d(2 * c), 8 * ((2 * c + 1) // 2)
+        return reduce, _ChannelConv1d(c2), 8 * ((c2 + 1) // 2)
     if kind == "pool":
-        return Reduce(1), nn.Sequential(nn.Flatten(), nn.BatchNorm1d(2 * c), nn.ReLU()), 2 * c
+        return reduce, nn.Sequential(nn.Flatten(), nn.BatchNorm1d(c2), nn.ReLU()), c2
     if kind == "sdn":
-        return Reduce(GRID), _MixedPool(), c * cells
+        return reduce, _MixedPool(), c2 // 2 * cells
     raise ValueError(kind)
 
 

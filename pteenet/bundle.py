@@ -34,7 +34,7 @@ from .backbones import Backbone, create_backbone, sha256_file
 from .early_exit import SCORES, EarlyExitModel, build_early_exit
 from .errors import BundleError, PteenetError
 from .latency import COSTS, TimeProfile
-from .preprocess import MAX_INPUT_SIDE, Preprocess
+from .preprocess import INTERPOLATIONS, MAX_INPUT_SIDE, Preprocess
 from .thresholds import as_table
 from .tracing import trace_backbone
 
@@ -302,7 +302,10 @@ def _preprocess(d: dict, where: str) -> Preprocess:
     except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise BundleError(f"{where}: field 'preprocess' is malformed") from e
     ok = (len(pre.mean) == 3 and len(pre.std) == 3
-          and all(math.isfinite(v) for v in (*pre.mean, *pre.std)) and all(v > 0 for v in pre.std))
+          and all(math.isfinite(v) for v in (*pre.mean, *pre.std)) and all(v > 0 for v in pre.std)
+          and pre.interpolation in INTERPOLATIONS and (pre.resize_size is None or
+                                                       min(pre.input_size) <= pre.resize_size
+                                                       <= 2 * MAX_INPUT_SIDE))
     if not ok:
         raise BundleError(f"{where}: field 'preprocess' holds impossible values (edited?)")
     return pre

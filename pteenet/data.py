@@ -33,6 +33,7 @@ __all__ = [
     "available_splits",
     "collate_skip",
     "default_cache_dir",
+    "default_workers",
     "make_loader",
     "open_data",
 ]
@@ -158,9 +159,17 @@ class TorchvisionData(ImageData):
 
 
 def _to_tensor(image: Image.Image, preprocess: Preprocess) -> Tensor:
-    """RGB PIL image -> float tensor resized to ``input_size`` and normalised."""
-    tensor = TF.to_tensor(image.convert("RGB"))
+    """RGB PIL image -> normalised float tensor of ``input_size``.
+
+    With a ``resize_size`` (ImageNet models) the shorter side is resized on the 8-bit image with
+    the model's interpolation and the centre cropped, as timm and torchvision evaluate; without
+    one the image is resized straight to ``input_size`` (a no-op for CIFAR-size data).
+    """
     size = [int(s) for s in preprocess.input_size]
+    if preprocess.resize_size is not None:
+        mode = TF.InterpolationMode(preprocess.interpolation)
+        image = TF.center_crop(TF.resize(image.convert("RGB"), preprocess.resize_size, mode), size)
+    tensor = TF.to_tensor(image.convert("RGB"))
     if list(tensor.shape[1:]) != size:
         tensor = TF.resize(
             tensor, size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True
@@ -406,6 +415,15 @@ def collate_skip(batch: Sequence[tuple[Tensor | None, int, int]]) -> Batch:
     labels = torch.tensor([int(item[1]) for item in kept], dtype=torch.long)
     indices = torch.tensor([int(item[2]) for item in kept], dtype=torch.long)
     return Batch(images, labels, indices, len(batch) - len(kept))
+
+
+def default_workers(data: ImageData) -> int:
+    """Loader processes for one pass over ``data``: image files are decoded in parallel with the
+    backbone's forward pass (half the cores, at most 8: the backbone needs the rest); in-memory
+    datasets are not worth a process."""
+    if not isinstance(data, FolderData):
+        return 0
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
 def make_loader(

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .backbones import create_backbone
-from .branches import DEFAULT_BRANCH, branch_flops, make_branch
+from .branches import DEFAULT_BRANCH, branch_flops, cache_bytes, make_branch
 from .early_exit import DEFAULT_BUDGET
 from .placement import DEFAULT_POLICY, choose_cuts, useful_cuts
 from .tracing import trace_backbone
@@ -49,6 +49,7 @@ def inspect_backbone(
     total = trace.total_flops
     useful = {c.name for c in useful_cuts(trace)}
     costs = _branch_costs(trace, chosen, bb.num_classes, branch, branch_budget)
+    cache = {name: c for name, (_, c) in costs.items()}
     return {
         "model": bb.full_name,
         "source": bb.source,
@@ -63,22 +64,26 @@ def inspect_backbone(
         "thop_macs": trace.thop_macs,
         "placement": None if cuts else ("at" if at else placement) if chosen else None,
         "chosen": chosen,
+        "cache_bytes": sum(cache.values()),
         "cuts": [
             {"name": c.name, "shape": list(c.shape), "flops": c.flops,
              "fraction": c.flops / total if total else 0.0, "params": c.params,
              "chosen": c.name in chosen, "useful": c.name in useful,
-             "branch_flops": costs.get(c.name)}
+             "branch_flops": costs[c.name][0] if c.name in costs else None,
+             "cache_bytes": cache.get(c.name)}
             for c in trace.cuts
         ],
     }
 
 
 def _branch_costs(trace, chosen: Sequence[str], num_classes: int, branch: str,
-                  budget: float | None) -> dict[str, int]:
-    """FLOPs of the branch attach would put at each chosen cut."""
+                  budget: float | None) -> dict[str, tuple[int, int]]:
+    """FLOPs of the branch attach would put at each chosen cut, and the bytes per image its
+    reduced map takes in the training cache."""
     cap = None if budget is None else budget * trace.total_flops
     out = {}
     for name in chosen:
         shape = trace.cut(name).shape
-        out[name] = branch_flops(make_branch(branch, shape, num_classes, cap), shape)
+        b = make_branch(branch, shape, num_classes, cap)
+        out[name] = branch_flops(b, shape), cache_bytes(b.reduce, shape)
     return out

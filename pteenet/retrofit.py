@@ -18,7 +18,7 @@ import torch
 from . import __version__
 from .atomic import writes_into
 from .backbones import Backbone, create_backbone
-from .branches import DEFAULT_BRANCH
+from .branches import DEFAULT_BRANCH, cache_bytes
 from .bundle import BundleInfo, ThresholdTable, save_bundle
 from .calibration import choose_table, outputs_from_features
 from .data import available_splits, open_data
@@ -61,10 +61,12 @@ class AttachResult:
     said: list[str] = field(default_factory=list)  # what was inferred or tidied, not warnings
 
     def rows(self) -> list[dict]:
-        """Per branch: cut, FLOPs fraction at the exit, and held-out agreement with the backbone."""
+        """Per branch: cut, FLOPs fraction at the exit, bytes per image in the feature cache,
+        and held-out agreement with the backbone."""
         costs = self.model.exit_costs(kind="flops")
         return [{"branch": i, "cut": c, "type": b["type"], "exit_flops": costs[i],
                  "branch_flops": b["flops"] / self.model.backbone_flops,
+                 "cache_bytes": b["cache_bytes"],
                  "agreement": self.report.agreement[i] if self.report.agreement else None}
                 for i, (c, b) in enumerate(zip(self.info.cuts, self.info.branches))]
 
@@ -157,8 +159,8 @@ def attach(
         report, held, table = _train(ee, dataset, train_idx, held_idx, config, out, state,
                                      labeled, progress)
         ee.set_thresholds(table.thresholds, score=table.score, gamma=table.gamma)
-        info = _bundle_info(bb, ee, names, bool(cuts), branch, dataset, config, report, held,
-                            val_fraction, len(pool), data)
+        info = _bundle_info(bb, ee, trace, names, bool(cuts), branch, dataset, config, report,
+                            held, val_fraction, len(pool), data)
         if is_main():  # one writer; the other ranks hold the same branches
             save_bundle(out, ee, info, table)
             (Path(out) / STATE_FILE).unlink(missing_ok=True)
@@ -256,8 +258,8 @@ def _fingerprint(bb: Backbone, names, branch, config: TrainConfig, data, pool, c
     return hashlib.sha256(repr(parts).encode()).hexdigest()
 
 
-def _bundle_info(bb: Backbone, ee: EarlyExitModel, names, module_cuts, branch, dataset, config,
-                 report, held, val_fraction, n_pool, data) -> BundleInfo:
+def _bundle_info(bb: Backbone, ee: EarlyExitModel, trace: Trace, names, module_cuts, branch,
+                 dataset, config, report, held, val_fraction, n_pool, data) -> BundleInfo:
     ckpt = bb.checkpoint
     held_idx = sorted(held.indices.tolist())
     digest = hashlib.sha256(",".join(map(str, held_idx)).encode()).hexdigest()
@@ -268,8 +270,10 @@ def _bundle_info(bb: Backbone, ee: EarlyExitModel, names, module_cuts, branch, d
                   "checkpoint_path": str(Path(ckpt).resolve()) if ckpt else None,
                   "checkpoint_sha256": bb.checkpoint_sha256, "pretrained": bb.pretrained},
         preprocess=bb.preprocess, cuts=list(names), module_cuts=module_cuts,
-        branches=[{"type": branch, "flops": f, "width": int(b.classifier.in_features)}
-                  for b, f in zip(ee.branches, ee.branch_flops)],
+        branches=[{"type": branch, "flops": f, "width": int(b.classifier.in_features),
+                   "reduce": {"grid": b.reduce.size, "channel_group": b.reduce.group},
+                   "cache_bytes": cache_bytes(b.reduce, trace.cut(c).shape)}
+                  for b, f, c in zip(ee.branches, ee.branch_flops, names)],
         segment_flops=ee.segment_flops,
         classes=list(dataset.classes) if dataset.classes and
         len(dataset.classes) == bb.num_classes else None,

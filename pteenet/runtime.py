@@ -157,8 +157,11 @@ class Cascade:
     def preprocess(self, images: Sequence[Any]) -> np.ndarray:
         """PIL images (or paths) -> normalised float32 ``[N, 3, H, W]``, as the bundle's data.
 
-        Resizing uses Pillow's bilinear filter: identical to training for images already at the
-        input size, very close (not bit-identical) to torchvision's resize otherwise."""
+        With the manifest's ``resize_size`` (ImageNet models) the shorter side is resized with
+        its interpolation and the centre cropped, exactly as the bundle's data was. Otherwise
+        Pillow's bilinear filter resizes straight to the input size: identical to training for
+        images already at the input size, very close (not bit-identical) to torchvision's resize
+        otherwise."""
         from PIL import Image
 
         h, w = self.input_size
@@ -167,11 +170,27 @@ class Cascade:
         out = np.empty((len(images), 3, h, w), dtype=np.float32)
         for i, item in enumerate(images):
             img = _rgb(item, Image)
+            if self.manifest.get("resize_size"):
+                img = _resize_crop(img, int(self.manifest["resize_size"]), (h, w),
+                                   self.manifest.get("interpolation", "bilinear"), Image)
             if img.size != (w, h):
                 img = img.resize((w, h), Image.Resampling.BILINEAR)
             arr = np.asarray(img, dtype=np.float32) / np.float32(255)
             out[i] = (arr.transpose(2, 0, 1) - mean) / std
         return out
+
+
+def _resize_crop(img: Any, short: int, size: tuple[int, int], interpolation: str,
+                 image_module: Any) -> Any:
+    """torchvision's ``Resize(short)`` then ``CenterCrop(size)`` on a PIL image, same rounding."""
+    w, h = img.size
+    new = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+    filt = getattr(image_module.Resampling, interpolation.upper(),
+                   image_module.Resampling.BILINEAR)
+    img = img.resize(new, filt)
+    ch, cw = size
+    top, left = int(round((new[1] - ch) / 2.0)), int(round((new[0] - cw) / 2.0))
+    return img.crop((left, top, left + cw, top + ch))
 
 
 def _rgb(item: Any, image_module: Any) -> Any:
@@ -248,6 +267,9 @@ def _check_manifest(doc: Any, path: Path) -> None:
               and len(doc["thresholds"]) == b and len(doc["segment_flops"]) == b + 1
               and len(doc["branch_flops"]) == b and len(doc["input_size"]) == 2
               and all(isinstance(v, int) and _number(v, 1, _MAX_SIDE) for v in doc["input_size"])
+              and (doc.get("resize_size") is None or isinstance(doc["resize_size"], int)
+                   and _number(doc["resize_size"], 1, 2 * _MAX_SIDE))
+              and doc.get("interpolation", "bilinear") in ("nearest", "bilinear", "bicubic")
               and all(_number(v) for v in doc["segment_flops"] + doc["branch_flops"])
               and all(isinstance(r, list) and len(r) == k for r in doc["thresholds"]))
     except (KeyError, TypeError, ValueError) as e:

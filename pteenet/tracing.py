@@ -20,8 +20,9 @@ outputs then become the cut points (the modules are kept whole as fx leaves).
 from __future__ import annotations
 
 import copy
+import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -64,17 +65,30 @@ class Trace:
         )
 
 
+def _timm_notrace() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
+    """timm's own fx registries: the modules and functions its feature extraction keeps whole
+    because fx cannot trace through them (data-dependent control flow). Only when timm is
+    loaded, which it is whenever the model came from timm."""
+    if "timm" not in sys.modules:
+        return (), ()
+    from timm.models._features_fx import get_notrace_functions, get_notrace_modules
+
+    return tuple(get_notrace_modules()), tuple(get_notrace_functions())
+
+
 class _LeafTracer(fx.Tracer):
-    """Overrides ``is_leaf_module`` (to keep named modules whole) and ``call_module`` (to
-    remember which module was being traced, so a failure can name it)."""
+    """Overrides ``is_leaf_module`` (to keep named modules, and timm's untraceable ones, whole)
+    and ``call_module`` (to remember which module was being traced, so a failure can name it)."""
 
     def __init__(self, leaves: Sequence[str] = ()) -> None:
-        super().__init__()
+        self.leaf_types, functions = _timm_notrace()
+        super().__init__(autowrap_functions=functions)
         self.leaves = set(leaves)
         self.stack: list[str] = []
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return qualname in self.leaves or super().is_leaf_module(m, qualname)
+        return (qualname in self.leaves or isinstance(m, self.leaf_types)
+                or super().is_leaf_module(m, qualname))
 
     def call_module(self, m, forward, args, kwargs):
         self.stack.append(self.path_of_module(m))

@@ -153,11 +153,12 @@ def test_eenet_loss_is_finite_for_extreme_confidences():
     assert torch.isfinite(loss) and torch.isfinite(conf[0].grad).all()
 
 
-def test_cache_and_no_cache_train_the_same_branches(tiny, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("branch", ["pool", "mlp"])
+def test_cache_and_no_cache_train_the_same_branches(tiny, tmp_path, branch):  # noqa: F811
     data, ckpt = tiny
     models = []
     for cache in (True, False):
-        res = attach("resnet20", data, checkpoint=ckpt, num_classes=3, branches=2, branch="pool",
+        res = attach("resnet20", data, checkpoint=ckpt, num_classes=3, branches=2, branch=branch,
                      out=tmp_path / str(cache), progress=False,
                      config=TrainConfig(epochs=2, batch_size=16, cache=cache))
         models.append(res.model.branches.state_dict())

@@ -146,6 +146,24 @@ def test_preprocess_matches_the_training_pipeline(exported, bundle):
     np.testing.assert_allclose(x, bundle[1][32:].numpy(), atol=1e-6)
 
 
+def test_preprocess_resizes_and_crops_like_the_models_recipe(tmp_path):
+    """An ImageNet model's manifest: shorter side to resize_size, centre crop, its filter."""
+    from PIL import Image
+
+    from pteenet.data import _to_tensor
+    from pteenet.preprocess import Preprocess
+
+    pre = Preprocess((224, 224), resize_size=235, interpolation="bicubic")
+    cascade = Cascade.__new__(Cascade)
+    cascade.manifest = {"input_size": [224, 224], "mean": list(pre.mean), "std": list(pre.std),
+                        "resize_size": 235, "interpolation": "bicubic"}
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, s, dtype=np.uint8))
+              for s in ((300, 410, 3), (410, 300, 3))]
+    want = np.stack([_to_tensor(im, pre).numpy() for im in images])
+    np.testing.assert_allclose(cascade.preprocess(images), want, atol=1e-6)
+
+
 def test_onnx_runtime_needs_neither_torch_nor_pteenet(onnx_export, bundle, reference, tmp_path):
     np.save(tmp_path / "x.npy", bundle[1].numpy())
     code = (
@@ -234,6 +252,8 @@ def _set(path: tuple, value):
     ("huge-class-count", _set(("num_classes",), 10**12), "malformed"),
     ("huge-input-size", _set(("input_size",), [8192, 8192]), "malformed"),
     ("negative-flops", _set(("segment_flops", 0), -5), "malformed"),
+    ("text-resize", _set(("resize_size",), "256"), "malformed"),
+    ("unknown-interpolation", _set(("interpolation",), "lanczos9"), "malformed"),
 ])
 def test_the_manifest_is_not_trusted(spoilable, name, edit, words):
     edit_manifest(spoilable, edit)

@@ -21,6 +21,9 @@ MODELS = {
     "torchvision:vgg11_bn": (lambda: torchvision.models.vgg11_bn(num_classes=10), (64, 64)),
     "torchvision:mobilenet_v3_small": (lambda: torchvision.models.mobilenet_v3_small(), (64, 64)),
     "timm:efficientnet_b0": (lambda: timm.create_model("efficientnet_b0"), (64, 64)),
+    # these two trace only with timm's own fx registries (modules and functions kept whole)
+    "timm:mobilevit_xxs": (lambda: timm.create_model("mobilevit_xxs"), (64, 64)),
+    "timm:efficientvit_b0": (lambda: timm.create_model("efficientvit_b0"), (64, 64)),
 }
 
 
