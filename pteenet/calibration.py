@@ -326,6 +326,7 @@ def _risk_table(out: Outputs, k: int, cpm: bool, margin: float, min_support: int
 
 FAMILY_STEPS = 31  # cost-search limits from 0 to 3 x max_drop
 RAMP_STEPS = 40  # tables between "never" and the most conservative optimum
+BLEND_STEPS = 4  # tables from one optimum to the next (the last is the next optimum)
 
 
 def _mincost_family(out: Outputs, max_drop: float) -> list[Tensor]:
@@ -334,14 +335,27 @@ def _mincost_family(out: Outputs, max_drop: float) -> list[Tensor]:
     Each member is a full cost-search optimum (pruned, retried) at a limit between 0 and
     ``3 * max_drop``, ordered by cost: the greedy's own path is myopic and ranks tables by luck
     on few samples, so certifying along it stopped at 0.61-0.67 of ResNet-44's FLOPs where these
-    optima reach 0.52-0.56. Before the first optimum, its thresholds ramp up from 1.0, so that a
-    first optimum that fails the bound does not end the walk at the backbone.
+    optima reach 0.52-0.56. Before the first optimum its thresholds ramp up from 1.0, and
+    between consecutive optima the thresholds move in steps (:func:`_blend`), so that the walk
+    can stop close to where the bound gives out instead of at the last optimum before it.
     """
     limits = torch.linspace(0.0, min(3 * max_drop, 0.99), FAMILY_STEPS).tolist()
     found = sorted((_search(out, limit, None) for limit in limits), key=lambda f: -f.cost)
     optima = [f.thresholds.float() for f in found]
     ramp = [t[:, 0] for t in scaled_candidates(optima[0][:, None], RAMP_STEPS + 1)[:-1]]
-    return [torch.full_like(optima[0], math.inf), *ramp, *optima]
+    family = [torch.full_like(optima[0], math.inf), *ramp, optima[0]]
+    for a, b in zip(optima, optima[1:]):
+        family += [_blend(a, b, s) for s in torch.linspace(0, 1, BLEND_STEPS + 1)[1:].tolist()]
+    return family
+
+
+def _blend(a: Tensor, b: Tensor, s: float) -> Tensor:
+    """A fraction ``s`` of the way from table ``a`` to table ``b``: thresholds of exits on in
+    both move linearly; an exit ``b`` switches on starts at 1.0; one ``b`` switches off stays
+    as in ``a`` until ``s`` = 1."""
+    on_a, on_b = a <= 1, b <= 1
+    moved = torch.where(on_a & on_b, torch.lerp(a, b, s), torch.where(on_b, 1 - s * (1 - b), a))
+    return b.clone() if s >= 1 else moved
 
 
 def _subset(out: Outputs, idx: Tensor) -> Outputs:

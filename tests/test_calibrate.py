@@ -125,3 +125,12 @@ def test_risk_control_costs_little_more_than_the_uncertified_search(seed):
     table = choose_table(out, 10, method="risk")
     assert table.params["certified"] and table.params["ucb"] <= 0.01
     assert free < 0.5 and free <= table.summary["mean_relative_flops"] <= free + 0.08
+
+
+def test_blend_moves_from_one_table_to_the_next():
+    from pteenet.calibration import _blend
+    a = torch.tensor([0.9, math.inf, 0.5])
+    b = torch.tensor([0.7, 0.6, math.inf])
+    half = _blend(a, b, 0.5)
+    assert half.tolist() == pytest.approx([0.8, 0.8, 0.5])  # on-both, switched on, switched off
+    assert torch.equal(_blend(a, b, 1.0), b) and torch.equal(_blend(a, b, 0.0)[:1], a[:1])
