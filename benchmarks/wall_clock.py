@@ -33,6 +33,7 @@ import torch
 import pteenet
 from pteenet.bundle import load_backbone, read_info
 from pteenet.data import make_loader, open_data
+from pteenet.export import export
 
 sys.path.insert(0, str(Path(__file__).parent))
 from cifar_resnet import CHECKPOINTS, SHARED, extract  # noqa: E402
@@ -58,7 +59,7 @@ def onnx_row(bundle: Path, root: Path, args) -> dict:
 
     from pteenet.runtime import Cascade
     info = read_info(bundle)
-    folder = pteenet.export(bundle, format="onnx")
+    folder = export(bundle, format="onnx")
     cascade = Cascade.open(folder, threads=args.threads)
     backbone = load_backbone(info, None, False).model.eval()
     h, w = info.preprocess.input_size

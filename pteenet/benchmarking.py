@@ -45,7 +45,7 @@ from .derived import BUNDLE_HASH_KEY, bundle_hash
 from .devices import check_device
 from .early_exit import EarlyExitModel, cascade_cost
 from .errors import BundleError, DataError, OptionError
-from .latency import device_name
+from .latency import device_name, steady_allocator
 from .progress import single_bar
 from .thresholds import exit_index, global_candidates, scaled_candidates, summarize
 
@@ -631,8 +631,10 @@ def _bench(bundle, data, split, threshold, batch_size, latency_samples, repeats,
         result["warnings"].append("the bundle's thresholds were never calibrated (no "
                                   "thresholds.json): every exit is off and this measures the "
                                   "backbone; run `pteenet calibrate` or pass --threshold")
+    steady = dev.type == "cpu" and steady_allocator()  # both models alike: see its docstring
     result["timing"] = wall_clock(backbone, model, p.images, latency_samples=latency_samples,
                                   batch_size=batch_size, repeats=repeats, device=dev)
+    result["timing"]["allocator"] = "steady (mallopt)" if steady else "default"
     result["speedup"] = _speedups(result["timing"], result["early_exit"]["relative_flops"])
     result["profile"] = time_profile(model, p.images.to(dev), result["timing"]["batch_size"],
                                      [e["share"] for e in result["early_exit"]["exits"]]) \

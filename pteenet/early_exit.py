@@ -120,11 +120,15 @@ class EarlyExitModel(nn.Module):
         thresholds: object = 0.5,
         score: str = "softmax",
         gamma: Sequence[float] | None = None,
+        whole: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if len(segments) != len(branches) + 1:
             raise ValueError("need exactly one more segment than branches")
         self.segments = nn.ModuleList(segments).requires_grad_(False)
+        # the backbone in one piece (the eager model traced): what runs when every exit is off,
+        # so that the model then costs exactly the backbone's time, not its segments' dispatch
+        self.whole = whole.requires_grad_(False) if whole is not None else None
         self.branches = nn.ModuleList(branches)
         self.segment_flops = [int(f) for f in segment_flops]
         self.branch_flops = [int(f) for f in branch_flops]
@@ -233,6 +237,8 @@ class EarlyExitModel(nn.Module):
         """Only branches ever train: the backbone's segments stay in eval mode."""
         super().train(mode)
         self.segments.eval()
+        if self.whole is not None:
+            self.whole.eval()
         return self
 
     # -- computation ----------------------------------------------------------------------
@@ -290,6 +296,12 @@ class EarlyExitModel(nn.Module):
         costs nothing there); on GPUs no per-exit host sync is added beyond the compaction's.
         """
         n, dev = x.shape[0], x.device
+        active = self.active
+        if self.whole is not None and not any(active):
+            return EarlyExitResult(self.whole(x).float(),
+                                   torch.full((n,), self.num_branches, device=dev),
+                                   torch.full((n,), float(self.backbone_flops),
+                                              dtype=torch.float64, device=dev))
         thr = self.thresholds.to(dev)
         out = torch.empty(n, self.num_classes, device=dev)
         exit_index = torch.full((n,), self.num_branches, dtype=torch.long, device=dev)
@@ -298,7 +310,7 @@ class EarlyExitModel(nn.Module):
         cheap_checks = dev.type == "cpu"
         spent = 0
         h = x
-        for k, (branch, on) in enumerate(zip(self.branches, self.active)):
+        for k, (branch, on) in enumerate(zip(self.branches, active)):
             h = self.segments[k](h)
             spent += self.segment_flops[k]
             if not on:
@@ -365,4 +377,5 @@ def build_early_exit(
         segments, branches, segment_flops=seg_flops,
         branch_flops=[branch_flops(b, c.shape) for b, c in zip(branches, cuts)],
         num_classes=num_classes, thresholds=thresholds, score=score, gamma=gamma,
+        whole=trace.model,
     )

@@ -55,6 +55,7 @@ class Trace:
     input_size: tuple[int, int]
     thop_macs: int | None = None
     _index: dict[str, int] = field(default_factory=dict, repr=False)
+    model: nn.Module | None = field(default=None, repr=False)  # the eager backbone traced
 
     def cut(self, name: str) -> Cut:
         for c in self.cuts:
@@ -247,7 +248,7 @@ def trace_backbone(
     total_params = sum(p.numel() for p in model.parameters())
     return Trace(gm, found, running, total_params, tuple(input_size),
                  thop_macs(model, input_size) if with_thop else None,
-                 {c.name: i for i, c in enumerate(found)})
+                 {c.name: i for i, c in enumerate(found)}, model)
 
 
 def _node_of(gm: fx.GraphModule, cut: str) -> fx.Node:
