@@ -4,6 +4,7 @@ calibration and bench, and bench's time profile with the ideal speedup it implie
 from __future__ import annotations
 
 import json
+import platform
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,8 @@ def test_latency_bundle_round_trips_and_bench_reports_ideal(timed):
     assert model.latency == info.latency and model.exit_costs() != model.exit_costs(kind="flops")
     res = bench(timed, num_threads=2, **FAST)  # the module runs on one thread
     assert res["timing"]["cpu_threads"] == 2 and torch.get_num_threads() == 1
+    if platform.libc_ver()[0] == "glibc":  # both models timed with fixed malloc thresholds
+        assert res["timing"]["allocator"] == "steady (mallopt)"
     prof = res["profile"]
     assert len(prof["pieces"]) == 2 * model.num_branches + 1
     assert res["speedup"]["ideal_latency"] > 0 and res["speedup"]["throughput_of_ideal"] > 0
