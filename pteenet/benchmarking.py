@@ -21,7 +21,6 @@ calibration samples of its train split, never the samples the branches were trai
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -42,7 +41,7 @@ from .atomic import atomic_path, write_text, writes_into
 from .bundle import BundleInfo, ThresholdTable, load, load_backbone, read_info, read_thresholds
 from .data import DATASET_NAMES, ImageData, available_splits, make_loader, open_data
 from .derived import BUNDLE_HASH_KEY, bundle_hash
-from .devices import check_device
+from .devices import check_device, threads
 from .early_exit import EarlyExitModel, cascade_cost
 from .errors import BundleError, DataError, OptionError
 from .latency import device_name, steady_allocator
@@ -63,7 +62,6 @@ __all__ = [
     "quality",
     "select_data",
     "sweep_points",
-    "threads",
     "time_profile",
     "wall_clock",
 ]
@@ -428,22 +426,6 @@ def _profile_note(info: BundleInfo, device: str) -> str | None:
         return None
     return (f"the bundle's costs are times measured on {info.latency.device}; this run is on "
             f"{device}: run `pteenet calibrate --cost latency` here to re-rank the exits")
-
-
-@contextlib.contextmanager
-def threads(n: int | None) -> Iterator[None]:
-    """Run with ``n`` CPU threads (None: leave torch's setting), restoring it afterwards."""
-    if n is None:
-        yield
-        return
-    if n < 1:
-        raise OptionError(f"--threads must be at least 1, got {n}")
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _efficiency(speedup: dict[str, float | None], prof: dict[str, Any]) -> dict[str, Any]:

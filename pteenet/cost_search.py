@@ -24,14 +24,14 @@ control walks (:func:`pteenet.thresholds.risk_control`).
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from .devices import threads
 from .early_exit import cascade_cost
 from .errors import OptionError
 
@@ -99,7 +99,7 @@ def min_cost_thresholds(
         raise OptionError(f"budget must be positive, got {budget}")
     cascade = _Cascade(scores, preds, final_pred, labels, segment_costs, branch_costs)
     grid = _grid(scores, steps)
-    with _one_thread():
+    with threads(1):
         if max_drop is None:
             return _search(cascade, grid, None, budget)
         # The greedy is myopic: a tighter limit sometimes leads to a cheaper table that is
@@ -107,18 +107,6 @@ def min_cost_thresholds(
         # so a few tighter limits are searched too and the cheapest answer within the limit wins.
         runs = [_search(cascade, grid, max_drop * f, None) for f in RETRIES]
         return min(runs, key=lambda r: (r.cost, r.error))
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """The search runs thousands of tiny tensor ops: on one thread each takes ~1 ms, while
-    intra-op threads on a busy 2-core machine made each take ~100 ms (measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _search(cascade: _Cascade, grid: list[list[float]], max_drop: float | None,

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from .atomic import CACHE_PREFIX, atomic_path
 from .data import ImageData, collate_skip, default_workers, make_loader
-from .devices import check_device
+from .devices import check_device, threads
 from .distributed import Shard, all_sum, is_main
 from .early_exit import EarlyExitModel
 from .errors import DataError, OptionError, TrainingError
@@ -431,27 +431,13 @@ def train_branches(model: EarlyExitModel, train: FeatureSet, held: FeatureSet,
     config = replace(config, target=config.resolved_target(_has_labels(train)))
     model.train()
     model.branches.to(config.device)
-    with _one_cpu_thread(config.device, cached=not isinstance(train, LiveFeatures)):
+    # heads are a few small matrices: two CPU threads made an epoch from the cache 100x slower
+    # than one (5.8 s against 0.06 s, ResNet-18's eight heads); streaming keeps every thread
+    one = torch.device(config.device).type == "cpu" and not isinstance(train, LiveFeatures)
+    with threads(1 if one else None):
         if config.boosted:
             return _train_boosted(model, train, held, config, on_epoch, resume, on_batch)
         return _train_joint(model, train, held, config, on_epoch, resume, on_batch)
-
-
-@contextlib.contextmanager
-def _one_cpu_thread(device: str, cached: bool) -> Iterator[None]:
-    """Branch heads are a few small matrices: on CPU each op is too small to split, and two
-    threads that wait on each other made an epoch from the cache 100x slower than one (5.8 s
-    against 0.06 s for ResNet-18's eight heads on 2 shared cores). Streaming (``--no-cache``)
-    runs the backbone every batch and keeps every thread."""
-    if torch.device(device).type != "cpu" or not cached:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _has_labels(train: FeatureSet | LiveFeatures) -> bool:
