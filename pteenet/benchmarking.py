@@ -402,13 +402,13 @@ def time_profile(model: EarlyExitModel, images: Tensor, batch_size: int,
     exit shares imply with those times (no bookkeeping, perfect batching), to hold the
     achieved ones against."""
     prof = model.profile(images, batch_size=batch_size)
-    flops = model.costs("flops")
-    seg_flops = [b - a for a, b in zip([0.0, *flops[0][:-1]], flops[0])]
-    pieces = [{"piece": f"segment {k}", "flops_share": f, "ms": m, "ms_batched": mb}
-              for k, (f, m, mb) in enumerate(zip(seg_flops, prof.segment_ms,
+    total = model.backbone_flops
+    pieces = [{"piece": f"segment {k}", "flops_share": f / total, "ms": m, "ms_batched": mb}
+              for k, (f, m, mb) in enumerate(zip(model.segment_flops, prof.segment_ms,
                                                   prof.segment_ms_batched))]
-    pieces += [{"piece": f"branch {k}", "flops_share": f, "ms": m, "ms_batched": mb, "on": on}
-               for k, (f, m, mb, on) in enumerate(zip(flops[1], prof.branch_ms,
+    pieces += [{"piece": f"branch {k}", "flops_share": f / total, "ms": m, "ms_batched": mb,
+                "on": on}
+               for k, (f, m, mb, on) in enumerate(zip(model.branch_flops, prof.branch_ms,
                                                        prof.branch_ms_batched, model.active))]
     active = torch.tensor(model.active)
     share = torch.tensor(list(shares), dtype=torch.float64)

@@ -22,13 +22,18 @@ def _attach(args: list[str], nproc: int, tmp) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
+def _common(data, ckpt, extra: list[str]) -> list[str]:
+    """The attach arguments both distributed tests run (one and two processes alike)."""
+    return ["resnet20", "--data", str(data), "--checkpoint", str(ckpt), "--num-classes", "3",
+            "--branches", "2", "--branch", "sdn", "--epochs", "2", "--batch-size", "16",
+            "--quiet", *extra]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["--boosted", "hard", "--margin", "0.5"]])
 def test_two_gloo_processes_match_one(tiny, tmp_path, extra):  # noqa: F811
     data, ckpt = tiny
-    common = ["resnet20", "--data", str(data), "--checkpoint", str(ckpt), "--num-classes", "3",
-              "--branches", "2", "--branch", "sdn", "--epochs", "2", "--batch-size", "16",
-              "--quiet", *extra]
+    common = _common(data, ckpt, extra)
     one = _attach([*common, "--out", str(tmp_path / "one")], 1, tmp_path)
     assert one.returncode == 0, one.stderr
     two = _attach([*common, "--out", str(tmp_path / "two")], 2, tmp_path)
@@ -55,9 +60,7 @@ def test_two_processes_resume_a_one_process_run(tiny, tmp_path, monkeypatch, ext
     import pteenet.training as training
 
     data, ckpt = tiny
-    common = ["resnet20", "--data", str(data), "--checkpoint", str(ckpt), "--num-classes", "3",
-              "--branches", "2", "--branch", "sdn", "--epochs", "2", "--batch-size", "16",
-              "--quiet", *extra]
+    common = _common(data, ckpt, extra)
     one = _attach([*common, "--out", str(tmp_path / "one")], 1, tmp_path)
     assert one.returncode == 0, one.stderr
 
