@@ -57,7 +57,7 @@ def onnx_row(bundle: Path, root: Path, args) -> dict:
     """Exported cascade vs exported backbone on onnxruntime, interleaved."""
     import onnxruntime as ort
 
-    from pteenet.runtime import Cascade
+    from pteenet.runtime import Cascade, session_options
     info = read_info(bundle)
     folder = export(bundle, format="onnx")
     cascade = Cascade.open(folder, threads=args.threads)
@@ -68,9 +68,8 @@ def onnx_row(bundle: Path, root: Path, args) -> dict:
                       output_names=["output"], dynamic_axes={"input": {0: "batch"},
                                                              "output": {0: "batch"}},
                       opset_version=17, dynamo=False)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = args.threads
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(path), session_options(args.threads),
+                                providers=["CPUExecutionProvider"])
     images = test_images(root, info, args.batch)
     runs = {"backbone": lambda x: sess.run(None, {"input": x}), "early_exit": cascade.run}
     for fn in runs.values():

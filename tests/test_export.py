@@ -293,3 +293,17 @@ def test_an_unloadable_graph_is_a_bundle_error(spoilable):
         {"branch_1.onnx": hashlib.sha256(b"not an onnx graph").hexdigest()}))
     with pytest.raises(BundleError, match="cannot load graph .*branch_1.onnx"):
         Cascade.open(spoilable)
+
+
+def test_onnx_sessions_do_not_spin(exported, monkeypatch):
+    """Idle workers of one session spinning would take the cores from the next segment's."""
+    opts = runtime.session_options(2)
+    assert opts.intra_op_num_threads == 2
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    with pytest.raises(OptionError):
+        runtime.session_options(0)
+    made = []
+    monkeypatch.setattr(runtime, "session_options",
+                        lambda threads=None: made.append(threads) or opts)
+    cascade = Cascade.open(exported, threads=1)
+    assert made == ([1] if cascade.manifest["format"] == "onnx" else [])
