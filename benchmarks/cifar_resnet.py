@@ -12,7 +12,7 @@ For each backbone, in one run:
   drop; and the same branches under pteenet's default calibration, to separate what the
   branches and the calibration each bring.
 
-Branches train on ``train/`` (a seeded 45,000-image subset, 10 % of it held out for
+Branches train on ``train/`` (a seeded 45,000-image subset, 20 % of it held out for
 calibration); nothing is chosen on ``test/``, which is only scored.
 
     python benchmarks/cifar_resnet.py --models resnet20 resnet32 resnet44

@@ -1,7 +1,7 @@
 """What else could make exits pay, on the same features: the variants issue 11 asked us to try.
 
 On one real CIFAR ResNet (default: ResNet-44 from ../shared), the backbone runs once over a
-seeded 45,000-image training subset (10 % held out, as ``attach`` does) and the test split;
+seeded 45,000-image training subset (20 % held out, as ``attach`` does) and the test split;
 then, from those cached features:
 
 * **targets** -- the default branches trained on each target (``auto`` = half labels, half the
@@ -178,7 +178,7 @@ def main() -> None:
         test_ds = open_data(root, bb.preprocess, split="test")
         g = torch.Generator().manual_seed(config.seed)
         pool = sorted(torch.randperm(len(train_ds), generator=g)[: args.max_train].tolist())
-        tr_pos, held_pos = split_indices(len(pool), 0.1, config.seed)
+        tr_pos, held_pos = split_indices(len(pool), 0.2, config.seed)
         train = compute_features(ee, train_ds, [pool[i] for i in tr_pos])
         held = compute_features(ee, train_ds, [pool[i] for i in held_pos])
         test = compute_features(ee, test_ds, list(range(len(test_ds))))

@@ -83,7 +83,7 @@ def attach(
     cuts: Sequence[str] | None = None,
     branch: str = DEFAULT_BRANCH,
     branch_budget: float | None = DEFAULT_BUDGET,
-    val_fraction: float = 0.1,
+    val_fraction: float = 0.2,
     out: str | os.PathLike = "pteenet-out",
     config: TrainConfig | None = None,
     num_classes: int | None = None,

@@ -232,3 +232,20 @@ def test_labels_of_other_classes_are_not_targets(tiny, tmp_path):  # noqa: F811
     with pytest.raises(OptionError, match="--target mixed needs them to match"):
         attach("resnet20", data, backbone=bb, branches=2, out=tmp_path / "mixed",
                config=TrainConfig(epochs=1, target="mixed"), progress=False)
+
+
+def test_cli_defaults_are_the_library_defaults():
+    """`pteenet attach` with no flags must run what `pteenet.attach` runs with no arguments."""
+    import inspect as pyinspect
+
+    from pteenet_cli.app import app as cli_app
+    from typer.main import get_command
+
+    from pteenet.retrofit import attach as lib_attach
+    command = get_command(cli_app).commands["attach"]
+    lib = pyinspect.signature(lib_attach).parameters
+    cli = {p.name: p.default for p in command.params
+           if p.param_type_name == "option" and p.default is not None}  # None: the library's
+    shared = [name for name in lib if name in cli and lib[name].default is not pyinspect._empty]
+    assert "val_fraction" in shared
+    assert {n: str(cli[n]) for n in shared} == {n: str(lib[n].default) for n in shared}
