@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tarfile
 import tempfile
@@ -105,6 +106,8 @@ def run_backbone(name: str, root: Path, work: Path, args) -> list[dict]:
                          progress=args.progress)
     attach_s = time.perf_counter() - t
     print(f"[{name}] default attach: {attach_s:.0f}s", flush=True)
+    if args.keep:  # as attach left it, before the other rules recalibrate it
+        shutil.copytree(out, Path(args.keep) / out.name, dirs_exist_ok=True)
     first = res.table.summary
     add("default", "attach (mincost, 1 pt)", 0.01,
         {"held_drop": first["backbone_accuracy"] - first["accuracy"],
@@ -177,6 +180,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--progress", action="store_true", help="show attach's progress bars")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--keep", help="copy each default bundle here (e.g. for wall_clock.py)")
     args = ap.parse_args()
     if not SHARED.is_dir():
         sys.exit(f"../shared not found at {SHARED}: this benchmark needs the shared data")
