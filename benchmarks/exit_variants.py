@@ -163,8 +163,9 @@ def main() -> None:
     ap.add_argument("--model", default="resnet44", choices=sorted(CHECKPOINTS))
     ap.add_argument("--max-train", type=int, default=45000)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads (quality, not time)")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         root = extract(Path(tmp))
