@@ -8,11 +8,11 @@ from typing import Annotated
 
 import typer
 
+from pteenet.attaching import attach as run_attach
 from pteenet.branches import DEFAULT_BRANCH
 from pteenet.distributed import is_main
 from pteenet.early_exit import DEFAULT_BUDGET
 from pteenet.placement import DEFAULT_BRANCHES, DEFAULT_POLICY
-from pteenet.retrofit import attach as run_attach
 from pteenet.training import TrainConfig
 
 from ._options import (

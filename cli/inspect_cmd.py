@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from pteenet.inspection import inspect_backbone
+from pteenet.inspect import inspect_backbone
 from pteenet.placement import DEFAULT_POLICY
 
 from ._options import (

@@ -24,7 +24,7 @@ _LAZY = {
     "build_early_exit": "early_exit",
     "load": "bundle",
     "TrainConfig": "training",
-    "attach": "retrofit",
+    "attach": "attaching",
     "calibrate": "calibration",
     "bench": "benchmarking",
     "run_demo": "demo",

@@ -31,6 +31,7 @@ from PIL import Image
 from torch import Tensor
 
 from .atomic import atomic_path, write_text
+from .attaching import attach
 from .backbones import create_backbone, sha256_file
 from .benchmarking import bench
 from .branches import DEFAULT_BRANCH
@@ -40,7 +41,6 @@ from .data import make_loader, open_data
 from .errors import DataError
 from .placement import DEFAULT_POLICY
 from .preprocess import Preprocess
-from .retrofit import attach
 from .training import TrainConfig
 
 __all__ = [

@@ -82,7 +82,7 @@ def shared_bundle(tmp_path_factory) -> tuple[Path, Path, Path]:
     """(data, checkpoint, bundle): real images, a real untrained resnet20 3-class checkpoint and
     a 2-branch bundle trained on them for one epoch. Made once per session and shared by the
     tests/test_errors_*.py files; never modified: copy it first."""
-    from pteenet.retrofit import attach
+    from pteenet.attaching import attach
     from pteenet.training import TrainConfig
 
     root = tmp_path_factory.getbasetemp() / "errors-shared"

@@ -9,11 +9,11 @@ import torch
 from pteenet_cli.app import app
 from typer.testing import CliRunner
 
+from pteenet.attaching import attach
 from pteenet.backbones import create_backbone
 from pteenet.bundle import BRANCHES_FILE, THRESHOLDS_FILE, load, read_info
 from pteenet.data import open_data
 from pteenet.errors import BundleError, OptionError
-from pteenet.retrofit import attach
 from pteenet.training import TrainConfig, eenet_loss
 from tests._helpers import tiny  # noqa: F401  (fixture)
 
@@ -209,14 +209,14 @@ def test_amp_trains_in_bf16_and_stays_close(tiny, tmp_path):  # noqa: F811
 
 def test_attach_warns_in_one_line_when_branches_cost_too_much(tiny, tmp_path,  # noqa: F811
                                                               monkeypatch):
-    import pteenet.retrofit as retrofit
+    import pteenet.attaching as attaching
 
     data, ckpt = tiny
     args = ["attach", "resnet20", "--data", str(data), "--checkpoint", str(ckpt),
             "--num-classes", "3", "-n", "2", "--epochs", "1", "--batch-size", "16", "--quiet"]
     quiet = runner.invoke(app, [*args, "--out", str(tmp_path / "a")])
     assert quiet.exit_code == 0 and "warning" not in quiet.output  # 2 branches: ~1 % together
-    monkeypatch.setattr(retrofit, "WARN_SHARE", 0.001)
+    monkeypatch.setattr(attaching, "WARN_SHARE", 0.001)
     loud = runner.invoke(app, [*args, "--out", str(tmp_path / "b")])
     assert loud.exit_code == 0, loud.output
     lines = [ln for ln in loud.stderr.splitlines() if ln.startswith("warning:")]

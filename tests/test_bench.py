@@ -18,10 +18,10 @@ from PIL import Image
 from pteenet_cli.app import app
 from typer.testing import CliRunner
 
+from pteenet.attaching import attach
 from pteenet.benchmarking import oracle_flops, select_data
 from pteenet.bundle import load, read_info
 from pteenet.calibration import calibrate
-from pteenet.retrofit import attach
 from pteenet.training import TrainConfig
 from tests._helpers import one_thread, tiny  # noqa: F401  (fixtures)
 

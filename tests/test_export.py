@@ -16,11 +16,11 @@ from pteenet_cli.app import app
 from typer.testing import CliRunner
 
 import pteenet.runtime as runtime
+from pteenet.attaching import attach
 from pteenet.bundle import ThresholdTable, load, write_thresholds
 from pteenet.data import open_data
 from pteenet.errors import BundleError, OptionError
 from pteenet.export import MANIFEST, ScoredBranch
-from pteenet.retrofit import attach
 from pteenet.runtime import Cascade
 from pteenet.training import TrainConfig
 from tests._helpers import PRE, tiny  # noqa: F401  (fixture)

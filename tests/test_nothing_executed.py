@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from pteenet.atomic import MANIFEST
+from pteenet.attaching import STATE_FILE
 from pteenet.bundle import (
     BRANCHES_FILE,
     THRESHOLDS_FILE,
@@ -45,7 +46,6 @@ from pteenet.bundle import (
 from pteenet.cifar_resnet import cifar_resnet
 from pteenet.errors import BundleError
 from pteenet.preprocess import MAX_INPUT_SIDE, Preprocess
-from pteenet.retrofit import STATE_FILE
 from tests._helpers import write_images
 
 REPO = Path(__file__).resolve().parents[1]

@@ -25,6 +25,7 @@ import pteenet
 import pteenet.atomic as atomic
 import pteenet.training as training
 from pteenet.atomic import LOCK_FILE, MANIFEST, PENDING_SUFFIX
+from pteenet.attaching import STATE_FILE, attach
 from pteenet.backbones import create_backbone
 from pteenet.bundle import (
     THRESHOLDS_FILE,
@@ -37,7 +38,6 @@ from pteenet.data import open_data
 from pteenet.early_exit import build_early_exit
 from pteenet.errors import TrainingError
 from pteenet.placement import choose_cuts
-from pteenet.retrofit import STATE_FILE, attach
 from pteenet.tracing import trace_backbone
 from pteenet.training import TrainConfig, compute_features, split_indices, train_branches
 from tests._helpers import kill_when, one_thread, write_images  # noqa: F401  (autouse fixture)
