@@ -46,7 +46,7 @@ from .early_exit import EarlyExitModel, cascade_cost
 from .errors import BundleError, DataError, OptionError
 from .latency import device_name, steady_allocator
 from .progress import single_bar
-from .thresholds import exit_index, global_candidates, scaled_candidates, summarize
+from .thresholds import exit_index, global_candidates, json_rows, scaled_candidates, summarize
 
 __all__ = [
     "BENCH_FILE",
@@ -539,10 +539,6 @@ def _check_options(threshold: float | None, batch_size: int, latency_samples: in
 
 
 # -- the whole job ----------------------------------------------------------------------------
-def _json_table(t: Tensor) -> list[list[float | None]]:
-    return [[None if math.isinf(v) else float(v) for v in row] for row in t.tolist()]
-
-
 def _write_outputs(folder: Path, result: dict[str, Any], sweep: bool, out_json: bool) -> None:
     """bench.json (and the sweep's files) beside the bundle, each written atomically."""
     files: dict[str, str] = {}
@@ -647,7 +643,7 @@ def _assemble(info: BundleInfo, ev: EvalSet, table: ThresholdTable, threshold: f
                        "score": model.score,
                        "value": None if threshold is None or math.isinf(threshold)
                        else float(threshold),
-                       "table": _json_table(model.thresholds.cpu())},
+                       "table": json_rows(model.thresholds.cpu())},
         "exit_costs": [float(c) for c in model.exit_costs(kind="flops")],
         **quality(p, model),
         "simulation": _simulation_check(p, model),

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import warnings
 from collections.abc import Iterator
@@ -41,6 +40,7 @@ from .bundle import load, read_info
 from .derived import BUNDLE_HASH_KEY, bundle_hash
 from .early_exit import gate
 from .errors import BundleError, OptionError
+from .thresholds import json_rows
 
 __all__ = ["FORMATS", "MANIFEST", "MANIFEST_VERSION", "export", "manifest_for"]
 
@@ -116,7 +116,6 @@ def _write_graphs(model: Any, folder: Path, format: str, opset: int) -> dict[str
 def manifest_for(model: Any, format: str, files: dict[str, list[str]]) -> dict[str, Any]:
     """The manifest: everything a runtime needs besides the graphs, as plain JSON."""
     info = model.info
-    thr = [[None if math.isinf(v) else float(v) for v in row] for row in model.thresholds.tolist()]
     return {
         "format_version": MANIFEST_VERSION, "pteenet_version": __version__, "format": format,
         "backbone": info.backbone.get("name"), "num_branches": model.num_branches,
@@ -124,8 +123,8 @@ def manifest_for(model: Any, format: str, files: dict[str, list[str]]) -> dict[s
         "mean": list(info.preprocess.mean), "std": list(info.preprocess.std),
         "resize_size": info.preprocess.resize_size,
         "interpolation": info.preprocess.interpolation, "classes": info.classes,
-        "cuts": list(info.cuts), "score": model.score,
-        "thresholds": thr, "active": model.active, "segment_flops": list(model.segment_flops),
+        "cuts": list(info.cuts), "score": model.score, "thresholds": json_rows(model.thresholds),
+        "active": model.active, "segment_flops": list(model.segment_flops),
         "branch_flops": list(model.branch_flops), "backbone_flops": model.backbone_flops,
         "exit_costs": model.exit_costs(kind="flops"), "files": files,
         BUNDLE_HASH_KEY: bundle_hash(info.path),
