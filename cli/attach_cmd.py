@@ -13,7 +13,7 @@ from pteenet.branches import DEFAULT_BRANCH
 from pteenet.distributed import is_main
 from pteenet.early_exit import DEFAULT_BUDGET
 from pteenet.placement import DEFAULT_BRANCHES, DEFAULT_POLICY
-from pteenet.training import TrainConfig
+from pteenet.train_config import TrainConfig
 
 from ._options import (
     At,

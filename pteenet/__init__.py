@@ -23,7 +23,7 @@ _LAZY = {
     "EarlyExitResult": "early_exit",
     "build_early_exit": "early_exit",
     "load": "bundle",
-    "TrainConfig": "training",
+    "TrainConfig": "train_config",
     "attach": "attaching",
     "calibrate": "calibration",
     "bench": "benchmarking",

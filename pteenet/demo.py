@@ -41,7 +41,7 @@ from .data import make_loader, open_data
 from .errors import DataError
 from .placement import DEFAULT_POLICY
 from .preprocess import Preprocess
-from .training import TrainConfig
+from .train_config import TrainConfig
 
 __all__ = [
     "DemoSettings",

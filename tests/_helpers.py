@@ -83,7 +83,7 @@ def shared_bundle(tmp_path_factory) -> tuple[Path, Path, Path]:
     a 2-branch bundle trained on them for one epoch. Made once per session and shared by the
     tests/test_errors_*.py files; never modified: copy it first."""
     from pteenet.attaching import attach
-    from pteenet.training import TrainConfig
+    from pteenet.train_config import TrainConfig
 
     root = tmp_path_factory.getbasetemp() / "errors-shared"
     if not (root / "done").exists():

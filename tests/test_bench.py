@@ -22,7 +22,7 @@ from pteenet.attaching import attach
 from pteenet.benchmarking import oracle_flops, select_data
 from pteenet.bundle import load, read_info
 from pteenet.calibration import calibrate
-from pteenet.training import TrainConfig
+from pteenet.train_config import TrainConfig
 from tests._helpers import one_thread, tiny  # noqa: F401  (fixtures)
 
 FAST = ["--latency-samples", "3", "--batch-size", "16", "--repeats", "1", "--quiet"]

@@ -14,7 +14,7 @@ from pteenet.attaching import attach
 from pteenet.bundle import THRESHOLDS_FILE, load, read_info, read_thresholds
 from pteenet.calibration import calibrate, collect
 from pteenet.thresholds import exit_index
-from pteenet.training import TrainConfig
+from pteenet.train_config import TrainConfig
 from tests._helpers import tiny  # noqa: F401  (fixture)
 
 runner = CliRunner()

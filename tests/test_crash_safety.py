@@ -55,7 +55,7 @@ from pteenet.bundle import (
     write_thresholds,
 )
 from pteenet.errors import BundleError
-from pteenet.training import TrainConfig
+from pteenet.train_config import TrainConfig
 from tests._helpers import (  # noqa: F401  (autouse)
     fails_cleanly,
     kill_when,
@@ -359,7 +359,7 @@ def test_feature_cache_of_a_killed_attach_is_in_out_and_swept(shared, tmp_path):
     data, ckpt, _ = shared
     out, tmp = tmp_path / "out", tmp_path / "tmpdir"
     tmp.mkdir()
-    code = (f"from pteenet.attaching import attach; from pteenet.training import TrainConfig; "
+    code = (f"from pteenet.attaching import attach; from pteenet.train_config import TrainConfig; "
             f"attach('resnet20', {str(data)!r}, checkpoint={str(ckpt)!r}, num_classes=3, "
             f"branches=2, branch='pool', out={str(out)!r}, progress=False, "
             f"config=TrainConfig(epochs=10000, batch_size=16, cache_limit=1))")

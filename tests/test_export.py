@@ -22,7 +22,7 @@ from pteenet.data import open_data
 from pteenet.errors import BundleError, OptionError
 from pteenet.export import MANIFEST, ScoredBranch
 from pteenet.runtime import Cascade
-from pteenet.training import TrainConfig
+from pteenet.train_config import TrainConfig
 from tests._helpers import PRE, tiny  # noqa: F401  (fixture)
 
 runner = CliRunner()

@@ -137,7 +137,7 @@ def test_attach_calibrate_bench_on_a_224_folder(model, layout, tmp_path, invoke)
 def test_every_image_is_decoded_once_however_many_epochs(tiny, tmp_path, monkeypatch):  # noqa: F811
     from pteenet.attaching import attach
     from pteenet.data import FolderData
-    from pteenet.training import TrainConfig
+    from pteenet.train_config import TrainConfig
 
     data, ckpt = tiny
     decoded: list[int] = []

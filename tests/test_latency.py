@@ -22,7 +22,7 @@ from pteenet.errors import BundleError, OptionError
 from pteenet.latency import cut_time_fractions, probe_images, relative_costs
 from pteenet.placement import choose_cuts, useful_cuts
 from pteenet.tracing import trace_backbone
-from pteenet.training import TrainConfig
+from pteenet.train_config import TrainConfig
 from tests._helpers import one_thread, reseal, tiny  # noqa: F401  (fixtures)
 
 FAST = dict(latency_samples=3, batch_size=8, repeats=1, out_json=False)
