@@ -39,18 +39,14 @@ from torch import Tensor
 
 from pteenet.backbones import create_backbone
 from pteenet.cost_search import min_cost_thresholds
-from pteenet.data import open_data
+from pteenet.data import open_data, split_indices
 from pteenet.early_exit import build_early_exit, cascade_cost
+from pteenet.feature_cache import FeatureSet, compute_features
 from pteenet.placement import choose_cuts
 from pteenet.thresholds import as_table, summarize
 from pteenet.tracing import trace_backbone
-from pteenet.training import (
-    FeatureSet,
-    TrainConfig,
-    compute_features,
-    split_indices,
-    train_branches,
-)
+from pteenet.train_config import TrainConfig
+from pteenet.training import train_branches
 
 sys.path.insert(0, str(Path(__file__).parent))
 from cifar_resnet import CHECKPOINTS, SHARED, extract  # noqa: E402

@@ -35,11 +35,13 @@ import torch
 from PIL import Image
 
 from pteenet.backbones import create_backbone
-from pteenet.data import default_workers, make_loader, open_data
+from pteenet.data import default_workers, make_loader, open_data, split_indices
 from pteenet.early_exit import build_early_exit
+from pteenet.feature_cache import compute_features
 from pteenet.placement import choose_cuts
 from pteenet.tracing import trace_backbone
-from pteenet.training import TrainConfig, compute_features, split_indices, train_branches
+from pteenet.train_config import TrainConfig
+from pteenet.training import train_branches
 
 MODELS = ("timm:resnet18", "timm:resnet50", "timm:mobilenetv3_large_100", "timm:efficientnet_b0",
           "timm:convnext_tiny", "torchvision:resnet50", "torchvision:mobilenet_v3_large")

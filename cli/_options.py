@@ -10,6 +10,9 @@ import typer
 Checkpoint = Annotated[Path | None, typer.Option(
     "--checkpoint", "-c", help="Weights file (.pt/.pth/.th/.bin/.safetensors). Without it the "
     "registry's pretrained weights are downloaded.")]
+Pretrained = Annotated[bool, typer.Option(
+    "--pretrained/--no-pretrained", help="Without --checkpoint: download the registry's "
+    "pretrained weights, or use random ones (seeded, so the same backbone every time).")]
 NumClasses = Annotated[int | None, typer.Option(
     "--num-classes", help="Classes of the backbone's head. Default: read from the checkpoint's "
     "classifier, else the model's own.", min=1)]
@@ -75,6 +78,14 @@ def size(text: str | None) -> tuple[int, int] | None:
     if len(values) not in (1, 2) or min(values) < 1 or any(v != int(v) for v in values):
         raise OptionError(f"--input-size takes one or two positive integers, got '{text}'")
     return (int(values[0]), int(values[-1]))
+
+
+def preprocess_options(input_size: str | None, mean: str | None, std: str | None
+                       ) -> dict[str, tuple | None]:
+    """``--input-size``, ``--mean`` and ``--std`` as the backbone's keyword arguments (attach and
+    inspect build the backbone alike)."""
+    return {"input_size": size(input_size), "mean": triple(mean, "--mean"),
+            "std": triple(std, "--std")}
 
 
 def names(text: str | None) -> list[str] | None:

@@ -8,12 +8,12 @@ from typing import Annotated
 
 import typer
 
+from pteenet.attaching import attach as run_attach
 from pteenet.branches import DEFAULT_BRANCH
 from pteenet.distributed import is_main
 from pteenet.early_exit import DEFAULT_BUDGET
 from pteenet.placement import DEFAULT_BRANCHES, DEFAULT_POLICY
-from pteenet.retrofit import attach as run_attach
-from pteenet.training import TrainConfig
+from pteenet.train_config import TrainConfig
 
 from ._options import (
     At,
@@ -25,11 +25,11 @@ from ._options import (
     Mean,
     NumClasses,
     Placement,
+    Pretrained,
     Std,
     floats,
     names,
-    size,
-    triple,
+    preprocess_options,
 )
 from ._output import Output, human, kb, pct
 
@@ -47,10 +47,7 @@ def attach(
         "--data", "-d", help="Image folder (<class>/<image>, or train/ + test/ inside) or a "
         "dataset name: cifar10, cifar100, svhn, mnist, fashion-mnist. Labels are optional.")],
     checkpoint: Checkpoint = None,
-    pretrained: Annotated[bool, typer.Option(
-        "--pretrained/--no-pretrained", help="Without --checkpoint: download the registry's "
-        "pretrained weights, or start from random ones (seeded, so the bundle loads the same "
-        "backbone again).")] = True,
+    pretrained: Pretrained = True,
     num_classes: NumClasses = None,
     input_size: InputSize = None,
     mean: Mean = None,
@@ -122,8 +119,7 @@ def attach(
                      at=floats(at, "--at"), cuts=names(cuts), branch=branch,
                      branch_budget=branch_budget,
                      val_fraction=val_fraction, out=out, config=config, num_classes=num_classes,
-                     input_size=size(input_size), mean=triple(mean, "--mean"),
-                     std=triple(std, "--std"),
+                     **preprocess_options(input_size, mean, std),
                      max_samples=max_samples, progress=not quiet, resume=resume,
                      pretrained=pretrained, cost=cost or "flops")
     if not is_main():

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from pteenet.inspection import inspect_backbone
+from pteenet.inspect import inspect_backbone
 from pteenet.placement import DEFAULT_POLICY
 
 from ._options import (
@@ -18,11 +18,11 @@ from ._options import (
     Mean,
     NumClasses,
     Placement,
+    Pretrained,
     Std,
     floats,
     names,
-    size,
-    triple,
+    preprocess_options,
 )
 from ._output import Output, human, kb, pct
 
@@ -31,10 +31,7 @@ def inspect(
     model: Annotated[str, typer.Argument(help="Backbone: NAME, cifar:NAME, timm:NAME or "
                                          "torchvision:NAME (e.g. resnet56).")],
     checkpoint: Checkpoint = None,
-    pretrained: Annotated[bool, typer.Option(
-        "--pretrained/--no-pretrained", help="Without --checkpoint: download the registry's "
-        "pretrained weights, or use random ones (the default: FLOPs do not depend on "
-        "them).")] = False,
+    pretrained: Pretrained = False,  # FLOPs do not depend on the weights
     num_classes: NumClasses = None,
     branches: Annotated[int | None, typer.Option("--branches", "-n", min=1,
                                                  help="Mark where N exits would go.")] = None,
@@ -50,8 +47,7 @@ def inspect(
     out = Output(json)
     info = inspect_backbone(model, checkpoint=checkpoint, num_classes=num_classes,
                             branches=branches, placement=placement, at=floats(at, "--at"),
-                            cuts=names(cuts), input_size=size(input_size),
-                            mean=triple(mean, "--mean"), std=triple(std, "--std"),
+                            cuts=names(cuts), **preprocess_options(input_size, mean, std),
                             pretrained=pretrained)
     for line in info["inferred"]:
         out.note(line)

@@ -36,6 +36,7 @@ from .data import open_data
 from .devices import check_device
 from .early_exit import EarlyExitModel, cascade_cost, gate_power
 from .errors import CalibrationError, OptionError
+from .feature_cache import FeatureSet, branch_scores, compute_features
 from .latency import device_name, probe_images
 from .progress import single_bar
 from .thresholds import (
@@ -48,7 +49,6 @@ from .thresholds import (
     scaled_candidates,
     summarize,
 )
-from .training import FeatureSet, branch_scores, compute_features
 
 __all__ = ["DEFAULT_MARGIN", "DEFAULT_MAX_DROP", "METHODS", "CalibrationResult", "Outputs",
            "calibrate", "choose_table", "class_rows", "collect", "outputs_from_features",

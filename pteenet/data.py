@@ -22,7 +22,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from pteenet.errors import DataError, OfflineError
+from pteenet.errors import DataError, OfflineError, OptionError
 from pteenet.preprocess import Preprocess
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "default_workers",
     "make_loader",
     "open_data",
+    "split_indices",
 ]
 
 DATASET_NAMES = ("cifar10", "cifar100", "svhn", "mnist", "fashion-mnist")
@@ -469,3 +470,14 @@ def _checked_indices(indices: Sequence[int], n: int) -> list[int]:
             f"index {bad[0]} is out of range for a dataset of {n} images: pass indices in [0, {n})"
         )
     return chosen
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """A seeded split into (train, held-out calibration) dataset indices, both sorted."""
+    if not 0 < val_fraction < 1:
+        raise OptionError(f"--val-fraction must lie strictly between 0 and 1, got {val_fraction}")
+    n_val = max(1, round(n * val_fraction))
+    if n - n_val < 1:
+        raise DataError(f"only {n} samples: too few to hold out a calibration split")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(perm[n_val:]), sorted(perm[:n_val])

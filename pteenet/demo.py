@@ -9,7 +9,6 @@ seconds. Both are cached, so later runs only repeat the part being demonstrated:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -19,7 +18,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,24 +30,24 @@ from PIL import Image
 from torch import Tensor
 
 from .atomic import atomic_path, write_text
+from .attaching import attach
 from .backbones import create_backbone, sha256_file
 from .benchmarking import bench
 from .branches import DEFAULT_BRANCH
 from .calibration import calibrate
 from .cifar_resnet import cifar_resnet
 from .data import make_loader, open_data
+from .devices import threads as threads_for
 from .errors import DataError
 from .placement import DEFAULT_POLICY
 from .preprocess import Preprocess
-from .retrofit import attach
-from .training import TrainConfig
+from .train_config import TrainConfig
 
 __all__ = [
     "DemoSettings",
     "default_workdir",
     "prepare_digits",
     "run_demo",
-    "torch_threads",
     "train_backbone",
 ]
 
@@ -294,23 +293,6 @@ def _times(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.2f}x"
 
 
-@contextlib.contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """Run with ``n`` intra-op threads (None: leave torch's choice), restoring the old count.
-
-    The demo's tensors are tiny (16x16 images, batches of 32-64), where a second thread gains
-    little, while OpenMP threads that wait on each other on a busy machine cost 5-15x: measured
-    here, attach took 7 s on one thread and 104 s on two under a load of 5 on 2 cores.
-    """
-    old = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(max(1, int(n)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 def run_demo(out: str | os.PathLike = "pteenet-demo", *,
              workdir: str | os.PathLike | None = None, quick: bool = False,
              progress: bool = True, log: Log | None = None,
@@ -319,8 +301,11 @@ def run_demo(out: str | os.PathLike = "pteenet-demo", *,
 
     Stages: digits -> backbone (both cached in ``workdir``) -> attach -> calibrate ->
     bench, the last three writing the bundle to ``out``, exactly as the commands would.
-    ``quick`` is a reduced run for tests; ``threads`` bounds torch's threads (see
-    :func:`torch_threads`); ``log`` gets one line per step (default: stderr) and ``progress``
+    ``quick`` is a reduced run for tests; ``threads`` bounds torch's threads
+    (:func:`pteenet.devices.threads`): the demo's tensors are tiny (16x16 images, batches of
+    32-64), where a second thread gains little, while OpenMP threads that wait on each other on a
+    busy machine cost 5-15x (attach took 7 s on one thread and 104 s on two under a load of 5 on
+    2 cores); ``log`` gets one line per step (default: stderr) and ``progress``
     shows attach's progress bars.
     """
     log = log or _stderr
@@ -328,7 +313,7 @@ def run_demo(out: str | os.PathLike = "pteenet-demo", *,
     workdir = Path(workdir).expanduser() if workdir is not None else default_workdir()
     out = Path(out).expanduser()
     start = time.perf_counter()
-    with torch_threads(threads):
+    with threads_for(threads):
         data = _stage_data(workdir, settings, log)
         backbone = _stage_backbone(workdir, data, settings, quick, log)
         res = _stage_attach(data, backbone, out, settings, progress, log)

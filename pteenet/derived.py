@@ -18,11 +18,12 @@ from typing import Any
 
 from .atomic import MANIFEST
 
-__all__ = ["BUNDLE_HASH_KEY", "bundle_hash", "remove_stale"]
+__all__ = ["BENCH_FILE", "BUNDLE_HASH_KEY", "SWEEP_CSV", "SWEEP_PNG", "bundle_hash", "remove_stale"]
 
 BUNDLE_HASH_KEY = "bundle_sha256"  # the key derived JSON files record the hash under
-_BENCH = "bench.json"  # pteenet.benchmarking's names (it imports this module)
-_SWEEP = ("sweep.png", "sweep.csv")  # written with bench.json, which records their bundle
+BENCH_FILE = "bench.json"  # written by pteenet.benchmarking, which records its bundle ...
+SWEEP_PNG = "sweep.png"  # ... for these two as well: bench writes them with bench.json
+SWEEP_CSV = "sweep.csv"
 _EXPORT_MANIFEST = "manifest.json"
 
 
@@ -42,8 +43,8 @@ def remove_stale(folder: str | os.PathLike) -> list[str]:
     folder = Path(folder)
     now = bundle_hash(folder)
     removed = []
-    if _recorded(folder / _BENCH, ("bundle", "sha256")) != now:
-        for name in (_BENCH, *_SWEEP):
+    if _recorded(folder / BENCH_FILE, ("bundle", "sha256")) != now:
+        for name in (BENCH_FILE, SWEEP_PNG, SWEEP_CSV):
             if (folder / name).is_file():
                 (folder / name).unlink()
                 removed.append(name)

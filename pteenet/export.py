@@ -23,8 +23,8 @@ rather than run with old and new graphs mixed; the folder's writer lock keeps tw
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
-import math
 import os
 import warnings
 from collections.abc import Iterator
@@ -39,8 +39,9 @@ from .atomic import atomic_path, write_text, writer_lock
 from .backbones import sha256_file
 from .bundle import load, read_info
 from .derived import BUNDLE_HASH_KEY, bundle_hash
-from .early_exit import gate
+from .early_exit import EarlyExitModel
 from .errors import BundleError, OptionError
+from .thresholds import json_rows
 
 __all__ = ["FORMATS", "MANIFEST", "MANIFEST_VERSION", "export", "manifest_for"]
 
@@ -54,22 +55,18 @@ INSTALL_HINT = "pip install pteenet[onnx]"
 
 
 class ScoredBranch(nn.Module):
-    """A branch whose second output is already the exit score, so runtimes need no torch math."""
+    """Branch ``k`` of ``model`` whose second output is already its exit score, so runtimes need
+    no torch math. The score is the model's own :meth:`~pteenet.early_exit.EarlyExitModel.
+    exit_score`, so the exported graph and the Python model cannot compute it differently."""
 
-    def __init__(self, branch: nn.Module, score: str, gamma: float = 1.0) -> None:
+    def __init__(self, model: EarlyExitModel, k: int) -> None:
         super().__init__()
-        self.branch = branch
-        self.score = score
-        self.gamma = float(gamma)
+        self.branch = model.branches[k]
+        self._score = functools.partial(model.exit_score, k=k)  # a function, not a submodule
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits, confidence = self.branch(x)
-        if self.score == "head":
-            return logits, torch.sigmoid(confidence)
-        top = torch.softmax(logits, dim=1).amax(1)
-        if self.score == "softmax":
-            return logits, top
-        return logits, gate(top, self.gamma)
+        return logits, self._score(logits, confidence)
 
 
 def export(
@@ -100,8 +97,7 @@ def export(
 def _write_graphs(model: Any, folder: Path, format: str, opset: int) -> dict[str, list[str]]:
     """Each segment and branch as its own graph file; returns their names by group."""
     graphs = {"segment": list(model.segments),
-              "branch": [ScoredBranch(b, model.score, g).eval()
-                         for b, g in zip(model.branches, model.gamma.tolist())]}
+              "branch": [ScoredBranch(model, k).eval() for k in range(model.num_branches)]}
     traced, checked = _example_inputs(model, TRACE_BATCH), _example_inputs(model, CHECK_BATCH)
     files: dict[str, list[str]] = {"segments": [], "branches": []}
     for kind, group in (("segment", "segments"), ("branch", "branches")):
@@ -116,7 +112,6 @@ def _write_graphs(model: Any, folder: Path, format: str, opset: int) -> dict[str
 def manifest_for(model: Any, format: str, files: dict[str, list[str]]) -> dict[str, Any]:
     """The manifest: everything a runtime needs besides the graphs, as plain JSON."""
     info = model.info
-    thr = [[None if math.isinf(v) else float(v) for v in row] for row in model.thresholds.tolist()]
     return {
         "format_version": MANIFEST_VERSION, "pteenet_version": __version__, "format": format,
         "backbone": info.backbone.get("name"), "num_branches": model.num_branches,
@@ -124,8 +119,8 @@ def manifest_for(model: Any, format: str, files: dict[str, list[str]]) -> dict[s
         "mean": list(info.preprocess.mean), "std": list(info.preprocess.std),
         "resize_size": info.preprocess.resize_size,
         "interpolation": info.preprocess.interpolation, "classes": info.classes,
-        "cuts": list(info.cuts), "score": model.score,
-        "thresholds": thr, "active": model.active, "segment_flops": list(model.segment_flops),
+        "cuts": list(info.cuts), "score": model.score, "thresholds": json_rows(model.thresholds),
+        "active": model.active, "segment_flops": list(model.segment_flops),
         "branch_flops": list(model.branch_flops), "backbone_flops": model.backbone_flops,
         "exit_costs": model.exit_costs(kind="flops"), "files": files,
         BUNDLE_HASH_KEY: bundle_hash(info.path),

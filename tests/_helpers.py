@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -18,6 +19,17 @@ from pteenet.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 CLASSES = ("blue", "green", "red")
 PRE = Preprocess((32, 32), IMAGENET_MEAN, IMAGENET_STD)
+
+
+def block_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every attempt to resolve or connect fails at once, so no test can hang on the network."""
+
+    def refuse(*args, **kwargs):
+        raise OSError("network disabled in tests")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
 
 
 def write_images(root: Path, per_class: int = 24, seed: int = 0,
@@ -82,8 +94,8 @@ def shared_bundle(tmp_path_factory) -> tuple[Path, Path, Path]:
     """(data, checkpoint, bundle): real images, a real untrained resnet20 3-class checkpoint and
     a 2-branch bundle trained on them for one epoch. Made once per session and shared by the
     tests/test_errors_*.py files; never modified: copy it first."""
-    from pteenet.retrofit import attach
-    from pteenet.training import TrainConfig
+    from pteenet.attaching import attach
+    from pteenet.train_config import TrainConfig
 
     root = tmp_path_factory.getbasetemp() / "errors-shared"
     if not (root / "done").exists():

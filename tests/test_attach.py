@@ -9,12 +9,13 @@ import torch
 from pteenet_cli.app import app
 from typer.testing import CliRunner
 
+from pteenet.attaching import attach
 from pteenet.backbones import create_backbone
 from pteenet.bundle import BRANCHES_FILE, THRESHOLDS_FILE, load, read_info
 from pteenet.data import open_data
 from pteenet.errors import BundleError, OptionError
-from pteenet.retrofit import attach
-from pteenet.training import TrainConfig, eenet_loss
+from pteenet.losses import eenet_loss
+from pteenet.train_config import TrainConfig
 from tests._helpers import tiny  # noqa: F401  (fixture)
 
 runner = CliRunner()
@@ -127,8 +128,8 @@ def test_boosted_branch_k_trains_on_the_survivors(tiny, tmp_path):  # noqa: F811
     assert surv[0] == {"train": 65, "held_out": 7}
     thr = res.report.thresholds
     # Count by hand who branch 0 takes, with its final weights and calibrated thresholds.
+    from pteenet.feature_cache import branch_scores, compute_features
     from pteenet.thresholds import exit_index
-    from pteenet.training import branch_scores, compute_features
 
     dataset = open_data(data, read_info(tmp_path).preprocess)
     info = read_info(tmp_path)
@@ -171,22 +172,22 @@ def test_resume_continues_to_the_same_bundle(tiny, tmp_path, monkeypatch):  # no
     kw = dict(checkpoint=ckpt, num_classes=3, branches=2, branch="pool", progress=False)
     attach("resnet20", data, out=tmp_path / "full", config=TrainConfig(epochs=3, batch_size=16),
            **kw)
-    import pteenet.training as training
+    from pteenet.resume import Resume
 
-    real_save = training.Resume.save
+    real_save = Resume.save
 
     def save_then_die(self, epoch, *a):
         real_save(self, epoch, *a)
         if epoch == 1:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(training.Resume, "save", save_then_die)
+    monkeypatch.setattr(Resume, "save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         attach("resnet20", data, out=tmp_path / "r", resume=True,
                config=TrainConfig(epochs=3, batch_size=16), **kw)
     assert (tmp_path / "r" / ".attach-state.pt").is_file()
     assert not (tmp_path / "r" / BRANCHES_FILE).exists()
-    monkeypatch.setattr(training.Resume, "save", real_save)
+    monkeypatch.setattr(Resume, "save", real_save)
     attach("resnet20", data, out=tmp_path / "r", resume=True,
            config=TrainConfig(epochs=3, batch_size=16), **kw)
     assert not (tmp_path / "r" / ".attach-state.pt").exists()
@@ -209,14 +210,14 @@ def test_amp_trains_in_bf16_and_stays_close(tiny, tmp_path):  # noqa: F811
 
 def test_attach_warns_in_one_line_when_branches_cost_too_much(tiny, tmp_path,  # noqa: F811
                                                               monkeypatch):
-    import pteenet.retrofit as retrofit
+    import pteenet.attaching as attaching
 
     data, ckpt = tiny
     args = ["attach", "resnet20", "--data", str(data), "--checkpoint", str(ckpt),
             "--num-classes", "3", "-n", "2", "--epochs", "1", "--batch-size", "16", "--quiet"]
     quiet = runner.invoke(app, [*args, "--out", str(tmp_path / "a")])
     assert quiet.exit_code == 0 and "warning" not in quiet.output  # 2 branches: ~1 % together
-    monkeypatch.setattr(retrofit, "WARN_SHARE", 0.001)
+    monkeypatch.setattr(attaching, "WARN_SHARE", 0.001)
     loud = runner.invoke(app, [*args, "--out", str(tmp_path / "b")])
     assert loud.exit_code == 0, loud.output
     lines = [ln for ln in loud.stderr.splitlines() if ln.startswith("warning:")]
@@ -241,7 +242,7 @@ def test_cli_defaults_are_the_library_defaults():
     from pteenet_cli.app import app as cli_app
     from typer.main import get_command
 
-    from pteenet.retrofit import attach as lib_attach
+    from pteenet.attaching import attach as lib_attach
     command = get_command(cli_app).commands["attach"]
     lib = pyinspect.signature(lib_attach).parameters
     cli = {p.name: p.default for p in command.params

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-import socket
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from pteenet.backbones import (
 from pteenet.cifar_resnet import cifar_resnet
 from pteenet.errors import CheckpointError, ModelNotFoundError, OfflineError, PteenetError
 from pteenet.tracing import trace_backbone
+from tests._helpers import block_network
 
 # --------------------------------------------------------------------------- helpers
 
@@ -62,13 +62,7 @@ def _one_line(exc: BaseException) -> str:
 
 def _block_network(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """Every connection attempt fails at once, and the torch hub cache is an empty temp dir."""
-
-    def refuse(*args, **kwargs):
-        raise OSError("network disabled in tests")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    block_network(monkeypatch)
     hub = tmp_path / "hub"
     hub.mkdir()
     monkeypatch.setattr(torch.hub, "_hub_dir", torch.hub.get_dir())  # restored after the test

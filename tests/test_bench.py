@@ -18,11 +18,12 @@ from PIL import Image
 from pteenet_cli.app import app
 from typer.testing import CliRunner
 
-from pteenet.benchmarking import oracle_flops, select_data
+from pteenet.attaching import attach
 from pteenet.bundle import load, read_info
 from pteenet.calibration import calibrate
-from pteenet.retrofit import attach
-from pteenet.training import TrainConfig
+from pteenet.eval_set import select_data
+from pteenet.quality import oracle_flops
+from pteenet.train_config import TrainConfig
 from tests._helpers import one_thread, tiny  # noqa: F401  (fixtures)
 
 FAST = ["--latency-samples", "3", "--batch-size", "16", "--repeats", "1", "--quiet"]

@@ -10,11 +10,11 @@ import torch
 from pteenet_cli.app import app
 from typer.testing import CliRunner
 
+from pteenet.attaching import attach
 from pteenet.bundle import THRESHOLDS_FILE, load, read_info, read_thresholds
 from pteenet.calibration import calibrate, collect
-from pteenet.retrofit import attach
 from pteenet.thresholds import exit_index
-from pteenet.training import TrainConfig
+from pteenet.train_config import TrainConfig
 from tests._helpers import tiny  # noqa: F401  (fixture)
 
 runner = CliRunner()

@@ -31,9 +31,9 @@ from pteenet_cli.app import app
 from typer.testing import CliRunner
 
 import pteenet
+import pteenet.attaching
 import pteenet.calibration
 import pteenet.export
-import pteenet.retrofit
 from pteenet.atomic import (
     CACHE_PREFIX,
     LOCK_FILE,
@@ -43,6 +43,7 @@ from pteenet.atomic import (
     commit_files,
     writer_lock,
 )
+from pteenet.attaching import attach
 from pteenet.bundle import (
     BRANCHES_FILE,
     MEMBERS,
@@ -54,8 +55,7 @@ from pteenet.bundle import (
     write_thresholds,
 )
 from pteenet.errors import BundleError
-from pteenet.retrofit import attach
-from pteenet.training import TrainConfig
+from pteenet.train_config import TrainConfig
 from tests._helpers import (  # noqa: F401  (autouse)
     fails_cleanly,
     kill_when,
@@ -259,7 +259,7 @@ def test_a_second_writer_is_refused_naming_the_first(shared, tmp_path, monkeypat
     data, ckpt, bundle = shared
     out = Path(shutil.copytree(bundle, tmp_path / "out"))
     before = files_of(out)
-    monkeypatch.setattr(pteenet.retrofit, "create_backbone", _no_work)
+    monkeypatch.setattr(pteenet.attaching, "create_backbone", _no_work)
     monkeypatch.setattr(pteenet.calibration, "load", _no_work)
     with held_elsewhere(out) as pid:
         for args in (["calibrate", "-b", out, "-t", "0.5"],
@@ -313,7 +313,7 @@ def _denied(folder: Path) -> bool:
 def test_read_only_folders_are_refused_before_any_work(shared, tmp_path, monkeypatch):
     data, ckpt, bundle = shared
     out = Path(shutil.copytree(bundle, tmp_path / "ro"))
-    monkeypatch.setattr(pteenet.retrofit, "create_backbone", _no_work)
+    monkeypatch.setattr(pteenet.attaching, "create_backbone", _no_work)
     monkeypatch.setattr(pteenet.calibration, "load", _no_work)
     monkeypatch.setattr(pteenet.export, "load", _no_work)
     attach_args = ["attach", "resnet20", "--data", data, "-c", ckpt, "--num-classes", "3",
@@ -359,7 +359,7 @@ def test_feature_cache_of_a_killed_attach_is_in_out_and_swept(shared, tmp_path):
     data, ckpt, _ = shared
     out, tmp = tmp_path / "out", tmp_path / "tmpdir"
     tmp.mkdir()
-    code = (f"from pteenet.retrofit import attach; from pteenet.training import TrainConfig; "
+    code = (f"from pteenet.attaching import attach; from pteenet.train_config import TrainConfig; "
             f"attach('resnet20', {str(data)!r}, checkpoint={str(ckpt)!r}, num_classes=3, "
             f"branches=2, branch='pool', out={str(out)!r}, progress=False, "
             f"config=TrainConfig(epochs=10000, batch_size=16, cache_limit=1))")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import pickle
-import socket
 import urllib.error
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from pteenet.data import (
 )
 from pteenet.errors import DataError, OfflineError
 from pteenet.preprocess import Preprocess
+from tests._helpers import block_network
 
 PRE = Preprocess(input_size=(16, 16), mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.5))
 SIZE = (24, 20)  # PIL (width, height): a 20x24 (h x w) image, so every item is resized
@@ -263,13 +263,7 @@ def test_loader_subset_and_seeded_shuffle(flat: Path) -> None:
 @pytest.fixture
 def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     """Any attempt to resolve or connect fails at once, so no test can hang on the network."""
-
-    def refuse(*args, **kwargs):
-        raise OSError("network disabled in tests")
-
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket.socket, "connect", refuse)
+    block_network(monkeypatch)
 
 
 class _FakeMNIST(torch.utils.data.Dataset):

@@ -57,7 +57,7 @@ def test_two_processes_resume_a_one_process_run(tiny, tmp_path, monkeypatch, ext
     from pteenet_cli.app import app
     from typer.testing import CliRunner
 
-    import pteenet.training as training
+    from pteenet.resume import Resume
 
     data, ckpt = tiny
     common = _common(data, ckpt, extra)
@@ -68,8 +68,8 @@ def test_two_processes_resume_a_one_process_run(tiny, tmp_path, monkeypatch, ext
         real(self, state, done)
         raise KeyboardInterrupt
 
-    real = training.Resume._write
-    monkeypatch.setattr(training.Resume, "_write", stop)
+    real = Resume._write
+    monkeypatch.setattr(Resume, "_write", stop)
     out = tmp_path / "two"
     cut = CliRunner().invoke(app, ["attach", *common, "--resume", "--out", str(out)])
     assert cut.exit_code == 130 and "--resume" in cut.stderr, cut.output

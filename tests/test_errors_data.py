@@ -6,7 +6,6 @@ Issue 6 ("Reliability and security").
 
 from __future__ import annotations
 
-import socket
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from typer.testing import CliRunner
 
 from pteenet.bundle import BRANCHES_FILE, read_info
 from pteenet.cifar_resnet import cifar_resnet
-from tests._helpers import fails_cleanly, one_thread  # noqa: F401  (autouse fixture)
+from tests._helpers import block_network, fails_cleanly, one_thread  # noqa: F401  (autouse fixture)
 
 runner = CliRunner()
 CLASSES = ("blue", "green", "red")
@@ -158,13 +157,7 @@ def test_unreadable_images_are_counted_without_the_cache(material, tmp_path):
 @pytest.fixture
 def offline(monkeypatch, tmp_path) -> Path:
     """No network at all, and an empty dataset cache."""
-
-    def refuse(*args, **kwargs):
-        raise OSError("network disabled in tests")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    block_network(monkeypatch)
     cache = tmp_path / "datasets"
     cache.mkdir()
     monkeypatch.setenv("PTEENET_DATA_DIR", str(cache))

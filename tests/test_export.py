@@ -16,13 +16,13 @@ from pteenet_cli.app import app
 from typer.testing import CliRunner
 
 import pteenet.runtime as runtime
+from pteenet.attaching import attach
 from pteenet.bundle import ThresholdTable, load, write_thresholds
 from pteenet.data import open_data
 from pteenet.errors import BundleError, OptionError
 from pteenet.export import MANIFEST, ScoredBranch
-from pteenet.retrofit import attach
 from pteenet.runtime import Cascade
-from pteenet.training import TrainConfig
+from pteenet.train_config import TrainConfig
 from tests._helpers import PRE, tiny  # noqa: F401  (fixture)
 
 runner = CliRunner()
@@ -178,16 +178,20 @@ def test_onnx_runtime_needs_neither_torch_nor_pteenet(onnx_export, bundle, refer
     np.testing.assert_array_equal(np.load(tmp_path / "e.npy"), reference.exit_index.numpy())
 
 
-def test_scored_branch_bakes_in_either_score(bundle):
+def test_scored_branch_bakes_in_every_score(bundle):
+    """The exported branch's second output is the score the exit rule compares: the head's
+    sigmoid, the top softmax probability, or that probability to the gate's power."""
     model = load(bundle[0])
     feats, _ = model.features(bundle[1][:8])
-    for score in ("head", "softmax"):
-        model.set_thresholds(0.5, score=score)
+    with torch.no_grad():
+        logits, conf = model.branches[0](feats[0])
+    top = torch.softmax(logits, 1).amax(1)
+    for score, want in (("head", torch.sigmoid(conf)), ("softmax", top), ("gate", top ** 2)):
+        model.set_thresholds(0.5, score=score, gamma=[2.0] * model.num_branches)
         with torch.no_grad():
-            logits, conf = model.branches[0](feats[0])
-            got = ScoredBranch(model.branches[0], score)(feats[0])
+            got = ScoredBranch(model, 0)(feats[0])
         assert torch.equal(got[0], logits)
-        assert torch.equal(got[1], model.exit_score(logits, conf, 0))
+        torch.testing.assert_close(got[1], want)
 
 
 def test_unknown_format_is_one_line(bundle):

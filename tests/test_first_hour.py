@@ -117,15 +117,15 @@ def test_bench_on_a_calibrated_bundle_does_not_warn(bundle):
 
 
 def _stop_after_first_save(monkeypatch) -> None:
-    import pteenet.training as training
+    from pteenet.resume import Resume
 
-    real = training.Resume._write
+    real = Resume._write
 
     def stop(self, state, done):
         real(self, state, done)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(training.Resume, "_write", stop)
+    monkeypatch.setattr(Resume, "_write", stop)
 
 
 def test_ctrl_c_says_what_was_kept_and_the_exact_resume_command(shared, tmp_path, monkeypatch):
@@ -177,17 +177,17 @@ def test_boosted_resume_continues_to_the_uninterrupted_result(shared, tmp_path, 
     cut = runner.invoke(app, _attach(data, ckpt, out, *extra))
     assert cut.exit_code == 130 and "after branch 1" in cut.stderr, cut.output
     monkeypatch.undo()
-    import pteenet.training as training
+    from pteenet.resume import Resume
 
     starts: list[int] = []
-    real = training.Resume.load_stage
+    real = Resume.load_stage
 
     def recording(self, *a):
         got = real(self, *a)
         starts.append(got[0] if got else 0)
         return got
 
-    monkeypatch.setattr(training.Resume, "load_stage", recording)
+    monkeypatch.setattr(Resume, "load_stage", recording)
     resumed = runner.invoke(app, _attach(data, ckpt, out, *extra))
     assert resumed.exit_code == 0, resumed.output
     assert starts == [1]  # the second branch only

@@ -14,7 +14,7 @@ from pteenet.backbones import create_backbone
 from pteenet.branches import Reduce, make_branch, reduction
 from pteenet.bundle import read_info
 from pteenet.early_exit import build_early_exit
-from pteenet.inspection import inspect_backbone
+from pteenet.inspect import inspect_backbone
 from pteenet.placement import choose_cuts
 from pteenet.tracing import trace_backbone
 from tests._helpers import tiny  # noqa: F401  (fixture)
@@ -135,9 +135,9 @@ def test_attach_calibrate_bench_on_a_224_folder(model, layout, tmp_path, invoke)
 
 
 def test_every_image_is_decoded_once_however_many_epochs(tiny, tmp_path, monkeypatch):  # noqa: F811
+    from pteenet.attaching import attach
     from pteenet.data import FolderData
-    from pteenet.retrofit import attach
-    from pteenet.training import TrainConfig
+    from pteenet.train_config import TrainConfig
 
     data, ckpt = tiny
     decoded: list[int] = []

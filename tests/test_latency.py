@@ -12,6 +12,7 @@ import torch
 from pteenet_cli.app import app
 from typer.testing import CliRunner
 
+from pteenet.attaching import attach
 from pteenet.benchmarking import bench
 from pteenet.bundle import load, read_info
 from pteenet.calibration import calibrate
@@ -20,9 +21,8 @@ from pteenet.early_exit import build_early_exit
 from pteenet.errors import BundleError, OptionError
 from pteenet.latency import cut_time_fractions, probe_images, relative_costs
 from pteenet.placement import choose_cuts, useful_cuts
-from pteenet.retrofit import attach
 from pteenet.tracing import trace_backbone
-from pteenet.training import TrainConfig
+from pteenet.train_config import TrainConfig
 from tests._helpers import one_thread, reseal, tiny  # noqa: F401  (fixtures)
 
 FAST = dict(latency_samples=3, batch_size=8, repeats=1, out_json=False)

@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from pteenet.atomic import MANIFEST
+from pteenet.attaching import STATE_FILE
 from pteenet.bundle import (
     BRANCHES_FILE,
     THRESHOLDS_FILE,
@@ -45,7 +46,6 @@ from pteenet.bundle import (
 from pteenet.cifar_resnet import cifar_resnet
 from pteenet.errors import BundleError
 from pteenet.preprocess import MAX_INPUT_SIDE, Preprocess
-from pteenet.retrofit import STATE_FILE
 from tests._helpers import write_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,7 +151,7 @@ def test_no_source_file_can_unpickle_code():
     assert found == [], "\n".join(found)
     # Not vacuous: the loads that do exist are seen (and pass because of weights_only=True).
     loads = [p for p in SOURCES if "torch.load(" in p.read_text(encoding="utf-8")]
-    assert {p.name for p in loads} >= {"backbones.py", "training.py"}
+    assert {p.name for p in loads} >= {"backbones.py", "resume.py"}
 
 
 # --------------------------------------------------------------------------- a poisoned state

@@ -25,6 +25,7 @@ import pteenet
 import pteenet.atomic as atomic
 import pteenet.training as training
 from pteenet.atomic import LOCK_FILE, MANIFEST, PENDING_SUFFIX
+from pteenet.attaching import STATE_FILE, attach
 from pteenet.backbones import create_backbone
 from pteenet.bundle import (
     THRESHOLDS_FILE,
@@ -33,13 +34,15 @@ from pteenet.bundle import (
     write_thresholds,
 )
 from pteenet.cifar_resnet import cifar_resnet
-from pteenet.data import open_data
+from pteenet.data import open_data, split_indices
 from pteenet.early_exit import build_early_exit
 from pteenet.errors import TrainingError
+from pteenet.feature_cache import compute_features
 from pteenet.placement import choose_cuts
-from pteenet.retrofit import STATE_FILE, attach
+from pteenet.resume import Resume
 from pteenet.tracing import trace_backbone
-from pteenet.training import TrainConfig, compute_features, split_indices, train_branches
+from pteenet.train_config import TrainConfig
+from pteenet.training import train_branches
 from tests._helpers import kill_when, one_thread, write_images  # noqa: F401  (autouse fixture)
 
 runner = CliRunner()
@@ -123,13 +126,13 @@ def test_sigkill_mid_training_loses_nothing_and_resume_matches(material, old_bun
 
     # --resume continues from the saved epoch (not from scratch) ...
     starts: list[int] = []
-    real_load = training.Resume.load
+    real_load = Resume.load
 
     def recording_load(self, *args):
         starts.append(real_load(self, *args))
         return starts[-1]
 
-    monkeypatch.setattr(training.Resume, "load", recording_load)
+    monkeypatch.setattr(Resume, "load", recording_load)
     result = runner.invoke(app, _attach_args(data, ckpt, out))
     assert result.exit_code == 0, result.output
     assert starts == [saved["epoch"] + 1]

@@ -343,6 +343,23 @@ def test_hb_closed_form_at_zero_risk():
     assert hoeffding_bentkus_ucb(1.0, 50, 0.1) == 1.0
 
 
+@pytest.mark.parametrize(("risk_hat", "n", "delta"), [
+    (0.0, 20, 0.1), (0.05, 200, 0.05), (0.1, 500, 0.01), (0.3, 1000, 0.1), (0.6, 40, 0.2),
+    (0.02, 10000, 0.1), (0.333, 100, 0.1)])
+def test_hb_is_where_scipys_p_value_falls_to_delta(risk_hat, n, delta):
+    """Bates et al.'s HB p-value, computed here with scipy.stats (the binomial cdf and the
+    Bernoulli KL divergence), is <= delta at the bound and above it a hair below it."""
+    from scipy import stats
+
+    def p_value(r: float) -> float:
+        kl = stats.entropy([risk_hat, 1 - risk_hat], [r, 1 - r])
+        tail = stats.binom.cdf(math.ceil(n * risk_hat - 1e-9), n, r)
+        return min(math.exp(-n * kl), math.e * tail)
+
+    ucb = hoeffding_bentkus_ucb(risk_hat, n, delta)
+    assert p_value(ucb) <= delta < p_value(ucb - 1e-6)
+
+
 def test_hb_is_above_the_mean_and_shrinks_with_n():
     ucbs = [hoeffding_bentkus_ucb(0.1, n, 0.05) for n in (20, 100, 500, 2000, 10000)]
     assert all(u > 0.1 for u in ucbs)

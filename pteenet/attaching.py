@@ -21,25 +21,19 @@ from .backbones import Backbone, create_backbone
 from .branches import DEFAULT_BRANCH, cache_bytes
 from .bundle import BundleInfo, ThresholdTable, save_bundle
 from .calibration import choose_table, outputs_from_features
-from .data import available_splits, open_data
+from .data import available_splits, open_data, split_indices
 from .derived import remove_stale
 from .distributed import all_sum, init_from_env, is_main, launched_as_main, rank_world
 from .early_exit import DEFAULT_BUDGET, EarlyExitModel, build_early_exit
 from .errors import Interrupted, OptionError
+from .feature_cache import FeatureSet, LiveFeatures, compute_features
 from .latency import COSTS, cut_time_fractions, probe_images
 from .placement import DEFAULT_POLICY, choose_cuts, useful_cuts
 from .progress import bar as progress_bar
+from .resume import Resume
 from .tracing import Trace, trace_backbone
-from .training import (
-    FeatureSet,
-    LiveFeatures,
-    Resume,
-    TrainConfig,
-    TrainReport,
-    compute_features,
-    split_indices,
-    train_branches,
-)
+from .train_config import TrainConfig, TrainReport
+from .training import train_branches
 
 __all__ = ["STATE_FILE", "WARN_SHARE", "AttachResult", "attach"]
 

@@ -1,0 +1,196 @@
+"""Wall clock: the untouched backbone and the early-exit model timed side by side.
+
+Both run in the same process and interleaved (so drift in clock speed or background load hits
+both alike), after warm-up, under ``torch.inference_mode``: batch-1 latency (median and p90) over
+real images and throughput at a batch size over real batches (median of repeats). CUDA is timed
+with CUDA events. :func:`time_profile` times each segment and branch, and the speedups those
+times and the exit shares imply.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .bundle import BundleInfo
+from .early_exit import EarlyExitModel, cascade_cost
+
+__all__ = ["Clock", "busy_note", "efficiency", "images_to_keep", "profile_note", "speedups",
+           "time_profile", "wall_clock"]
+
+WARMUP = 3
+THROUGHPUT_BATCHES = 3
+TIMING_BYTES = 1 << 30  # real images kept in memory for timing, at most
+
+
+def images_to_keep(info: BundleInfo, latency_samples: int, batch_size: int) -> int:
+    """Enough real images for timing, within TIMING_BYTES (at least one batch)."""
+    h, w = info.preprocess.input_size
+    cap = max(batch_size, TIMING_BYTES // (3 * h * w * 4))
+    return min(max(latency_samples, THROUGHPUT_BATCHES * batch_size), cap)
+
+
+class Clock:
+    """Times one call: CUDA events on CUDA (GPU time, synchronised), perf_counter elsewhere."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def __call__(self, fn: Callable[[Tensor], Any], x: Tensor) -> float:
+        """Seconds one ``fn(x)`` takes, with all earlier queued work finished first."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            start.record()
+            fn(x)
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1000.0
+        self._sync()
+        t0 = time.perf_counter()
+        fn(x)
+        self._sync()
+        return time.perf_counter() - t0
+
+    def _sync(self) -> None:
+        if self.device.type == "mps":
+            torch.mps.synchronize()
+
+
+def _interleaved(models: dict[str, Callable], rounds: int) -> Iterator[tuple[int, str, Callable]]:
+    """Yield (round, name, fn), alternating which model goes first, so neither is favoured."""
+    pairs = list(models.items())
+    for r in range(rounds):
+        for name, fn in pairs if r % 2 == 0 else pairs[::-1]:
+            yield r, name, fn
+
+
+def _latency(models: dict[str, Callable], images: Tensor, samples: int,
+            clock: Clock) -> dict[str, dict[str, float]]:
+    """Batch-1 latency over ``samples`` real images (cycled if fewer): median and p90, in ms."""
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for _, fn in models.items():
+        for i in range(min(WARMUP, len(images))):
+            fn(images[i:i + 1])
+    for r, name, fn in _interleaved(models, samples):
+        i = r % len(images)
+        times[name].append(clock(fn, images[i:i + 1]) * 1000.0)
+    return {k: {"median_ms": statistics.median(v), "p10_ms": float(np.percentile(v, 10)),
+                "p90_ms": float(np.percentile(v, 90))} for k, v in times.items()}
+
+
+def _throughput(models: dict[str, Callable], batches: list[Tensor], repeats: int,
+               clock: Clock) -> dict[str, list[float]]:
+    """Images per second over real batches: each repeat runs every batch; every repeat's rate."""
+    n = sum(len(b) for b in batches)
+    for fn in models.values():
+        fn(batches[0])
+    rates: dict[str, list[float]] = {k: [] for k in models}
+    for _, name, fn in _interleaved(models, repeats):
+        rates[name].append(n / sum(clock(fn, b) for b in batches))
+    return rates
+
+
+def _timing_batches(images: Tensor, batch_size: int) -> list[Tensor]:
+    """Up to THROUGHPUT_BATCHES full batches (one smaller batch when there are too few images)."""
+    full = min(THROUGHPUT_BATCHES, len(images) // batch_size)
+    if full == 0:
+        return [images]
+    return list(images[:full * batch_size].split(batch_size))
+
+
+def wall_clock(backbone: nn.Module, model: EarlyExitModel, images: Tensor, *,
+               latency_samples: int, batch_size: int, repeats: int,
+               device: torch.device) -> dict[str, Any]:
+    """Time the untouched backbone and the early-exit model side by side on the same images."""
+    images = images.to(device)
+    models = {"backbone": backbone, "early_exit": model}
+    clock = Clock(device)
+    batches = _timing_batches(images, batch_size)
+    with torch.inference_mode():
+        lat = _latency(models, images, latency_samples, clock) if latency_samples else None
+        rates = _throughput(models, batches, repeats, clock)
+    return {"latency": lat, "throughput": {k: statistics.median(v) for k, v in rates.items()},
+            "throughput_range": {k: [min(v), max(v)] for k, v in rates.items()},
+            "batch_size": len(batches[0]),
+            "batches": len(batches), "repeats": repeats, "latency_samples": latency_samples,
+            "distinct_latency_images": min(latency_samples, len(images)),
+            "clock": "cuda events" if device.type == "cuda" else "perf_counter",
+            "cpu_threads": torch.get_num_threads(), "load_average": _load_average()}
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average (None where the OS has none), to judge the timings by."""
+    try:
+        return float(os.getloadavg()[0])
+    except (AttributeError, OSError):
+        return None
+
+
+def busy_note(timing: dict[str, Any]) -> str | None:
+    """Other work competing for the cores skews wall clock (OpenMP threads wait on each other)."""
+    load, cores = timing["load_average"], os.cpu_count() or 1
+    if load is None or load <= cores:
+        return None
+    return (f"the machine was busy while timing (load {load:.1f} on {cores} cores): wall-clock "
+            f"numbers are unreliable; FLOPs and quality are not affected")
+
+
+def speedups(timing: dict[str, Any], flops: float) -> dict[str, float | None]:
+    lat, tput = timing["latency"], timing["throughput"]
+    return {
+        "flops": 1.0 / flops,
+        "latency": None if lat is None else
+        lat["backbone"]["median_ms"] / lat["early_exit"]["median_ms"],
+        "throughput": tput["early_exit"] / tput["backbone"],
+    }
+
+
+def time_profile(model: EarlyExitModel, images: Tensor, batch_size: int,
+                 shares: Sequence[float]) -> dict[str, Any]:
+    """Each segment's and branch's measured time beside its FLOPs, and the *ideal* speedups the
+    exit shares imply with those times (no bookkeeping, perfect batching), to hold the
+    achieved ones against."""
+    prof = model.profile(images, batch_size=batch_size)
+    total = model.backbone_flops
+    pieces = [{"piece": f"segment {k}", "flops_share": f / total, "ms": m, "ms_batched": mb}
+              for k, (f, m, mb) in enumerate(zip(model.segment_flops, prof.segment_ms,
+                                                  prof.segment_ms_batched))]
+    pieces += [{"piece": f"branch {k}", "flops_share": f / total, "ms": m, "ms_batched": mb,
+                "on": on}
+               for k, (f, m, mb, on) in enumerate(zip(model.branch_flops, prof.branch_ms,
+                                                       prof.branch_ms_batched, model.active))]
+    active = torch.tensor(model.active)
+    share = torch.tensor(list(shares), dtype=torch.float64)
+    ideal = {}
+    for key, batched in (("latency", False), ("throughput", True)):
+        exit_time = cascade_cost(*prof.costs(batched), active)
+        ideal[key] = 1.0 / float((share * exit_time).sum())
+    return {"device": prof.device, "threads": prof.threads, "batch_size": prof.batch_size,
+            "pieces": pieces, "ideal_speedup": ideal}
+
+
+def profile_note(info: BundleInfo, device: str) -> str | None:
+    """Latency-cost bundles rank exits by times from one machine; say when this is another."""
+    if info.cost != "latency" or info.latency is None or info.latency.device == device:
+        return None
+    return (f"the bundle's costs are times measured on {info.latency.device}; this run is on "
+            f"{device}: run `pteenet calibrate --cost latency` here to re-rank the exits")
+
+
+def efficiency(speedup: dict[str, float | None], prof: dict[str, Any]) -> dict[str, Any]:
+    """Ideal speedups from measured times and exit shares, and achieved / ideal."""
+    ideal = prof["ideal_speedup"]
+    out: dict[str, Any] = {"ideal_latency": ideal["latency"],
+                           "ideal_throughput": ideal["throughput"]}
+    for key in ("latency", "throughput"):
+        got = speedup.get(key)
+        out[f"{key}_of_ideal"] = None if got is None else got / ideal[key]
+    return out
