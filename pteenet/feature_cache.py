@@ -23,6 +23,7 @@ from .atomic import CACHE_PREFIX
 from .data import ImageData, collate_skip, default_workers, make_loader
 from .early_exit import EarlyExitModel
 from .errors import DataError
+from .latency import steady_allocator
 
 __all__ = ["FeatureSet", "LiveFeatures", "agreement", "branch_scores", "compute_features",
            "scores_and_preds"]
@@ -105,8 +106,13 @@ def compute_features(model: EarlyExitModel, data: ImageData, indices: Sequence[i
     :func:`~pteenet.data.default_workers`); every epoch then reads the cache, not the files.
     Unreadable images are skipped and counted. Beyond ``cache_limit`` bytes the features go to a
     memory-mapped temp file in ``cache_dir`` (default: the system's temp folder), removed when
-    ``stack`` closes, or by the next writer of ``cache_dir`` after a kill.
+    ``stack`` closes, or by the next writer of ``cache_dir`` after a kill. On CPU the pass
+    keeps freed activation buffers in the process (:func:`~pteenet.latency.steady_allocator`):
+    a batch of 224x224 maps is larger than glibc's largest mmap threshold, so every segment's
+    output would otherwise be fresh pages faulted in, batch after batch.
     """
+    if not str(device).startswith("cuda"):
+        steady_allocator()
     workers = default_workers(data) if num_workers is None else num_workers
     loader = make_loader(data, batch_size=batch_size, indices=indices, num_workers=workers,
                          pin_memory=str(device).startswith("cuda"))
