@@ -28,6 +28,7 @@ from pteenet.preprocess import Preprocess
 __all__ = [
     "DATASET_NAMES",
     "IMAGE_EXTENSIONS",
+    "SPLITS",
     "Batch",
     "ImageData",
     "available_splits",
@@ -51,6 +52,7 @@ _TORCHVISION = {
     "fashion-mnist": ("FashionMNIST", "train"),
 }
 _SPLIT_ALIASES = {"train": "train", "test": "test", "val": "test"}
+SPLITS = tuple(_SPLIT_ALIASES)  # what ``split=`` takes
 
 
 # --------------------------------------------------------------------------- datasets
@@ -372,7 +374,7 @@ def _load_torchvision(name: str, key: str, root: Path) -> Dataset:
     except Exception as exc:
         raise OfflineError(
             f"cannot download {name} (no network?): put the dataset in {root} "
-            "or pass a folder with --data"
+            "or pass a folder as 'data'"
         ) from exc
 
 
