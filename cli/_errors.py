@@ -39,7 +39,7 @@ ERROR_TABLE: dict[type[PteenetError], tuple[str, int]] = {
 
 
 MAX_LINE = 600  # characters of a message shown; the rest is cut
-_PARAM = re.compile(r"'([a-z][a-z0-9_]*)'")  # how library messages name a parameter
+_PARAM = re.compile(r"`([a-z][a-z0-9_]*)`")  # how library messages name a parameter
 
 
 def describe(exc: BaseException, argv: list[str] | None = None,
@@ -72,8 +72,9 @@ def flags_of(command) -> dict[str, str]:
 
 
 def as_flags(text: str, flags: Mapping[str, str] | None) -> str:
-    """Library messages name parameters in quotes (``'max_drop'``); on the command line they
-    are options (``--max-drop``). Quoted words that are no option of the command stay."""
+    """Library messages name parameters in backquotes (`max_drop`; quotes name fields and
+    values, backquoted commands hold spaces); on the command line they are options
+    (``--max-drop``). A backquoted word that is no option of the command stays."""
     if not flags:
         return text
     return _PARAM.sub(lambda m: flags.get(m.group(1), m.group(0)), text)

@@ -229,7 +229,7 @@ def _apply_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], path: Path,
                      f"{tuple(own[k].shape)} in model)")
     hint = "is it for another architecture?"
     if wrong and not missing and not unexpected and sd[wrong[-1]].ndim <= 2:
-        hint = f"wrong number of classes? pass 'num_classes' {sd[wrong[-1]].shape[0]}"
+        hint = f"wrong number of classes? pass `num_classes` {sd[wrong[-1]].shape[0]}"
     raise CheckpointError(f"checkpoint {path} does not fit {label}: {'; '.join(parts)}; {hint}")
 
 
@@ -272,7 +272,7 @@ def _build_model(source: str, name: str, num_classes: int | None, pretrained: bo
             raise
         raise OfflineError(
             f"could not download pretrained weights for {source}:{name} (offline?): "
-            f"pass 'checkpoint' (a weights file)"
+            f"pass `checkpoint` (a weights file)"
         ) from e
 
 
@@ -309,7 +309,7 @@ def _download_cifar(model: nn.Module, name: str) -> None:
     except Exception as e:
         raise OfflineError(
             f"could not download pretrained weights for cifar:{name} from {url} (offline?): "
-            f"pass 'checkpoint' (a weights file)"
+            f"pass `checkpoint` (a weights file)"
         ) from e
     _apply_state_dict(model, _flatten(sd, Path(url)), Path(url), f"cifar:{name}")
 
@@ -368,7 +368,7 @@ def create_backbone(
     load checks it before loading), so a large file is hashed once.
     """
     if input_size and max(input_size) > MAX_INPUT_SIDE:
-        raise OptionError(f"'input_size' {max(input_size)} is larger than pteenet supports "
+        raise OptionError(f"`input_size` {max(input_size)} is larger than pteenet supports "
                           f"({MAX_INPUT_SIDE} per side)")
     source, bare = resolve_name(name)
     pretrained = pretrained and checkpoint is None

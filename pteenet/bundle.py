@@ -538,17 +538,17 @@ def load_backbone(info: BundleInfo, checkpoint: str | os.PathLike | None = None,
     bb = info.backbone
     ckpt = checkpoint if checkpoint is not None else bb.get("checkpoint_path")
     if ckpt is not None and not Path(ckpt).is_file() and checkpoint is None:
-        raise BundleError(f"the bundle's checkpoint {_show(ckpt)} is gone; pass 'checkpoint'")
+        raise BundleError(f"the bundle's checkpoint {_show(ckpt)} is gone; pass `checkpoint`")
     want, have = bb.get("checkpoint_sha256"), None
     if ckpt is not None and Path(ckpt).is_file() and not force:
         have = sha256_file(ckpt)
         if not want:
             raise BundleError(f"the bundle records no SHA-256 for its checkpoint, so {ckpt} "
-                              f"cannot be checked; pass 'force' to use it anyway")
+                              f"cannot be checked; pass `force` to use it anyway")
         if have != want:
             raise BundleError(
                 f"checkpoint {ckpt} (sha256 {have[:12]}) is not the one the branches were "
-                f"trained on ({_show(want)[:12]}); pass 'force' to use it anyway")
+                f"trained on ({_show(want)[:12]}); pass `force` to use it anyway")
     return create_backbone(  # bundles before --no-pretrained recorded no "pretrained"
         f"{bb['source']}:{bb['name']}", checkpoint=ckpt,
         pretrained=ckpt is None and bb.get("pretrained", True) is not False,

@@ -122,7 +122,7 @@ def collect(model, data: str | os.PathLike | None = None, *, split: str = "train
     info = model.info
     spec = data if data is not None else info.data.get("spec")
     if spec is None:
-        raise CalibrationError("the bundle records no data; pass 'data'")
+        raise CalibrationError("the bundle records no data; pass `data`")
     if data is None:  # the recorded indices belong to the split attach trained on
         split = info.data.get("split", "train")
     dataset = open_data(spec, info.preprocess, split=split)
@@ -131,7 +131,7 @@ def collect(model, data: str | os.PathLike | None = None, *, split: str = "train
         raise CalibrationError("no calibration samples: the bundle records no held-out split")
     if max(indices) >= len(dataset):
         raise CalibrationError(f"{spec} has fewer images than when the bundle was made; the "
-                               f"held-out split no longer exists: pass 'data'")
+                               f"held-out split no longer exists: pass `data`")
     if max_samples is not None:
         indices = indices[:max_samples]
     with single_bar(progress, "calibration features", len(indices)) as tick:
@@ -154,24 +154,24 @@ def _method(threshold: float | None, cpm: bool, max_drop: float | None, budget: 
             risk: bool, delta: float, bound: str, margin: float, min_support: int) -> str:
     """Which method the options ask for, after checking them (one line per problem)."""
     if threshold is not None and (cpm or max_drop is not None or budget is not None or risk):
-        raise OptionError("'threshold' cannot be combined with 'cpm', 'max_drop', 'budget' or "
-                          "'risk'")
+        raise OptionError("`threshold` cannot be combined with `cpm`, `max_drop`, `budget` or "
+                          "`risk`")
     if budget is not None and (cpm or max_drop is not None or risk):
-        raise OptionError("'budget' cannot be combined with 'cpm', 'max_drop' or 'risk'")
+        raise OptionError("`budget` cannot be combined with `cpm`, `max_drop` or `risk`")
     if threshold is not None and not 0 <= threshold <= 1:
-        raise OptionError(f"'threshold' must lie in [0, 1], got {threshold}")
+        raise OptionError(f"`threshold` must lie in [0, 1], got {threshold}")
     if max_drop is not None and not 0 < max_drop < 1:
-        raise OptionError(f"'max_drop' must lie strictly between 0 and 1, got {max_drop}")
+        raise OptionError(f"`max_drop` must lie strictly between 0 and 1, got {max_drop}")
     if budget is not None and not 0 < budget <= 1:
-        raise OptionError(f"'budget' must lie in (0, 1], got {budget}")
+        raise OptionError(f"`budget` must lie in (0, 1], got {budget}")
     if not 0 < delta < 1:
-        raise OptionError(f"'delta' must lie strictly between 0 and 1, got {delta}")
+        raise OptionError(f"`delta` must lie strictly between 0 and 1, got {delta}")
     if bound not in BOUNDS:
-        raise OptionError(f"'bound' must be one of {', '.join(BOUNDS)}, got {bound}")
+        raise OptionError(f"`bound` must be one of {', '.join(BOUNDS)}, got {bound}")
     if not 0 <= margin <= 1:
-        raise OptionError(f"'margin' must lie in [0, 1], got {margin}")
+        raise OptionError(f"`margin` must lie in [0, 1], got {margin}")
     if min_support < 1:
-        raise OptionError(f"'min_support' must be at least 1, got {min_support}")
+        raise OptionError(f"`min_support` must be at least 1, got {min_support}")
     if threshold is not None:
         return "global"
     if budget is not None:

@@ -374,7 +374,7 @@ def _load_torchvision(name: str, key: str, root: Path) -> Dataset:
     except Exception as exc:
         raise OfflineError(
             f"cannot download {name} (no network?): put the dataset in {root} "
-            "or pass a folder as 'data'"
+            "or pass a folder as `data`"
         ) from exc
 
 

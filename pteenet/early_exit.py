@@ -370,7 +370,7 @@ def build_early_exit(
     if len(kinds) != len(cut_names):
         raise OptionError(f"{len(kinds)} branch types given for {len(cut_names)} cuts")
     if budget is not None and not 0 < budget <= 1:
-        raise OptionError(f"'branch_budget' must lie in (0, 1], got {budget}")
+        raise OptionError(f"`branch_budget` must lie in (0, 1], got {budget}")
     segments = split_at(trace, cut_names)
     cuts = [trace.cut(c) for c in cut_names]
     cap = None if budget is None else budget * trace.total_flops

@@ -86,7 +86,7 @@ def export(
     b = read_bundle(bundle)  # fail fast on a bad bundle, before building the backbone
     folder = Path(out) if out is not None else b.path / f"export-{format}"
     if folder.exists() and not folder.is_dir():
-        raise OptionError(f"'out' {folder} is a file; give a folder")
+        raise OptionError(f"`out` {folder} is a file; give a folder")
     with writer_lock(folder, create=True):  # also the writability check, before any work
         model = load(b, checkpoint=checkpoint, force=force).eval()
         files = _write_graphs(model, folder, format, opset)
@@ -144,7 +144,7 @@ def _check_format(format: str, opset: int) -> None:
         except ImportError as e:
             raise OptionError(f"ONNX export needs the onnx package: {INSTALL_HINT}") from e
         if not 9 <= opset <= 25:
-            raise OptionError(f"'opset' must lie in 9..25, got {opset}")
+            raise OptionError(f"`opset` must lie in 9..25, got {opset}")
 
 
 @torch.no_grad()
@@ -183,7 +183,7 @@ def _write_graph(module: nn.Module, example: torch.Tensor, check: torch.Tensor, 
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         other = "torchscript" if format == "onnx" else "onnx"
         raise OptionError(f"cannot export {what} as {format} ({type(e).__name__}: {first}); "
-                          f"try 'format' {other}") from e
+                          f"try `format` {other}") from e
 
 
 def _save_onnx(module: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
@@ -229,4 +229,4 @@ def _verify(module: nn.Module, x: torch.Tensor, path: Path, format: str, what: s
         if tuple(r.shape) != tuple(g.shape) or float((r - g).abs().max()) > tol:
             raise OptionError(f"the exported {what} does not reproduce the model on a batch of "
                               f"{x.shape[0]} (fixed batch size or unsupported op); try the other "
-                              f"'format'")
+                              f"`format`")

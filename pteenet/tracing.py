@@ -144,7 +144,7 @@ def _symbolic_trace(model: nn.Module, leaves: Sequence[str]) -> fx.GraphModule:
     names = dict(model.named_modules())
     unknown = [n for n in leaves if n not in names or n == ""]
     if unknown:
-        raise TraceError(f"'cuts' names unknown modules: {', '.join(unknown)}")
+        raise TraceError(f"`cuts` names unknown modules: {', '.join(unknown)}")
     tracer = _LeafTracer(leaves)
     try:
         graph = tracer.trace(model)
@@ -152,7 +152,7 @@ def _symbolic_trace(model: nn.Module, leaves: Sequence[str]) -> fx.GraphModule:
         where = tracer.stack[-1] if tracer.stack else type(model).__name__
         first = (str(e).splitlines() or [type(e).__name__])[0][:160]
         raise TraceError(
-            f"torch.fx cannot trace module '{where}' ({first}); pass 'cuts' with module names "
+            f"torch.fx cannot trace module '{where}' ({first}); pass `cuts` with module names "
             f"around it (e.g. layer1,layer2) to keep it whole"
         ) from e
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
@@ -290,7 +290,7 @@ def trace_backbone(
     if wanted and len(found) < len(wanted):
         missing = wanted - {c.name for c in found}
         raise TraceError(
-            f"'cuts' {', '.join(sorted(missing))}: not a place where the network can be split "
+            f"`cuts` {', '.join(sorted(missing))}: not a place where the network can be split "
             f"(something else computed before it is still needed after it)"
         )
     total_params = sum(p.numel() for p in model.parameters())

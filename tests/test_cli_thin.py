@@ -75,23 +75,23 @@ def test_a_bad_choice_is_one_line(args, words):
 def test_library_error_names_the_parameter_and_the_cli_the_option(bundle):
     with pytest.raises(OptionError) as info:
         calibrate(bundle, max_drop=1.5)
-    assert "'max_drop'" in str(info.value) and "--max-drop" not in str(info.value)
+    assert "`max_drop`" in str(info.value) and "--max-drop" not in str(info.value)
     line = fails_cleanly(run("calibrate", "-b", bundle, "--max-drop", "1.5"), 2)
-    assert "--max-drop must lie" in line and "'max_drop'" not in line
+    assert "--max-drop must lie" in line and "`max_drop`" not in line
 
 
 def test_conflicting_options_are_named_as_options(bundle):
     with pytest.raises(OptionError) as info:
         calibrate(bundle, threshold=0.5, cpm=True)
-    assert "'threshold' cannot be combined with 'cpm'" in str(info.value)
+    assert "`threshold` cannot be combined with `cpm`" in str(info.value)
     line = fails_cleanly(run("calibrate", "-b", bundle, "-t", "0.5", "--cpm"), 2)
     assert "--threshold cannot be combined with --cpm, --max-drop, --budget or --risk" in line
 
 
 def test_placement_error_from_attach_shows_the_option(shared, tmp_path):
-    """The library says 'at'; attach's line says --at (the command's own option)."""
+    """The library says `at`; attach's line says --at (the command's own option)."""
     data, ckpt, _ = shared
-    with pytest.raises(PlacementError, match="'at' fractions must be distinct"):
+    with pytest.raises(PlacementError, match="`at` fractions must be distinct"):
         pteenet.attach("resnet20", data, checkpoint=ckpt, at=[0.6, 0.3], out=tmp_path / "a",
                        progress=False)
     line = fails_cleanly(run("attach", "resnet20", "-d", data, "-c", ckpt, "--at", "0.6,0.3",
