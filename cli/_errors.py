@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import shlex
+from collections.abc import Mapping
 from enum import Enum
 
 from pteenet.errors import (
@@ -37,23 +39,45 @@ ERROR_TABLE: dict[type[PteenetError], tuple[str, int]] = {
 
 
 MAX_LINE = 600  # characters of a message shown; the rest is cut
+_PARAM = re.compile(r"`([a-z][a-z0-9_]*)`")  # how library messages name a parameter
 
 
-def describe(exc: BaseException, argv: list[str] | None = None) -> tuple[str, int]:
+def describe(exc: BaseException, argv: list[str] | None = None,
+             flags: Mapping[str, str] | None = None) -> tuple[str, int]:
     """Return the one line to print and the exit code for ``exc``; ``argv``, the command's
-    arguments, gives an interrupted run the exact command that continues it."""
+    arguments, gives an interrupted run the exact command that continues it; ``flags`` maps
+    the running command's parameter names to its options (:func:`flags_of`)."""
     if isinstance(exc, Interrupted):
         again = f"; continue with: {resume_command(argv)}" if exc.resumable and argv else ""
-        return f"interrupted: {_one_line(exc)}{again}", 130
+        return f"interrupted: {as_flags(_one_line(exc), flags)}{again}", 130
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted: nothing was written (earlier results are intact)", 130
     for kind, (label, code) in ERROR_TABLE.items():
         if isinstance(exc, kind):
-            return f"error ({label}): {_one_line(exc)}", code
+            return f"error ({label}): {as_flags(_one_line(exc), flags)}", code
     if isinstance(exc, PteenetError):
-        return f"error: {_one_line(exc)}", 1
+        return f"error: {as_flags(_one_line(exc), flags)}", 1
     return (f"internal error: {type(exc).__name__}: {_one_line(exc)} "
             f"(run again with --debug for the traceback and please report it)"), 1
+
+
+def flags_of(command) -> dict[str, str]:
+    """A click command's parameter names (as the library names them) and their long options."""
+    found = {}
+    for p in getattr(command, "params", []):
+        longs = [o for o in getattr(p, "opts", ()) if o.startswith("--")]
+        if p.name and longs:
+            found[p.name] = max(longs, key=len)
+    return found
+
+
+def as_flags(text: str, flags: Mapping[str, str] | None) -> str:
+    """Library messages name parameters in backquotes (`max_drop`; quotes name fields and
+    values, backquoted commands hold spaces); on the command line they are options
+    (``--max-drop``). A backquoted word that is no option of the command stays."""
+    if not flags:
+        return text
+    return _PARAM.sub(lambda m: flags.get(m.group(1), m.group(0)), text)
 
 
 def resume_command(argv: list[str]) -> str:

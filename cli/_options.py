@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from . import _choices
+
 Checkpoint = Annotated[Path | None, typer.Option(
     "--checkpoint", "-c", help="Weights file (.pt/.pth/.th/.bin/.safetensors). Without it the "
     "registry's pretrained weights are downloaded.")]
@@ -17,7 +19,7 @@ NumClasses = Annotated[int | None, typer.Option(
     "--num-classes", help="Classes of the backbone's head. Default: read from the checkpoint's "
     "classifier, else the model's own.", min=1)]
 Branches = Annotated[int, typer.Option("--branches", "-n", help="Number of exit branches.", min=1)]
-Placement = Annotated[str, typer.Option(
+Placement = Annotated[_choices.Placement, typer.Option(
     "--placement", "-p", help="pareto (20/80 splits), golden (61.8/38.2), fine (5/95), linear "
     "(equal FLOPs between exits) or quadratic (gaps grow quadratically).")]
 At = Annotated[str | None, typer.Option(
@@ -90,6 +92,6 @@ def preprocess_options(input_size: str | None, mean: str | None, std: str | None
 
 def names(text: str | None) -> list[str] | None:
     return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
-Cost = Annotated[str | None, typer.Option(
+Cost = Annotated[_choices.Cost | None, typer.Option(
     "--cost", help="What exits must save: flops, or latency (each segment's and branch's time "
     "measured on this machine replaces FLOPs in placement, the loss and the threshold search).")]

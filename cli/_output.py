@@ -39,8 +39,9 @@ class Output:
         if self.json_mode or self.quiet:
             return
         t = Table(title=title, title_justify="left")
-        for c in columns:
-            t.add_column(c, justify="left" if c in _LEFT else "right")
+        for i, c in enumerate(columns):  # the first column names the row: folded, never cut
+            t.add_column(c, justify="left" if c in _LEFT else "right",
+                         overflow="fold" if i == 0 else "ellipsis")
         for r in rows:
             t.add_row(*("" if v is None else str(v) for v in r))
         self.console.print(t)

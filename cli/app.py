@@ -1,4 +1,5 @@
-"""The root of the CLI: registers one command per file; errors become one line here only."""
+"""The root of the CLI: registers one command per file (imported here, statically); errors
+become one line here only."""
 
 from __future__ import annotations
 
@@ -10,8 +11,14 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from ._errors import describe, describe_usage
+from ._errors import describe, describe_usage, flags_of
 from ._output import unwrap_help
+from .attach_cmd import attach
+from .bench_cmd import bench
+from .calibrate_cmd import calibrate
+from .demo_cmd import demo
+from .export_cmd import export
+from .inspect_cmd import inspect
 
 
 def _typer_exceptions(names: tuple[str, ...] = ("Exit", "Abort", "ClickException", "UsageError",
@@ -74,7 +81,9 @@ class _Group(TyperGroup):
         except (Exception, KeyboardInterrupt) as exc:
             if ctx.params.get("debug"):
                 traceback.print_exc()
-            message, code = describe(exc, ctx.meta.get(ARGV))
+            sub = self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand \
+                else None
+            message, code = describe(exc, ctx.meta.get(ARGV), flags_of(sub))
             click.echo(message, err=True)
             ctx.exit(code)
 
@@ -100,21 +109,10 @@ def _root(
 
 
 def _register() -> None:
-    from .inspect_cmd import inspect
-
-    inspect.__doc__ = unwrap_help(inspect.__doc__)
-    app.command(no_args_is_help=True)(inspect)
-    for module, name in (("attach_cmd", "attach"), ("calibrate_cmd", "calibrate"),
-                         ("bench_cmd", "bench"), ("demo_cmd", "demo"), ("export_cmd", "export")):
-        try:
-            mod = __import__(f"{__package__}.{module}", fromlist=[name])
-        except ModuleNotFoundError as e:  # a command file not in this build; anything else is real
-            if e.name != f"{__package__}.{module}":
-                raise
-            continue
-        command = getattr(mod, name)
+    """One command per file, in the order ``--help`` lists them (help text unwrapped)."""
+    for command in (inspect, attach, calibrate, bench, demo, export):
         command.__doc__ = unwrap_help(command.__doc__)
-        app.command()(command)
+        app.command(no_args_is_help=command is inspect)(command)
 
 
 _register()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -10,11 +9,12 @@ import typer
 
 from pteenet.attaching import attach as run_attach
 from pteenet.branches import DEFAULT_BRANCH
-from pteenet.distributed import is_main
 from pteenet.early_exit import DEFAULT_BUDGET
 from pteenet.placement import DEFAULT_BRANCHES, DEFAULT_POLICY
 from pteenet.train_config import TrainConfig
 
+from . import _choices
+from ._choices import value
 from ._options import (
     At,
     Checkpoint,
@@ -34,13 +34,6 @@ from ._options import (
 from ._output import Output, human, kb, pct
 
 
-class Boost(str, Enum):
-    """``--boosted`` values: a choice, so a bare or wrong ``--boosted`` names them."""
-
-    hard = "hard"
-    soft = "soft"
-
-
 def attach(
     model: Annotated[str, typer.Argument(help="Backbone name, e.g. resnet44 or timm:resnet18.")],
     data: Annotated[str, typer.Option(
@@ -55,29 +48,30 @@ def attach(
     branches: Annotated[int | None, typer.Option(
         "--branches", "-n", min=1, help=f"Number of exit branches (default: {DEFAULT_BRANCHES}, "
         "or one per useful cut point where there are fewer).")] = None,
-    placement: Placement = DEFAULT_POLICY,
+    placement: Placement = _choices.Placement(DEFAULT_POLICY),
     at: At = None,
     cuts: Cuts = None,
-    branch: Annotated[str, typer.Option(
+    branch: Annotated[_choices.Branch, typer.Option(
         "--branch", help="Branch type: mlp (pooled map, 4x4 or smaller for wide maps, one hidden "
         "layer; the default), "
         "conv1/conv2/conv3 (PTEEnet ConvX on the pooled map), conv1d (BTS-EE, lightweight), "
-        "pool (EENets Bnpool) or sdn.")] = DEFAULT_BRANCH,
+        "pool (EENets Bnpool) or sdn.")] = _choices.Branch(DEFAULT_BRANCH),
     branch_budget: Annotated[float, typer.Option(
         "--branch-budget", help="Most FLOPs one branch may cost, as a share of the backbone's "
         "(0.01 = 1 %); mlp and ConvX widths shrink to fit.")] = DEFAULT_BUDGET,
     epochs: Annotated[int, typer.Option(help="Training epochs (per branch when boosted).")] = 10,
-    loss: Annotated[str, typer.Option(
+    loss: Annotated[_choices.Loss, typer.Option(
         help="distill (each branch learns the targets on its own; the default) or eenet "
-        "(EENets' cost-aware L_v2 over the whole cascade, weighted by --lam).")] = "distill",
+        "(EENets' cost-aware L_v2 over the whole cascade, weighted by --lam).")]
+    = _choices.Loss("distill"),
     lam: Annotated[float, typer.Option(help="EENets cost weight lambda in the L_v2 loss.")] = 0.05,
-    target: Annotated[str, typer.Option(
+    target: Annotated[_choices.Target, typer.Option(
         help="auto (mixed with labels, soft without), mixed (half labels, half the backbone's "
         "softmax), hard (backbone argmax), soft (its softmax at --temperature) or labels.")]
-    = "auto",
+    = _choices.Target("auto"),
     temperature: Annotated[float, typer.Option(
         help="Distillation temperature of soft and mixed targets.")] = 4.0,
-    boosted: Annotated[Boost | None, typer.Option(
+    boosted: Annotated[_choices.Boost | None, typer.Option(
         help="BTS-EE sequential training, one branch at a time; the value is required: hard "
         "(drop the samples earlier exits take) or soft (down-weight them).")] = None,
     margin: Annotated[float, typer.Option(help="CPM margin used between boosted stages.")] = 0.02,
@@ -111,18 +105,19 @@ def attach(
     thresholds.json/csv) is written atomically to --out, ready for bench or pteenet.load.
     """
     out_ = Output()
-    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, lam=lam, target=target,
-                         temperature=temperature, loss=loss,
-                         boosted=boosted.value if boosted else None, margin=margin,
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, lam=lam,
+                         target=value(target), temperature=temperature, loss=value(loss),
+                         boosted=value(boosted), margin=margin,
                          seed=seed, device=device, cache=not no_cache, amp=amp)
-    res = run_attach(model, data, checkpoint=checkpoint, branches=branches, placement=placement,
-                     at=floats(at, "--at"), cuts=names(cuts), branch=branch,
+    res = run_attach(model, data, checkpoint=checkpoint, branches=branches,
+                     placement=value(placement), at=floats(at, "--at"), cuts=names(cuts),
+                     branch=value(branch),
                      branch_budget=branch_budget,
                      val_fraction=val_fraction, out=out, config=config, num_classes=num_classes,
                      **preprocess_options(input_size, mean, std),
                      max_samples=max_samples, progress=not quiet, resume=resume,
-                     pretrained=pretrained, cost=cost or "flops")
-    if not is_main():
+                     pretrained=pretrained, cost=value(cost) or "flops")
+    if not res.reports:  # another rank of a torchrun launch: rank 0 reports
         return
     for line in res.said:
         out_.note(line)

@@ -10,6 +10,8 @@ from rich.markup import escape
 
 from pteenet.benchmarking import bench as run_bench
 
+from . import _choices
+from ._choices import value
 from ._options import Bundle, BundleCheckpoint, Device, Force, Json
 from ._output import Output, pct
 
@@ -96,7 +98,7 @@ def bench(
     data: Annotated[str | None, typer.Option(
         "--data", "-d", help="Images to measure on (folder or dataset name). Default: the "
         "bundle's data, its test split, else its held-out calibration samples.")] = None,
-    split: Annotated[str | None, typer.Option(
+    split: Annotated[_choices.Split | None, typer.Option(
         "--split", help="train or test (val = test). Default: test when there is one.")] = None,
     threshold: Annotated[float | None, typer.Option(
         "--threshold", "-t", help="One global exit threshold instead of the bundle's table, on "
@@ -152,7 +154,8 @@ def bench(
     ones). Results go to bench.json in the bundle; --sweep adds sweep.png and sweep.csv.
     """
     out = Output(json)
-    res = run_bench(bundle, data=data, split=split, threshold=threshold, batch_size=batch_size,
+    res = run_bench(bundle, data=data, split=value(split), threshold=threshold,
+                    batch_size=batch_size,
                     latency_samples=latency_samples, repeats=repeats, sweep=sweep, device=device,
                     checkpoint=checkpoint, force=force, max_samples=max_samples,
                     progress=not (quiet or json), num_threads=threads, profile=profile)

@@ -10,6 +10,8 @@ import typer
 from pteenet.calibration import DEFAULT_MARGIN, CalibrationResult
 from pteenet.calibration import calibrate as run_calibrate
 
+from . import _choices
+from ._choices import value
 from ._options import Bundle, Checkpoint, Cost, Device, Json
 from ._output import Output, pct
 
@@ -36,12 +38,13 @@ def calibrate(
         help="CPM: fewest calibration samples a (branch, class) exit must take.")] = 20,
     delta: Annotated[float, typer.Option(help="Risk control: the bound holds w.p. 1-delta.")]
     = 0.1,
-    bound: Annotated[str, typer.Option(
-        help="Risk control bound: wsr (Waudby-Smith-Ramdas) or hb (Hoeffding-Bentkus).")] = "wsr",
-    score: Annotated[str, typer.Option(
+    bound: Annotated[_choices.Bound, typer.Option(
+        help="Risk control bound: wsr (Waudby-Smith-Ramdas) or hb (Hoeffding-Bentkus).")]
+    = _choices.Bound("wsr"),
+    score: Annotated[_choices.Score, typer.Option(
         help="Exit score for --threshold and --cpm: softmax (top probability) or head (the "
         "learned confidence head). The default method always writes the gate score.")]
-    = "softmax",
+    = _choices.Score("softmax"),
     data: Annotated[str | None, typer.Option(
         "--data", "-d", help="Calibrate on other data (labels used if present) instead of the "
         "bundle's held-out split.")] = None,
@@ -68,8 +71,8 @@ def calibrate(
     out = Output(json)
     res = run_calibrate(bundle, threshold=threshold, cpm=cpm, margin=margin,
                         min_support=min_support, max_drop=max_drop, budget=budget, risk=risk,
-                        delta=delta, bound=bound, score=score, data=data,
-                        checkpoint=checkpoint, force=force, device=device, cost=cost,
+                        delta=delta, bound=value(bound), score=value(score), data=data,
+                        checkpoint=checkpoint, force=force, device=device, cost=value(cost),
                         progress=not json)
     t = res.table
     if verbose:
@@ -92,33 +95,20 @@ def calibrate(
                  f"(empirical {p['empirical']:.4f}) with probability {1 - p['delta']:.2f}")
     out.note(f"wrote {bundle}/thresholds.json and thresholds.csv")
     out.result({"method": t.method, "score": t.score, "params": t.params, "summary": s,
-                "rows": [{**r, "class_name": _name(res, r["class"])} for r in res.rows]})
-
-
-def _name(res: CalibrationResult, c: int) -> str:
-    """A class's name where the bundle knows it (attach on labeled data), else its index."""
-    return res.classes[c] if res.classes else str(c)
+                "rows": res.named_rows()})
 
 
 def exit_rows(res: CalibrationResult) -> list[list[str]]:
-    """One row per exit (the backbone last): threshold, the share it takes, how often it
-    agrees with the backbone there, and the relative FLOPs a sample leaving there costs."""
-    t, exits = res.table.thresholds, res.summary["exits"]
-    costs = res.outputs.exit_costs(t)
-    rows = [[f"branch {k}", _branch_thr(t[k]), pct(e["share"]), pct(e["agreement"]),
-             pct(costs[k])] for k, e in enumerate(exits[:-1])]
-    return rows + [["backbone", "always", pct(exits[-1]["share"]),
-                    pct(exits[-1]["agreement"]), pct(costs[-1])]]
+    """The library's per-exit rows (:meth:`CalibrationResult.exit_rows`), as text."""
+    return [["backbone" if r["branch"] is None else f"branch {r['branch']}",
+             "always" if r["branch"] is None else _thr(r["threshold"]), pct(r["share"]),
+             pct(r["agreement"]), pct(r["cost"])] for r in res.exit_rows()]
 
 
 def class_rows(res: CalibrationResult) -> list[list[str]]:
-    return [[f"branch {r['branch']}", _name(res, r["class"]), _thr(r["threshold"]),
-             pct(r["share"]), pct(r["precision"]), str(r["support"])] for r in res.rows]
+    return [[f"branch {r['branch']}", r["class_name"], _thr(r["threshold"]), pct(r["share"]),
+             pct(r["precision"]), str(r["support"])] for r in res.named_rows()]
 
 
-def _thr(v: float) -> str:
-    return "never" if v > 1 else f"{v:.3f}"
-
-
-def _branch_thr(row) -> str:
-    return _thr(float(row[0])) if bool((row == row[0]).all()) else "per class"
+def _thr(v: float | None) -> str:
+    return "per class" if v is None else "never" if v > 1 else f"{v:.3f}"

@@ -12,6 +12,8 @@ from rich.markup import escape
 from pteenet.export import MANIFEST
 from pteenet.export import export as run_export
 
+from . import _choices
+from ._choices import value
 from ._options import Bundle, BundleCheckpoint, Force, Json
 from ._output import Output, human, pct
 
@@ -51,9 +53,9 @@ def exit_rows(manifest: dict[str, Any]) -> list[list[Any]]:
 
 def export(
     bundle: Bundle = Path("pteenet-out"),
-    format: Annotated[str, typer.Option(
+    format: Annotated[_choices.Format, typer.Option(
         "--format", "-f", help="onnx (run with onnxruntime; needs pip install pteenet\\[onnx]) or "
-        "torchscript (run with torch).")] = "onnx",
+        "torchscript (run with torch).")] = _choices.Format("onnx"),
     out: Annotated[Path | None, typer.Option(
         "--out", "-o", help="Folder to write. Default: <bundle>/export-<format>.")] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset version.")] = 17,
@@ -81,10 +83,10 @@ def export(
     logits and FLOPs per sample. Input: float32 [N, 3, H, W], normalised as the manifest says.
     """
     output = Output(json)
-    folder = run_export(bundle, format=format, out=out, opset=opset, checkpoint=checkpoint,
+    folder = run_export(bundle, format=value(format), out=out, opset=opset, checkpoint=checkpoint,
                         force=force)
     manifest = jsonlib.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-    output.table(f"{format} export", ["file", "graph", "FLOPs", "size"],
+    output.table(f"{value(format)} export", ["file", "graph", "FLOPs", "size"],
                  file_rows(folder, manifest))
     output.table("exits", ["exit", "FLOPs at exit", "thresholds"], exit_rows(manifest))
     output.note(escape(f"{manifest['backbone']}: {manifest['num_branches']} exits, "

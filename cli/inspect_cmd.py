@@ -9,6 +9,8 @@ import typer
 from pteenet.inspect import inspect_backbone
 from pteenet.placement import DEFAULT_POLICY
 
+from . import _choices
+from ._choices import value
 from ._options import (
     At,
     Checkpoint,
@@ -35,7 +37,7 @@ def inspect(
     num_classes: NumClasses = None,
     branches: Annotated[int | None, typer.Option("--branches", "-n", min=1,
                                                  help="Mark where N exits would go.")] = None,
-    placement: Placement = DEFAULT_POLICY,
+    placement: Placement = _choices.Placement(DEFAULT_POLICY),
     at: At = None,
     cuts: Cuts = None,
     input_size: InputSize = None,
@@ -46,7 +48,7 @@ def inspect(
     """Show where MODEL's FLOPs go: every cut point with its cumulative FLOPs and parameters."""
     out = Output(json)
     info = inspect_backbone(model, checkpoint=checkpoint, num_classes=num_classes,
-                            branches=branches, placement=placement, at=floats(at, "--at"),
+                            branches=branches, placement=value(placement), at=floats(at, "--at"),
                             cuts=names(cuts), **preprocess_options(input_size, mean, std),
                             pretrained=pretrained)
     for line in info["inferred"]:

@@ -50,6 +50,7 @@ __all__ = [
     "atomic_path",
     "commit_files",
     "pause_point",
+    "parse_manifest",
     "read_manifest",
     "read_member",
     "recover",
@@ -280,8 +281,19 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, dict[str, Any]] | None
     if not f.exists():
         return None
     try:
-        doc = json.loads(f.read_bytes())
-    except (OSError, ValueError, RecursionError) as e:
+        data = f.read_bytes()
+    except OSError as e:
+        raise BundleError(f"{f} is unreadable or not JSON (edited?); re-run `pteenet attach`") \
+            from e
+    return parse_manifest(data, f)
+
+
+def parse_manifest(data: bytes, f: Path) -> dict[str, dict[str, Any]]:
+    """The committed members of ``bundle.json`` bytes already read (``f`` names it in errors),
+    so a reader that also hashes the manifest reads it once."""
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError) as e:
         raise BundleError(f"{f} is unreadable or not JSON (edited?); re-run `pteenet attach`") \
             from e
     version = doc.get("format_version") if isinstance(doc, dict) else None

@@ -53,6 +53,7 @@ class AttachResult:
     table: ThresholdTable | None = None
     notes: list[str] = field(default_factory=list)  # warnings
     said: list[str] = field(default_factory=list)  # what was inferred or tidied, not warnings
+    reports: bool = True  # False on every torchrun rank but the first: one process reports
 
     def rows(self) -> list[dict]:
         """Per branch: cut, FLOPs fraction at the exit, bytes per image in the feature cache,
@@ -163,7 +164,7 @@ def attach(
                 said.append(f"removed {', '.join(stale)} from {out}: derived from the bundle "
                             f"this one replaced")
     return AttachResult(ee, info, trace, report, time.perf_counter() - start, table, notes,
-                        said)
+                        said, is_main())
 
 
 def _train(ee: EarlyExitModel, dataset, train_idx: list[int], held_idx: list[int],

@@ -229,7 +229,7 @@ def _apply_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], path: Path,
                      f"{tuple(own[k].shape)} in model)")
     hint = "is it for another architecture?"
     if wrong and not missing and not unexpected and sd[wrong[-1]].ndim <= 2:
-        hint = f"wrong number of classes? pass --num-classes {sd[wrong[-1]].shape[0]}"
+        hint = f"wrong number of classes? pass `num_classes` {sd[wrong[-1]].shape[0]}"
     raise CheckpointError(f"checkpoint {path} does not fit {label}: {'; '.join(parts)}; {hint}")
 
 
@@ -272,7 +272,7 @@ def _build_model(source: str, name: str, num_classes: int | None, pretrained: bo
             raise
         raise OfflineError(
             f"could not download pretrained weights for {source}:{name} (offline?): "
-            f"pass --checkpoint PATH"
+            f"pass `checkpoint` (a weights file)"
         ) from e
 
 
@@ -309,7 +309,7 @@ def _download_cifar(model: nn.Module, name: str) -> None:
     except Exception as e:
         raise OfflineError(
             f"could not download pretrained weights for cifar:{name} from {url} (offline?): "
-            f"pass --checkpoint PATH"
+            f"pass `checkpoint` (a weights file)"
         ) from e
     _apply_state_dict(model, _flatten(sd, Path(url)), Path(url), f"cifar:{name}")
 
@@ -357,15 +357,18 @@ def create_backbone(
     input_size: tuple[int, int] | None = None,
     mean: tuple[float, float, float] | None = None,
     std: tuple[float, float, float] | None = None,
+    known_sha256: str | None = None,
 ) -> Backbone:
     """Build a frozen backbone from a name, with weights from ``checkpoint`` or the registry.
 
     ``pretrained=True`` downloads the registry's weights when no checkpoint is given (timm's and
     torchvision's own mechanisms; the CIFAR family from its public URLs, hash-checked, into the
     torch hub cache). Offline that fails with :class:`OfflineError` saying to pass a checkpoint.
+    ``known_sha256``: the checkpoint's hash when the caller has just computed it (a bundle's
+    load checks it before loading), so a large file is hashed once.
     """
     if input_size and max(input_size) > MAX_INPUT_SIDE:
-        raise OptionError(f"--input-size {max(input_size)} is larger than pteenet supports "
+        raise OptionError(f"`input_size` {max(input_size)} is larger than pteenet supports "
                           f"({MAX_INPUT_SIDE} per side)")
     source, bare = resolve_name(name)
     pretrained = pretrained and checkpoint is None
@@ -380,7 +383,7 @@ def create_backbone(
             notes.append(f"--num-classes {num_classes}: read from the checkpoint's classifier "
                          f"({key})")
         _apply_state_dict(model, sd, path, f"{source}:{bare}")
-        sha = sha256_file(path)
+        sha = known_sha256 or sha256_file(path)
     pre = _default_preprocess(source, bare, model)
     pre = replace(pre.resized(tuple(input_size)) if input_size else pre,
                   mean=tuple(mean) if mean else pre.mean, std=tuple(std) if std else pre.std)

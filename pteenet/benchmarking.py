@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import write_text, writes_into
-from .bundle import BundleInfo, ThresholdTable, load, load_backbone, read_info, read_thresholds
-from .derived import BENCH_FILE, SWEEP_CSV, SWEEP_PNG, bundle_hash
+from .bundle import BundleInfo, ThresholdTable, load, read_bundle
+from .derived import BENCH_FILE, SWEEP_CSV, SWEEP_PNG
 from .devices import check_device, threads
 from .early_exit import EarlyExitModel
 from .errors import BundleError, OptionError
@@ -120,17 +120,17 @@ def bench(
 def _bench(bundle, data, split, threshold, batch_size, latency_samples, repeats, sweep, device,
            checkpoint, force, out_json, progress, max_samples, profile) -> dict[str, Any]:
     dev = check_device(device)
-    info = read_info(bundle)
-    table = read_thresholds(info.path, info)
+    b = read_bundle(bundle)  # read once: the model, the table and the info agree
+    info, table = b.info, b.table
     ev = select_data(info, data, split, max_samples)
-    model = load(info.path, checkpoint=checkpoint, force=force, device=dev)
+    model = load(b, checkpoint=checkpoint, force=force, device=dev)
     if threshold is not None:
         model.set_thresholds(float(threshold))
-    backbone = load_backbone(info, checkpoint, force).model.to(dev).eval().requires_grad_(False)
+    backbone = model.whole  # the eager backbone the segments were traced from (built once)
     keep = images_to_keep(info, latency_samples, batch_size)
     with single_bar(progress, "measuring", len(ev.indices)) as tick:
         p = measure_pass(model, ev, batch_size=batch_size, device=dev, keep=keep, progress=tick)
-    result = _assemble(info, ev, table, threshold, model, p)
+    result = _assemble(info, ev, table, threshold, model, p, b.sha256)
     if threshold is None and table.method == "none":
         result["warnings"].append("the bundle's thresholds were never calibrated (no "
                                   "thresholds.json): every exit is off and this measures the "
@@ -155,13 +155,13 @@ def _bench(bundle, data, split, threshold, batch_size, latency_samples, repeats,
 
 
 def _assemble(info: BundleInfo, ev: EvalSet, table: ThresholdTable, threshold: float | None,
-              model: EarlyExitModel, p: Pass) -> dict[str, Any]:
+              model: EarlyExitModel, p: Pass, sha256: str | None) -> dict[str, Any]:
     """The result dict's description of what was measured, plus the quality numbers."""
     return {
         "bundle": {"path": str(info.path), "backbone": f"{info.backbone['source']}:"
                    f"{info.backbone['name']}", "branches": info.num_branches,
                    "num_classes": info.num_classes, "backbone_flops": model.backbone_flops,
-                   "sha256": bundle_hash(info.path)},
+                   "sha256": sha256},
         "data": {"spec": ev.spec, "split": ev.split, "subset": ev.subset,
                  "num_samples": len(p), "skipped": p.skipped, "labels": p.labels is not None},
         "thresholds": {"source": "bundle" if threshold is None else "--threshold",

@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from . import __version__
-from .atomic import MANIFEST, commit_files, read_manifest, read_member
+from .atomic import MANIFEST, commit_files, parse_manifest, read_member
 from .backbones import Backbone, create_backbone, sha256_file
 from .early_exit import SCORES, EarlyExitModel, build_early_exit
 from .errors import BundleError, PteenetError
@@ -44,11 +44,13 @@ __all__ = [
     "MANIFEST",
     "MEMBERS",
     "THRESHOLDS_FILE",
+    "Bundle",
     "BundleInfo",
     "ThresholdTable",
     "calibration_digest",
     "load",
     "load_backbone",
+    "read_bundle",
     "read_info",
     "read_thresholds",
     "save_bundle",
@@ -120,6 +122,24 @@ class ThresholdTable:
         """The table a model holds now (with the gate's powers when it uses the gate)."""
         gamma = model.gamma.tolist() if model.score == "gate" else None
         return cls(model.thresholds, model.score, gamma=gamma)
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A bundle as committed, read and checked once (:func:`read_bundle`).
+
+    Commands pass this one value down instead of reading the folder again: no later read can
+    see another generation, and nothing the bundle records (FLOPs, the checkpoint's hash) is
+    computed again."""
+
+    info: BundleInfo  # the header: backbone, preprocessing, cuts, branch specs, FLOPs, path
+    table: ThresholdTable  # "never" everywhere when not calibrated or not read
+    state: dict[str, torch.Tensor]  # the branches' tensors, keyed as in their state_dict
+    sha256: str | None = None  # of bundle.json, as derived files record it (None: no manifest)
+
+    @property
+    def path(self) -> Path:
+        return self.info.path
 
 
 # -- writing ----------------------------------------------------------------------------------
@@ -256,6 +276,20 @@ class _Snapshot:
     meta: dict[str, str]
     tensors: dict[str, torch.Tensor]
     table: bytes | None
+    digest: str | None  # SHA-256 of the bundle.json these files were read under
+
+
+def _manifest(folder: Path) -> tuple[dict[str, dict[str, Any]] | None, str | None]:
+    """The committed members and the SHA-256 of ``bundle.json``, from one read of it (None,
+    None: a bundle from before manifests existed)."""
+    f = folder / MANIFEST
+    if not f.exists():
+        return None, None
+    try:
+        data = f.read_bytes()
+    except OSError as e:
+        raise BundleError(f"{f} is unreadable ({e.strerror or e})") from e
+    return parse_manifest(data, f), hashlib.sha256(data).hexdigest()
 
 
 def _snapshot(path: str | os.PathLike, table: bool = False) -> _Snapshot:
@@ -268,7 +302,7 @@ def _snapshot(path: str | os.PathLike, table: bool = False) -> _Snapshot:
     table = table and name == BRANCHES_FILE
     if table:
         _check_table_file(table_file)
-    files = read_manifest(folder) if name == BRANCHES_FILE else None
+    files, digest = _manifest(folder) if name == BRANCHES_FILE else (None, None)
     try:
         raw = read_member(folder, name, files, "re-run `pteenet attach`")
         doc = read_member(folder, THRESHOLDS_FILE, files, "re-run `pteenet calibrate`") \
@@ -287,7 +321,8 @@ def _snapshot(path: str | os.PathLike, table: bool = False) -> _Snapshot:
         raise BundleError(f"{f} is not a readable bundle (truncated or edited?): "
                           f"{_show(first)}") from e
     meta = header.get("__metadata__") if isinstance(header, dict) else None
-    return _Snapshot(folder, str(f), meta if isinstance(meta, dict) else {}, tensors, doc)
+    return _Snapshot(folder, str(f), meta if isinstance(meta, dict) else {}, tensors, doc,
+                     digest)
 
 
 def _preprocess(d: dict, where: str) -> Preprocess:
@@ -362,6 +397,8 @@ def _info(snap: _Snapshot) -> BundleInfo:
         raise BundleError(f"{where}: cuts and branches disagree; re-run `pteenet attach`")
     for b in branches:
         _need(b, "type", str, where)
+        if _need(b, "flops", int, where) < 0:
+            raise BundleError(f"{where}: field 'flops' is malformed; re-run `pteenet attach`")
     _check_sizes(snap.tensors, cuts, backbone["num_classes"], where)
     seg = _int_list(meta.get("segment_flops"), "segment_flops", where)
     if len(seg) != len(cuts) + 1:
@@ -410,6 +447,19 @@ def _cost_model(meta: dict[str, Any], branches: int, where: str
 def read_info(path: str | os.PathLike) -> BundleInfo:
     """Read and validate a bundle's metadata against its tensors (nothing is built)."""
     return _info(_snapshot(path))
+
+
+def read_bundle(path: str | os.PathLike, thresholds: bool = True) -> Bundle:
+    """Read one committed generation of a bundle and check all of it (nothing is built).
+
+    ``thresholds=False`` leaves the stored table unread (every exit off): what calibrate
+    needs to replace a table that is missing, corrupt or for another bundle."""
+    snap = _snapshot(path, table=thresholds)
+    info = _info(snap)
+    table = _table(snap.table, str(info.path / THRESHOLDS_FILE), info)
+    state = {k[len("branches."):]: v for k, v in snap.tensors.items()
+             if k.startswith("branches.")}
+    return Bundle(info, table, state, snap.digest)
 
 
 def read_thresholds(path: str | os.PathLike, info: BundleInfo) -> ThresholdTable:
@@ -482,64 +532,71 @@ def load_backbone(info: BundleInfo, checkpoint: str | os.PathLike | None = None,
                   force: bool = False) -> Backbone:
     """Rebuild the bundle's backbone and check its checkpoint is the one it was trained on.
 
-    The hash is checked before the weights are loaded; a bundle that records a checkpoint but
-    no hash (edited?) cannot be checked, so it needs ``force`` like a mismatch does."""
+    The hash is checked before the weights are loaded (and handed on, so the file is hashed
+    once); a bundle that records a checkpoint but no hash (edited?) cannot be checked, so it
+    needs ``force`` like a mismatch does."""
     bb = info.backbone
     ckpt = checkpoint if checkpoint is not None else bb.get("checkpoint_path")
     if ckpt is not None and not Path(ckpt).is_file() and checkpoint is None:
-        raise BundleError(f"the bundle's checkpoint {_show(ckpt)} is gone; pass --checkpoint PATH")
-    want = bb.get("checkpoint_sha256")
+        raise BundleError(f"the bundle's checkpoint {_show(ckpt)} is gone; pass `checkpoint`")
+    want, have = bb.get("checkpoint_sha256"), None
     if ckpt is not None and Path(ckpt).is_file() and not force:
         have = sha256_file(ckpt)
         if not want:
             raise BundleError(f"the bundle records no SHA-256 for its checkpoint, so {ckpt} "
-                              f"cannot be checked; pass --force (force=True) to use it anyway")
+                              f"cannot be checked; pass `force` to use it anyway")
         if have != want:
             raise BundleError(
                 f"checkpoint {ckpt} (sha256 {have[:12]}) is not the one the branches were "
-                f"trained on ({_show(want)[:12]}); pass --force (force=True) to use it anyway")
+                f"trained on ({_show(want)[:12]}); pass `force` to use it anyway")
     return create_backbone(  # bundles before --no-pretrained recorded no "pretrained"
         f"{bb['source']}:{bb['name']}", checkpoint=ckpt,
         pretrained=ckpt is None and bb.get("pretrained", True) is not False,
         num_classes=info.num_classes, input_size=info.preprocess.input_size,
-        mean=info.preprocess.mean, std=info.preprocess.std,
+        mean=info.preprocess.mean, std=info.preprocess.std, known_sha256=have,
     )
 
 
-def load(path: str | os.PathLike = "pteenet-out", *, checkpoint: str | os.PathLike | None = None,
-         force: bool = False, device: str | torch.device = "cpu",
-         thresholds: bool = True) -> EarlyExitModel:
+def load(path: str | os.PathLike | Bundle = "pteenet-out", *,
+         checkpoint: str | os.PathLike | None = None, force: bool = False,
+         device: str | torch.device = "cpu", thresholds: bool = True) -> EarlyExitModel:
     """Rebuild the early-exit model of a bundle, with its threshold table, in eval mode.
 
-    Everything comes from one committed generation of the bundle. ``thresholds=False`` skips
-    the stored table (every exit off): what calibrate needs to replace a table that
-    is missing, corrupt or for another bundle."""
-    snap = _snapshot(path, table=thresholds)
-    info = _info(snap)
-    table = _table(snap.table, str(info.path / THRESHOLDS_FILE), info)
+    ``path`` is a bundle folder, read once (:func:`read_bundle`), or a :class:`Bundle` already
+    read. The FLOPs come from the bundle (nothing is counted again). ``thresholds=False``
+    uses no stored table (every exit off): what calibrate needs to replace a table that is
+    missing, corrupt or for another bundle."""
+    b = path if isinstance(path, Bundle) else read_bundle(path, thresholds)
+    info = b.info
+    table = b.table if thresholds else _table(None, "", info)
     backbone = load_backbone(info, checkpoint, force)
     try:
         trace = trace_backbone(backbone.model, info.preprocess.input_size,
-                               cuts=info.cuts if info.module_cuts else None, with_thop=False)
+                               cuts=info.cuts if info.module_cuts else None, with_thop=False,
+                               flops=False)
         model = build_early_exit(trace, info.cuts, info.num_classes,
-                                 [b["type"] for b in info.branches], budget=None,
-                                 widths=[b.get("width") for b in info.branches],
+                                 [br["type"] for br in info.branches], budget=None,
+                                 widths=[br.get("width") for br in info.branches],
                                  thresholds=table.thresholds, score=table.score,
-                                 gamma=table.gamma)
+                                 gamma=table.gamma,
+                                 flops=(info.segment_flops, [br["flops"] for br in info.branches]))
     except (PteenetError, RuntimeError) as e:
         raise BundleError(f"{info.path}: cannot rebuild the model ({_show(str(e))})") from e
-    state = {k[len("branches."):]: v for k, v in snap.tensors.items()
-             if k.startswith("branches.")}
+    _load_state(model, b.state, info.path)
+    model.use_cost(info.cost, info.latency)
+    model.info = info
+    return model.to(device).eval()
+
+
+def _load_state(model: EarlyExitModel, state: dict[str, torch.Tensor], where: Path) -> None:
+    """The branches' tensors into ``model``, each checked for dtype and shape first."""
     own = model.branches.state_dict()
     bad = [k for k, v in own.items() if k in state and (state[k].dtype != v.dtype
                                                        or state[k].shape != v.shape)]
     if bad:
-        raise BundleError(f"{info.path}: branch tensors do not match the metadata ({bad[0]} has "
+        raise BundleError(f"{where}: branch tensors do not match the metadata ({bad[0]} has "
                           f"the wrong dtype or shape; edited?)")
     try:
         model.branches.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise BundleError(f"{info.path}: branch tensors do not match the metadata (edited?)") from e
-    model.use_cost(info.cost, info.latency)
-    model.info = info  # type: ignore[attr-defined]
-    return model.to(device).eval()
+        raise BundleError(f"{where}: branch tensors do not match the metadata (edited?)") from e

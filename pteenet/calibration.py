@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .atomic import writes_into
-from .bundle import ThresholdTable, load, read_info, write_thresholds
+from .bundle import ThresholdTable, load, read_bundle, write_thresholds
 from .cost_search import min_cost_thresholds
 from .data import open_data
 from .devices import check_device
@@ -79,11 +79,37 @@ class Outputs:
 
 @dataclass
 class CalibrationResult:
+    """The chosen table, the outputs it was chosen on, and what it does there."""
+
     table: ThresholdTable
     outputs: Outputs
     summary: dict[str, Any]
-    rows: list[dict[str, Any]]
+    rows: list[dict[str, Any]]  # per branch and class (:func:`class_rows`)
     classes: list[str] | None = None  # the bundle's class names, for showing rows
+
+    def class_name(self, c: int) -> str:
+        """A class's name where the bundle knows it (attach on labeled data), else its index."""
+        return self.classes[c] if self.classes else str(c)
+
+    def named_rows(self) -> list[dict[str, Any]]:
+        """:attr:`rows`, each with its class's name."""
+        return [{**r, "class_name": self.class_name(r["class"])} for r in self.rows]
+
+    def exit_rows(self) -> list[dict[str, Any]]:
+        """One row per exit, the backbone last (``branch`` None): its threshold (None where it
+        differs by class, above 1 where the exit is off), the share of samples it takes, how
+        often it agrees with the backbone on them, and the relative cost of leaving there."""
+        t, exits = self.table.thresholds, self.summary["exits"]
+        costs = self.outputs.exit_costs(t)
+        return [{"branch": k if k < len(t) else None,
+                 "threshold": _uniform(t[k]) if k < len(t) else 0.0,
+                 "share": e["share"], "agreement": e["agreement"], "cost": costs[k]}
+                for k, e in enumerate(exits)]
+
+
+def _uniform(row: Tensor) -> float | None:
+    """A branch's one threshold for every class, or None where they differ."""
+    return float(row[0]) if bool((row == row[0]).all()) else None
 
 
 def collect(model, data: str | os.PathLike | None = None, *, split: str = "train",
@@ -96,7 +122,7 @@ def collect(model, data: str | os.PathLike | None = None, *, split: str = "train
     info = model.info
     spec = data if data is not None else info.data.get("spec")
     if spec is None:
-        raise CalibrationError("the bundle records no data; pass --data")
+        raise CalibrationError("the bundle records no data; pass `data`")
     if data is None:  # the recorded indices belong to the split attach trained on
         split = info.data.get("split", "train")
     dataset = open_data(spec, info.preprocess, split=split)
@@ -105,7 +131,7 @@ def collect(model, data: str | os.PathLike | None = None, *, split: str = "train
         raise CalibrationError("no calibration samples: the bundle records no held-out split")
     if max(indices) >= len(dataset):
         raise CalibrationError(f"{spec} has fewer images than when the bundle was made; the "
-                               f"held-out split no longer exists: pass --data")
+                               f"held-out split no longer exists: pass `data`")
     if max_samples is not None:
         indices = indices[:max_samples]
     with single_bar(progress, "calibration features", len(indices)) as tick:
@@ -128,24 +154,24 @@ def _method(threshold: float | None, cpm: bool, max_drop: float | None, budget: 
             risk: bool, delta: float, bound: str, margin: float, min_support: int) -> str:
     """Which method the options ask for, after checking them (one line per problem)."""
     if threshold is not None and (cpm or max_drop is not None or budget is not None or risk):
-        raise OptionError("--threshold cannot be combined with --cpm, --max-drop, --budget or "
-                          "--risk")
+        raise OptionError("`threshold` cannot be combined with `cpm`, `max_drop`, `budget` or "
+                          "`risk`")
     if budget is not None and (cpm or max_drop is not None or risk):
-        raise OptionError("--budget cannot be combined with --cpm, --max-drop or --risk")
+        raise OptionError("`budget` cannot be combined with `cpm`, `max_drop` or `risk`")
     if threshold is not None and not 0 <= threshold <= 1:
-        raise OptionError(f"--threshold must lie in [0, 1], got {threshold}")
+        raise OptionError(f"`threshold` must lie in [0, 1], got {threshold}")
     if max_drop is not None and not 0 < max_drop < 1:
-        raise OptionError(f"--max-drop must lie strictly between 0 and 1, got {max_drop}")
+        raise OptionError(f"`max_drop` must lie strictly between 0 and 1, got {max_drop}")
     if budget is not None and not 0 < budget <= 1:
-        raise OptionError(f"--budget must lie in (0, 1], got {budget}")
+        raise OptionError(f"`budget` must lie in (0, 1], got {budget}")
     if not 0 < delta < 1:
-        raise OptionError(f"--delta must lie strictly between 0 and 1, got {delta}")
+        raise OptionError(f"`delta` must lie strictly between 0 and 1, got {delta}")
     if bound not in BOUNDS:
-        raise OptionError(f"--bound must be one of {', '.join(BOUNDS)}, got {bound}")
+        raise OptionError(f"`bound` must be one of {', '.join(BOUNDS)}, got {bound}")
     if not 0 <= margin <= 1:
-        raise OptionError(f"--margin must lie in [0, 1], got {margin}")
+        raise OptionError(f"`margin` must lie in [0, 1], got {margin}")
     if min_support < 1:
-        raise OptionError(f"--min-support must be at least 1, got {min_support}")
+        raise OptionError(f"`min_support` must be at least 1, got {min_support}")
     if threshold is not None:
         return "global"
     if budget is not None:
@@ -259,8 +285,8 @@ def calibrate(
     """
     method = _method(threshold, cpm, max_drop, budget, risk, delta, bound, margin, min_support)
     check_device(device)
-    read_info(bundle)  # fail fast, before the backbone is built
-    model = load(bundle, checkpoint=checkpoint, force=force, device=device, thresholds=False)
+    b = read_bundle(bundle, thresholds=False)  # all checked before the backbone is built
+    model = load(b, checkpoint=checkpoint, force=force, device=device, thresholds=False)
     model.set_thresholds(1.0, score="softmax" if uses_gate(method, cpm) else score)
     use_cost(model, cost or model.cost, device)
     out = collect(model, data, split=split, device=device, progress=progress)

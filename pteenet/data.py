@@ -28,6 +28,7 @@ from pteenet.preprocess import Preprocess
 __all__ = [
     "DATASET_NAMES",
     "IMAGE_EXTENSIONS",
+    "SPLITS",
     "Batch",
     "ImageData",
     "available_splits",
@@ -52,6 +53,7 @@ _TORCHVISION = {
     "fashion-mnist": ("FashionMNIST", "train"),
 }
 _SPLIT_ALIASES = {"train": "train", "test": "test", "val": "test"}
+SPLITS = tuple(_SPLIT_ALIASES)  # what ``split=`` takes
 
 
 # --------------------------------------------------------------------------- datasets
@@ -373,7 +375,7 @@ def _load_torchvision(name: str, key: str, root: Path) -> Dataset:
     except Exception as exc:
         raise OfflineError(
             f"cannot download {name} (no network?): put the dataset in {root} "
-            "or pass a folder with --data"
+            "or pass a folder as `data`"
         ) from exc
 
 

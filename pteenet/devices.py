@@ -18,13 +18,13 @@ def check_device(device: str | torch.device) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise OptionError(f"unknown --device '{device}': use cpu or cuda") from e
+        raise OptionError(f"`device` {str(device)[:40]!r} is unknown: use cpu or cuda") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise OptionError("--device cuda: no CUDA GPU is available here; use --device cpu")
+        raise OptionError("`device` cuda: no CUDA GPU is available here; use cpu")
     if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise OptionError("--device mps: MPS is not available here; use --device cpu")
+        raise OptionError("`device` mps: MPS is not available here; use cpu")
     if dev.type not in ("cpu", "cuda", "mps"):
-        raise OptionError(f"unsupported --device '{device}': use cpu or cuda")
+        raise OptionError(f"`device` {str(device)[:40]!r} is not supported: use cpu or cuda")
     return dev
 
 
@@ -39,7 +39,7 @@ def threads(n: int | None) -> Iterator[None]:
         yield
         return
     if n < 1:
-        raise OptionError(f"--threads must be at least 1, got {n}")
+        raise OptionError(f"`threads` must be at least 1, got {n}")
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:

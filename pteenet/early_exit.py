@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -34,7 +35,10 @@ from .branches import DEFAULT_BRANCH, branch_flops, make_branch
 from .errors import OptionError
 from .latency import COSTS, PROBE_BATCH, TimeProfile, profile_cascade
 from .thresholds import as_table
-from .tracing import Trace, split_at
+from .tracing import Cut, Trace, split_at
+
+if TYPE_CHECKING:
+    from .bundle import BundleInfo
 
 __all__ = [
     "EarlyExitModel",
@@ -106,7 +110,8 @@ class EarlyExitModel(nn.Module):
     ``segment_flops[k]`` and ``branch_flops[k]`` are per-image FLOPs; their sum over segments is
     the backbone's own cost, against which relative FLOPs are reported. ``cost`` says what the
     cost model (calibration's search, L_v2's cost term) counts: ``"flops"``, or ``"latency"``,
-    the measured times of ``latency`` (a :class:`~pteenet.latency.TimeProfile`).
+    the measured times of ``latency`` (a :class:`~pteenet.latency.TimeProfile`). ``info`` is
+    the metadata of the bundle the model was loaded from (None for a model built here).
     """
 
     def __init__(
@@ -136,6 +141,7 @@ class EarlyExitModel(nn.Module):
         self.score = score
         self.cost = "flops"
         self.latency: TimeProfile | None = None
+        self.info: BundleInfo | None = None  # set by pteenet.load
         self.register_buffer("thresholds", torch.empty(0), persistent=False)
         self.register_buffer("gamma", torch.ones(len(branches)), persistent=False)
         self.set_thresholds(thresholds, gamma=gamma)
@@ -351,31 +357,36 @@ def build_early_exit(
     thresholds: object = 0.5,
     score: str = "softmax",
     gamma: Sequence[float] | None = None,
+    flops: tuple[Sequence[int], Sequence[int]] | None = None,
 ) -> EarlyExitModel:
     """Split the traced backbone at ``cut_names`` and attach a fresh branch after each cut.
 
     ``budget`` caps each branch's FLOPs as a share of the backbone's (``None``: no cap);
-    ``widths`` (from a bundle) rebuilds branches at the widths they were trained with.
+    ``widths`` (from a bundle) rebuilds branches at the widths they were trained with, and
+    ``flops`` (each segment's and each branch's, from a bundle) is taken as recorded instead
+    of counted again.
     """
     kinds = [branch] * len(cut_names) if isinstance(branch, str) else list(branch)
     if len(kinds) != len(cut_names):
         raise OptionError(f"{len(kinds)} branch types given for {len(cut_names)} cuts")
     if budget is not None and not 0 < budget <= 1:
-        raise OptionError(f"--branch-budget must lie in (0, 1], got {budget}")
+        raise OptionError(f"`branch_budget` must lie in (0, 1], got {budget}")
     segments = split_at(trace, cut_names)
     cuts = [trace.cut(c) for c in cut_names]
     cap = None if budget is None else budget * trace.total_flops
     widths = list(widths) if widths is not None else [None] * len(cuts)
     branches = [make_branch(k, c.shape, num_classes, cap, width=w)
                 for k, c, w in zip(kinds, cuts, widths)]
-    prev, seg_flops = 0, []
-    for c in cuts:
-        seg_flops.append(c.flops - prev)
-        prev = c.flops
-    seg_flops.append(trace.total_flops - prev)
+    seg_flops, br_flops = flops or (_segment_flops(trace, cuts),
+                                    [branch_flops(b, c.shape) for b, c in zip(branches, cuts)])
     return EarlyExitModel(
-        segments, branches, segment_flops=seg_flops,
-        branch_flops=[branch_flops(b, c.shape) for b, c in zip(branches, cuts)],
+        segments, branches, segment_flops=seg_flops, branch_flops=br_flops,
         num_classes=num_classes, thresholds=thresholds, score=score, gamma=gamma,
         whole=trace.model,
     )
+
+
+def _segment_flops(trace: Trace, cuts: Sequence[Cut]) -> list[int]:
+    """Each segment's own FLOPs, from the cumulative counts at its ends."""
+    ends = [c.flops for c in cuts] + [trace.total_flops]
+    return [b - a for a, b in zip([0, *ends[:-1]], ends)]

@@ -37,8 +37,8 @@ from torch import nn
 from . import __version__
 from .atomic import atomic_path, write_text, writer_lock
 from .backbones import sha256_file
-from .bundle import load, read_info
-from .derived import BUNDLE_HASH_KEY, bundle_hash
+from .bundle import load, read_bundle
+from .derived import BUNDLE_HASH_KEY
 from .early_exit import EarlyExitModel
 from .errors import BundleError, OptionError
 from .thresholds import json_rows
@@ -80,14 +80,14 @@ def export(
 ) -> Path:
     """Write the bundle's segments, branches and manifest into ``out``; return that folder."""
     _check_format(format, opset)
-    info = read_info(bundle)  # fail fast on a missing bundle, before building the backbone
-    folder = Path(out) if out is not None else info.path / f"export-{format}"
+    b = read_bundle(bundle)  # fail fast on a bad bundle, before building the backbone
+    folder = Path(out) if out is not None else b.path / f"export-{format}"
     if folder.exists() and not folder.is_dir():
-        raise OptionError(f"--out {folder} is a file; give a folder")
+        raise OptionError(f"`out` {folder} is a file; give a folder")
     with writer_lock(folder, create=True):  # also the writability check, before any work
-        model = load(bundle, checkpoint=checkpoint, force=force).eval()
+        model = load(b, checkpoint=checkpoint, force=force).eval()
         files = _write_graphs(model, folder, format, opset)
-        manifest = manifest_for(model, format, files)
+        manifest = manifest_for(model, format, files, b.sha256)
         manifest["sha256"] = {f: sha256_file(folder / f)
                               for group in files.values() for f in group}
         write_text(folder / MANIFEST, json.dumps(manifest, indent=1))
@@ -109,8 +109,10 @@ def _write_graphs(model: Any, folder: Path, format: str, opset: int) -> dict[str
     return files
 
 
-def manifest_for(model: Any, format: str, files: dict[str, list[str]]) -> dict[str, Any]:
-    """The manifest: everything a runtime needs besides the graphs, as plain JSON."""
+def manifest_for(model: Any, format: str, files: dict[str, list[str]],
+                 bundle_sha256: str | None) -> dict[str, Any]:
+    """The manifest: everything a runtime needs besides the graphs, as plain JSON;
+    ``bundle_sha256`` is the hash of the bundle.json the model was read under."""
     info = model.info
     return {
         "format_version": MANIFEST_VERSION, "pteenet_version": __version__, "format": format,
@@ -123,7 +125,7 @@ def manifest_for(model: Any, format: str, files: dict[str, list[str]]) -> dict[s
         "active": model.active, "segment_flops": list(model.segment_flops),
         "branch_flops": list(model.branch_flops), "backbone_flops": model.backbone_flops,
         "exit_costs": model.exit_costs(kind="flops"), "files": files,
-        BUNDLE_HASH_KEY: bundle_hash(info.path),
+        BUNDLE_HASH_KEY: bundle_sha256,
     }
 
 
@@ -137,7 +139,7 @@ def _check_format(format: str, opset: int) -> None:
         except ImportError as e:
             raise OptionError(f"ONNX export needs the onnx package: {INSTALL_HINT}") from e
         if not 9 <= opset <= 25:
-            raise OptionError(f"--opset must lie in 9..25, got {opset}")
+            raise OptionError(f"`opset` must lie in 9..25, got {opset}")
 
 
 @torch.no_grad()
@@ -176,7 +178,7 @@ def _write_graph(module: nn.Module, example: torch.Tensor, check: torch.Tensor, 
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         other = "torchscript" if format == "onnx" else "onnx"
         raise OptionError(f"cannot export {what} as {format} ({type(e).__name__}: {first}); "
-                          f"try --format {other}") from e
+                          f"try `format` {other}") from e
 
 
 def _save_onnx(module: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
@@ -222,4 +224,4 @@ def _verify(module: nn.Module, x: torch.Tensor, path: Path, format: str, what: s
         if tuple(r.shape) != tuple(g.shape) or float((r - g).abs().max()) > tol:
             raise OptionError(f"the exported {what} does not reproduce the model on a batch of "
                               f"{x.shape[0]} (fixed batch size or unsupported op); try the other "
-                              f"--format")
+                              f"`format`")

@@ -46,11 +46,11 @@ def target_fractions(policy: str, n: int) -> list[float]:
 def _check_fractions(at: Sequence[float]) -> list[float]:
     at = [float(a) for a in at]
     if not at:
-        raise PlacementError("--at needs at least one fraction")
+        raise PlacementError("`at` needs at least one fraction")
     if any(not 0 < a < 1 for a in at):
-        raise PlacementError(f"--at fractions must lie strictly between 0 and 1, got {at}")
+        raise PlacementError(f"`at` fractions must lie strictly between 0 and 1, got {at}")
     if sorted(set(at)) != at:
-        raise PlacementError(f"--at fractions must be distinct and increasing, got {at}")
+        raise PlacementError(f"`at` fractions must be distinct and increasing, got {at}")
     return at
 
 

@@ -20,6 +20,7 @@ outputs then become the cut points (the modules are kept whole as fx leaves).
 from __future__ import annotations
 
 import copy
+import re
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -36,12 +37,17 @@ __all__ = ["Cut", "Trace", "count_flops", "split_at", "thop_macs", "trace_backbo
 
 @dataclass(frozen=True)
 class Cut:
-    """A place where the backbone can be split: a node name and what lies before it."""
+    """A place where the backbone can be split: its name and what lies before it.
+
+    ``name`` is a module path where the cut is a module's output (``layer2.3``), as
+    torchvision's ``get_graph_node_names`` names nodes; ``node`` is the fx node's own name
+    (``relu_14``), what bundles before module-path names recorded, still accepted."""
 
     name: str
     shape: tuple[int, ...]  # per-sample output shape (C, H, W)
     flops: int  # cumulative FLOPs per image up to and including this node
     params: int  # cumulative parameters up to and including this node
+    node: str = ""  # the fx node's name ("" : the same as ``name``)
 
 
 @dataclass
@@ -58,9 +64,11 @@ class Trace:
     model: nn.Module | None = field(default=None, repr=False)  # the eager backbone traced
 
     def cut(self, name: str) -> Cut:
-        for c in self.cuts:
-            if c.name == name:
-                return c
+        """The cut called ``name``: its module-path name, or its fx node name (old bundles)."""
+        by_name = [c for c in self.cuts if c.name == name]
+        found = by_name or [c for c in self.cuts if c.node == name]  # a name wins over a node
+        if found:
+            return found[0]
         raise TraceError(
             f"'{name}' is not a cut point of this backbone; list them with `pteenet inspect`"
         )
@@ -69,12 +77,15 @@ class Trace:
 def _timm_notrace() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
     """timm's own fx registries: the modules and functions its feature extraction keeps whole
     because fx cannot trace through them (data-dependent control flow). Only when timm is
-    loaded, which it is whenever the model came from timm."""
+    loaded, which it is whenever the model came from timm. They live in ``timm.layers``
+    (``timm.models._features_fx`` only re-exports them). Names registered as strings are left
+    out: fx wraps functions, not names."""
     if "timm" not in sys.modules:
         return (), ()
-    from timm.models._features_fx import get_notrace_functions, get_notrace_modules
+    from timm.layers import get_notrace_functions, get_notrace_modules
 
-    return tuple(get_notrace_modules()), tuple(get_notrace_functions())
+    modules = tuple(m for m in get_notrace_modules() if isinstance(m, type))
+    return modules, tuple(f for f in get_notrace_functions() if callable(f))
 
 
 class _LeafTracer(fx.Tracer):
@@ -87,22 +98,53 @@ class _LeafTracer(fx.Tracer):
         self.leaves = set(leaves)
         self.stack: list[str] = []
 
+    def create_node(self, *args, **kwargs) -> fx.Node:
+        """Each node remembers the module whose forward created it (for its cut name)."""
+        node = super().create_node(*args, **kwargs)
+        node.meta[_SCOPE] = self.stack[-1] if self.stack else ""
+        return node
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return (qualname in self.leaves or isinstance(m, self.leaf_types)
                 or super().is_leaf_module(m, qualname))
 
     def call_module(self, m, forward, args, kwargs):
-        self.stack.append(self.path_of_module(m))
+        path = self.path_of_module(m)
+        self.stack.append(path)
         out = super().call_module(m, forward, args, kwargs)
         self.stack.pop()
+        if isinstance(out, fx.Proxy):  # innermost module first: inner calls return first
+            out.node.meta.setdefault(_OUTPUT_OF, []).append((path, self.is_leaf_module(m, path)))
         return out
+
+
+_SCOPE = "pteenet_scope"  # node.meta: the module path whose forward made the node
+_OUTPUT_OF = "pteenet_output_of"  # node.meta: (path, is leaf) of each module it is the output of
+
+
+def _cut_name(n: fx.Node, taken: set[str]) -> str:
+    """A cut's name: the innermost non-leaf module whose output it is (``layer2.3``, a block,
+    rather than its last ``relu``), else the leaf module's path, else the operation's name
+    inside its module (``layer1.0.add``, numbered ``_1``, ``_2`` where it repeats there, as
+    torchvision numbers them). At the top level that is the fx node's own name, so an old
+    bundle's node name never means another cut."""
+    outputs = n.meta.get(_OUTPUT_OF, [])
+    blocks = [p for p, leaf in outputs if not leaf] or [p for p, _ in outputs]
+    if blocks and blocks[0] not in taken:
+        return blocks[0]
+    scope = n.meta.get(_SCOPE, "")
+    if not scope:
+        return n.name
+    base = f"{scope}.{re.sub(r'_[0-9]+$', '', n.name)}"
+    return next(name for name in (base, *(f"{base}_{k}" for k in range(1, len(taken) + 2)))
+                if name not in taken)
 
 
 def _symbolic_trace(model: nn.Module, leaves: Sequence[str]) -> fx.GraphModule:
     names = dict(model.named_modules())
     unknown = [n for n in leaves if n not in names or n == ""]
     if unknown:
-        raise TraceError(f"--cuts names unknown modules: {', '.join(unknown)}")
+        raise TraceError(f"`cuts` names unknown modules: {', '.join(unknown)}")
     tracer = _LeafTracer(leaves)
     try:
         graph = tracer.trace(model)
@@ -110,24 +152,29 @@ def _symbolic_trace(model: nn.Module, leaves: Sequence[str]) -> fx.GraphModule:
         where = tracer.stack[-1] if tracer.stack else type(model).__name__
         first = (str(e).splitlines() or [type(e).__name__])[0][:160]
         raise TraceError(
-            f"torch.fx cannot trace module '{where}' ({first}); pass --cuts with module names "
-            f"around it (e.g. --cuts layer1,layer2) to keep it whole"
+            f"torch.fx cannot trace module '{where}' ({first}); pass `cuts` with module names "
+            f"around it (e.g. layer1,layer2) to keep it whole"
         ) from e
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
 class _Profiler(fx.Interpreter):
-    """Overrides ``run_node`` to count each node's FLOPs and record its output shape."""
+    """Overrides ``run_node`` to record each node's output shape and (with ``count``) its
+    FLOPs."""
 
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, count: bool = True) -> None:
         super().__init__(gm)
+        self.count = count
         self.flops: dict[str, int] = {}
         self.shapes: dict[str, tuple[int, ...] | None] = {}
 
     def run_node(self, n: fx.Node):
-        with FlopCounterMode(display=False) as counter:
+        if not self.count:
             out = super().run_node(n)
-        self.flops[n.name] = counter.get_total_flops()
+        else:
+            with FlopCounterMode(display=False) as counter:
+                out = super().run_node(n)
+            self.flops[n.name] = counter.get_total_flops()
         self.shapes[n.name] = tuple(out.shape) if isinstance(out, torch.Tensor) else None
         return out
 
@@ -208,18 +255,19 @@ def count_flops(module: nn.Module, *inputs: torch.Tensor) -> int:
 
 def trace_backbone(
     model: nn.Module, input_size: tuple[int, int], *, cuts: Sequence[str] | None = None,
-    with_thop: bool = True,
+    with_thop: bool = True, flops: bool = True,
 ) -> Trace:
     """Trace ``model`` and profile every cut point on one ``input_size`` image.
 
     ``cuts`` names modules to keep whole; then only their outputs are offered as cut points.
-    The model is left as found (its training mode is restored).
+    ``flops=False`` records shapes only (every FLOP figure 0): for a bundle, which records its
+    FLOPs. The model is left as found (its training mode is restored).
     """
     was_training = model.training
     model.eval()
     try:
         gm = _symbolic_trace(model, list(cuts or ()))
-        prof = _Profiler(gm)
+        prof = _Profiler(gm, flops)
         with torch.no_grad():
             prof.run(torch.zeros(1, 3, *input_size))
     finally:
@@ -229,7 +277,7 @@ def trace_backbone(
     for n in gm.graph.nodes:
         running += prof.flops.get(n.name, 0)
         cumulative[n.name] = running
-    found = []
+    found: list[Cut] = []
     wanted = {str(c) for c in cuts or ()}
     for n in _cut_nodes(gm.graph):
         shape = prof.shapes.get(n.name)
@@ -237,12 +285,12 @@ def trace_backbone(
             continue
         if wanted and not (n.op == "call_module" and n.target in wanted):
             continue
-        name = n.target if wanted else n.name
-        found.append(Cut(name, tuple(shape[1:]), cumulative[n.name], params[n.name]))
+        name = str(n.target) if wanted else _cut_name(n, {c.name for c in found})
+        found.append(Cut(name, tuple(shape[1:]), cumulative[n.name], params[n.name], n.name))
     if wanted and len(found) < len(wanted):
         missing = wanted - {c.name for c in found}
         raise TraceError(
-            f"--cuts {', '.join(sorted(missing))}: not a place where the network can be split "
+            f"`cuts` {', '.join(sorted(missing))}: not a place where the network can be split "
             f"(something else computed before it is still needed after it)"
         )
     total_params = sum(p.numel() for p in model.parameters())
@@ -265,11 +313,9 @@ def split_at(trace: Trace, cut_names: Sequence[str]) -> list[fx.GraphModule]:
     tensor; the last returns the backbone's output. Submodules are shared, not copied.
     """
     gm = trace.graph_module
-    for c in cut_names:
-        trace.cut(c)
     nodes = list(gm.graph.nodes)
     pos = {n: i for i, n in enumerate(nodes)}
-    bounds = [_node_of(gm, c) for c in cut_names]
+    bounds = [_node_of(gm, trace.cut(c).node or c) for c in cut_names]
     if any(pos[a] >= pos[b] for a, b in zip(bounds, bounds[1:])):
         raise TraceError("cut points must be distinct and ordered from input to output")
     starts = [None, *bounds]

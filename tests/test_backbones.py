@@ -298,7 +298,7 @@ def test_checkpoint_with_other_number_of_classes(tmp_path, probe):
 
     with pytest.raises(CheckpointError) as info:  # a wrong explicit count is still refused
         create_backbone("resnet20", checkpoint=path, num_classes=10)
-    assert "--num-classes 100" in _one_line(info.value)
+    assert "`num_classes` 100" in _one_line(info.value)
 
     inferred = create_backbone("resnet20", checkpoint=path)  # read from the classifier
     assert inferred.num_classes == 100 and "--num-classes 100" in inferred.notes[0]
@@ -346,7 +346,7 @@ def test_pretrained_offline_fails_fast_and_says_to_pass_checkpoint(monkeypatch, 
         create_backbone("resnet20", pretrained=True)
     assert time.monotonic() - start < 10
     msg = _one_line(info.value)
-    assert "--checkpoint" in msg
+    assert "pass `checkpoint`" in msg
     assert "cifar:resnet20" in msg
     assert not [p for p in hub.rglob("*") if p.is_file()]  # no partial download left behind
 
@@ -355,7 +355,7 @@ def test_torchvision_pretrained_offline(monkeypatch, tmp_path):
     _block_network(monkeypatch, tmp_path)
     with pytest.raises(OfflineError) as info:
         create_backbone("torchvision:resnet18", pretrained=True)
-    assert "--checkpoint" in _one_line(info.value)
+    assert "pass `checkpoint`" in _one_line(info.value)
 
 
 def test_checkpoint_wins_over_pretrained_offline(monkeypatch, tmp_path, source_model, probe):

@@ -285,7 +285,7 @@ class _FakeMNIST(torch.utils.data.Dataset):
 
 def test_named_dataset_offline_real_torchvision(tmp_path: Path, no_network: None) -> None:
     message = _one_line_error(OfflineError, open_data, "CIFAR10", PRE, cache_dir=tmp_path)
-    assert "cifar10" in message and str(tmp_path) in message and "--data" in message
+    assert "cifar10" in message and str(tmp_path) in message and "`data`" in message
 
 
 def test_named_dataset_download_error(tmp_path: Path, monkeypatch, no_network: None) -> None:

@@ -73,8 +73,17 @@ def refused_everywhere(bundle: Path, *words: str, code: int = 3) -> str:
         assert snapshot(bundle) == before, "a refused bundle was changed"
     with pytest.raises(BundleError) as info:
         pteenet.load(bundle)
-    assert " ".join(str(info.value).split()) in line
+    assert as_shown(str(info.value), "calibrate") in line
     return line
+
+
+def as_shown(message: str, command: str) -> str:
+    """A library message as ``command`` shows it: one line, parameters as its options."""
+    import typer
+    from pteenet_cli._errors import as_flags, flags_of
+
+    sub = typer.main.get_command(app).get_command(None, command)
+    return as_flags(" ".join(message.split()), flags_of(sub))
 
 
 # --------------------------------------------------------------------------- helpers that spoil
@@ -136,7 +145,7 @@ def refused_by_readers_replaced_by_calibrate(bundle: Path, *words: str) -> str:
     line = fails_cleanly(invoke("bench", "-b", bundle, *FAST_BENCH), 3)
     for word in words:
         assert word in line, (word, line)
-    assert " ".join(str(info.value).split()) in line
+    assert as_shown(str(info.value), "bench") in line
     result = invoke("calibrate", "-b", bundle, "-t", "0.5")
     assert result.exit_code == 0, result.output
     assert torch.equal(pteenet.load(bundle).thresholds, torch.full((2, 3), 0.5))

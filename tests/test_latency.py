@@ -135,4 +135,4 @@ def test_cli_cost_and_threads(timed):
     assert r.exit_code == 0, r.output
     assert "time profile" in r.stdout and "ideal batch-1 speedup" in r.stdout
     r = CliRunner().invoke(app, ["calibrate", "--bundle", str(timed), "--cost", "watts"])
-    assert r.exit_code != 0 and "unknown cost 'watts'" in r.stderr
+    assert r.exit_code == 2 and "'watts' is not one of 'flops', 'latency'" in r.stderr

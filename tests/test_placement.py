@@ -147,7 +147,7 @@ def test_too_many_branches():
 def test_bad_at_values(at):
     with pytest.raises(PlacementError) as info:
         choose_cuts(NINE, at=at)
-    assert "--at" in str(info.value)
+    assert "`at`" in str(info.value)
     assert isinstance(info.value, PteenetError)
 
 

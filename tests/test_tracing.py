@@ -132,7 +132,7 @@ def test_untraceable_model_names_the_module_and_suggests_cuts():
     msg = str(info.value)
     assert "\n" not in msg
     assert "'body.1'" in msg  # the qualified name of the _Gate
-    assert "--cuts" in msg
+    assert "`cuts`" in msg
     assert isinstance(info.value, PteenetError)
 
 
