@@ -42,7 +42,7 @@ def test_attach_writes_a_complete_bundle(bundle):
     info = read_info(out)
     assert info.num_branches == 2 and info.num_classes == 3
     assert info.backbone["checkpoint_sha256"] and info.preprocess.input_size == (32, 32)
-    assert len(info.calibration_indices) == round(0.1 * 72)
+    assert len(info.calibration_indices) == round(0.2 * 72)
     assert info.classes == ["blue", "green", "red"]
     assert not list(out.glob(".*.tmp"))
 
