@@ -514,13 +514,14 @@ def _table(data: bytes | None, where: str, info: BundleInfo) -> ThresholdTable:
 
 
 def _gamma(raw: Any, b: int, score: str, f: str) -> list[float] | None:
-    """The gate's powers: ``b`` numbers >= 0 or null (inf: off); required for the gate score."""
+    """The gate's powers: ``b`` finite numbers >= 0 or null (inf: off); required for the gate
+    score. No upper cap: a threshold a hair below 1 maps to a power in the millions."""
     if raw is None:
         if score == "gate":
             raise BundleError(f"{f}: the gate score needs 'gamma'; re-run `pteenet calibrate`")
         return None
     ok = isinstance(raw, list) and len(raw) == b and all(
-        v is None or isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1e6
+        v is None or isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < math.inf
         for v in raw)
     if not ok:
         raise BundleError(f"{f}: 'gamma' must hold {b} numbers >= 0 or null; re-run "

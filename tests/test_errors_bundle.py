@@ -26,7 +26,14 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import pteenet
-from pteenet.bundle import BRANCHES_FILE, FORMAT_VERSION, THRESHOLDS_FILE
+from pteenet.bundle import (
+    BRANCHES_FILE,
+    FORMAT_VERSION,
+    THRESHOLDS_FILE,
+    ThresholdTable,
+    write_thresholds,
+)
+from pteenet.early_exit import gate_power
 from pteenet.errors import BundleError
 from tests._helpers import (  # noqa: F401  (one_thread: autouse fixture)
     fails_cleanly,
@@ -484,3 +491,14 @@ def test_a_bundle_without_the_checkpoint_hash_needs_force(bundle):
     result = invoke("calibrate", "-b", bundle, "-t", "0.5", "--force")
     assert result.exit_code == 0, result.output
     assert pteenet.load(bundle, force=True).num_branches == 2
+
+
+def test_a_gate_threshold_a_hair_below_one_round_trips(bundle):
+    """The gate's power for a threshold near 1 is in the millions: the reader takes any
+    finite power, so a table calibrate wrote always reads back."""
+    model = pteenet.load(bundle)
+    model.set_thresholds(0.5, score="gate", gamma=[gate_power(0.3), gate_power(1 - 1e-9)])
+    assert max(model.gamma.tolist()) > 1e6
+    write_thresholds(bundle, ThresholdTable.of(model))
+    again = pteenet.load(bundle)
+    assert again.gamma.tolist() == pytest.approx(model.gamma.tolist())
