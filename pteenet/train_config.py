@@ -53,7 +53,7 @@ class TrainConfig:
             raise OptionError(f"--lam must be >= 0, got {self.lam}")
         if not self.temperature > 0:
             raise OptionError(f"--temperature must be positive, got {self.temperature}")
-        check_cpm_options(self.margin, self.min_support, "--margin")
+        check_cpm_options(self.margin, self.min_support)
         if self.target not in TARGETS:
             raise OptionError(f"--target must be one of {', '.join(TARGETS)}, got {self.target}")
         if self.loss not in LOSSES:
