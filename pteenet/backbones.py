@@ -380,7 +380,7 @@ def create_backbone(
         if num_classes is None and (found := _head_classes(model, sd)) is not None:
             num_classes, key = found
             model = _build(source, bare, num_classes, False)
-            notes.append(f"--num-classes {num_classes}: read from the checkpoint's classifier "
+            notes.append(f"`num_classes` {num_classes}: read from the checkpoint's classifier "
                          f"({key})")
         _apply_state_dict(model, sd, path, f"{source}:{bare}")
         sha = known_sha256 or sha256_file(path)

@@ -230,7 +230,7 @@ def test_labels_of_other_classes_are_not_targets(tiny, tmp_path):  # noqa: F811
     res = attach("resnet20", data, backbone=bb, branches=2, out=tmp_path / "auto",
                  config=TrainConfig(epochs=1, batch_size=16), progress=False)
     assert res.info.training["target"] == "soft"  # auto: the backbone's softmax, not labels
-    with pytest.raises(OptionError, match="--target mixed needs them to match"):
+    with pytest.raises(OptionError, match="`target` mixed needs them to match"):
         attach("resnet20", data, backbone=bb, branches=2, out=tmp_path / "mixed",
                config=TrainConfig(epochs=1, target="mixed"), progress=False)
 
