@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shlex
 from collections.abc import Mapping
+from contextvars import ContextVar
 from enum import Enum
 
 from pteenet.errors import (
@@ -40,6 +41,7 @@ ERROR_TABLE: dict[type[PteenetError], tuple[str, int]] = {
 
 MAX_LINE = 600  # characters of a message shown; the rest is cut
 _PARAM = re.compile(r"`([a-z][a-z0-9_]*)`")  # how library messages name a parameter
+_RUNNING: ContextVar[Mapping[str, str] | None] = ContextVar("running_flags", default=None)
 
 
 def describe(exc: BaseException, argv: list[str] | None = None,
@@ -62,13 +64,29 @@ def describe(exc: BaseException, argv: list[str] | None = None,
 
 
 def flags_of(command) -> dict[str, str]:
-    """A click command's parameter names (as the library names them) and their long options."""
+    """A click command's parameter names (as the library names them) and their long options.
+    A ``--no-x`` switch also answers for the library's ``x`` (``no_cache`` sets ``cache``):
+    library messages name such a setting without saying which way it was set."""
     found = {}
     for p in getattr(command, "params", []):
         longs = [o for o in getattr(p, "opts", ()) if o.startswith("--")]
         if p.name and longs:
             found[p.name] = max(longs, key=len)
+            if p.name.startswith("no_") and getattr(p, "is_flag", False):
+                found.setdefault(p.name[3:], found[p.name])
     return found
+
+
+def show_as(command) -> None:
+    """Name the command about to run for :func:`as_shown`: typer calls commands outside any
+    click context that could say which one runs (recent typers vendor their own click)."""
+    _RUNNING.set(flags_of(command))
+
+
+def as_shown(text: str) -> str:
+    """Library text printed outside an error (a note, a warning) with the running command's
+    options for the parameters it names, as :func:`describe` does for errors."""
+    return as_flags(text, _RUNNING.get())
 
 
 def as_flags(text: str, flags: Mapping[str, str] | None) -> str:

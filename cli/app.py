@@ -11,7 +11,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from ._errors import describe, describe_usage, flags_of
+from ._errors import describe, describe_usage, flags_of, show_as
 from ._output import unwrap_help
 from .attach_cmd import attach
 from .bench_cmd import bench
@@ -65,6 +65,12 @@ class _Group(TyperGroup):
                 raise
             click.echo(describe_usage(exc), err=True)
             raise _EXIT(exc.exit_code) from None
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        """The command found is the one whose options library notes are shown with."""
+        name, command, rest = super().resolve_command(ctx, args)
+        show_as(command)
+        return name, command, rest
 
     def invoke(self, ctx: click.Context):
         try:

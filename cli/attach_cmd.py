@@ -15,6 +15,7 @@ from pteenet.train_config import TrainConfig
 
 from . import _choices
 from ._choices import value
+from ._errors import as_shown
 from ._options import (
     At,
     Checkpoint,
@@ -120,9 +121,9 @@ def attach(
     if not res.reports:  # another rank of a torchrun launch: rank 0 reports
         return
     for line in res.said:
-        out_.note(line)
+        out_.note(as_shown(line))
     for note in res.notes:
-        out_.warn(note)
+        out_.warn(as_shown(note))
     on = res.model.active
     rows = [[r["branch"], r["cut"], r["type"], pct(r["exit_flops"]), pct(r["branch_flops"], 2),
              kb(r["cache_bytes"]), pct(r["agreement"]), "on" if on[r["branch"]] else "off"]

@@ -12,6 +12,7 @@ from pteenet.benchmarking import bench as run_bench
 
 from . import _choices
 from ._choices import value
+from ._errors import as_shown
 from ._options import Bundle, BundleCheckpoint, Device, Force, Json
 from ._output import Output, pct
 
@@ -86,9 +87,9 @@ def _notes(out: Output, res: dict[str, Any]) -> None:
     out.note(escape(f"{res['bundle']['backbone']} on {d['spec']} ({d['split']} split, "
                     f"{d['subset']}: {d['num_samples']} images{skipped}); thresholds: {how}"))
     for n in res["notes"]:
-        out.note(escape(f"note: {n}"))
+        out.note(escape(f"note: {as_shown(n)}"))
     for w in res["warnings"]:
-        out.warn(escape(w))
+        out.warn(escape(as_shown(w)))
     for name, path in res["files"].items():
         out.note(escape(f"{name.replace('_', '.', 1)} -> {path}"))
 

@@ -11,6 +11,7 @@ from pteenet.placement import DEFAULT_POLICY
 
 from . import _choices
 from ._choices import value
+from ._errors import as_shown
 from ._options import (
     At,
     Checkpoint,
@@ -52,7 +53,7 @@ def inspect(
                             cuts=names(cuts), **preprocess_options(input_size, mean, std),
                             pretrained=pretrained)
     for line in info["inferred"]:
-        out.note(line)
+        out.note(as_shown(line))
     out.note(f"[bold]{info['model']}[/] (resolved from '{model}' via {info['source']}), "
              f"input {info['input_size'][0]}x{info['input_size'][1]}, "
              f"{info['num_classes']} classes")

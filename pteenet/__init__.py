@@ -27,7 +27,7 @@ _LAZY = {
     "attach": "attaching",
     "calibrate": "calibration",
     "bench": "benchmarking",
-    "run_demo": "demo",
+    "run_demo": "demo.run",
     "PteenetError": "errors",
 }
 

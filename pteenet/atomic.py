@@ -54,6 +54,7 @@ __all__ = [
     "read_manifest",
     "read_member",
     "recover",
+    "sha256_file",
     "write_text",
     "writer_lock",
     "writes_into",
@@ -255,12 +256,18 @@ def _pending(folder: Path, name: str) -> Path:
     return folder / f".{name}{PENDING_SUFFIX}"
 
 
-def _entry(path: Path) -> dict[str, Any]:
+def sha256_file(path: str | os.PathLike) -> str:
+    """A file's SHA-256, read in 1 MiB blocks (checkpoints run to gigabytes): manifests and
+    bundles record it to notice a file that changed under them."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    return {"sha256": h.hexdigest(), "size": path.stat().st_size}
+    return h.hexdigest()
+
+
+def _entry(path: Path) -> dict[str, Any]:
+    return {"sha256": sha256_file(path), "size": path.stat().st_size}
 
 
 def _matches(path: Path, entry: Mapping[str, Any]) -> bytes | None:

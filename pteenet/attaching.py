@@ -115,7 +115,7 @@ def attach(
     init_from_env(config.device)
     available_splits(data)  # the data must exist before the backbone is fetched
     if Path(out).exists() and not Path(out).is_dir():
-        raise OptionError(f"--out {out} is a file; the bundle needs a folder")
+        raise OptionError(f"`out` {out} is a file; the bundle needs a folder")
     start = time.perf_counter()
     bb = backbone or create_backbone(model, checkpoint=checkpoint, pretrained=pretrained,
                                      num_classes=num_classes, input_size=input_size, mean=mean,
@@ -125,7 +125,7 @@ def attach(
     labeled = dataset.has_labels and len(dataset.classes or []) == bb.num_classes
     if dataset.has_labels and not labeled and config.target in ("labels", "mixed"):
         raise OptionError(f"the data has {len(dataset.classes or [])} classes but the backbone "
-                          f"predicts {bb.num_classes}; --target {config.target} needs them to "
+                          f"predicts {bb.num_classes}; `target` {config.target} needs them to "
                           f"match")
     # labels whose classes are not the backbone's cannot be targets: auto falls back to soft
     config = replace(config, target=config.resolved_target(labeled))
@@ -212,7 +212,7 @@ def _on_interrupt(out: str | os.PathLike, state: Resume | None) -> Iterator[None
             raise Interrupted(f"the training state after {state.done} is kept in {state.path}; "
                               f"no bundle was written (earlier files in {out} are intact)",
                               resumable=True) from e
-        hint = "" if state is not None else "; with --resume attach keeps its training state " \
+        hint = "" if state is not None else "; with `resume` attach keeps its training state " \
             "after every epoch"
         raise Interrupted(f"nothing was written (earlier files in {out} are intact){hint}") \
             from e
@@ -222,8 +222,8 @@ def _check_cost(cost: str) -> None:
     if cost not in COSTS:
         raise OptionError(f"unknown cost '{cost}': use one of {', '.join(COSTS)}")
     if cost == "latency" and rank_world()[1] > 1:
-        raise OptionError("--cost latency measures one process's time: run attach without "
-                          "torchrun, or with --cost flops")
+        raise OptionError("`cost` latency measures one process's time: run attach without "
+                          "torchrun, or with `cost` flops")
 
 
 def _first_table(ee: EarlyExitModel, held, report: TrainReport, config: TrainConfig,
@@ -243,7 +243,7 @@ def _cost_notes(ee: EarlyExitModel) -> list[str]:
         return []
     return [f"the branches together cost {share:.0%} of the backbone (above {WARN_SHARE:.0%}); "
             f"calibration switches off the ones that do not pay, but fewer or cheaper branches "
-            f"(--branches, --branch-budget) train faster"]
+            f"(`branches`, `branch_budget`) train faster"]
 
 
 def _fingerprint(bb: Backbone, names, branch, config: TrainConfig, data, pool, cost) -> str:

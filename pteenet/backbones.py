@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import difflib
 import functools
-import hashlib
 import io
 import math
 import os
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .atomic import sha256_file
 from .cifar_resnet import CIFAR_DEPTHS, cifar_resnet
 from .errors import CheckpointError, ModelNotFoundError, OfflineError, OptionError
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, MAX_INPUT_SIDE, Preprocess
@@ -118,14 +118,6 @@ def resolve_name(name: str) -> tuple[str, str]:
         "; names look like resnet20, timm:resnet50 or torchvision:mobilenet_v3_small "
         "(try one with `pteenet inspect NAME`)")
     raise ModelNotFoundError(f"unknown model '{name}'{hint}")
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _read_raw(path: Path) -> object:
@@ -380,7 +372,7 @@ def create_backbone(
         if num_classes is None and (found := _head_classes(model, sd)) is not None:
             num_classes, key = found
             model = _build(source, bare, num_classes, False)
-            notes.append(f"--num-classes {num_classes}: read from the checkpoint's classifier "
+            notes.append(f"`num_classes` {num_classes}: read from the checkpoint's classifier "
                          f"({key})")
         _apply_state_dict(model, sd, path, f"{source}:{bare}")
         sha = known_sha256 or sha256_file(path)

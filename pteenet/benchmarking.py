@@ -53,16 +53,16 @@ def _check_options(threshold: float | None, batch_size: int, latency_samples: in
                   max_samples: int | None) -> None:
     """Refuse bad values before anything heavy is loaded, one line each."""
     if threshold is not None and (math.isnan(threshold) or threshold < 0):
-        raise OptionError(f"--threshold must be >= 0 (0 = always exit, above 1 = never), "
+        raise OptionError(f"`threshold` must be >= 0 (0 = always exit, above 1 = never), "
                           f"got {threshold}")
     if batch_size < 1:
-        raise OptionError(f"--batch-size must be at least 1, got {batch_size}")
+        raise OptionError(f"`batch_size` must be at least 1, got {batch_size}")
     if latency_samples < 0:
-        raise OptionError(f"--latency-samples must be >= 0 (0 skips it), got {latency_samples}")
+        raise OptionError(f"`latency_samples` must be >= 0 (0 skips it), got {latency_samples}")
     if repeats < 1:
-        raise OptionError(f"repeats must be at least 1, got {repeats}")
+        raise OptionError(f"`repeats` must be at least 1, got {repeats}")
     if max_samples is not None and max_samples < 1:
-        raise OptionError(f"--max-samples must be at least 1, got {max_samples}")
+        raise OptionError(f"`max_samples` must be at least 1, got {max_samples}")
 
 
 def _write_outputs(folder: Path, result: dict[str, Any], sweep: bool, out_json: bool) -> None:
@@ -134,7 +134,7 @@ def _bench(bundle, data, split, threshold, batch_size, latency_samples, repeats,
     if threshold is None and table.method == "none":
         result["warnings"].append("the bundle's thresholds were never calibrated (no "
                                   "thresholds.json): every exit is off and this measures the "
-                                  "backbone; run `pteenet calibrate` or pass --threshold")
+                                  "backbone; run `pteenet calibrate` or pass `threshold`")
     steady = dev.type == "cpu" and steady_allocator()  # both models alike: see its docstring
     result["timing"] = wall_clock(backbone, model, p.images, latency_samples=latency_samples,
                                   batch_size=batch_size, repeats=repeats, device=dev)

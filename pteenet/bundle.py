@@ -35,7 +35,7 @@ from .early_exit import SCORES, EarlyExitModel, build_early_exit
 from .errors import BundleError, PteenetError
 from .latency import COSTS, TimeProfile
 from .preprocess import INTERPOLATIONS, MAX_INPUT_SIDE, Preprocess
-from .thresholds import as_table
+from .thresholds import as_table, json_rows
 from .tracing import trace_backbone
 
 __all__ = [
@@ -170,18 +170,14 @@ def save_bundle(out: str | os.PathLike, model: EarlyExitModel, info: BundleInfo,
     return out
 
 
-def _json_thresholds(t: torch.Tensor) -> list[list[float | None]]:
-    return [[None if math.isinf(v) else float(v) for v in row] for row in t.tolist()]
-
-
 def _threshold_texts(table: ThresholdTable) -> tuple[str, str]:
     """The CSV (empty cell / ``never`` = never exits) and JSON texts of a threshold table."""
     t = table.thresholds
     doc = {"format_version": FORMAT_VERSION, "num_branches": int(t.shape[0]),
            "num_classes": int(t.shape[1]), "score": table.score, "method": table.method,
-           "params": table.params, "thresholds": _json_thresholds(t), "summary": table.summary}
+           "params": table.params, "thresholds": json_rows(t), "summary": table.summary}
     if table.gamma is not None:
-        doc["gamma"] = _json_thresholds(torch.tensor([table.gamma], dtype=torch.float64))[0]
+        doc["gamma"] = json_rows(torch.tensor([table.gamma], dtype=torch.float64))[0]
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["branch", "class", "threshold"])

@@ -41,6 +41,7 @@ from .latency import device_name, probe_images
 from .progress import single_bar
 from .thresholds import (
     as_table,
+    check_cpm_options,
     class_precision,
     cpm_thresholds,
     exit_index,
@@ -168,10 +169,7 @@ def _method(threshold: float | None, cpm: bool, max_drop: float | None, budget: 
         raise OptionError(f"`delta` must lie strictly between 0 and 1, got {delta}")
     if bound not in BOUNDS:
         raise OptionError(f"`bound` must be one of {', '.join(BOUNDS)}, got {bound}")
-    if not 0 <= margin <= 1:
-        raise OptionError(f"`margin` must lie in [0, 1], got {margin}")
-    if min_support < 1:
-        raise OptionError(f"`min_support` must be at least 1, got {min_support}")
+    check_cpm_options(margin, min_support)
     if threshold is not None:
         return "global"
     if budget is not None:

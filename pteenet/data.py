@@ -448,7 +448,7 @@ def make_loader(
     ``data``, also when iterating a subset.
     """
     if batch_size < 1:
-        raise DataError(f"batch size must be at least 1, got {batch_size}: pass a positive value")
+        raise DataError(f"`batch_size` must be at least 1, got {batch_size}: pass a positive value")
     dataset: Dataset = data
     if indices is not None:
         dataset = Subset(data, _checked_indices(indices, len(data)))
@@ -477,7 +477,7 @@ def _checked_indices(indices: Sequence[int], n: int) -> list[int]:
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """A seeded split into (train, held-out calibration) dataset indices, both sorted."""
     if not 0 < val_fraction < 1:
-        raise OptionError(f"--val-fraction must lie strictly between 0 and 1, got {val_fraction}")
+        raise OptionError(f"`val_fraction` must lie strictly between 0 and 1, got {val_fraction}")
     n_val = max(1, round(n * val_fraction))
     if n - n_val < 1:
         raise DataError(f"only {n} samples: too few to hold out a calibration split")

@@ -52,7 +52,7 @@ def select_data(info: BundleInfo, data: str | os.PathLike | None = None,
     """Pick the benchmark samples: the test split, else the bundle's held-out calibration set."""
     spec = str(data) if data is not None else info.data.get("spec")
     if not spec:
-        raise BundleError(f"{info.path}: the bundle does not record its data; pass --data")
+        raise BundleError(f"{info.path}: the bundle does not record its data; pass `data`")
     if split is None:
         split = "test" if "test" in available_splits(spec) else "train"
     dataset = open_data(spec, info.preprocess, split=split)
@@ -76,7 +76,7 @@ def _held_out(info: BundleInfo, dataset: ImageData) -> list[int]:
     idx = list(info.calibration_indices)
     if not idx:
         raise BundleError(f"{info.path}: no held-out samples recorded and no test split; "
-                          f"pass --data with a test/ folder")
+                          f"pass `data` with a test/ folder")
     if max(idx) >= len(dataset):
         raise DataError(f"{dataset.name} has {len(dataset)} images but the bundle's held-out "
                         f"indices go up to {max(idx)}: the data changed since attach")

@@ -39,10 +39,10 @@ class Resume:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise TrainingError(f"resume state {self.path} is unreadable ({e}); delete it and "
-                                f"start again without --resume") from e
+                                f"start again without `resume`") from e
         if not isinstance(state, dict) or state.get("key") != self.key:
             raise OptionError(f"resume state {self.path} belongs to a different attach (other "
-                              f"model, data or settings); delete it or drop --resume")
+                              f"model, data or settings); delete it or drop `resume`")
         return state
 
     def _write(self, state: dict, done: str) -> None:
@@ -79,7 +79,7 @@ class Resume:
             return None
         if "stage" not in state:
             raise OptionError(f"resume state {self.path} belongs to a different attach (other "
-                              f"model, data or settings); delete it or drop --resume")
+                              f"model, data or settings); delete it or drop `resume`")
         model.branches.load_state_dict(state["branches"])
         gen.set_state(state["gen"])
         report.losses, report.survivors = list(state["losses"]), list(state["survivors"])

@@ -44,26 +44,26 @@ class TrainConfig:
     def validate(self, has_labels: bool) -> None:
         check_device(self.device)
         if self.epochs < 1:
-            raise OptionError(f"--epochs must be at least 1, got {self.epochs}")
+            raise OptionError(f"`epochs` must be at least 1, got {self.epochs}")
         if self.batch_size < 1:
-            raise OptionError(f"--batch-size must be at least 1, got {self.batch_size}")
+            raise OptionError(f"`batch_size` must be at least 1, got {self.batch_size}")
         if not self.lr > 0 or math.isinf(self.lr):
-            raise OptionError(f"--lr must be a positive number, got {self.lr}")
+            raise OptionError(f"`lr` must be a positive number, got {self.lr}")
         if not self.lam >= 0 or math.isinf(self.lam):
-            raise OptionError(f"--lam must be >= 0, got {self.lam}")
+            raise OptionError(f"`lam` must be >= 0, got {self.lam}")
         if not self.temperature > 0:
-            raise OptionError(f"--temperature must be positive, got {self.temperature}")
-        check_cpm_options(self.margin, self.min_support, "--margin")
+            raise OptionError(f"`temperature` must be positive, got {self.temperature}")
+        check_cpm_options(self.margin, self.min_support)
         if self.target not in TARGETS:
-            raise OptionError(f"--target must be one of {', '.join(TARGETS)}, got {self.target}")
+            raise OptionError(f"`target` must be one of {', '.join(TARGETS)}, got {self.target}")
         if self.loss not in LOSSES:
-            raise OptionError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss}")
+            raise OptionError(f"`loss` must be one of {', '.join(LOSSES)}, got {self.loss}")
         if self.boosted and not self.cache:
-            raise OptionError("--boosted needs the feature cache; drop --no-cache")
+            raise OptionError("`boosted` needs the feature cache (`cache`)")
         if self.boosted not in BOOSTED:
-            raise OptionError(f"--boosted must be hard or soft, got {self.boosted}")
+            raise OptionError(f"`boosted` must be hard or soft, got {self.boosted}")
         if self.target in ("labels", "mixed") and not has_labels:
-            raise OptionError(f"--target {self.target} needs labeled data (class subfolders)")
+            raise OptionError(f"`target` {self.target} needs labeled data (class subfolders)")
 
     def resolved_target(self, has_labels: bool) -> str:
         """``auto`` made concrete: mixed targets with labels, the backbone's softmax without."""

@@ -66,7 +66,7 @@ class Guard:
             self.model.branches.load_state_dict(self.good)
             raise TrainingError(
                 f"the loss became {loss.item()} in epoch {epoch + 1}; training stopped and the "
-                f"branches were reset to the last good epoch (try a lower --lr)"
+                f"branches were reset to the last good epoch (try a lower `lr`)"
             )
 
 

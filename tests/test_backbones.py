@@ -301,7 +301,7 @@ def test_checkpoint_with_other_number_of_classes(tmp_path, probe):
     assert "`num_classes` 100" in _one_line(info.value)
 
     inferred = create_backbone("resnet20", checkpoint=path)  # read from the classifier
-    assert inferred.num_classes == 100 and "--num-classes 100" in inferred.notes[0]
+    assert inferred.num_classes == 100 and "`num_classes` 100" in inferred.notes[0]
     bb = create_backbone("resnet20", checkpoint=path, num_classes=100)
     assert bb.num_classes == 100 and bb.notes == []
     with torch.no_grad():

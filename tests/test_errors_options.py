@@ -52,6 +52,7 @@ ATTACH = [  # (extra arguments, words the line must hold)
     (["--placement", "gold"], ["gold", "golden", "pareto"]),
     (["--target", "pseudo"], ["--target", "hard", "soft", "labels"]),
     (["--boosted", "medium"], ["--boosted", "hard", "soft"]),
+    (["--boosted", "hard", "--no-cache"], ["--boosted", "feature cache", "(--no-cache)"]),
     (["--at", "0.5,abc"], ["--at", "comma-separated"]),
     (["--at", "0.6,0.3"], ["--at", "increasing"]),
     (["--at", "0,0.5"], ["--at", "between 0 and 1"]),

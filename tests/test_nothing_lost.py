@@ -289,7 +289,7 @@ def test_nan_loss_stops_with_the_last_good_weights(features, monkeypatch, bad_ca
     with pytest.raises(TrainingError) as info:
         train_branches(model, train, held, TrainConfig(epochs=4, batch_size=16), on_epoch)
     message = str(info.value)
-    assert "nan" in message.lower() and "epoch 2" in message and "--lr" in message
+    assert "nan" in message.lower() and "epoch 2" in message and "`lr`" in message
     assert len(calls) == bad_call  # stopped at once
     assert len(after_epoch) == 1  # one good epoch finished
     now = model.branches.state_dict()

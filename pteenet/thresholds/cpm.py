@@ -113,12 +113,12 @@ def _lowest_qualifying(s: Tensor, correct: Tensor, target: float, min_support: i
     return float(s_sorted[where[-1]]) if where.numel() else math.inf
 
 
-def check_cpm_options(margin: float, min_support: int = 1, name: str = "margin"
-                      ) -> tuple[float, int]:
+def check_cpm_options(margin: float, min_support: int = 1) -> tuple[float, int]:
     """CPM's margin (a precision share, in [0, 1]) and support, as float and int, or one
-    :class:`OptionError` line naming ``name``: the one check every caller of CPM shares."""
+    :class:`OptionError` line naming the parameter: the one check every caller of CPM shares
+    (calibrate and attach check up front, before any costly pass)."""
     if not 0.0 <= float(margin) <= 1.0:
-        raise OptionError(f"{name} must lie in [0, 1], got {margin}")
+        raise OptionError(f"`margin` must lie in [0, 1], got {margin}")
     if int(min_support) != min_support or min_support < 1:
-        raise OptionError(f"min_support must be an integer >= 1, got {min_support}")
+        raise OptionError(f"`min_support` must be an integer >= 1, got {min_support}")
     return float(margin), int(min_support)
