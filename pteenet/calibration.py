@@ -285,7 +285,9 @@ def calibrate(
     ``1 - delta``; with ``cpm`` it scans the CPM table scaled from "never" towards itself.
     ``cost`` (default: the bundle's) is what the search minimises: ``"flops"``, or
     ``"latency"``, measured times (the bundle's profile when it was measured on this device,
-    else a fresh one).
+    else a fresh one). A bundle attached with a ZTW ensemble is calibrated on its ensembled
+    exits (their scores and predictions; every branch the ensemble reads is counted), on the
+    held-out half its weights were not fitted on (the split the bundle records).
     """
     method = _method(threshold, cpm, max_drop, budget, risk, delta, bound, margin, min_support)
     check_device(device)

@@ -329,10 +329,11 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _exit_flops(manifest: dict[str, Any], active: np.ndarray) -> np.ndarray:
-    """FLOPs spent by a sample leaving at exit k (k = B: the backbone), active branches only."""
+def _exit_flops(manifest: dict[str, Any], runs: np.ndarray) -> np.ndarray:
+    """FLOPs spent by a sample leaving at exit k (k = B: the backbone), counting the branches
+    that run only (:meth:`Cascade.runs`)."""
     seg, br = manifest["segment_flops"], manifest["branch_flops"]
-    steps = [s + (b if on else 0) for s, b, on in zip(seg, br, active)] + [seg[-1]]
+    steps = [s + (b if on else 0) for s, b, on in zip(seg, br, runs)] + [seg[-1]]
     return np.cumsum(np.asarray(steps, dtype=np.float64))
 
 

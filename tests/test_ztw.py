@@ -181,15 +181,16 @@ def test_the_cost_search_counts_every_branch_the_ensemble_reads():
     assert cascade_cost(seg, br, on).tolist() == pytest.approx([0.25, 0.6, 0.85, 1.1])
     assert cascade_cost(seg, br, on, chained=True).tolist() == \
         pytest.approx([0.35, 0.7, 0.95, 1.2])
-    g = torch.Generator().manual_seed(0)
-    scores, preds = torch.rand(200, 3, generator=g), torch.zeros(200, 3, dtype=torch.long)
-    found = min_cost_thresholds(scores, preds, torch.zeros(200, dtype=torch.long), seg, br,
-                                max_drop=0.0, chained=True)
-    on = found.thresholds <= 1
-    leave = scores >= found.thresholds[None, :]
-    first = torch.where(leave.any(1), leave.to(torch.uint8).argmax(1), 3)
-    want = cascade_cost(seg, br, on, chained=True)[first].mean()
-    assert found.cost == pytest.approx(float(want))
+    # exit 0 is always wrong, exit 1 always right: the search turns on exit 1 alone, and with
+    # an ensemble that still pays for branch 0 (0.2 + 0.3 + 0.05, not 0.25)
+    br = [0.3, 0.05, 0.05]
+    scores, preds = torch.full((50, 3), 0.9), torch.tensor([[1, 0, 0]]).expand(50, 3)
+    final = torch.zeros(50, dtype=torch.long)
+    for chained, want in ((False, 0.25), (True, 0.55)):
+        found = min_cost_thresholds(scores, preds, final, [0.1, 0.2, 0.9, 1.0], br,
+                                    max_drop=0.0, chained=chained)
+        assert (found.thresholds <= 1).tolist() == [False, True, False]
+        assert found.cost == pytest.approx(want)
 
 
 # -- attach, bundle, calibration, bench ---------------------------------------------------------
