@@ -7,8 +7,10 @@ then, from those cached features:
 * **targets** -- the default branches trained on each target (``auto`` = half labels, half the
   backbone's softmax at T=4; ``hard`` pseudo-labels; ``soft``; ``labels``);
 * **ZTW** -- geometric ensembling of the exits so far (Wołczyk et al. 2021, "Zero Time Waste"):
-  exit k answers with ``sum_{j<=k} w_kj log softmax(z_j) + b_k``, the weights fitted on one half
-  of the held-out split; every branch up to the exit is counted, since the ensemble reads them;
+  exit k answers with ``sum_{j<=k} w_kj log softmax(z_j) + b_k``, fitted on one half of the
+  held-out split by the library's own :func:`pteenet.ensemble.fit_ztw` (what ``attach --ensemble
+  ztw`` ships, on the same half); the cost search and the reported cost count every branch up to
+  the last exit on, since the ensemble reads them;
 * **learned policy** -- an exit policy fed by each exit's score statistics (EENet, Ilhan et al.
   2023): per exit, a logistic model of "this exit is right" on top probability, margin,
   entropy, agreement with the previous exit and its top probability, fitted on one half of the
@@ -41,6 +43,7 @@ from pteenet.backbones import create_backbone
 from pteenet.cost_search import min_cost_thresholds
 from pteenet.data import open_data, split_indices
 from pteenet.early_exit import build_early_exit, cascade_cost
+from pteenet.ensemble import fit_split, fit_ztw
 from pteenet.feature_cache import FeatureSet, compute_features
 from pteenet.placement import choose_cuts
 from pteenet.thresholds import as_table, summarize
@@ -110,44 +113,22 @@ def learned_scores(fit_z: Tensor, fit_labels: Tensor, zs: list[Tensor]) -> list[
     return out
 
 
-def fit_ensemble(logp: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Non-negative weights per exit and a class bias, fitted by L-BFGS on cross-entropy."""
-    w = torch.zeros(logp.shape[1], requires_grad=True)
-    b = torch.zeros(logp.shape[2], requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=200)
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy((F.softplus(w)[None, :, None] * logp).sum(1) + b, labels)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return F.softplus(w).detach(), b.detach()
-
-
 def ztw_logits(fit_z: Tensor, fit_labels: Tensor, zs: list[Tensor]) -> list[Tensor]:
-    """ZTW's geometric ensemble: exit k's log-probabilities are a weighted sum of exits <= k."""
-    out = [torch.zeros_like(z) for z in zs]
-    for k in range(fit_z.shape[1]):
-        w, b = fit_ensemble(fit_z[:, : k + 1].log_softmax(-1), fit_labels)
-        for o, z in zip(out, zs):
-            o[:, k] = (w[None, :, None] * z[:, : k + 1].log_softmax(-1)).sum(1) + b
-    return out
+    """ZTW's geometric ensemble as pteenet ships it: exit k's logits are a weighted sum of the
+    log-softmaxes of exits <= k, fitted by :func:`pteenet.ensemble.fit_ztw`."""
+    ens = fit_ztw(fit_z, fit_labels)
+    return [torch.stack(ens.exit_logits(z.unbind(1)), 1) for z in zs]
 
 
 def scored(scores: list[Tensor], preds: list[Tensor], finals: list[Tensor],
            labels: list[Tensor], seg: list[float], bc: list[float], reads_all: bool) -> dict:
-    """Thresholds by the default rule on the calibration half, scored on test."""
+    """Thresholds by the default rule on the calibration half, scored on test; ``reads_all``:
+    an ensemble, which reads every branch up to the last exit on (searched and counted so)."""
     (s_cal, s_test), (p_cal, p_test) = scores, preds
     found = min_cost_thresholds(s_cal, p_cal, finals[0], seg, bc, labels=labels[0],
-                                max_drop=0.01)
+                                max_drop=0.01, chained=reads_all)
     thr = found.thresholds.float()
-    active = thr <= 1
-    if reads_all and bool(active.any()):  # an ensemble reads every branch up to its exit
-        last = int(active.nonzero().max())
-        active = torch.arange(len(active)) <= last
-    cost = cascade_cost(seg, bc, active)
+    cost = cascade_cost(seg, bc, thr <= 1, chained=reads_all)
     s = summarize(s_test, p_test, finals[1], as_table(thr, s_test.shape[1], 10), cost, labels[1])
     return {"test_drop_pt": round(100 * (s["backbone_accuracy"] - s["accuracy"]), 2),
             "test_relative_flops": round(s["mean_relative_flops"], 3),
@@ -180,8 +161,8 @@ def main() -> None:
         held = compute_features(ee, train_ds, [pool[i] for i in held_pos])
         test = compute_features(ee, test_ds, list(range(len(test_ds))))
     print(f"features: {time.perf_counter() - started:.0f}s", flush=True)
-    order = torch.randperm(len(held), generator=torch.Generator().manual_seed(0))
-    fit, cal = order[: len(held) // 2], order[len(held) // 2:]  # held-out is in class order
+    # the halves attach --ensemble ztw uses: fit the ensemble on one, calibrate on the other
+    fit, cal = (torch.tensor(p) for p in fit_split(len(held), config.seed))
     finals = [held.final[cal].argmax(1), test.final.argmax(1)]
     labels = [held.labels[cal], test.labels]
     seg, bc = ee.segment_costs, ee.branch_costs

@@ -10,6 +10,7 @@ from pteenet.branches import BRANCH_TYPES
 from pteenet.calibration import BOUNDS
 from pteenet.data import SPLITS
 from pteenet.early_exit import SCORES
+from pteenet.ensemble import ENSEMBLES
 from pteenet.export import FORMATS
 from pteenet.latency import COSTS
 from pteenet.placement import POLICIES
@@ -31,6 +32,7 @@ Bound = choice("Bound", BOUNDS)
 Format = choice("Format", FORMATS)
 Cost = choice("Cost", COSTS)
 Split = choice("Split", SPLITS)
+Ensemble = choice("Ensemble", ENSEMBLES)
 
 
 def value(member: Enum | None) -> str | None:

@@ -96,6 +96,11 @@ def attach(
         help="Save training state every epoch (every branch when boosted) and continue an "
         "interrupted attach from it; Ctrl-C prints the command that does.")] = False,
     cost: Cost = None,
+    ensemble: Annotated[_choices.Ensemble | None, typer.Option(
+        help="Opt-in: ztw makes each exit answer with a weighted geometric ensemble of the exits "
+        "so far (Zero Time Waste), fitted on half of the held-out split (the other half "
+        "calibrates); every branch up to the last exit on then runs. Default: each exit alone.")]
+    = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Attach N exit branches to MODEL and train them on the backbone's own predictions.
@@ -117,16 +122,18 @@ def attach(
                      val_fraction=val_fraction, out=out, config=config, num_classes=num_classes,
                      **preprocess_options(input_size, mean, std),
                      max_samples=max_samples, progress=not quiet, resume=resume,
-                     pretrained=pretrained, cost=value(cost) or "flops")
+                     pretrained=pretrained, cost=value(cost) or "flops",
+                     ensemble=value(ensemble))
     if not res.reports:  # another rank of a torchrun launch: rank 0 reports
         return
     for line in res.said:
         out_.note(as_shown(line))
     for note in res.notes:
         out_.warn(as_shown(note))
-    on = res.model.active
+    on, runs = res.model.active, res.model.evaluated
+    state = ["on" if o else "runs (ensemble)" if r else "off" for o, r in zip(on, runs)]
     rows = [[r["branch"], r["cut"], r["type"], pct(r["exit_flops"]), pct(r["branch_flops"], 2),
-             kb(r["cache_bytes"]), pct(r["agreement"]), "on" if on[r["branch"]] else "off"]
+             kb(r["cache_bytes"]), pct(r["agreement"]), state[r["branch"]]]
             for r in res.rows()]
     out_.table(f"{res.info.backbone['source']}:{res.info.backbone['name']}: "
                f"{len(rows)} exits ({res.info.training['mode']})",

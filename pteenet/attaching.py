@@ -19,14 +19,15 @@ from . import __version__
 from .atomic import writes_into
 from .backbones import Backbone, create_backbone
 from .branches import DEFAULT_BRANCH, cache_bytes
-from .bundle import BundleInfo, ThresholdTable, save_bundle
+from .bundle import BundleInfo, ThresholdTable, calibration_digest, save_bundle
 from .calibration import choose_table, outputs_from_features
 from .data import available_splits, open_data, split_indices
 from .derived import remove_stale
 from .distributed import all_sum, init_from_env, is_main, launched_as_main, rank_world
 from .early_exit import DEFAULT_BUDGET, EarlyExitModel, build_early_exit
+from .ensemble import ENSEMBLES, fit_split, fit_ztw
 from .errors import Interrupted, OptionError
-from .feature_cache import FeatureSet, LiveFeatures, compute_features
+from .feature_cache import FeatureSet, LiveFeatures, branch_logits, compute_features
 from .latency import COSTS, cut_time_fractions, probe_images
 from .placement import DEFAULT_POLICY, choose_cuts, useful_cuts
 from .progress import bar as progress_bar
@@ -91,6 +92,7 @@ def attach(
     resume: bool = False,
     cost: str = "flops",
     pretrained: bool = True,
+    ensemble: str | None = None,
 ) -> AttachResult:
     """Place exits on a frozen backbone, train them on its pseudo-labels and write the bundle.
 
@@ -108,10 +110,13 @@ def attach(
     ``pretrained=False`` without a checkpoint starts from seeded random weights.
     ``cost="latency"`` measures each piece's time on this machine and uses it instead of FLOPs
     for placement, L_v2's cost term and calibration (:mod:`pteenet.latency`).
+    ``ensemble="ztw"`` makes each exit answer with a geometric ensemble of the exits so far
+    (ZTW, Wołczyk et al. 2021; :func:`_fit_ensemble` says where its weights are fitted).
     """
     config = config or TrainConfig()
     config.validate(has_labels=True)  # options first: fail before any download or trace
     _check_cost(cost)
+    _check_ensemble(ensemble, config)
     init_from_env(config.device)
     available_splits(data)  # the data must exist before the backbone is fetched
     if Path(out).exists() and not Path(out).is_dir():
@@ -151,11 +156,12 @@ def attach(
     state = Resume(Path(out) / STATE_FILE, _fingerprint(bb, names, branch, config, data,
                                                         pool, cost)) if resume else None
     with _on_interrupt(out, state):
-        report, held, table = _train(ee, dataset, train_idx, held_idx, config, out, state,
-                                     labeled, progress)
+        report, held, table, fitted = _train(ee, dataset, train_idx, held_idx, config, out,
+                                             state, labeled, progress, ensemble)
         ee.set_thresholds(table.thresholds, score=table.score, gamma=table.gamma)
         info = _bundle_info(bb, ee, trace, names, bool(cuts), branch, dataset, config, report,
                             held, val_fraction, len(pool), data)
+        info.ensemble = fitted
         if is_main():  # one writer; the other ranks hold the same branches
             save_bundle(out, ee, info, table)
             (Path(out) / STATE_FILE).unlink(missing_ok=True)
@@ -168,11 +174,13 @@ def attach(
 
 
 def _train(ee: EarlyExitModel, dataset, train_idx: list[int], held_idx: list[int],
-           config: TrainConfig, out, state: Resume | None, labeled: bool, progress: bool
-           ) -> tuple[TrainReport, FeatureSet, ThresholdTable]:
-    """Cache the backbone's features, train the branches, choose the first table; each rank
-    caches and trains its own shard of ``train_idx``. Rank 0 shows the bars: images, per
-    batch, so each has a rate and an ETA."""
+           config: TrainConfig, out, state: Resume | None, labeled: bool, progress: bool,
+           ensemble: str | None = None
+           ) -> tuple[TrainReport, FeatureSet, ThresholdTable, dict | None]:
+    """Cache the backbone's features, train the branches, fit the ensemble if asked, choose the
+    first table; each rank caches and trains its own shard of ``train_idx``. Rank 0 shows the
+    bars: images, per batch, so each has a rate and an ETA. Returns the held-out samples the
+    table was calibrated on and the ensemble's record for the bundle."""
     rank, world = rank_world()
     rounds = config.epochs * (ee.num_branches if config.boosted else 1)
     with contextlib.ExitStack() as stack, progress_bar(progress and rank == 0) as bar:
@@ -197,7 +205,31 @@ def _train(ee: EarlyExitModel, dataset, train_idx: list[int], held_idx: list[int
         report.skipped = int(all_sum(torch.tensor(train.skipped, device=config.device))) + \
             held.skipped
         ee.eval()
-        return report, held, _first_table(ee, held, report, config, labeled)
+        fitted = None
+        if ensemble is not None:
+            held, fitted = _fit_ensemble(ee, held, labeled, config)
+        return report, held, _first_table(ee, held, report, config, labeled), fitted
+
+
+def _fit_ensemble(ee: EarlyExitModel, held: FeatureSet, labeled: bool, config: TrainConfig
+                  ) -> tuple[FeatureSet, dict]:
+    """Fit ZTW's weights (Wołczyk et al. 2021) on a seeded half of the held-out split and set
+    them on ``ee``; return the other half, the only one calibration then sees (the bundle
+    records it as its calibration split), and the record of the fit.
+
+    Not on the training split: the branches fit it more closely than new data, so weights
+    fitted there would trust the later exits' overconfident answers. Not on the samples that
+    calibrate: thresholds chosen where the weights were fitted would look better than they
+    are. Targets: labels where the data's classes are the backbone's, else its predictions."""
+    fit_pos, cal_pos = fit_split(len(held), config.seed)
+    part = held.subset(fit_pos)
+    usable = labeled and bool((part.labels >= 0).all())
+    targets = part.labels if usable else part.final.argmax(1)
+    ee.set_ensemble(fit_ztw(branch_logits(ee, part, config.device), targets))
+    fit_idx = sorted(part.indices.tolist())
+    return held.subset(cal_pos), {"kind": "ztw", "fit_samples": len(fit_idx),
+                                  "fit_sha256": calibration_digest(fit_idx),
+                                  "fit_targets": "labels" if usable else "backbone"}
 
 
 @contextlib.contextmanager
@@ -216,6 +248,15 @@ def _on_interrupt(out: str | os.PathLike, state: Resume | None) -> Iterator[None
             "after every epoch"
         raise Interrupted(f"nothing was written (earlier files in {out} are intact){hint}") \
             from e
+
+
+def _check_ensemble(ensemble: str | None, config: TrainConfig) -> None:
+    if ensemble is not None and ensemble not in ENSEMBLES:
+        raise OptionError(f"`ensemble` must be one of {', '.join(ENSEMBLES)} or None, got "
+                          f"{ensemble}")
+    if ensemble is not None and config.boosted:
+        raise OptionError("`ensemble` cannot be combined with `boosted`: boosted training "
+                          "chooses its thresholds on each branch's own answers")
 
 
 def _check_cost(cost: str) -> None:

@@ -9,6 +9,12 @@ step leaves the old bundle or the new one and a reader gets exactly one of them.
 pickled, so loading a bundle can never run code; every field read back is validated (sizes against
 the tensors actually present) before anything is allocated from it. Bundles written before
 ``bundle.json`` existed are read as they are.
+
+A bundle attached with a ZTW ensemble (:mod:`pteenet.ensemble`) also holds its weights
+(``ensemble.weight`` ``[B, B]`` and ``ensemble.bias`` ``[B, K]`` beside the branch tensors) and
+an ``ensemble`` field in the metadata (its kind and the held-out samples it was fitted on); it is
+written as format version 3, which pteenet versions without ensembles refuse rather than run its
+exits alone. Bundles without the field load as before.
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ from . import __version__
 from .atomic import MANIFEST, commit_files, parse_manifest, read_member
 from .backbones import Backbone, create_backbone, sha256_file
 from .early_exit import SCORES, EarlyExitModel, build_early_exit
-from .errors import BundleError, PteenetError
+from .ensemble import ENSEMBLES, ZTWEnsemble
+from .errors import BundleError, OptionError, PteenetError
 from .latency import COSTS, TimeProfile
 from .preprocess import INTERPOLATIONS, MAX_INPUT_SIDE, Preprocess
 from .thresholds import as_table, json_rows
@@ -57,7 +64,9 @@ __all__ = [
     "write_thresholds",
 ]
 
-FORMAT_VERSION = 2  # 2: branches reduce their map first (pooled grid); 1 is refused
+FORMAT_VERSION = 3  # 3: with a ZTW ensemble; 2: branches reduce their map first; 1 is refused
+_PLAIN_VERSION = 2  # what a bundle without an ensemble is written as (older pteenets read it)
+_ENSEMBLE_TENSORS = ("ensemble.weight", "ensemble.bias")
 BRANCHES_FILE = "branches.safetensors"
 THRESHOLDS_FILE = "thresholds.json"
 THRESHOLDS_CSV = "thresholds.csv"
@@ -86,6 +95,7 @@ class BundleInfo:
     extra: dict[str, Any] = field(default_factory=dict)
     cost: str = "flops"  # what the cost model counts (see EarlyExitModel)
     latency: TimeProfile | None = None  # measured at attach with --cost latency
+    ensemble: dict[str, Any] | None = None  # a ZTW ensemble's kind and fit samples, or None
 
     @property
     def num_classes(self) -> int:
@@ -96,8 +106,10 @@ class BundleInfo:
         return len(self.cuts)
 
     def to_meta(self) -> dict[str, Any]:
+        extra = {} if self.ensemble is None else {"ensemble": self.ensemble}
         return {
-            "format_version": FORMAT_VERSION, "pteenet_version": __version__,
+            "format_version": _PLAIN_VERSION if self.ensemble is None else FORMAT_VERSION,
+            "pteenet_version": __version__, **extra,
             "backbone": self.backbone, "preprocess": self.preprocess.to_dict(),
             "cuts": self.cuts, "module_cuts": self.module_cuts, "branches": self.branches,
             "segment_flops": self.segment_flops, "classes": self.classes,
@@ -136,6 +148,7 @@ class Bundle:
     table: ThresholdTable  # "never" everywhere when not calibrated or not read
     state: dict[str, torch.Tensor]  # the branches' tensors, keyed as in their state_dict
     sha256: str | None = None  # of bundle.json, as derived files record it (None: no manifest)
+    ensemble: ZTWEnsemble | None = None  # the ZTW weights, when attached with an ensemble
 
     @property
     def path(self) -> Path:
@@ -156,6 +169,9 @@ def save_bundle(out: str | os.PathLike, model: EarlyExitModel, info: BundleInfo,
     tensors = {f"branches.{k}": v.detach().cpu().contiguous()
                for k, v in model.branches.state_dict().items()}
     tensors["calibration_indices"] = torch.tensor(info.calibration_indices, dtype=torch.int64)
+    if model.ensemble is not None:
+        tensors.update(zip(_ENSEMBLE_TENSORS, (model.ensemble.weight.detach().cpu().contiguous(),
+                                               model.ensemble.bias.detach().cpu().contiguous())))
     doc = info.to_meta()
     doc["extra"] = {**info.extra, "calibration_sha256": calibration_digest(
         list(info.calibration_indices))}
@@ -173,7 +189,7 @@ def save_bundle(out: str | os.PathLike, model: EarlyExitModel, info: BundleInfo,
 def _threshold_texts(table: ThresholdTable) -> tuple[str, str]:
     """The CSV (empty cell / ``never`` = never exits) and JSON texts of a threshold table."""
     t = table.thresholds
-    doc = {"format_version": FORMAT_VERSION, "num_branches": int(t.shape[0]),
+    doc = {"format_version": _PLAIN_VERSION, "num_branches": int(t.shape[0]),
            "num_classes": int(t.shape[1]), "score": table.score, "method": table.method,
            "params": table.params, "thresholds": json_rows(t), "summary": table.summary}
     if table.gamma is not None:
@@ -378,7 +394,7 @@ def _info(snap: _Snapshot) -> BundleInfo:
     if version > FORMAT_VERSION:
         raise BundleError(f"{where} has format version {_show(version)}, newer than this pteenet "
                           f"understands ({FORMAT_VERSION}); upgrade pteenet")
-    if version < FORMAT_VERSION:
+    if version < _PLAIN_VERSION:
         raise BundleError(f"{where} has format version {version}, from a pteenet whose branches "
                           f"read whole feature maps; re-run `pteenet attach`")
     backbone = _need(meta, "backbone", dict, where)
@@ -409,14 +425,39 @@ def _info(snap: _Snapshot) -> BundleInfo:
             raise BundleError(f"{where}: field '{key}' is malformed; re-run `pteenet attach`")
     extra = dict(meta.get("extra") or {})
     cost, latency = _cost_model(meta, len(cuts), where)
+    ensemble = meta.get("ensemble")
+    if ensemble is not None and (not isinstance(ensemble, dict) or
+                                 ensemble.get("kind") not in ENSEMBLES):
+        raise BundleError(f"{where}: field 'ensemble' is malformed (edited?); re-run "
+                          f"`pteenet attach`")
     return BundleInfo(
         path=snap.folder, backbone=backbone, preprocess=pre, cuts=cuts,
         module_cuts=bool(meta.get("module_cuts", False)), branches=branches,
         segment_flops=seg, classes=classes, training=dict(meta.get("training") or {}),
         data=dict(meta.get("data") or {}),
         calibration_indices=_calibration(snap.tensors.get("calibration_indices"), extra, where),
-        extra=extra, cost=cost, latency=latency,
+        extra=extra, cost=cost, latency=latency, ensemble=ensemble,
     )
+
+
+def _ensemble(tensors: dict[str, torch.Tensor], info: BundleInfo, where: str
+              ) -> ZTWEnsemble | None:
+    """The ZTW weights the metadata announces, checked against it (None when it announces
+    none, as in every bundle from before ensembles)."""
+    found = [tensors.get(k) for k in _ENSEMBLE_TENSORS]
+    if info.ensemble is None:
+        if any(t is not None for t in found):
+            raise BundleError(f"{where}: ensemble tensors without an 'ensemble' field "
+                              f"(edited?); re-run `pteenet attach`")
+        return None
+    weight, bias = found
+    try:
+        if weight is None or bias is None or bias.shape != (info.num_branches, info.num_classes):
+            raise OptionError("missing, or not one row per exit and class")
+        return ZTWEnsemble(weight, bias)
+    except OptionError as e:
+        raise BundleError(f"{where}: the ensemble's weights are corrupt ({_show(str(e))}; "
+                          f"edited?); re-run `pteenet attach`") from None
 
 
 def _cost_model(meta: dict[str, Any], branches: int, where: str
@@ -455,7 +496,7 @@ def read_bundle(path: str | os.PathLike, thresholds: bool = True) -> Bundle:
     table = _table(snap.table, str(info.path / THRESHOLDS_FILE), info)
     state = {k[len("branches."):]: v for k, v in snap.tensors.items()
              if k.startswith("branches.")}
-    return Bundle(info, table, state, snap.digest)
+    return Bundle(info, table, state, snap.digest, _ensemble(snap.tensors, info, snap.where))
 
 
 def read_thresholds(path: str | os.PathLike, info: BundleInfo) -> ThresholdTable:
@@ -580,6 +621,7 @@ def load(path: str | os.PathLike | Bundle = "pteenet-out", *,
     except (PteenetError, RuntimeError) as e:
         raise BundleError(f"{info.path}: cannot rebuild the model ({_show(str(e))})") from e
     _load_state(model, b.state, info.path)
+    model.set_ensemble(b.ensemble)
     model.use_cost(info.cost, info.latency)
     model.info = info
     return model.to(device).eval()

@@ -72,10 +72,12 @@ class Outputs:
     segment_costs: list[float]  # [B + 1] backbone cost up to each cut (last: 1.0)
     branch_costs: list[float]  # [B] each branch's own cost
     cost: str = "flops"  # what the costs count (see EarlyExitModel.cost)
+    chained: bool = False  # a ZTW ensemble: every branch up to the last exit on runs
 
     def exit_costs(self, thr: Tensor) -> list[float]:
         """Relative cost of each exit when ``thr`` decides which exits are on."""
-        return cascade_cost(self.segment_costs, self.branch_costs, thr.amin(1) <= 1).tolist()
+        return cascade_cost(self.segment_costs, self.branch_costs, thr.amin(1) <= 1,
+                            self.chained).tolist()
 
 
 @dataclass
@@ -143,12 +145,14 @@ def collect(model, data: str | os.PathLike | None = None, *, split: str = "train
 
 def outputs_from_features(model, feats: FeatureSet, labels_usable: bool = True,
                           device: str = "cpu") -> Outputs:
-    """Branch scores and predictions from already computed features (no backbone pass)."""
+    """Exit scores and predictions from already computed features (no backbone pass); with a
+    ZTW ensemble they are the ensembled exits' and the costs count every branch it reads."""
     scores, preds = branch_scores(model, feats, device)
     labels = feats.labels
     usable = labels_usable and len(labels) > 0 and bool((labels >= 0).all())
     return Outputs(scores, preds, feats.final.argmax(1), labels if usable else None,
-                   model.segment_costs, model.branch_costs, model.cost)
+                   model.segment_costs, model.branch_costs, model.cost,
+                   model.ensemble is not None)
 
 
 def _method(threshold: float | None, cpm: bool, max_drop: float | None, budget: float | None,
@@ -246,7 +250,7 @@ def uses_gate(method: str, cpm: bool = False) -> bool:
 def _search(out: Outputs, max_drop: float | None, budget: float | None):
     return min_cost_thresholds(out.scores, out.preds, out.final_pred, out.segment_costs,
                                out.branch_costs, labels=out.labels, max_drop=max_drop,
-                               budget=budget)
+                               budget=budget, chained=out.chained)
 
 
 @writes_into("bundle", when="write")  # one writer at a time; checks writability first
@@ -279,7 +283,9 @@ def calibrate(
     ``1 - delta``; with ``cpm`` it scans the CPM table scaled from "never" towards itself.
     ``cost`` (default: the bundle's) is what the search minimises: ``"flops"``, or
     ``"latency"``, measured times (the bundle's profile when it was measured on this device,
-    else a fresh one).
+    else a fresh one). A bundle attached with a ZTW ensemble is calibrated on its ensembled
+    exits (their scores and predictions; every branch the ensemble reads is counted), on the
+    held-out half its weights were not fitted on (the split the bundle records).
     """
     method = _method(threshold, cpm, max_drop, budget, risk, delta, bound, margin, min_support)
     check_device(device)
@@ -385,4 +391,4 @@ def _blend(a: Tensor, b: Tensor, s: float) -> Tensor:
 def _subset(out: Outputs, idx: Tensor) -> Outputs:
     labels = None if out.labels is None else out.labels[idx]
     return Outputs(out.scores[idx], out.preds[idx], out.final_pred[idx], labels,
-                   out.segment_costs, out.branch_costs, out.cost)
+                   out.segment_costs, out.branch_costs, out.cost, out.chained)

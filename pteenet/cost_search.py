@@ -16,10 +16,11 @@ cost-constrained optimisation, with a greedy that is cheap enough to run at ever
   the asked limit wins.
 
 Costs are those :meth:`EarlyExitModel.exit_costs` reports: segments up to the exit plus the
-branches of the exits that are *on* (an off exit is never evaluated). The error is the accuracy
-drop against labels when they exist, else the disagreement with the backbone. The visited
-tables form a path from "all off" to the chosen one, conservative to permissive, which risk
-control walks (:func:`pteenet.thresholds.risk_control`).
+branches of the exits that are *on* (an off exit is never evaluated), or with a ZTW ensemble
+(``chained``) every branch up to the last exit on, since the ensemble reads them. The error is
+the accuracy drop against labels when they exist, else the disagreement with the backbone.
+The visited tables form a path from "all off" to the chosen one, conservative to permissive,
+which risk control walks (:func:`pteenet.thresholds.risk_control`).
 """
 
 from __future__ import annotations
@@ -56,20 +57,20 @@ class _Cascade:
     """Scores, predictions and per-sample correctness, with fast evaluation of a threshold row."""
 
     def __init__(self, scores: Tensor, preds: Tensor, final_pred: Tensor,
-                 labels: Tensor | None, segment_costs, branch_costs) -> None:
+                 labels: Tensor | None, segment_costs, branch_costs, chained: bool) -> None:
         self.scores = scores.double()
         ref = final_pred if labels is None else labels
         every = torch.cat([preds, final_pred[:, None]], 1).long()
         self.right = (every == ref.long()[:, None]).double()  # [N, B+1]
         self.base = float(self.right[:, -1].mean())
-        self.seg, self.br = segment_costs, branch_costs
+        self.seg, self.br, self.chained = segment_costs, branch_costs, chained
 
     def evaluate(self, thr: Tensor) -> tuple[float, float]:
         """(error, cost) of the cascade under per-exit thresholds ``thr`` [B]."""
         leave = self.scores >= thr[None, :]
         b = leave.shape[1]
         first = torch.where(leave.any(1), leave.to(torch.uint8).argmax(1), b)
-        cost = cascade_cost(self.seg, self.br, thr <= 1)[first].mean()
+        cost = cascade_cost(self.seg, self.br, thr <= 1, self.chained)[first].mean()
         acc = self.right.gather(1, first[:, None]).mean()
         return self.base - float(acc), float(cost)
 
@@ -85,11 +86,13 @@ def min_cost_thresholds(
     scores: Tensor, preds: Tensor, final_pred: Tensor, segment_costs: Sequence[float],
     branch_costs: Sequence[float], *, labels: Tensor | None = None,
     max_drop: float | None = 0.01, budget: float | None = None, steps: int = STEPS,
+    chained: bool = False,
 ) -> CostSearch:
     """Greedy cost-minimising per-exit thresholds (see the module docstring).
 
     Give ``max_drop`` (the most accuracy drop, or disagreement without labels, allowed on these
     samples) or ``budget`` (the relative cost to reach, with the least error), not both.
+    ``chained``: the exits form a ZTW ensemble (every branch up to the last exit on runs).
     """
     if (max_drop is None) == (budget is None):
         raise OptionError("give either max_drop or budget")
@@ -97,7 +100,7 @@ def min_cost_thresholds(
         raise OptionError(f"max_drop must lie in [0, 1), got {max_drop}")
     if budget is not None and not budget > 0:
         raise OptionError(f"budget must be positive, got {budget}")
-    cascade = _Cascade(scores, preds, final_pred, labels, segment_costs, branch_costs)
+    cascade = _Cascade(scores, preds, final_pred, labels, segment_costs, branch_costs, chained)
     grid = _grid(scores, steps)
     with threads(1):
         if max_drop is None:

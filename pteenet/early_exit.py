@@ -19,6 +19,12 @@ earlier; an exit that calibration switched off (``gamma = inf``) stays off at an
 
 An exit whose every threshold is above 1 can never fire, so it is *off*: its branch is not run
 and its FLOPs are not spent. With every exit off the model is the backbone, at exactly its cost.
+
+With a ZTW ensemble (``ensemble``, :mod:`pteenet.ensemble`; Wołczyk et al. 2021) exit k answers
+with a weighted sum of the log-softmaxes of exits 0..k: its score and prediction come from those
+ensembled logits, each sample in flight carries its earlier log-softmaxes through the batch
+compaction, and every branch up to the last exit that may fire runs (:func:`reach`), an off exit
+among them included, since the later exits read it.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import torch
 from torch import nn
 
 from .branches import DEFAULT_BRANCH, branch_flops, make_branch
+from .ensemble import ZTWEnsemble
 from .errors import OptionError
 from .latency import COSTS, PROBE_BATCH, TimeProfile, profile_cascade
 from .thresholds import as_table
@@ -48,21 +55,33 @@ __all__ = [
     "cascade_cost",
     "gate",
     "gate_power",
+    "reach",
 ]
 
 SCORES = ("gate", "softmax", "head")
 DEFAULT_BUDGET = 0.01  # each branch costs at most 1 % of the backbone by default
 
 
+def reach(active: torch.Tensor, chained: bool) -> torch.Tensor:
+    """Which branches run when ``active`` exits may fire: those exits alone, or, ``chained``
+    (an ensemble reads every exit before it), every exit up to the last active one."""
+    active = torch.as_tensor(active, dtype=torch.bool)
+    if not chained or not len(active):
+        return active
+    return active.flip(0).to(torch.uint8).cummax(0).values.flip(0).bool()
+
+
 def cascade_cost(segment_costs: Sequence[float], branch_costs: Sequence[float],
-                 active: torch.Tensor) -> torch.Tensor:
+                 active: torch.Tensor, chained: bool = False) -> torch.Tensor:
     """Relative cost of leaving at each exit (last: the backbone) with only ``active`` branches.
 
     ``segment_costs[k]`` is the backbone's cumulative cost up to cut ``k`` (``B + 1`` entries,
     the last 1.0) and ``branch_costs[k]`` branch ``k``'s own, both relative to the backbone.
+    ``chained``: the exits form a ZTW ensemble, so every branch up to the last active exit runs.
     """
     seg = torch.as_tensor(segment_costs, dtype=torch.float64)
-    br = torch.as_tensor(branch_costs, dtype=torch.float64) * active.to(torch.float64)
+    ran = reach(active, chained)
+    br = torch.as_tensor(branch_costs, dtype=torch.float64) * ran.to(torch.float64)
     spent = torch.cumsum(br, 0)
     return seg + torch.cat([spent, spent[-1:]]) if len(br) else seg
 
@@ -112,6 +131,7 @@ class EarlyExitModel(nn.Module):
     cost model (calibration's search, L_v2's cost term) counts: ``"flops"``, or ``"latency"``,
     the measured times of ``latency`` (a :class:`~pteenet.latency.TimeProfile`). ``info`` is
     the metadata of the bundle the model was loaded from (None for a model built here).
+    ``ensemble`` (None: each exit answers alone) combines the exits so far (ZTW).
     """
 
     def __init__(
@@ -126,6 +146,7 @@ class EarlyExitModel(nn.Module):
         score: str = "softmax",
         gamma: Sequence[float] | None = None,
         whole: nn.Module | None = None,
+        ensemble: ZTWEnsemble | None = None,
     ) -> None:
         super().__init__()
         if len(segments) != len(branches) + 1:
@@ -145,6 +166,8 @@ class EarlyExitModel(nn.Module):
         self.register_buffer("thresholds", torch.empty(0), persistent=False)
         self.register_buffer("gamma", torch.ones(len(branches)), persistent=False)
         self.set_thresholds(thresholds, gamma=gamma)
+        self.ensemble: ZTWEnsemble | None = None
+        self.set_ensemble(ensemble)
 
     # -- configuration --------------------------------------------------------------------
     @property
@@ -166,16 +189,31 @@ class EarlyExitModel(nn.Module):
             on &= ~torch.isinf(self.gamma.to(on.device))
         return on.tolist()
 
+    @property
+    def evaluated(self) -> list[bool]:
+        """Per exit: does its branch run? The active exits', and with an ensemble every branch
+        up to the last active exit (the ensemble reads them)."""
+        return reach(torch.tensor(self.active), self.ensemble is not None).tolist()
+
+    def set_ensemble(self, ensemble: ZTWEnsemble | None) -> None:
+        """Use ``ensemble`` (ZTW weights for these exits and classes), or none."""
+        if ensemble is not None and (ensemble.num_branches, ensemble.num_classes) != \
+                (self.num_branches, self.num_classes):
+            raise OptionError(f"`ensemble` is for {ensemble.num_branches} exits x "
+                              f"{ensemble.num_classes} classes, the model has "
+                              f"{self.num_branches} x {self.num_classes}")
+        self.ensemble = None if ensemble is None else ensemble.to(self.gamma.device)
+
     def exit_costs(self, active: Sequence[bool] | None = None, kind: str | None = None
                    ) -> list[float]:
         """Relative cost of a sample leaving at exit k (k = B: the backbone).
 
-        Only the branches of ``active`` exits (default: those the thresholds leave on) are
-        counted, since only those run; pass all True for the cost with every branch evaluated.
+        Only the branches that run are counted (:attr:`evaluated`; ``active``, default: the
+        exits the thresholds leave on); pass all True for the cost with every branch evaluated.
         ``kind`` is ``"flops"`` or ``"latency"`` (default: the model's ``cost``).
         """
         on = torch.tensor(self.active if active is None else list(active), dtype=torch.bool)
-        return cascade_cost(*self.costs(kind), on).tolist()
+        return cascade_cost(*self.costs(kind), on, self.ensemble is not None).tolist()
 
     def costs(self, kind: str | None = None) -> tuple[list[float], list[float]]:
         """(the backbone's cumulative cost up to each cut, last 1.0; each branch's own cost),
@@ -257,11 +295,33 @@ class EarlyExitModel(nn.Module):
             return top
         return gate(top, self.gamma[k])
 
+    def exit_logits(self, logits: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Each exit's answer from the branches' own logits: those logits, or the ensemble's."""
+        return list(logits) if self.ensemble is None else self.ensemble.exit_logits(logits)
+
+    def exit_outputs(self, logits: Sequence[torch.Tensor], conf: Sequence[torch.Tensor]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every exit's score and prediction from the branches' outputs, two [N, B] tensors
+        (what calibration and bench record), from the ensembled logits when there is one."""
+        z = self.exit_logits(logits)
+        scores = torch.stack([self.exit_score(lg, c, k)
+                              for k, (lg, c) in enumerate(zip(z, conf))], 1)
+        return scores, torch.stack([lg.argmax(1) for lg in z], 1)
+
     def all_scores(self, logits: Sequence[torch.Tensor], conf: Sequence[torch.Tensor]
                    ) -> torch.Tensor:
         """Every exit's score, stacked [N, B] (what calibration and bench record)."""
-        return torch.stack([self.exit_score(lg, c, k)
-                            for k, (lg, c) in enumerate(zip(logits, conf))], 1)
+        return self.exit_outputs(logits, conf)[0]
+
+    def branch_step(self, k: int, h: torch.Tensor, history: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Branch ``k`` on cut ``k``'s map ``h``: exit ``k``'s logits, the confidence logit and
+        the log-softmaxes of exits 0..k (``history`` holds 0..k-1; None without an ensemble)."""
+        logits, conf = self.branches[k](h)
+        if self.ensemble is None:
+            return logits, conf, None
+        history = self.ensemble.extend(history, logits)
+        return self.ensemble.combine(history, k), conf, history
 
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -300,9 +360,10 @@ class EarlyExitModel(nn.Module):
 
         On CPU a branch whose samples all stay, or all leave, skips the index work (checking
         costs nothing there); on GPUs no per-exit host sync is added beyond the compaction's.
+        With an ensemble each sample's earlier log-softmaxes (``history``) are compacted with it.
         """
         n, dev = x.shape[0], x.device
-        active = self.active
+        active, runs = self.active, self.evaluated
         if self.whole is not None and not any(active):
             return EarlyExitResult(self.whole(x).float(),
                                    torch.full((n,), self.num_branches, device=dev),
@@ -315,14 +376,16 @@ class EarlyExitModel(nn.Module):
         alive = torch.arange(n, device=dev)
         cheap_checks = dev.type == "cpu"
         spent = 0
-        h = x
-        for k, (branch, on) in enumerate(zip(self.branches, active)):
+        h, history = x, None
+        for k, (on, run) in enumerate(zip(active, runs)):
             h = self.segments[k](h)
             spent += self.segment_flops[k]
-            if not on:
+            if not run:
                 continue
             spent += self.branch_flops[k]
-            logits, conf = branch(h)
+            logits, conf, history = self.branch_step(k, h, history)
+            if not on:
+                continue
             leave = self.exit_score(logits, conf, k) >= thr[k].gather(0, logits.argmax(1))
             if cheap_checks and not leave.any():
                 continue
@@ -341,6 +404,8 @@ class EarlyExitModel(nn.Module):
                 if stay.numel() == 0:
                     return EarlyExitResult(out, exit_index, flops)
                 h, alive = h.index_select(0, stay), alive.index_select(0, stay)
+                if history is not None:
+                    history = history.index_select(0, stay)
         out.index_copy_(0, alive, self.segments[-1](h).float())
         flops.index_fill_(0, alive, spent + self.segment_flops[-1])
         return EarlyExitResult(out, exit_index, flops)

@@ -13,6 +13,13 @@ Folder layout (``<bundle>/export-<format>`` by default)::
     branch_0.onnx  ... branch_{B-1}.onnx  cut k -> (logits [N, K], score [N])
     manifest.json                       order, thresholds (null = never), FLOPs, preprocessing
 
+With a ZTW ensemble (Wołczyk et al. 2021; :mod:`pteenet.ensemble`) branch k > 0 also takes the
+log-softmaxes of exits 0..k-1 (input ``history`` ``[N, k, K]``) and returns the ensembled
+``(logits, score)`` plus ``history`` extended with its own (``[N, k+1, K]``): the weights and
+the combination are baked into the graphs, so the runtime only carries that array along with
+the samples in flight. Such manifests say ``"ensemble": true`` and are format version 2 (older
+runtimes refuse them rather than run the exits alone); manifests without it stay version 1.
+
 Every graph has a dynamic batch dimension, and each is checked after writing by running it on a
 batch size other than the one it was traced with, so a graph that silently fixed the batch size
 is refused here rather than in deployment. Every file is written atomically, the manifest last
@@ -48,7 +55,7 @@ __all__ = ["FORMATS", "MANIFEST", "MANIFEST_VERSION", "export", "manifest_for"]
 FORMATS = ("onnx", "torchscript")
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: a ZTW ensemble (written only with one); 1: every exit alone
 TRACE_BATCH = 2  # graphs are traced on this batch size ...
 CHECK_BATCH = 3  # ... and verified on another, to prove the batch dimension stayed dynamic
 INSTALL_HINT = "pip install pteenet[onnx]"
@@ -57,16 +64,24 @@ INSTALL_HINT = "pip install pteenet[onnx]"
 class ScoredBranch(nn.Module):
     """Branch ``k`` of ``model`` whose second output is already its exit score, so runtimes need
     no torch math. The score is the model's own :meth:`~pteenet.early_exit.EarlyExitModel.
-    exit_score`, so the exported graph and the Python model cannot compute it differently."""
+    exit_score`, so the exported graph and the Python model cannot compute it differently.
+    With an ensemble it takes the earlier exits' log-softmaxes too and returns them extended,
+    combined by the model's own :class:`~pteenet.ensemble.ZTWEnsemble`."""
 
     def __init__(self, model: EarlyExitModel, k: int) -> None:
         super().__init__()
+        self.k = k
         self.branch = model.branches[k]
+        self.ensemble = model.ensemble
         self._score = functools.partial(model.exit_score, k=k)  # a function, not a submodule
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, *history: torch.Tensor) -> tuple[torch.Tensor, ...]:
         logits, confidence = self.branch(x)
-        return logits, self._score(logits, confidence)
+        if self.ensemble is None:
+            return logits, self._score(logits, confidence)
+        seen = self.ensemble.extend(history[0] if history else None, logits)
+        logits = self.ensemble.combine(seen, self.k)
+        return logits, self._score(logits, confidence), seen
 
 
 def export(
@@ -114,8 +129,10 @@ def manifest_for(model: Any, format: str, files: dict[str, list[str]],
     """The manifest: everything a runtime needs besides the graphs, as plain JSON;
     ``bundle_sha256`` is the hash of the bundle.json the model was read under."""
     info = model.info
+    ensemble = {} if model.ensemble is None else {"ensemble": True}
     return {
-        "format_version": MANIFEST_VERSION, "pteenet_version": __version__, "format": format,
+        "format_version": MANIFEST_VERSION if ensemble else 1, **ensemble,
+        "pteenet_version": __version__, "format": format,
         "backbone": info.backbone.get("name"), "num_branches": model.num_branches,
         "num_classes": model.num_classes, "input_size": list(info.preprocess.input_size),
         "mean": list(info.preprocess.mean), "std": list(info.preprocess.std),
@@ -143,12 +160,17 @@ def _check_format(format: str, opset: int) -> None:
 
 
 @torch.no_grad()
-def _example_inputs(model: Any, n: int) -> dict[str, list[torch.Tensor]]:
-    """Seeded inputs of every segment and branch: the image, then each cut's feature map."""
+def _example_inputs(model: Any, n: int) -> dict[str, list[tuple[torch.Tensor, ...]]]:
+    """Seeded inputs of every segment and branch: the image, then each cut's feature map (and,
+    with an ensemble, the log-softmaxes of the exits before the branch)."""
     h, w = model.info.preprocess.input_size
     x = torch.randn(n, 3, h, w, generator=torch.Generator().manual_seed(n))
     feats, _ = model.features(x)
-    return {"segment": [x, *feats], "branch": list(feats)}
+    branch, history = [], None
+    for k, f in enumerate(feats):
+        branch.append((f,) if history is None else (f, history))
+        history = model.branch_step(k, f, history)[2]
+    return {"segment": [(x,), *((f,) for f in feats)], "branch": branch}
 
 
 @contextlib.contextmanager
@@ -159,15 +181,16 @@ def _quiet() -> Iterator[None]:
         yield
 
 
-def _write_graph(module: nn.Module, example: torch.Tensor, check: torch.Tensor, path: Path,
-                 format: str, opset: int, what: str) -> None:
+def _write_graph(module: nn.Module, example: tuple[torch.Tensor, ...],
+                 check: tuple[torch.Tensor, ...], path: Path, format: str, opset: int,
+                 what: str) -> None:
     """Export one graph atomically, then prove it reproduces the module on another batch size."""
     try:
         with atomic_path(path) as tmp, _quiet():
             if format == "onnx":
                 _save_onnx(module, example, tmp, opset)
             else:
-                torch.jit.save(torch.jit.trace(module, (example,), check_trace=False), str(tmp))
+                torch.jit.save(torch.jit.trace(module, example, check_trace=False), str(tmp))
             _verify(module, check, tmp, format, what)
     except OptionError:
         raise
@@ -181,30 +204,36 @@ def _write_graph(module: nn.Module, example: torch.Tensor, check: torch.Tensor, 
                           f"try `format` {other}") from e
 
 
-def _save_onnx(module: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
+def _save_onnx(module: nn.Module, example: tuple[torch.Tensor, ...], path: Path,
+               opset: int) -> None:
     """The TorchScript-based exporter (dynamo=False): it needs no onnxscript and works offline."""
     import onnx
 
+    inputs = ["input", "history"][: len(example)]
     outputs = ["output"] if not isinstance(module, ScoredBranch) else ["logits", "score"]
-    axes = {name: {0: "batch"} for name in ["input", *outputs]}
-    torch.onnx.export(module, (example,), str(path), input_names=["input"],
+    if isinstance(module, ScoredBranch) and module.ensemble is not None:
+        outputs.append("history_out")
+    axes = {name: {0: "batch"} for name in [*inputs, *outputs]}
+    torch.onnx.export(module, example, str(path), input_names=inputs,
                       output_names=outputs, dynamic_axes=axes, opset_version=opset,
                       dynamo=False, do_constant_folding=True)
     onnx.checker.check_model(onnx.load(str(path)))
 
 
-def _run_saved(path: Path, format: str, x: torch.Tensor) -> list[torch.Tensor]:
+def _run_saved(path: Path, format: str, xs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
     if format == "torchscript":
         with torch.no_grad():
-            out = torch.jit.load(str(path), map_location="cpu")(x)
+            out = torch.jit.load(str(path), map_location="cpu")(*xs)
         return list(out) if isinstance(out, tuple) else [out]
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return [torch.from_numpy(o) for o in sess.run(None, {"input": x.numpy()})]
+    feed = {i.name: x.numpy() for i, x in zip(sess.get_inputs(), xs)}
+    return [torch.from_numpy(o) for o in sess.run(None, feed)]
 
 
-def _verify(module: nn.Module, x: torch.Tensor, path: Path, format: str, what: str) -> None:
+def _verify(module: nn.Module, xs: tuple[torch.Tensor, ...], path: Path, format: str,
+            what: str) -> None:
     """Run the saved graph on a batch size it was not traced with and compare with torch.
 
     Skipped for ONNX when onnxruntime is absent (the checker has already passed)."""
@@ -214,14 +243,14 @@ def _verify(module: nn.Module, x: torch.Tensor, path: Path, format: str, what: s
         except ImportError:
             return
     with torch.no_grad():
-        ref = module(x)
+        ref = module(*xs)
     ref = list(ref) if isinstance(ref, tuple) else [ref]
-    got = _run_saved(path, format, x)
+    got = _run_saved(path, format, xs)
     if len(got) != len(ref):
         raise OptionError(f"the exported {what} returns {len(got)} outputs, not {len(ref)}")
     for r, g in zip(ref, got):
         tol = 1e-3 * (1 + float(r.abs().max()))
         if tuple(r.shape) != tuple(g.shape) or float((r - g).abs().max()) > tol:
             raise OptionError(f"the exported {what} does not reproduce the model on a batch of "
-                              f"{x.shape[0]} (fixed batch size or unsupported op); try the other "
-                              f"`format`")
+                              f"{xs[0].shape[0]} (fixed batch size or unsupported op); try the "
+                              f"other `format`")

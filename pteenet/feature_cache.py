@@ -25,8 +25,8 @@ from .early_exit import EarlyExitModel
 from .errors import DataError
 from .latency import steady_allocator
 
-__all__ = ["FeatureSet", "LiveFeatures", "agreement", "branch_scores", "compute_features",
-           "scores_and_preds"]
+__all__ = ["FeatureSet", "LiveFeatures", "agreement", "branch_logits", "branch_scores",
+           "compute_features", "scores_and_preds"]
 
 
 @dataclass
@@ -46,6 +46,12 @@ class FeatureSet:
         return FeatureSet([f.index_select(0, pos).to(device, torch.float32) for f in self.feats],
                           self.final.index_select(0, pos).to(device), self.labels[pos].to(device),
                           self.indices[pos])
+
+    def subset(self, pos: Sequence[int]) -> FeatureSet:
+        """The samples at positions ``pos``, kept as stored (fp16, on the CPU)."""
+        p = torch.as_tensor(list(pos), dtype=torch.long)
+        return FeatureSet([f.index_select(0, p) for f in self.feats], self.final.index_select(0, p),
+                          self.labels[p], self.indices[p])
 
 
 class LiveFeatures:
@@ -186,8 +192,21 @@ def branch_scores(model: EarlyExitModel, held: FeatureSet, device: str = "cpu"
     return torch.cat(scores).cpu(), torch.cat(preds).cpu()
 
 
+@torch.no_grad()
+def branch_logits(model: EarlyExitModel, feats: FeatureSet, device: str = "cpu") -> Tensor:
+    """Every branch's own logits on every sample, ``[N, B, K]`` on the CPU (what a ZTW
+    ensemble is fitted on)."""
+    was = model.branches.training
+    model.branches.eval()
+    out = [torch.stack(model.branch_outputs(feats.take(pos, device).feats)[0], 1).float().cpu()
+           for pos in torch.arange(len(feats)).split(512)]
+    model.branches.train(was)
+    return torch.cat(out)
+
+
 def scores_and_preds(model: EarlyExitModel, logits: Sequence[Tensor], conf: Sequence[Tensor]
                      ) -> tuple[Tensor, Tensor]:
-    """Every branch's exit score and argmax, as two ``[N, B]`` tensors: what calibration and
-    bench record, so that both simulate the exit rule on the very numbers the model uses."""
-    return model.all_scores(logits, conf), torch.stack([lg.argmax(1) for lg in logits], 1)
+    """Every exit's score and prediction, as two ``[N, B]`` tensors: what calibration and
+    bench record, so that both simulate the exit rule on the very numbers the model uses
+    (the ensembled logits when the model has a ZTW ensemble)."""
+    return model.exit_outputs(logits, conf)

@@ -13,6 +13,10 @@ pteenet, so it can also be copied alone beside an exported folder.
 The exit rule and the batch compaction are those of ``EarlyExitModel.early_exit``: after
 segment k and branch k, a sample predicted ``c`` leaves when its score is at least
 ``thresholds[k][c]`` (null = never); only the samples still in flight go on to segment k + 1.
+With a ZTW ensemble (manifest ``"ensemble": true``, format version 2; Wołczyk et al. 2021) each
+branch graph after the first also reads the log-softmaxes of the exits before it and returns
+them extended: the runtime keeps that array per sample in flight, compacts it with the batch,
+and runs every branch up to the last exit that may fire, since the later exits read them.
 """
 
 from __future__ import annotations
@@ -44,13 +48,13 @@ except ImportError:  # copied alone, outside the pteenet package
 __all__ = ["MANIFEST", "Cascade", "CascadeResult"]
 
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: branches of a ZTW ensemble read the exits before them
 INSTALL_HINT = "pip install pteenet[onnx]"
 _MAX_DIGITS = 19  # longer integers are refused while parsing (no count of ours needs more)
 _MAX_COUNT = 1 << 20  # branches or classes: beyond it the manifest is edited, not exported
 _MAX_SIDE = 2048  # pteenet.preprocess.MAX_INPUT_SIDE (this module must run alone)
 
-Graph = Callable[[np.ndarray], tuple[np.ndarray, ...]]
+Graph = Callable[..., tuple[np.ndarray, ...]]  # arrays in, in the graph's input order
 
 
 @dataclass
@@ -114,6 +118,22 @@ class Cascade:
     def classes(self) -> list[str] | None:
         return self.manifest.get("classes")
 
+    @property
+    def ensemble(self) -> bool:
+        """Whether each exit answers with a ZTW ensemble of the exits so far."""
+        return self.manifest.get("ensemble", False) is True
+
+    def runs(self) -> tuple[np.ndarray, np.ndarray]:
+        """(exits that may fire, branches that run) under the current thresholds: an exit that
+        can never fire, or that calibration switched off, is not run, unless an ensemble reads
+        it (every branch up to the last exit that may fire)."""
+        b = self.num_branches
+        active = (self.thresholds.min(1) <= 1) & np.asarray(self.manifest.get("active", [True] * b),
+                                                            dtype=bool)
+        if not self.ensemble or not active.any():
+            return active, active
+        return active, np.arange(b) <= np.flatnonzero(active).max()
+
     # -- running --------------------------------------------------------------------------
     def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Predicted classes ``[N]`` and exit indices ``[N]`` (int64) of normalised images."""
@@ -127,24 +147,27 @@ class Cascade:
         logits = np.zeros((n, self.num_classes), dtype=np.float32)
         exit_index = np.full(n, b, dtype=np.int64)
         alive, h = np.arange(n), x
-        # an exit that can never fire, or that calibration switched off, is not run
-        active = (self.thresholds.min(1) <= 1) & np.asarray(self.manifest.get("active", [True] * b),
-                                                             dtype=bool)
+        history: tuple[np.ndarray, ...] = ()  # the ensemble's: earlier exits' log-softmaxes
+        active, runs = self.runs()
         for k in range(b):
             if alive.size == 0:
                 break
             h = self.segments[k](h)[0]
+            if not runs[k]:
+                continue
+            out, score, *rest = self.branches[k](h, *history)
+            history = tuple(rest[:1]) if self.ensemble else ()
             if not active[k]:
                 continue
-            out, score = self.branches[k](h)[:2]
             leave = score >= self.thresholds[k][out.argmax(1)]
             logits[alive[leave]] = out[leave]
             exit_index[alive[leave]] = k
             if leave.any():
                 h, alive = np.ascontiguousarray(h[~leave]), alive[~leave]
+                history = tuple(np.ascontiguousarray(a[~leave]) for a in history)
         if alive.size:
             logits[alive] = self.segments[b](h)[0]
-        return CascadeResult(logits, exit_index, _exit_flops(self.manifest, active)[exit_index])
+        return CascadeResult(logits, exit_index, _exit_flops(self.manifest, runs)[exit_index])
 
     def _check_images(self, images: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(images, dtype=np.float32)
@@ -271,6 +294,7 @@ def _check_manifest(doc: Any, path: Path) -> None:
                    and _number(doc["resize_size"], 1, 2 * _MAX_SIDE))
               and doc.get("interpolation", "bilinear") in ("nearest", "bilinear", "bicubic")
               and all(_number(v) for v in doc["segment_flops"] + doc["branch_flops"])
+              and doc.get("ensemble", False) in (True, False)
               and all(isinstance(r, list) and len(r) == k for r in doc["thresholds"]))
     except (KeyError, TypeError, ValueError) as e:
         raise BundleError(bad) from e
@@ -305,10 +329,11 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _exit_flops(manifest: dict[str, Any], active: np.ndarray) -> np.ndarray:
-    """FLOPs spent by a sample leaving at exit k (k = B: the backbone), active branches only."""
+def _exit_flops(manifest: dict[str, Any], runs: np.ndarray) -> np.ndarray:
+    """FLOPs spent by a sample leaving at exit k (k = B: the backbone), counting the branches
+    that run only (:meth:`Cascade.runs`)."""
     seg, br = manifest["segment_flops"], manifest["branch_flops"]
-    steps = [s + (b if on else 0) for s, b, on in zip(seg, br, active)] + [seg[-1]]
+    steps = [s + (b if on else 0) for s, b, on in zip(seg, br, runs)] + [seg[-1]]
     return np.cumsum(np.asarray(steps, dtype=np.float64))
 
 
@@ -338,11 +363,11 @@ def _onnx_loader(providers: Sequence[str] | None, threads: int | None = None
     def load(path: Path) -> Graph:
         with _graph_errors(path, "load"):
             sess = ort.InferenceSession(str(path), opts, providers=chosen)
-            name = sess.get_inputs()[0].name
+            names = [i.name for i in sess.get_inputs()]
 
-        def run(x: np.ndarray) -> tuple[np.ndarray, ...]:
+        def run(*xs: np.ndarray) -> tuple[np.ndarray, ...]:
             with _graph_errors(path, "run"):
-                return tuple(sess.run(None, {name: x}))
+                return tuple(sess.run(None, dict(zip(names, xs))))
 
         return run
 
@@ -377,11 +402,11 @@ def _torchscript_loader() -> Callable[[Path], Graph]:
             warnings.simplefilter("ignore", FutureWarning)  # torch >= 2.10: TorchScript
             module = torch.jit.load(str(path), map_location="cpu").eval()  # is deprecated
 
-        def run(x: np.ndarray) -> tuple[np.ndarray, ...]:
-            if not x.flags.writeable:  # torch.from_numpy warns on read-only arrays
-                x = x.copy()
+        def run(*xs: np.ndarray) -> tuple[np.ndarray, ...]:
+            # torch.from_numpy warns on read-only arrays
+            ts = [torch.from_numpy(x if x.flags.writeable else x.copy()) for x in xs]
             with torch.inference_mode(), _graph_errors(path, "run"):
-                out = module(torch.from_numpy(x))
+                out = module(*ts)
             outs = out if isinstance(out, tuple) else (out,)
             return tuple(o.contiguous().numpy() for o in outs)
 

@@ -166,8 +166,8 @@ def time_profile(model: EarlyExitModel, images: Tensor, batch_size: int,
     pieces += [{"piece": f"branch {k}", "flops_share": f / total, "ms": m, "ms_batched": mb,
                 "on": on}
                for k, (f, m, mb, on) in enumerate(zip(model.branch_flops, prof.branch_ms,
-                                                       prof.branch_ms_batched, model.active))]
-    active = torch.tensor(model.active)
+                                                       prof.branch_ms_batched, model.evaluated))]
+    active = torch.tensor(model.evaluated)  # the branches that run (a ZTW ensemble reads more)
     share = torch.tensor(list(shares), dtype=torch.float64)
     ideal = {}
     for key, batched in (("latency", False), ("throughput", True)):
