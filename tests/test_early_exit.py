@@ -165,4 +165,5 @@ def test_gate_half_is_the_calibrated_softmax_table_and_off_exits_stay_off(setup)
     assert model.active == [True, True, False]
     assert (later.exit_index >= got.exit_index).all() and (earliest.exit_index == 0).all()
     assert gate(torch.tensor([0.3, 1.0]), gate_power(0.3)).tolist() == pytest.approx([0.5, 1.0])
+    assert gate(torch.tensor([0.3, 1.0]), math.inf).tolist() == [0.0, 0.0]  # switched off
     model.set_thresholds(0.5, score="softmax", gamma=[1.0] * 3)
