@@ -112,6 +112,20 @@ def shared_bundle(tmp_path_factory) -> tuple[Path, Path, Path]:
     return root / "data", root / "resnet20-3.pt", root / "bundle"
 
 
+@pytest.fixture(scope="module", name="shared")
+def shared_fixture(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """:func:`shared_bundle` as the ``shared`` fixture (import this name to use it)."""
+    return shared_bundle(tmp_path_factory)
+
+
+@pytest.fixture(name="bundle")
+def bundle_copy(shared, tmp_path) -> Path:
+    """A private copy of the shared bundle, to spoil (the ``bundle`` fixture)."""
+    import shutil
+
+    return Path(shutil.copytree(shared[2], tmp_path / "bundle"))
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> tuple[Path, Path]:
     """(data folder with train/ and test/, trained resnet20 checkpoint)."""

@@ -15,14 +15,12 @@ import pteenet
 from pteenet import backbones, bundle
 from pteenet.atomic import MANIFEST
 from pteenet.bundle import BRANCHES_FILE, THRESHOLDS_FILE, read_bundle
-from tests._helpers import one_thread, shared_bundle  # noqa: F401  (one_thread: autouse)
+from tests._helpers import (  # noqa: F401  (one_thread: autouse)
+    one_thread,
+    shared_fixture,
+)
 
 WATCHED = (BRANCHES_FILE, THRESHOLDS_FILE, MANIFEST)
-
-
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-    return shared_bundle(tmp_path_factory)
 
 
 @pytest.fixture

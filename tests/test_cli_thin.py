@@ -3,9 +3,6 @@ parameters and a CLI that shows them as options, calibrate's rows computed by th
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -18,19 +15,14 @@ from pteenet.export import FORMATS
 from pteenet.latency import COSTS
 from pteenet.placement import POLICIES
 from pteenet.train_config import LOSSES, TARGETS
-from tests._helpers import fails_cleanly, one_thread, shared_bundle  # noqa: F401  (autouse)
+from tests._helpers import (  # noqa: F401  (fixtures)
+    bundle_copy,
+    fails_cleanly,
+    one_thread,
+    shared_fixture,
+)
 
 WIDE = {"COLUMNS": "240", "TERMINAL_WIDTH": "240"}
-
-
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-    return shared_bundle(tmp_path_factory)
-
-
-@pytest.fixture
-def bundle(shared, tmp_path) -> Path:
-    return Path(shutil.copytree(shared[2], tmp_path / "bundle"))
 
 
 def run(*args: str):

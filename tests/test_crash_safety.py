@@ -60,7 +60,7 @@ from tests._helpers import (  # noqa: F401  (autouse)
     fails_cleanly,
     kill_when,
     one_thread,
-    shared_bundle,
+    shared_fixture,
 )
 
 runner = CliRunner()
@@ -69,11 +69,6 @@ SAVE_STEPS = ["start", "wrote-branches.safetensors", "wrote-thresholds.csv",
               "renamed-branches.safetensors", "renamed-thresholds.csv", "renamed-thresholds.json"]
 TABLE_STEPS = ["start", "wrote-thresholds.csv", "wrote-thresholds.json", f"wrote-{MANIFEST}",
                "committed", "renamed-thresholds.csv", "renamed-thresholds.json"]
-
-
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-    return shared_bundle(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

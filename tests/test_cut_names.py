@@ -17,14 +17,13 @@ import pteenet
 from pteenet.bundle import BRANCHES_FILE
 from pteenet.cifar_resnet import cifar_resnet
 from pteenet.tracing import trace_backbone
-from tests._helpers import one_thread, reseal, shared_bundle  # noqa: F401  (autouse)
+from tests._helpers import (  # noqa: F401  (autouse)
+    one_thread,
+    reseal,
+    shared_fixture,
+)
 
 FX_NAME = re.compile(r"^(relu|add)_\d+$")
-
-
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-    return shared_bundle(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

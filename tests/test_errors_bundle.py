@@ -14,7 +14,6 @@ replaces it.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,27 +35,17 @@ from pteenet.bundle import (
 from pteenet.early_exit import gate_power
 from pteenet.errors import BundleError
 from tests._helpers import (  # noqa: F401  (one_thread: autouse fixture)
+    bundle_copy,
     fails_cleanly,
     one_thread,
     reseal,
-    shared_bundle,
+    shared_fixture,
 )
 
 runner = CliRunner()
 FAST_BENCH = ["--latency-samples", "2", "--repeats", "1", "--batch-size", "16", "--quiet"]
 
 
-
-
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-    return shared_bundle(tmp_path_factory)
-
-
-@pytest.fixture
-def bundle(shared, tmp_path) -> Path:
-    """A private copy of the shared bundle, to spoil."""
-    return Path(shutil.copytree(shared[2], tmp_path / "bundle"))
 
 
 def invoke(*args):

@@ -15,16 +15,15 @@ import torch
 from pteenet_cli.app import app
 from typer.testing import CliRunner
 
-from tests._helpers import fails_cleanly, one_thread, shared_bundle  # noqa: F401  (autouse fixture)
+from tests._helpers import (  # noqa: F401  (autouse fixture)
+    fails_cleanly,
+    one_thread,
+    shared_fixture,
+)
 
 runner = CliRunner()
 
 
-
-
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-    return shared_bundle(tmp_path_factory)
 
 
 

@@ -4,7 +4,6 @@ uncalibrated or repeated, and the options a new user reaches for first."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -12,14 +11,14 @@ import torch
 from pteenet_cli.app import app
 from typer.testing import CliRunner
 
-from tests._helpers import fails_cleanly, one_thread, shared_bundle  # noqa: F401  (autouse fixture)
+from tests._helpers import (  # noqa: F401  (fixtures)
+    bundle_copy,
+    fails_cleanly,
+    one_thread,
+    shared_fixture,
+)
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-    return shared_bundle(tmp_path_factory)
 
 
 def _attach(data: Path, ckpt: Path, out: Path, *extra: str) -> list[str]:
@@ -86,13 +85,6 @@ def test_no_pretrained_backbone_is_random_seeded_and_loads_again(shared, tmp_pat
 def _bench(bundle: Path, *extra: str):
     return runner.invoke(app, ["bench", "--bundle", str(bundle), "--max-samples", "8",
                                "--latency-samples", "0", "--repeats", "1", "--quiet", *extra])
-
-
-@pytest.fixture
-def bundle(shared, tmp_path) -> Path:
-    copy = tmp_path / "bundle"
-    shutil.copytree(shared[2], copy)
-    return copy
 
 
 def test_bench_warns_once_when_thresholds_were_never_calibrated(bundle):
