@@ -195,7 +195,10 @@ class EarlyExitModel(nn.Module):
     def evaluated(self) -> list[bool]:
         """Per exit: does its branch run? The active exits', and with an ensemble every branch
         up to the last active exit (the ensemble reads them)."""
-        return reach(torch.tensor(self.active), self.ensemble is not None).tolist()
+        return self._evaluated(self.active)
+
+    def _evaluated(self, active: list[bool]) -> list[bool]:
+        return active if self.ensemble is None else reach(torch.tensor(active), True).tolist()
 
     def set_ensemble(self, ensemble: ZTWEnsemble | None) -> None:
         """Use ``ensemble`` (ZTW weights for these exits and classes), or none."""
@@ -365,7 +368,8 @@ class EarlyExitModel(nn.Module):
         With an ensemble each sample's earlier log-softmaxes (``history``) are compacted with it.
         """
         n, dev = x.shape[0], x.device
-        active, runs = self.active, self.evaluated
+        active = self.active  # read once: the loop is on the batch-1 hot path
+        runs = self._evaluated(active)
         if self.whole is not None and not any(active):
             return EarlyExitResult(self.whole(x).float(),
                                    torch.full((n,), self.num_branches, device=dev),
