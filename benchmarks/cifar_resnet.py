@@ -162,8 +162,8 @@ def write_report(rows: list[dict], args) -> None:
             t = r["timing"]
             lat = t["latency"]
             lines.append(
-                f"- {r['backbone']}: batch 1 {lat['backbone']['median_ms']:.2f} ms vs "
-                f"{lat['early_exit']['median_ms']:.2f} ms (x{t['speedup']['latency']:.2f}); "
+                f"- {r['backbone']}: batch 1 (mean) {lat['backbone']['mean_ms']:.2f} ms vs "
+                f"{lat['early_exit']['mean_ms']:.2f} ms (x{t['speedup']['latency']:.2f}); "
                 f"batched {t['throughput']['backbone']:.0f} vs "
                 f"{t['throughput']['early_exit']:.0f} img/s (x{t['speedup']['throughput']:.2f}); "
                 f"FLOPs x{t['speedup']['flops']:.2f}; {t['threads']} threads, load average "

@@ -72,6 +72,12 @@ def test_bench_json_is_consistent(bundle: Path, costs: list[float]) -> None:
             <= t["latency"][model]["p90_ms"]
         assert t["throughput"][model] > 0
     assert r["speedup"]["flops"] == pytest.approx(1 / ee["relative_flops"])
+    # batch 1 is judged by the mean (time per image of a one-by-one stream), the median beside
+    lat = t["latency"]
+    assert r["speedup"]["latency"] == pytest.approx(
+        lat["backbone"]["mean_ms"] / lat["early_exit"]["mean_ms"])
+    assert r["speedup"]["latency_median"] == pytest.approx(
+        lat["backbone"]["median_ms"] / lat["early_exit"]["median_ms"])
     written = json.loads((bundle / "bench.json").read_text())
     assert written["early_exit"] == ee and r["files"]["bench_json"] == str(bundle / "bench.json")
 
