@@ -30,6 +30,7 @@ __all__ = ["Clock", "busy_note", "efficiency", "images_to_keep", "profile_note",
            "time_profile", "wall_clock"]
 
 WARMUP = 3
+LATENCY_REPEATS = 3  # batch-1 calls per image; its median is its time
 THROUGHPUT_BATCHES = 3
 TIMING_BYTES = 1 << 30  # real images kept in memory for timing, at most
 
@@ -77,19 +78,26 @@ def _interleaved(models: dict[str, Callable], rounds: int) -> Iterator[tuple[int
 
 
 def _latency(models: dict[str, Callable], images: Tensor, samples: int,
-            clock: Clock) -> dict[str, dict[str, float]]:
+             clock: Callable[[Callable, Tensor], float]) -> dict[str, dict[str, float]]:
     """Batch-1 latency over ``samples`` real images (cycled if fewer): mean, median, p10 and
-    p90, in ms."""
-    times: dict[str, list[float]] = {k: [] for k in models}
+    p90 over images, in ms.
+
+    Each image is timed LATENCY_REPEATS times, in separate sweeps, and its median is its time:
+    a call the OS preempted is an outlier of that call, not a slow image, and one 20 ms stall
+    among a few hundred 3 ms calls would otherwise move the mean by several percent.
+    """
     for _, fn in models.items():
         for i in range(min(WARMUP, len(images))):
             fn(images[i:i + 1])
-    for r, name, fn in _interleaved(models, samples):
-        i = r % len(images)
-        times[name].append(clock(fn, images[i:i + 1]) * 1000.0)
+    calls: dict[str, list[list[float]]] = {k: [[] for _ in range(samples)] for k in models}
+    for r, name, fn in _interleaved(models, samples * LATENCY_REPEATS):
+        i = r % samples
+        j = i % len(images)
+        calls[name][i].append(clock(fn, images[j:j + 1]) * 1000.0)
+    per_image = {k: [statistics.median(c) for c in v] for k, v in calls.items()}
     return {k: {"mean_ms": statistics.fmean(v), "median_ms": statistics.median(v),
                 "p10_ms": float(np.percentile(v, 10)),
-                "p90_ms": float(np.percentile(v, 90))} for k, v in times.items()}
+                "p90_ms": float(np.percentile(v, 90))} for k, v in per_image.items()}
 
 
 def _throughput(models: dict[str, Callable], batches: list[Tensor], repeats: int,
