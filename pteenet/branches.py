@@ -36,7 +36,7 @@ from .errors import OptionError
 from .tracing import count_flops
 
 __all__ = ["BRANCH_TYPES", "DEFAULT_BRANCH", "MAX_VALUES", "Branch", "Reduce", "branch_flops",
-           "cache_bytes", "make_branch", "reduction", "softmax_stats"]
+           "cache_bytes", "make_branch", "reduction", "softmax_stats", "unbounded_reduction"]
 
 BRANCH_TYPES = ("mlp", "conv1", "conv2", "conv3", "conv1d", "pool", "sdn")
 DEFAULT_BRANCH = "mlp"
@@ -89,6 +89,21 @@ def reduction(shape: tuple[int, ...], grid: int) -> Reduce:
     while 2 * c // group > MAX_VALUES or c % group:
         group += 1
     return Reduce(s, group)
+
+
+def unbounded_reduction(kind: str) -> Reduce:
+    """The reduction pteenet used before :func:`reduction` bounded wide maps: ``kind``'s full
+    grid (4x4; 1x1 for ``conv1d`` and ``pool``) over every channel, however wide the map.
+
+    Bundles written then (format version 2 whose branch specs record no ``reduce``) hold
+    branches shaped for it; :func:`pteenet.bundle.load` builds them only to recognise such
+    bundles and ask for a new attach.
+    """
+    return Reduce(_grid(kind))
+
+
+def _grid(kind: str) -> int:
+    return 1 if kind in ("conv1d", "pool") else GRID
 
 
 def cache_bytes(reduce: Reduce, shape: tuple[int, ...]) -> int:
@@ -178,8 +193,8 @@ def _width(per_unit: float, fixed: float, budget: float | None, cap: int) -> int
 
 
 def _parts(kind: str, shape: tuple[int, ...], k: int, budget: float | None,
-           width: int | None) -> tuple[Reduce, nn.Module, int]:
-    reduce = reduction(shape, 1 if kind in ("conv1d", "pool") else GRID)
+           width: int | None, reduce: Reduce | None) -> tuple[Reduce, nn.Module, int]:
+    reduce = reduce or reduction(shape, _grid(kind))
     c2, h, w = reduce.out_shape(shape)  # c2: avg and max channels together
     cells = h * w
     if kind == "mlp":
@@ -203,19 +218,21 @@ def _parts(kind: str, shape: tuple[int, ...], k: int, budget: float | None,
 
 
 def make_branch(kind: str, shape: tuple[int, ...] | int, num_classes: int,
-                budget: float | None = None, *, width: int | None = None) -> Branch:
+                budget: float | None = None, *, width: int | None = None,
+                reduce: Reduce | None = None) -> Branch:
     """Build an untrained branch of ``kind`` for a feature map of ``shape`` (C, H, W).
 
     ``budget`` is the most FLOPs the branch may cost per image; ``mlp`` and ConvX widths shrink
     to fit it (never below 16). ``width`` fixes the hidden width instead (a saved bundle's). A
-    bare channel count stands for a 4x4 map.
+    bare channel count stands for a 4x4 map. ``reduce`` replaces the reduction
+    :func:`reduction` picks (:func:`unbounded_reduction`: the layout of older bundles).
     """
     if kind not in BRANCH_TYPES:
         raise OptionError(f"unknown branch type '{kind}': use one of {', '.join(BRANCH_TYPES)}")
     if isinstance(shape, int):
         shape = (shape, GRID, GRID)
     macs = None if budget is None else budget / 2
-    reduce, body, width = _parts(kind, tuple(shape), num_classes, macs, width)
+    reduce, body, width = _parts(kind, tuple(shape), num_classes, macs, width, reduce)
     return Branch(reduce, body, width, num_classes)
 
 

@@ -15,6 +15,12 @@ A bundle attached with a ZTW ensemble (:mod:`pteenet.ensemble`) also holds its w
 an ``ensemble`` field in the metadata (its kind and the held-out samples it was fitted on); it is
 written as format version 3, which pteenet versions without ensembles refuse rather than run its
 exits alone. Bundles without the field load as before.
+
+Bundles whose branches read whole feature maps are refused as written by an older pteenet, with
+``pteenet attach`` as the fix: format version 1 (no reduction at all) by its version, and format
+version 2 written before wide maps were reduced to at most ``MAX_VALUES`` numbers by its branch
+specs (no ``reduce`` recorded) and tensors (exactly the unreduced layout, see
+:func:`_unbounded_branches`).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from safetensors.torch import save_file
 from . import __version__
 from .atomic import MANIFEST, commit_files, parse_manifest, read_member
 from .backbones import Backbone, create_backbone, sha256_file
+from .branches import MAX_VALUES, make_branch, unbounded_reduction
 from .early_exit import SCORES, EarlyExitModel, build_early_exit
 from .ensemble import ENSEMBLES, ZTWEnsemble
 from .errors import BundleError, OptionError, PteenetError
@@ -75,6 +82,8 @@ _META_KEY = "pteenet"
 _MAX_DIGITS = 19  # no integer of ours needs more (int64)
 _SHOW = 60  # longest value echoed in an error message
 _MAX_DEPTH = 32  # pteenet's own JSON nests a few levels; deeper is an edit, refused the same way
+_OLDER = ("was written by an older pteenet (format version {version}) whose branches read whole "
+          "feature maps")  # format 1: no reduction at all; 2 without 'reduce': wide maps unbounded
 
 
 @dataclass
@@ -96,6 +105,7 @@ class BundleInfo:
     cost: str = "flops"  # what the cost model counts (see EarlyExitModel)
     latency: TimeProfile | None = None  # measured at attach with --cost latency
     ensemble: dict[str, Any] | None = None  # a ZTW ensemble's kind and fit samples, or None
+    format_version: int | None = None  # as read (a write records what its contents need)
 
     @property
     def num_classes(self) -> int:
@@ -395,8 +405,7 @@ def _info(snap: _Snapshot) -> BundleInfo:
         raise BundleError(f"{where} has format version {_show(version)}, newer than this pteenet "
                           f"understands ({FORMAT_VERSION}); upgrade pteenet")
     if version < _PLAIN_VERSION:
-        raise BundleError(f"{where} has format version {version}, from a pteenet whose branches "
-                          f"read whole feature maps; re-run `pteenet attach`")
+        raise BundleError(f"{where} {_OLDER.format(version=version)}; re-run `pteenet attach`")
     backbone = _need(meta, "backbone", dict, where)
     for key, kind in (("name", str), ("source", str), ("num_classes", int)):
         _need(backbone, key, kind, where)
@@ -436,7 +445,7 @@ def _info(snap: _Snapshot) -> BundleInfo:
         segment_flops=seg, classes=classes, training=dict(meta.get("training") or {}),
         data=dict(meta.get("data") or {}),
         calibration_indices=_calibration(snap.tensors.get("calibration_indices"), extra, where),
-        extra=extra, cost=cost, latency=latency, ensemble=ensemble,
+        extra=extra, cost=cost, latency=latency, ensemble=ensemble, format_version=version,
     )
 
 
@@ -618,24 +627,83 @@ def load(path: str | os.PathLike | Bundle = "pteenet-out", *,
                                  thresholds=table.thresholds, score=table.score,
                                  gamma=table.gamma,
                                  flops=(info.segment_flops, [br["flops"] for br in info.branches]))
+        shapes = [trace.cut(c).shape for c in info.cuts]
     except (PteenetError, RuntimeError) as e:
         raise BundleError(f"{info.path}: cannot rebuild the model ({_show(str(e))})") from e
-    _load_state(model, b.state, info.path)
+    _load_state(model, b.state, info, shapes)
     model.set_ensemble(b.ensemble)
     model.use_cost(info.cost, info.latency)
     model.info = info
     return model.to(device).eval()
 
 
-def _load_state(model: EarlyExitModel, state: dict[str, torch.Tensor], where: Path) -> None:
-    """The branches' tensors into ``model``, each checked for dtype and shape first."""
-    own = model.branches.state_dict()
+def _load_state(model: EarlyExitModel, state: dict[str, torch.Tensor], info: BundleInfo,
+                shapes: list[tuple[int, ...]]) -> None:
+    """The branches' tensors into ``model``, each checked for dtype and shape first; tensors
+    shaped as an older pteenet wrote them (:func:`_unbounded_branches`) are named as such."""
+    own, where = model.branches.state_dict(), info.path
     bad = [k for k, v in own.items() if k in state and (state[k].dtype != v.dtype
                                                        or state[k].shape != v.shape)]
     if bad:
+        old = _unbounded_branches(state, own, info, shapes)
+        if old:
+            i = old[0]
+            reads = math.prod(unbounded_reduction(info.branches[i]["type"]).out_shape(shapes[i]))
+            raise BundleError(
+                f"{where} {_OLDER.format(version=info.format_version)} (branch {i} at "
+                f"'{_show(info.cuts[i])}' reads {reads} numbers of its map; branches now read at "
+                f"most {MAX_VALUES}); re-run `pteenet attach`")
         raise BundleError(f"{where}: branch tensors do not match the metadata ({bad[0]} has "
                           f"the wrong dtype or shape; edited?)")
     try:
         model.branches.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise BundleError(f"{where}: branch tensors do not match the metadata (edited?)") from e
+
+
+def _same_layout(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and a[k].shape == b[k].shape
+                                        for k in a)
+
+
+def _by_branch(tensors: dict[str, torch.Tensor], n: int) -> list[dict[str, torch.Tensor]] | None:
+    """``tensors`` split by branch (their names start with its index); None if one belongs to
+    no branch of ``n``."""
+    groups: list[dict[str, torch.Tensor]] = [{} for _ in range(n)]
+    for k, v in tensors.items():
+        head = k.partition(".")[0]
+        if not head.isdigit() or int(head) >= n:
+            return None
+        groups[int(head)][k] = v
+    return groups
+
+
+def _unbounded_branches(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor],
+                        info: BundleInfo, shapes: list[tuple[int, ...]]) -> list[int]:
+    """The branches laid out as pteenet wrote them before wide maps were reduced to at most
+    ``MAX_VALUES`` numbers (:func:`pteenet.branches.unbounded_reduction`), or [] unless the
+    whole bundle is such a one: format version 2, and every branch either records no
+    ``reduce`` and holds exactly the tensors (names, dtypes, shapes) of that layout for its
+    cut and recorded width, or holds exactly those this pteenet builds, and at least one the
+    old ones. A tensor edited in a bundle of today's layout fails both, and stays an edit."""
+    if info.format_version != _PLAIN_VERSION:
+        return []
+    stored, built = _by_branch(state, len(info.cuts)), _by_branch(own, len(info.cuts))
+    if stored is None or built is None:
+        return []
+    old = []
+    for i, (spec, shape, mine) in enumerate(zip(info.branches, shapes, stored)):
+        if _same_layout(mine, built[i]):
+            continue
+        if "reduce" in spec:  # recorded since wide maps are reduced: this pteenet's layout
+            return []
+        try:
+            with torch.device("meta"):  # shapes only: an old wide branch may be large
+                then = make_branch(spec["type"], shape, info.num_classes, width=spec.get("width"),
+                                   reduce=unbounded_reduction(spec["type"])).state_dict()
+        except (PteenetError, RuntimeError, ValueError, TypeError):
+            return []
+        if not _same_layout(mine, {f"{i}.{k}": v for k, v in then.items()}):
+            return []
+        old.append(i)
+    return old
