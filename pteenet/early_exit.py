@@ -261,8 +261,9 @@ class EarlyExitModel(nn.Module):
         :mod:`pteenet.latency`)."""
         was = self.training
         self.eval()
-        try:
-            return profile_cascade(self.segments, self.branches, images, batch_size)
+        side = self.branches if self.score == "head" else [b.classify for b in self.branches]
+        try:  # each branch timed as inference runs it (without the head the score ignores)
+            return profile_cascade(self.segments, side, images, batch_size)
         finally:
             self.train(was)
 
@@ -291,7 +292,8 @@ class EarlyExitModel(nn.Module):
         return self
 
     # -- computation ----------------------------------------------------------------------
-    def exit_score(self, logits: torch.Tensor, confidence: torch.Tensor, k: int) -> torch.Tensor:
+    def exit_score(self, logits: torch.Tensor, confidence: torch.Tensor | None, k: int
+                   ) -> torch.Tensor:
         """Exit ``k``'s score of each sample (see the module docstring for the three kinds)."""
         if self.score == "head":
             return torch.sigmoid(confidence)
@@ -319,10 +321,12 @@ class EarlyExitModel(nn.Module):
         return self.exit_outputs(logits, conf)[0]
 
     def branch_step(self, k: int, h: torch.Tensor, history: torch.Tensor | None
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Branch ``k`` on cut ``k``'s map ``h``: exit ``k``'s logits, the confidence logit and
-        the log-softmaxes of exits 0..k (``history`` holds 0..k-1; None without an ensemble)."""
-        logits, conf = self.branches[k](h)
+                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Branch ``k`` on cut ``k``'s map ``h``: exit ``k``'s logits, the confidence logit (None
+        when the score does not read it: it is not computed) and the log-softmaxes of exits
+        0..k (``history`` holds 0..k-1; None without an ensemble)."""
+        branch = self.branches[k]
+        logits, conf = branch(h) if self.score == "head" else (branch.classify(h), None)
         if self.ensemble is None:
             return logits, conf, None
         history = self.ensemble.extend(history, logits)

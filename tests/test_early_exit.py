@@ -139,7 +139,7 @@ def test_an_off_exit_is_not_run_and_costs_nothing(setup, monkeypatch):
     _, model, x = setup
     model.set_thresholds([0.0, math.inf, math.inf], score="softmax")
     ran: list[int] = []
-    monkeypatch.setattr(model.branches[1], "forward", lambda h: ran.append(1))
+    monkeypatch.setattr(model.branches[1], "classify", lambda h: ran.append(1))
     model.set_thresholds([math.inf, math.inf, 0.0])
     res = model(x)
     assert ran == [] and (res.exit_index == 2).all()  # branch 1 never ran
@@ -167,3 +167,18 @@ def test_gate_half_is_the_calibrated_softmax_table_and_off_exits_stay_off(setup)
     assert gate(torch.tensor([0.3, 1.0]), gate_power(0.3)).tolist() == pytest.approx([0.5, 1.0])
     assert gate(torch.tensor([0.3, 1.0]), math.inf).tolist() == [0.0, 0.0]  # switched off
     model.set_thresholds(0.5, score="softmax", gamma=[1.0] * 3)
+
+
+@pytest.mark.parametrize("score", ["softmax", "head"])
+def test_the_confidence_head_runs_only_when_the_score_reads_it(setup, monkeypatch, score):
+    _, model, x = setup
+    model.set_thresholds([0.5, 0.5, 0.5], score=score)
+    full = [b(f)[0] for b, f in zip(model.branches, model.features(x)[0])]
+    heads: list[int] = []
+    for k, b in enumerate(model.branches):
+        fwd = b.confidence.forward
+        monkeypatch.setattr(b.confidence, "forward", lambda z, k=k, f=fwd: heads.append(k) or f(z))
+    res = model(x)
+    assert bool(heads) == (score == "head")  # softmax and gate scores never read the head
+    first = res.exit_index == 0
+    assert torch.allclose(res.logits[first], full[0][first])  # same logits either way

@@ -141,8 +141,8 @@ def test_every_branch_up_to_the_last_active_exit_runs(model, ztw, monkeypatch):
     x = ztw[2]
     ran: list[int] = []
     for k, br in enumerate(model.branches):
-        forward = br.forward
-        monkeypatch.setattr(br, "forward", lambda h, k=k, f=forward: ran.append(k) or f(h))
+        classify = br.classify  # softmax scores: inference runs the classifier path alone
+        monkeypatch.setattr(br, "classify", lambda h, k=k, f=classify: ran.append(k) or f(h))
     model.set_thresholds([math.inf, 0.0, math.inf], score="softmax")  # only exit 1 fires
     res = model(x)
     assert ran == [0, 1] and (res.exit_index == 1).all()  # branch 0 runs: exit 1 reads it
