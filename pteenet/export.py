@@ -38,6 +38,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -48,6 +49,7 @@ from .bundle import load, read_bundle
 from .derived import BUNDLE_HASH_KEY
 from .early_exit import EarlyExitModel
 from .errors import BundleError, OptionError
+from .single_graph import MIN_OPSET, single_graph
 from .thresholds import json_rows
 
 __all__ = ["FORMATS", "MANIFEST", "MANIFEST_VERSION", "export", "manifest_for"]
@@ -55,6 +57,7 @@ __all__ = ["FORMATS", "MANIFEST", "MANIFEST_VERSION", "export", "manifest_for"]
 FORMATS = ("onnx", "torchscript")
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
 MANIFEST = "manifest.json"
+SINGLE = "cascade_1.onnx"  # the batch-1 cascade as one graph (ONNX only)
 MANIFEST_VERSION = 2  # 2: a ZTW ensemble (written only with one); 1: every exit alone
 TRACE_BATCH = 2  # graphs are traced on this batch size ...
 CHECK_BATCH = 3  # ... and verified on another, to prove the batch dimension stayed dynamic
@@ -103,6 +106,8 @@ def export(
     with writer_lock(folder, create=True):  # also the writability check, before any work
         model = load(b, checkpoint=checkpoint, force=force).eval()
         files = _write_graphs(model, folder, format, opset)
+        if format == "onnx":
+            files.update(_write_single(model, folder, files, opset))
         manifest = manifest_for(model, format, files, b.sha256)
         manifest["sha256"] = {f: sha256_file(folder / f)
                               for group in files.values() for f in group}
@@ -125,6 +130,26 @@ def _write_graphs(model: Any, folder: Path, format: str, opset: int) -> dict[str
     return files
 
 
+def _write_single(model: Any, folder: Path, files: dict[str, list[str]], opset: int
+                  ) -> dict[str, list[str]]:
+    """The batch-1 cascade as one graph (:mod:`pteenet.single_graph`), built from the pieces
+    just written: ``{"single": [name]}``, or nothing for an ensemble (its exits read the earlier
+    ones), an opset below the graph's, or a table where no exit can fire."""
+    if model.ensemble is not None or opset < MIN_OPSET or not any(model.evaluated):
+        return {}
+    import onnx
+
+    def read(group: str) -> list[Any]:
+        return [onnx.load(str(folder / f)) for f in files[group]]
+
+    graph = single_graph(read("segments"), read("branches"), model.evaluated, model.num_classes)
+    with _writing(folder / SINGLE, "onnx", "the batch-1 cascade") as tmp:
+        onnx.save(graph, str(tmp))
+        onnx.checker.check_model(str(tmp))
+        _verify_single(model, tmp)
+    return {"single": [SINGLE]}
+
+
 def manifest_for(model: Any, format: str, files: dict[str, list[str]],
                  bundle_sha256: str | None) -> dict[str, Any]:
     """The manifest: everything a runtime needs besides the graphs, as plain JSON;
@@ -143,6 +168,7 @@ def manifest_for(model: Any, format: str, files: dict[str, list[str]],
         "active": model.active, "segment_flops": list(model.segment_flops),
         "branch_flops": list(model.branch_flops), "backbone_flops": model.backbone_flops,
         "exit_costs": model.exit_costs(kind="flops"), "files": files,
+        **({"single_runs": list(model.evaluated)} if "single" in files else {}),
         BUNDLE_HASH_KEY: bundle_sha256,
     }
 
@@ -186,13 +212,20 @@ def _write_graph(module: nn.Module, example: tuple[torch.Tensor, ...],
                  check: tuple[torch.Tensor, ...], path: Path, format: str, opset: int,
                  what: str) -> None:
     """Export one graph atomically, then prove it reproduces the module on another batch size."""
+    with _writing(path, format, what) as tmp:
+        if format == "onnx":
+            _save_onnx(module, example, tmp, opset)
+        else:
+            torch.jit.save(torch.jit.trace(module, example, check_trace=False), str(tmp))
+        _verify(module, check, tmp, format, what)
+
+
+@contextlib.contextmanager
+def _writing(path: Path, format: str, what: str) -> Iterator[Path]:
+    """A temporary path that becomes ``path`` if the body succeeds; any failure one line."""
     try:
         with atomic_path(path) as tmp, _quiet():
-            if format == "onnx":
-                _save_onnx(module, example, tmp, opset)
-            else:
-                torch.jit.save(torch.jit.trace(module, example, check_trace=False), str(tmp))
-            _verify(module, check, tmp, format, what)
+            yield tmp
     except OptionError:
         raise
     except OSError as e:  # the folder, not the format: another --format would not help
@@ -231,6 +264,35 @@ def _run_saved(path: Path, format: str, xs: tuple[torch.Tensor, ...]) -> list[to
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feed = {i.name: x.numpy() for i, x in zip(sess.get_inputs(), xs)}
     return [torch.from_numpy(o) for o in sess.run(None, feed)]
+
+
+@torch.no_grad()
+def _verify_single(model: Any, path: Path) -> None:
+    """Run the batch-1 graph on one image under three tables -- every threshold 0 (the first
+    exit answers), every one inf (the backbone does) and the model's own -- against the model.
+
+    Skipped when onnxruntime is absent (the checker has already passed)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    h, w = model.info.preprocess.input_size
+    x = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(1))
+    feats, final = model.features(x)
+    first = model.evaluated.index(True)
+    table = model.thresholds.numpy().astype("float32")
+    cases = [(np.zeros_like(table), first, model.branch_step(first, feats[first], None)[0]),
+             (np.full_like(table, np.inf), model.num_branches, final)]
+    res = model.early_exit(x)
+    cases.append((table, int(res.exit_index[0]), res.logits))
+    for thresholds, want_exit, want in cases:
+        logits, exit_index = sess.run(None, {"input": x.numpy(), "thresholds": thresholds})
+        tol = 1e-3 * (1 + float(want.abs().max()))
+        if int(exit_index[0]) != want_exit or float((torch.from_numpy(logits) - want).abs()
+                                                     .max()) > tol:
+            raise OptionError("the exported batch-1 cascade does not reproduce the model; "
+                              "try the other `format`")
 
 
 def _verify(module: nn.Module, xs: tuple[torch.Tensor, ...], path: Path, format: str,

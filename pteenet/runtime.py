@@ -17,6 +17,8 @@ With a ZTW ensemble (manifest ``"ensemble": true``, format version 2; Wołczyk e
 branch graph after the first also reads the log-softmaxes of the exits before it and returns
 them extended: the runtime keeps that array per sample in flight, compacts it with the batch,
 and runs every branch up to the last exit that may fire, since the later exits read them.
+A single image runs through ``cascade_1.onnx`` when the export wrote one
+(:mod:`pteenet.single_graph`): the same pieces in one session, with the table as its input.
 """
 
 from __future__ import annotations
@@ -78,10 +80,11 @@ class Cascade:
     """
 
     def __init__(self, manifest: dict[str, Any], segments: Sequence[Graph],
-                 branches: Sequence[Graph]) -> None:
+                 branches: Sequence[Graph], single: Graph | None = None) -> None:
         self.manifest = manifest
         self.segments = list(segments)
         self.branches = list(branches)
+        self.single = single  # the batch-1 cascade as one graph, if exported
         rows = manifest["thresholds"]
         self.thresholds = np.array([[np.inf if v is None else v for v in r] for r in rows],
                                    dtype=np.float32).reshape(len(self.branches), -1)
@@ -97,8 +100,10 @@ class Cascade:
         onnx = manifest["format"] == "onnx"
         load = _onnx_loader(providers, threads) if onnx else _torchscript_loader()
         files = manifest["files"]
+        single = files.get("single")
         return cls(manifest, [load(folder / f) for f in files["segments"]],
-                   [load(folder / f) for f in files["branches"]])
+                   [load(folder / f) for f in files["branches"]],
+                   load(folder / single[0]) if single else None)
 
     # -- facts ----------------------------------------------------------------------------
     @property
@@ -143,12 +148,16 @@ class Cascade:
     def run(self, images: np.ndarray) -> CascadeResult:
         """True early exit with batch compaction: later segments see only samples in flight."""
         x = self._check_images(images)
+        active, runs = self.runs()
+        if x.shape[0] == 1 and self._single_fits(runs):
+            logits, exit_index = self.single(x, np.asarray(self.thresholds, dtype=np.float32))
+            exit_index = exit_index.astype(np.int64)
+            return CascadeResult(logits, exit_index, _exit_flops(self.manifest, runs)[exit_index])
         n, b = x.shape[0], self.num_branches
         logits = np.zeros((n, self.num_classes), dtype=np.float32)
         exit_index = np.full(n, b, dtype=np.int64)
         alive, h = np.arange(n), x
         history: tuple[np.ndarray, ...] = ()  # the ensemble's: earlier exits' log-softmaxes
-        active, runs = self.runs()
         for k in range(b):
             if alive.size == 0:
                 break
@@ -168,6 +177,12 @@ class Cascade:
         if alive.size:
             logits[alive] = self.segments[b](h)[0]
         return CascadeResult(logits, exit_index, _exit_flops(self.manifest, runs)[exit_index])
+
+    def _single_fits(self, runs: np.ndarray) -> bool:
+        """The one-graph cascade holds the branches that ran at export; it answers a single
+        image only while the current table runs the same ones (the thresholds are its input)."""
+        return self.single is not None and \
+            runs.tolist() == self.manifest.get("single_runs")
 
     def _check_images(self, images: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(images, dtype=np.float32)
@@ -247,7 +262,7 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
         raise BundleError(f"{path} is not valid JSON ({type(e).__name__}); run `pteenet export` "
                           f"again") from None
     _check_manifest(doc, path)
-    for f in doc["files"]["segments"] + doc["files"]["branches"]:
+    for f in doc["files"]["segments"] + doc["files"]["branches"] + doc["files"].get("single", []):
         _check_file(path.parent, f, doc.get("sha256"), path)
     _check_fresh(doc, path)
     return doc
@@ -295,6 +310,7 @@ def _check_manifest(doc: Any, path: Path) -> None:
               and doc.get("interpolation", "bilinear") in ("nearest", "bilinear", "bicubic")
               and all(_number(v) for v in doc["segment_flops"] + doc["branch_flops"])
               and doc.get("ensemble", False) in (True, False)
+              and _single_ok(doc, b)
               and all(isinstance(r, list) and len(r) == k for r in doc["thresholds"]))
     except (KeyError, TypeError, ValueError) as e:
         raise BundleError(bad) from e
@@ -303,6 +319,16 @@ def _check_manifest(doc: Any, path: Path) -> None:
     if not all(v is None or _number(v, 0, 1) for r in doc["thresholds"] for v in r):
         raise BundleError(f"{path}: thresholds must be numbers in [0, 1] or null (never); "
                           f"run `pteenet export` again")
+
+
+def _single_ok(doc: dict[str, Any], b: int) -> bool:
+    """An exported batch-1 graph is one file plus the B booleans of the branches it holds."""
+    single = doc["files"].get("single")
+    if single is None:
+        return "single_runs" not in doc
+    runs = doc.get("single_runs")
+    return isinstance(single, list) and len(single) == 1 and isinstance(runs, list) and \
+        len(runs) == b and all(isinstance(r, bool) for r in runs)
 
 
 def _check_file(folder: Path, name: Any, hashes: Any, manifest: Path) -> None:

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pteenet_cli.app import app
 from typer.testing import CliRunner
 
@@ -27,6 +29,7 @@ from tests._helpers import PRE, tiny  # noqa: F401  (fixture)
 
 runner = CliRunner()
 FORMATS = ("onnx", "torchscript")
+FIXTURE = [HealthCheck.function_scoped_fixture]
 
 
 def _gap_threshold(scores: torch.Tensor, q: float) -> float:
@@ -258,6 +261,8 @@ def _set(path: tuple, value):
     ("negative-flops", _set(("segment_flops", 0), -5), "malformed"),
     ("text-resize", _set(("resize_size",), "256"), "malformed"),
     ("unknown-interpolation", _set(("interpolation",), "lanczos9"), "malformed"),
+    ("single-runs-short", _set(("single_runs",), [True]), "malformed"),
+    ("single-outside", _set(("files", "single"), ["../cascade_1.onnx"]), "outside its folder"),
 ])
 def test_the_manifest_is_not_trusted(spoilable, name, edit, words):
     edit_manifest(spoilable, edit)
@@ -311,3 +316,62 @@ def test_onnx_sessions_do_not_spin(exported, monkeypatch):
                         lambda threads=None: made.append(threads) or opts)
     cascade = Cascade.open(exported, threads=1)
     assert made == ([1] if cascade.manifest["format"] == "onnx" else [])
+
+
+def _counted(graph, calls: list[str], name: str):
+    def run(*xs):
+        calls.append(name)
+        return graph(*xs)
+    return run
+
+
+def _watched(cascade: Cascade) -> list[str]:
+    """The names of the graphs each run calls: 'single', or 'piece'."""
+    calls: list[str] = []
+    cascade.single = _counted(cascade.single, calls, "single")
+    cascade.segments = [_counted(g, calls, "piece") for g in cascade.segments]
+    cascade.branches = [_counted(g, calls, "piece") for g in cascade.branches]
+    return calls
+
+
+def test_single_images_run_as_one_graph_with_the_same_answers(onnx_export, bundle, reference):
+    doc = json.loads((onnx_export / MANIFEST).read_text())
+    assert doc["files"]["single"] == ["cascade_1.onnx"] and doc["single_runs"] == [True, True]
+    cascade = Cascade.open(onnx_export)
+    calls = _watched(cascade)
+    x = bundle[1].numpy()
+    for i in range(len(x)):
+        res = cascade.run(x[i:i + 1])
+        assert res.exit_index[0] == reference.exit_index[i]  # every exit is used (reference)
+        np.testing.assert_allclose(res.logits[0], reference.logits[i].numpy(), rtol=1e-4,
+                                   atol=1e-4)
+        assert res.flops[0] == reference.flops[i]
+    assert calls == ["single"] * len(x)  # no segment or branch graph ran
+    cascade.run(x[:2])
+    assert "piece" in calls[len(x):]  # batches compact, through the pieces
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=FIXTURE)
+@given(t=st.floats(0.0, 1.0))
+def test_the_single_graph_reads_the_runtimes_thresholds(onnx_export, bundle, t):
+    """The table is the graph's input: a new global threshold moves single images as it moves
+    the pieces' cascade."""
+    one, pieces = Cascade.open(onnx_export), Cascade.open(onnx_export)
+    pieces.single = None
+    for c in (one, pieces):
+        c.thresholds = np.full_like(c.thresholds, t)
+    x = bundle[1].numpy()
+    got = [one.run(x[i:i + 1]) for i in range(0, len(x), 4)]
+    want = pieces.run(x[::4])
+    np.testing.assert_array_equal([g.exit_index[0] for g in got], want.exit_index)
+    np.testing.assert_allclose(np.concatenate([g.logits for g in got]), want.logits, rtol=1e-4,
+                               atol=1e-4)
+
+
+def test_a_table_with_other_active_exits_runs_the_pieces(onnx_export, bundle, reference):
+    cascade = Cascade.open(onnx_export)
+    calls = _watched(cascade)
+    cascade.thresholds[0] = np.inf  # exit 0 off: the single graph holds a branch that never runs
+    x = bundle[1].numpy()
+    res = cascade.run(x[:1])
+    assert "single" not in calls and res.exit_index[0] in (1, 2)
