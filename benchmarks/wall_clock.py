@@ -55,7 +55,13 @@ def bench_row(bundle: Path, root: Path, args, **kw) -> dict:
 
 
 def onnx_row(bundle: Path, root: Path, args) -> dict:
-    """Exported cascade vs exported backbone on onnxruntime, interleaved."""
+    """Exported cascade vs exported backbone on onnxruntime, in alternating blocks.
+
+    The backbone runs at its best, onnxruntime's defaults (idle workers spin, twice as fast at
+    batch 1 as without); so does the cascade's one-graph batch-1 session, while its per-piece
+    sessions (batches) do not spin. Spinning workers of one session would slow the other's next
+    calls, so the two alternate in blocks, each block after an untimed call, rather than call by
+    call. Batch 1 is the mean over images of each image's median of three sweeps."""
     import onnxruntime as ort
 
     from pteenet.runtime import Cascade, session_options
@@ -69,27 +75,35 @@ def onnx_row(bundle: Path, root: Path, args) -> dict:
                       output_names=["output"], dynamic_axes={"input": {0: "batch"},
                                                              "output": {0: "batch"}},
                       opset_version=17, dynamo=False)
-    sess = ort.InferenceSession(str(path), session_options(args.threads),
+    sess = ort.InferenceSession(str(path), session_options(args.threads, spin=True),
                                 providers=["CPUExecutionProvider"])
     images = test_images(root, info, args.batch)
     runs = {"backbone": lambda x: sess.run(None, {"input": x}), "early_exit": cascade.run}
     for fn in runs.values():
         fn(images[:1])
         fn(images)
-    one = {k: [] for k in runs}
-    for i in range(args.latency_samples):
-        for name, fn in (runs.items() if i % 2 == 0 else reversed(runs.items())):
-            t0 = time.perf_counter()
-            fn(images[i % len(images)][None])
-            one[name].append(time.perf_counter() - t0)
+    n, block = args.latency_samples, 50
+    one = {k: [[] for _ in range(n)] for k in runs}
+    for sweep in range(3):
+        for b, start in enumerate(range(0, n, block)):
+            order = list(runs.items()) if (b + sweep) % 2 == 0 else list(runs.items())[::-1]
+            for name, fn in order:
+                fn(images[:1])
+                for i in range(start, min(start + block, n)):
+                    x = images[i % len(images)][None]
+                    t0 = time.perf_counter()
+                    fn(x)
+                    one[name][i].append(time.perf_counter() - t0)
+    per_image = {k: [statistics.median(t) for t in v] for k, v in one.items()}
     many = {k: [] for k in runs}
     for i in range(args.repeats):
         for name, fn in (runs.items() if i % 2 == 0 else reversed(runs.items())):
+            fn(images[:1])
             t0 = time.perf_counter()
             fn(images)
             many[name].append(len(images) / (time.perf_counter() - t0))
-    b1 = {k: 1000 * statistics.fmean(v) for k, v in one.items()}
-    med = {k: 1000 * statistics.median(v) for k, v in one.items()}
+    b1 = {k: 1000 * statistics.fmean(v) for k, v in per_image.items()}
+    med = {k: 1000 * statistics.median(v) for k, v in per_image.items()}
     tp = {k: statistics.median(v) for k, v in many.items()}
     return {"batch1_ms": b1, "batch1_median_ms": med, "throughput": tp,
             "speedup": {"latency": b1["backbone"] / b1["early_exit"],

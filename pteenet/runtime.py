@@ -101,9 +101,10 @@ class Cascade:
         load = _onnx_loader(providers, threads) if onnx else _torchscript_loader()
         files = manifest["files"]
         single = files.get("single")
+        alone = _onnx_loader(providers, threads, spin=True) if single and onnx else None
         return cls(manifest, [load(folder / f) for f in files["segments"]],
                    [load(folder / f) for f in files["branches"]],
-                   load(folder / single[0]) if single else None)
+                   alone(folder / single[0]) if alone else None)
 
     # -- facts ----------------------------------------------------------------------------
     @property
@@ -377,14 +378,14 @@ def _graph_errors(path: Path, what: str) -> Iterator[None]:
                           f"`pteenet export` again") from e
 
 
-def _onnx_loader(providers: Sequence[str] | None, threads: int | None = None
-                 ) -> Callable[[Path], Graph]:
+def _onnx_loader(providers: Sequence[str] | None, threads: int | None = None,
+                 spin: bool = False) -> Callable[[Path], Graph]:
     try:
         import onnxruntime as ort
     except ImportError as e:
         raise OptionError(f"running an ONNX export needs onnxruntime: {INSTALL_HINT}") from e
     chosen = list(providers) if providers else ["CPUExecutionProvider"]
-    opts = session_options(threads)
+    opts = session_options(threads, spin=spin)
 
     def load(path: Path) -> Graph:
         with _graph_errors(path, "load"):
@@ -400,12 +401,15 @@ def _onnx_loader(providers: Sequence[str] | None, threads: int | None = None
     return load
 
 
-def session_options(threads: int | None = None) -> Any:
-    """onnxruntime options for one graph of a cascade, or for the backbone it is timed against.
+def session_options(threads: int | None = None, spin: bool = False) -> Any:
+    """onnxruntime options for one graph of a cascade (or of a backbone timed against one).
 
-    Spinning is off: a cascade runs one session per segment and branch, and each session's
-    idle workers would otherwise spin after their run and take the cores from the next
-    session (on 2 cores this made the cascade 0.6x of the whole backbone's speed batched).
+    Spinning is off for the pieces: a cascade runs one session per segment and branch, and
+    each session's idle workers would otherwise spin after their run and take the cores from
+    the next session (on 2 cores this made the cascade 0.6x of the whole backbone's speed
+    batched). A graph run alone, such as the batch-1 cascade, keeps onnxruntime's default
+    (``spin``): without it every parallel operator waits for a sleeping worker to wake, which
+    made a CIFAR ResNet-44 twice as slow at batch 1.
     """
     import onnxruntime as ort
     if threads is not None and threads < 1:
@@ -413,7 +417,8 @@ def session_options(threads: int | None = None) -> Any:
     opts = ort.SessionOptions()
     if threads is not None:
         opts.intra_op_num_threads = threads
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts
 
 

@@ -39,10 +39,12 @@ def single_graph(segments: Sequence[Any], branches: Sequence[Any], active: Seque
     segs = [compose.add_prefix(m, f"s{k}_") for k, m in enumerate(segments)]
     brs = [compose.add_prefix(m, f"b{k}_") for k, m in enumerate(branches)]
     exits = [k for k, on in enumerate(active) if on]
-    initializers = [t for m in (*segs, *brs) for t in m.graph.initializer]
+    weights: dict[str, list[Any]] = {}  # per (sub)graph: the weights of the pieces it runs
 
-    def piece(model: Any, feed: str) -> tuple[list[Any], list[str]]:
-        """The piece's nodes reading ``feed`` for its input, and its output names."""
+    def piece(model: Any, feed: str, where: str) -> tuple[list[Any], list[str]]:
+        """The piece's nodes reading ``feed`` for its input, and its output names; its weights
+        go to the graph ``where`` that runs it (onnxruntime pre-packs only a graph's own)."""
+        weights.setdefault(where, []).extend(model.graph.initializer)
         own = model.graph.input[0].name
         nodes = []
         for node in model.graph.node:
@@ -51,24 +53,24 @@ def single_graph(segments: Sequence[Any], branches: Sequence[Any], active: Seque
             nodes.append(node)
         return nodes, [o.name for o in model.graph.output]
 
-    def chain(first: int, last: int, feed: str) -> tuple[list[Any], str]:
+    def chain(first: int, last: int, feed: str, where: str) -> tuple[list[Any], str]:
         nodes: list[Any] = []
         for k in range(first, last + 1):
-            more, (feed,) = piece(segs[k], feed)
+            more, (feed,) = piece(segs[k], feed, where)
             nodes += more
         return nodes, feed
 
     def level(j: int, feed: str) -> tuple[list[Any], str, str]:
         """Nodes from exit ``exits[j - 1]``'s map on; their (logits, exit index) outputs."""
-        start = exits[j - 1] + 1 if j else 0
+        start, where = (exits[j - 1] + 1, f"L{j - 1}_else") if j else (0, "main")
         if j == len(exits):  # past the last active exit: the backbone's own head answers
-            nodes, out = chain(start, len(segments) - 1, feed)
+            nodes, out = chain(start, len(segments) - 1, feed, where)
             exit_name = f"L{j}_exit"
             nodes.append(_constant(helper, TensorProto, exit_name, len(branches)))
             return nodes, out, exit_name
         k = exits[j]
-        nodes, h = chain(start, k, feed)
-        more, (logits, score) = piece(brs[k], h)
+        nodes, h = chain(start, k, feed, where)
+        more, (logits, score) = piece(brs[k], h, where)
         nodes += more
         p = f"L{j}_"
         nodes += [
@@ -82,8 +84,9 @@ def single_graph(segments: Sequence[Any], branches: Sequence[Any], active: Seque
         here = [helper.make_node("Identity", [logits], [p + "then_logits"]),
                 _constant(helper, TensorProto, p + "then_exit", k)]
         then = _subgraph(helper, TensorProto, p + "then", here, p + "then_logits",
-                         p + "then_exit")
-        other = _subgraph(helper, TensorProto, p + "else", rest, rest_logits, rest_exit)
+                         p + "then_exit", [])
+        other = _subgraph(helper, TensorProto, p + "else", rest, rest_logits, rest_exit,
+                          weights.get(p + "else", []))
         nodes.append(helper.make_node("If", [p + "leave"], [p + "logits", p + "exit"],
                                       then_branch=then, else_branch=other))
         return nodes, p + "logits", p + "exit"
@@ -98,7 +101,7 @@ def single_graph(segments: Sequence[Any], branches: Sequence[Any], active: Seque
                                               [len(branches), num_classes])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, num_classes]),
          helper.make_tensor_value_info("exit_index", TensorProto.INT64, [1])],
-        initializer=initializers)
+        initializer=weights["main"])
     model = helper.make_model(graph, opset_imports=list(segments[0].opset_import))
     model.ir_version = segments[0].ir_version
     return model
@@ -115,8 +118,9 @@ def _constant(helper: Any, tp: Any, name: str, value: int, scalar: bool = False)
     return helper.make_node("Constant", [], [name], value=tensor)
 
 
-def _subgraph(helper: Any, tp: Any, name: str, nodes: list[Any], logits: str, exit_name: str
-              ) -> Any:
+def _subgraph(helper: Any, tp: Any, name: str, nodes: list[Any], logits: str, exit_name: str,
+              initializer: list[Any]) -> Any:
     return helper.make_graph(nodes, name, [],
                              [helper.make_tensor_value_info(logits, tp.FLOAT, None),
-                              helper.make_tensor_value_info(exit_name, tp.INT64, None)])
+                              helper.make_tensor_value_info(exit_name, tp.INT64, None)],
+                             initializer=initializer)

@@ -304,18 +304,22 @@ def test_an_unloadable_graph_is_a_bundle_error(spoilable):
         Cascade.open(spoilable)
 
 
-def test_onnx_sessions_do_not_spin(exported, monkeypatch):
-    """Idle workers of one session spinning would take the cores from the next segment's."""
+def test_the_pieces_do_not_spin_the_single_graph_does(exported, monkeypatch):
+    """Idle workers of one session spinning would take the cores from the next segment's; the
+    one-graph cascade runs alone, and waking sleeping workers at every operator is its cost."""
     opts = runtime.session_options(2)
     assert opts.intra_op_num_threads == 2
     assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    with pytest.raises(RuntimeError, match="does not have"):  # onnxruntime's default: spin
+        runtime.session_options(2, spin=True).get_session_config_entry(
+            "session.intra_op.allow_spinning")
     with pytest.raises(OptionError):
         runtime.session_options(0)
     made = []
     monkeypatch.setattr(runtime, "session_options",
-                        lambda threads=None: made.append(threads) or opts)
+                        lambda threads=None, spin=False: made.append((threads, spin)) or opts)
     cascade = Cascade.open(exported, threads=1)
-    assert made == ([1] if cascade.manifest["format"] == "onnx" else [])
+    assert made == ([(1, False), (1, True)] if cascade.manifest["format"] == "onnx" else [])
 
 
 def _counted(graph, calls: list[str], name: str):
