@@ -54,14 +54,18 @@ def bench_row(bundle: Path, root: Path, args, **kw) -> dict:
             "load_average": t["load_average"], "notes": r["notes"]}
 
 
+SETTLE_S = 0.05  # pause before each timed block: spinning workers of the last session go idle
+
+
 def onnx_row(bundle: Path, root: Path, args) -> dict:
     """Exported cascade vs exported backbone on onnxruntime, in alternating blocks.
 
     The backbone runs at its best, onnxruntime's defaults (idle workers spin, twice as fast at
     batch 1 as without); so does the cascade's one-graph batch-1 session, while its per-piece
-    sessions (batches) do not spin. Spinning workers of one session would slow the other's next
-    calls, so the two alternate in blocks, each block after an untimed call, rather than call by
-    call. Batch 1 is the mean over images of each image's median of three sweeps."""
+    sessions (batches) do not spin. A spinning session's workers slow any other session's next
+    call (a batched cascade call right after one ran 20 % slower), so the two alternate in
+    blocks, each after a pause, not call by call. Batch 1 is the mean over images of each
+    image's median of three sweeps."""
     import onnxruntime as ort
 
     from pteenet.runtime import Cascade, session_options
@@ -88,6 +92,7 @@ def onnx_row(bundle: Path, root: Path, args) -> dict:
         for b, start in enumerate(range(0, n, block)):
             order = list(runs.items()) if (b + sweep) % 2 == 0 else list(runs.items())[::-1]
             for name, fn in order:
+                time.sleep(SETTLE_S)
                 fn(images[:1])
                 for i in range(start, min(start + block, n)):
                     x = images[i % len(images)][None]
@@ -98,7 +103,7 @@ def onnx_row(bundle: Path, root: Path, args) -> dict:
     many = {k: [] for k in runs}
     for i in range(args.repeats):
         for name, fn in (runs.items() if i % 2 == 0 else reversed(runs.items())):
-            fn(images[:1])
+            time.sleep(SETTLE_S)
             t0 = time.perf_counter()
             fn(images)
             many[name].append(len(images) / (time.perf_counter() - t0))
