@@ -423,10 +423,15 @@ def collate_skip(batch: Sequence[tuple[Tensor | None, int, int]]) -> Batch:
 def default_workers(data: ImageData) -> int:
     """Loader processes for one pass over ``data``: image files are decoded in parallel with the
     backbone's forward pass (half the cores, at most 8: the backbone needs the rest); in-memory
-    datasets are not worth a process."""
-    if not isinstance(data, FolderData):
+    datasets are not worth a process, and neither is a machine of two cores or fewer. There the
+    backbone's threads take every core, and a worker cost more than it saved: handing each
+    decoded 224x224 image over (600 KB of float32 through shared memory) halved the pipeline's
+    rate, and the caching pass ran 1.4-2.7x faster decoding in the main process
+    (``benchmarks/imagenet_size.py``, seven models on 2 cores)."""
+    cores = os.cpu_count() or 1
+    if not isinstance(data, FolderData) or cores <= 2:
         return 0
-    return max(1, min(8, (os.cpu_count() or 2) // 2))
+    return min(8, cores // 2)
 
 
 def make_loader(

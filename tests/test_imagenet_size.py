@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -157,10 +158,15 @@ def test_every_image_is_decoded_once_however_many_epochs(tiny, tmp_path, monkeyp
     assert steady
 
 
-def test_loader_workers_by_default_only_for_image_files(tmp_path):
+def test_loader_workers_by_default_only_for_image_files_with_cores_to_spare(tmp_path,
+                                                                           monkeypatch):
     from pteenet.data import ImageData, default_workers, open_data
     from pteenet.preprocess import Preprocess
 
     folder = _imagenet_folders(tmp_path, per_class=2) / "unlabeled"
-    assert default_workers(open_data(folder, Preprocess((32, 32)))) >= 1
-    assert default_workers(ImageData("in-memory", None, Preprocess((32, 32)))) == 0
+    files, memory = open_data(folder, Preprocess((32, 32))), ImageData("in-memory", None,
+                                                                        Preprocess((32, 32)))
+    for cores, want in ((64, 8), (8, 4), (4, 2), (2, 0), (1, 0)):
+        monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
+        assert default_workers(files) == want  # on 2 cores the backbone's threads take both
+        assert default_workers(memory) == 0
