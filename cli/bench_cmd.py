@@ -112,8 +112,8 @@ def bench(
         "--batch-size", help="Batch size of the measuring pass and of the throughput "
         "timing.")] = 256,
     latency_samples: Annotated[int, typer.Option(
-        "--latency-samples", help="Images timed one by one for batch-1 latency (0 skips "
-        "it).")] = 200,
+        "--latency-samples", help="Images timed one by one for batch-1 latency, each three "
+        "times (its median counts; 0 skips it).")] = 200,
     repeats: Annotated[int, typer.Option(
         "--repeats", help="Throughput repeats (the median is reported).")] = 5,
     sweep: Annotated[bool, typer.Option(

@@ -41,6 +41,8 @@ def file_rows(folder: Path, manifest: dict[str, Any]) -> list[list[Any]]:
         for k, name in enumerate(files[group]):
             flops = human(manifest[f"{kind}_flops"][k])
             rows.append([name, f"{kind} {k}", flops, _size((folder / name).stat().st_size)])
+    rows += [[name, "batch-1 cascade (one graph)", "", _size((folder / name).stat().st_size)]
+             for name in files.get("single", [])]
     size = _size((folder / MANIFEST).stat().st_size)
     return rows + [[MANIFEST, "order, thresholds, FLOPs", "", size]]
 
@@ -69,7 +71,9 @@ def export(
     Separate graphs let a runtime stop after any branch and send only the samples still in
     flight on to the next segment. Branch graphs return (logits, exit score), the score already
     computed, and the thresholds are the bundle's current table (run calibrate first). Every
-    graph takes any batch size; each is checked against the model after writing.
+    graph takes any batch size; each is checked against the model after writing. ONNX exports
+    also hold cascade_1.onnx: the same graphs in one, for single images (one session instead of
+    one per piece; the runtime uses it by itself).
 
     Run it without pteenet's model code (ONNX needs only numpy and onnxruntime):
 
@@ -94,6 +98,6 @@ def export(
                        f"{manifest['input_size'][1]}, score {manifest['score']}"))
     output.note(escape(f"written to {folder}; run it with "
                        f"pteenet.runtime.Cascade.open('{folder}')"))
-    sizes = {f: (folder / f).stat().st_size for f in [*manifest["files"]["segments"],
-                                                       *manifest["files"]["branches"], MANIFEST]}
+    sizes = {f: (folder / f).stat().st_size
+             for f in [*(f for group in manifest["files"].values() for f in group), MANIFEST]}
     output.result({"folder": str(folder), "files": sizes, "manifest": manifest})

@@ -3,15 +3,21 @@
 Each segment and each branch becomes its own graph, so a runtime can stop after any branch and
 feed only the samples still in flight to the next segment (true early exit, batch compaction):
 one monolithic graph could not skip work per sample. Branch graphs return ``(logits, score)``
-with the exit score (sigmoid of the confidence head, or the top softmax probability) baked in,
-so the runtime needs neither torch nor pteenet's model code: :mod:`pteenet.runtime` runs the
-folder with numpy and onnxruntime (or torch for TorchScript).
+with the exit score (sigmoid of the confidence head, or the top softmax probability, raised to
+the exit's power for the gate score) baked in; unless the score is the head's, the graph leaves
+the confidence head out. So the runtime needs neither torch nor pteenet's model code:
+:mod:`pteenet.runtime` runs the folder with numpy and onnxruntime (or torch for TorchScript).
 
 Folder layout (``<bundle>/export-<format>`` by default)::
 
     segment_0.onnx ... segment_B.onnx   image -> cut 0 -> ... -> backbone logits
     branch_0.onnx  ... branch_{B-1}.onnx  cut k -> (logits [N, K], score [N])
+    cascade_1.onnx                      ONNX only: the batch-1 cascade as one graph
     manifest.json                       order, thresholds (null = never), FLOPs, preprocessing
+
+``cascade_1.onnx`` (:mod:`pteenet.single_graph`) holds the exits active at export under nested
+``If`` nodes, the table as an input; it is left out for an ensemble, an opset below 12 or
+weights near ONNX's 2 GB limit, and the manifest's ``single_runs`` lists the branches it holds.
 
 With a ZTW ensemble (Wołczyk et al. 2021; :mod:`pteenet.ensemble`) branch k > 0 also takes the
 log-softmaxes of exits 0..k-1 (input ``history`` ``[N, k, K]``) and returns the ensembled
@@ -58,6 +64,7 @@ FORMATS = ("onnx", "torchscript")
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
 MANIFEST = "manifest.json"
 SINGLE = "cascade_1.onnx"  # the batch-1 cascade as one graph (ONNX only)
+MAX_SINGLE_BYTES = 1900 << 20  # one graph holds every weight: ONNX protobufs stop at 2 GB
 MANIFEST_VERSION = 2  # 2: a ZTW ensemble (written only with one); 1: every exit alone
 TRACE_BATCH = 2  # graphs are traced on this batch size ...
 CHECK_BATCH = 3  # ... and verified on another, to prove the batch dimension stayed dynamic
@@ -135,15 +142,18 @@ def _write_single(model: Any, folder: Path, files: dict[str, list[str]], opset: 
     """The batch-1 cascade as one graph (:mod:`pteenet.single_graph`), built from the pieces
     just written: ``{"single": [name]}``, or nothing for an ensemble (its exits read the earlier
     ones), an opset below the graph's, or a table where no exit can fire."""
-    if model.ensemble is not None or opset < MIN_OPSET or not any(model.evaluated):
+    weights = sum((folder / f).stat().st_size for group in files.values() for f in group)
+    if model.ensemble is not None or opset < MIN_OPSET or not any(model.evaluated) or \
+            weights > MAX_SINGLE_BYTES:
         return {}
     import onnx
 
     def read(group: str) -> list[Any]:
         return [onnx.load(str(folder / f)) for f in files[group]]
 
-    graph = single_graph(read("segments"), read("branches"), model.evaluated, model.num_classes)
     with _writing(folder / SINGLE, "onnx", "the batch-1 cascade") as tmp:
+        graph = single_graph(read("segments"), read("branches"), model.evaluated,
+                             model.num_classes)
         onnx.save(graph, str(tmp))
         onnx.checker.check_model(str(tmp))
         _verify_single(model, tmp)
@@ -268,8 +278,9 @@ def _run_saved(path: Path, format: str, xs: tuple[torch.Tensor, ...]) -> list[to
 
 @torch.no_grad()
 def _verify_single(model: Any, path: Path) -> None:
-    """Run the batch-1 graph on one image under three tables -- every threshold 0 (the first
-    exit answers), every one inf (the backbone does) and the model's own -- against the model.
+    """Run the batch-1 graph on one image against the model: under the model's own table, with
+    every threshold inf (the backbone answers), and once per branch it holds with that exit's
+    row at 0 and every other inf (that exit answers), so every ``If`` is taken both ways.
 
     Skipped when onnxruntime is absent (the checker has already passed)."""
     try:
@@ -280,19 +291,23 @@ def _verify_single(model: Any, path: Path) -> None:
     h, w = model.info.preprocess.input_size
     x = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(1))
     feats, final = model.features(x)
-    first = model.evaluated.index(True)
-    table = model.thresholds.numpy().astype("float32")
-    cases = [(np.zeros_like(table), first, model.branch_step(first, feats[first], None)[0]),
-             (np.full_like(table, np.inf), model.num_branches, final)]
+    table = model.thresholds.numpy().astype(np.float32)
     res = model.early_exit(x)
-    cases.append((table, int(res.exit_index[0]), res.logits))
+    cases = [(table, int(res.exit_index[0]), res.logits),
+             (np.full_like(table, np.inf), model.num_branches, final)]
+    for k in (k for k, on in enumerate(model.evaluated) if on):
+        only = np.full_like(table, np.inf)
+        only[k] = 0
+        cases.append((only, k, model.branch_step(k, feats[k], None)[0]))
     for thresholds, want_exit, want in cases:
         logits, exit_index = sess.run(None, {"input": x.numpy(), "thresholds": thresholds})
         tol = 1e-3 * (1 + float(want.abs().max()))
         if int(exit_index[0]) != want_exit or float((torch.from_numpy(logits) - want).abs()
                                                      .max()) > tol:
-            raise OptionError("the exported batch-1 cascade does not reproduce the model; "
-                              "try the other `format`")
+            raise OptionError(f"the exported batch-1 cascade answers at exit "
+                              f"{int(exit_index[0])} where the model answers at {want_exit}, or "
+                              f"with other logits; export with `opset` below {MIN_OPSET} to "
+                              f"leave it out")
 
 
 def _verify(module: nn.Module, xs: tuple[torch.Tensor, ...], path: Path, format: str,

@@ -7,8 +7,9 @@ per image, at batch 1 and batched; ``--cost latency`` uses it in place of FLOPs 
 EENets' L_v2 cost term and the threshold search, and ``bench`` compares the speedup it implies
 with the one achieved.
 
-Each piece is timed on its real input (the previous segments' output for the same images), with
-warm-up calls first and the median of interleaved repeats, under ``torch.inference_mode``.
+Each piece is timed on its real input (the previous segments' output for the same images), in
+passes down the chain as the cascade runs them, after warm-up passes: the median over passes,
+under ``torch.inference_mode``.
 """
 
 from __future__ import annotations

@@ -75,8 +75,9 @@ class CascadeResult:
 class Cascade:
     """Segments and branches loaded from an exported folder, run with true early exit.
 
-    ``thresholds`` is a float32 ``[B, K]`` array (inf = never) read from the manifest; assign to
-    it to try another table without exporting again.
+    ``thresholds`` is a float32 ``[B, K]`` array (inf = never) read from the manifest; assign
+    another table to it (any real dtype; stored as float32, the model's own precision, so every
+    path compares alike) to try it without exporting again.
     """
 
     def __init__(self, manifest: dict[str, Any], segments: Sequence[Graph],
@@ -86,8 +87,20 @@ class Cascade:
         self.branches = list(branches)
         self.single = single  # the batch-1 cascade as one graph, if exported
         rows = manifest["thresholds"]
-        self.thresholds = np.array([[np.inf if v is None else v for v in r] for r in rows],
-                                   dtype=np.float32).reshape(len(self.branches), -1)
+        self.thresholds = np.array([[np.inf if v is None else v for v in r] for r in rows])
+
+    @property
+    def thresholds(self) -> np.ndarray:
+        return self._thresholds
+
+    @thresholds.setter
+    def thresholds(self, value: Any) -> None:
+        table = np.array(value, dtype=np.float32)
+        shape = (len(self.branches), self.num_classes)
+        if table.shape != shape or np.isnan(table).any():
+            raise OptionError(f"thresholds must be a {list(shape)} table of numbers (inf = "
+                              f"never), got shape {list(table.shape)}")
+        self._thresholds = table
 
     # -- loading --------------------------------------------------------------------------
     @classmethod
@@ -147,12 +160,13 @@ class Cascade:
         return res.preds, res.exit_index
 
     def run(self, images: np.ndarray) -> CascadeResult:
-        """True early exit with batch compaction: later segments see only samples in flight."""
+        """True early exit with batch compaction: later segments see only samples in flight.
+        A single image runs through the one-graph cascade when it holds the current exits."""
         x = self._check_images(images)
         active, runs = self.runs()
         if x.shape[0] == 1 and self._single_fits(runs):
-            logits, exit_index = self.single(x, np.asarray(self.thresholds, dtype=np.float32))
-            exit_index = exit_index.astype(np.int64)
+            logits, exit_index = self.single(x, self.thresholds)
+            exit_index = exit_index.astype(np.int64, copy=False)
             return CascadeResult(logits, exit_index, _exit_flops(self.manifest, runs)[exit_index])
         n, b = x.shape[0], self.num_branches
         logits = np.zeros((n, self.num_classes), dtype=np.float32)
@@ -263,7 +277,8 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
         raise BundleError(f"{path} is not valid JSON ({type(e).__name__}); run `pteenet export` "
                           f"again") from None
     _check_manifest(doc, path)
-    for f in doc["files"]["segments"] + doc["files"]["branches"] + doc["files"].get("single", []):
+    for f in doc["files"]["segments"] + doc["files"]["branches"] + doc["files"].get("single",
+                                                                                    []):
         _check_file(path.parent, f, doc.get("sha256"), path)
     _check_fresh(doc, path)
     return doc
@@ -323,12 +338,13 @@ def _check_manifest(doc: Any, path: Path) -> None:
 
 
 def _single_ok(doc: dict[str, Any], b: int) -> bool:
-    """An exported batch-1 graph is one file plus the B booleans of the branches it holds."""
-    single = doc["files"].get("single")
-    if single is None:
+    """An exported batch-1 graph (ONNX, plain exits) is one file plus the B booleans of the
+    branches it holds; neither key, or both."""
+    if "single" not in doc["files"]:
         return "single_runs" not in doc
-    runs = doc.get("single_runs")
-    return isinstance(single, list) and len(single) == 1 and isinstance(runs, list) and \
+    single, runs = doc["files"]["single"], doc.get("single_runs")
+    return doc.get("format") == "onnx" and not doc.get("ensemble", False) and \
+        isinstance(single, list) and len(single) == 1 and isinstance(runs, list) and \
         len(runs) == b and all(isinstance(r, bool) for r in runs)
 
 

@@ -263,6 +263,8 @@ def _set(path: tuple, value):
     ("unknown-interpolation", _set(("interpolation",), "lanczos9"), "malformed"),
     ("single-runs-short", _set(("single_runs",), [True]), "malformed"),
     ("single-outside", _set(("files", "single"), ["../cascade_1.onnx"]), "outside its folder"),
+    ("single-null", _set(("files", "single"), None), "malformed"),
+    ("single-without-runs", _set(("single_runs",), None), "malformed"),
 ])
 def test_the_manifest_is_not_trusted(spoilable, name, edit, words):
     edit_manifest(spoilable, edit)
@@ -363,9 +365,11 @@ def test_the_single_graph_reads_the_runtimes_thresholds(onnx_export, bundle, t):
     one, pieces = Cascade.open(onnx_export), Cascade.open(onnx_export)
     pieces.single = None
     for c in (one, pieces):
-        c.thresholds = np.full_like(c.thresholds, t)
+        c.thresholds = np.full(c.thresholds.shape, t)  # float64: stored as the model's float32
+    calls = _watched(one)
     x = bundle[1].numpy()
     got = [one.run(x[i:i + 1]) for i in range(0, len(x), 4)]
+    assert calls == ["single"] * len(got)
     want = pieces.run(x[::4])
     np.testing.assert_array_equal([g.exit_index[0] for g in got], want.exit_index)
     np.testing.assert_allclose(np.concatenate([g.logits for g in got]), want.logits, rtol=1e-4,
@@ -379,3 +383,11 @@ def test_a_table_with_other_active_exits_runs_the_pieces(onnx_export, bundle, re
     x = bundle[1].numpy()
     res = cascade.run(x[:1])
     assert "single" not in calls and res.exit_index[0] in (1, 2)
+
+
+def test_a_table_of_another_shape_is_one_line(onnx_export):
+    cascade = Cascade.open(onnx_export)
+    with pytest.raises(OptionError, match=r"\[2, 3\] table"):
+        cascade.thresholds = np.zeros((3, 2))
+    cascade.thresholds = [[0.5] * 3, [0.25] * 3]
+    assert cascade.thresholds.dtype == np.float32

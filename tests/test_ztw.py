@@ -314,6 +314,7 @@ def test_exported_cascade_matches_the_model(spread, ztw, fmt):
     folder = export(spread, format=fmt)
     doc = json.loads((folder / "manifest.json").read_text())
     assert doc["ensemble"] is True and doc["format_version"] == 2
+    assert "single" not in doc["files"] and not (folder / "cascade_1.onnx").exists()
     cascade, model = Cascade.open(folder), load(spread)
     for thresholds in (None, [math.inf, model.thresholds[1, 0].item(), math.inf]):
         if thresholds is not None:  # exit 0 off: it still runs, since exit 1 reads it
