@@ -24,6 +24,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .atomic import write_text, writes_into
 from .bundle import BundleInfo, ThresholdTable, load, read_bundle
 from .derived import BENCH_FILE, SWEEP_CSV, SWEEP_PNG
@@ -117,6 +119,15 @@ def bench(
                       sweep, device, checkpoint, force, out_json, progress, max_samples, profile)
 
 
+def _timed_shares(p: Pass, timing: dict[str, Any], branches: int) -> dict[str, list[float]]:
+    """Where the images each timing ran on left: the ideal speedups are for those images."""
+    exits = p.ee_exit[p.kept]
+    counts = {"latency": timing["distinct_latency_images"] or len(exits),
+              "throughput": timing["batch_size"] * timing["batches"]}
+    return {k: (torch.bincount(exits[:n], minlength=branches + 1).double() / n).tolist()
+            for k, n in counts.items()}
+
+
 def _bench(bundle, data, split, threshold, batch_size, latency_samples, repeats, sweep, device,
            checkpoint, force, out_json, progress, max_samples, profile) -> dict[str, Any]:
     dev = check_device(device)
@@ -141,7 +152,7 @@ def _bench(bundle, data, split, threshold, batch_size, latency_samples, repeats,
     result["timing"]["allocator"] = "steady (mallopt)" if steady else "default"
     result["speedup"] = speedups(result["timing"], result["early_exit"]["relative_flops"])
     result["profile"] = time_profile(model, p.images.to(dev), result["timing"]["batch_size"],
-                                     [e["share"] for e in result["early_exit"]["exits"]]) \
+                                     _timed_shares(p, result["timing"], model.num_branches)) \
         if profile else None
     if result["profile"]:
         result["speedup"].update(efficiency(result["speedup"], result["profile"]))

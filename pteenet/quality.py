@@ -23,7 +23,8 @@ from .eval_set import EvalSet
 from .feature_cache import scores_and_preds
 from .thresholds import exit_index, summarize
 
-__all__ = ["Pass", "measure_pass", "oracle_flops", "quality", "simulation_check"]
+__all__ = ["Pass", "measure_pass", "oracle_flops", "quality", "simulation_check",
+           "timing_positions"]
 
 
 @dataclass
@@ -37,7 +38,8 @@ class Pass:
     ee_preds: Tensor  # [N] the real early-exit run's answer
     ee_exit: Tensor  # [N] the exit it took
     ee_flops: Tensor  # [N] float64 FLOPs it spent
-    images: Tensor  # [M, 3, H, W] the first real images, kept for timing
+    images: Tensor  # [M, 3, H, W] real images kept for timing (a seeded draw, input order)
+    kept: Tensor  # [M] their positions among the samples
     skipped: int = 0
 
     def __len__(self) -> int:
@@ -58,8 +60,8 @@ def measure_pass(model: EarlyExitModel, ev: EvalSet, *, batch_size: int, device:
     """One pass: per batch, the backbone's features (for branch scores) and the real EE run."""
     loader = make_loader(ev.data, batch_size=batch_size, indices=ev.indices)
     cols: list[list[Tensor]] = [[] for _ in range(7)]
-    kept: list[Tensor] = []
-    n_kept, skipped = 0, 0
+    wanted, kept = timing_positions(len(ev.indices), keep), []
+    seen, skipped = 0, 0
     with torch.inference_mode():
         for batch in loader:
             skipped += batch.skipped
@@ -67,16 +69,26 @@ def measure_pass(model: EarlyExitModel, ev: EvalSet, *, batch_size: int, device:
                 for col, t in zip(cols, [*_run_batch(model, batch.images.to(device)),
                                          batch.labels]):
                     col.append(t)
-                if n_kept < keep:
-                    kept.append(batch.images[:keep - n_kept].clone())
-                    n_kept += len(kept[-1])
+                here = wanted[(wanted >= seen) & (wanted < seen + len(batch.images))]
+                kept.append(batch.images[here - seen].clone())
+                seen += len(batch.images)
             if progress:
                 progress(len(batch) + batch.skipped)
     if not cols[0]:
         raise DataError(f"none of the {len(ev.indices)} images in {ev.data.name} could be read")
     s, p, f, ep, ee, fl, lab = (torch.cat(c) for c in cols)
     return Pass(s.float(), p, f, lab if ev.labels_usable else None, ep, ee, fl.double(),
-                torch.cat(kept), skipped)
+                torch.cat(kept), wanted[wanted < seen], skipped)
+
+
+def timing_positions(n: int, keep: int) -> Tensor:
+    """Which of ``n`` samples to keep for timing: a seeded draw over the whole set, in order.
+
+    The first ones would do where files are sorted by class, as an image folder's are: CIFAR-10's
+    first 1,000 test images are all airplanes, and the early-exit model's time depends on how
+    many images leave early, which depends on the class."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randperm(n, generator=g)[:keep].sort().values
 
 
 def _rate(flags: Tensor) -> float:

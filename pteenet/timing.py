@@ -171,10 +171,11 @@ def speedups(timing: dict[str, Any], flops: float) -> dict[str, float | None]:
 
 
 def time_profile(model: EarlyExitModel, images: Tensor, batch_size: int,
-                 shares: Sequence[float]) -> dict[str, Any]:
+                 shares: dict[str, Sequence[float]]) -> dict[str, Any]:
     """Each segment's and branch's measured time beside its FLOPs, and the *ideal* speedups the
     exit shares imply with those times (no bookkeeping, perfect batching), to hold the
-    achieved ones against."""
+    achieved ones against. ``shares["latency"]`` and ``shares["throughput"]``: where the
+    images each timing ran on left."""
     prof = model.profile(images, batch_size=batch_size)
     total = model.backbone_flops
     pieces = [{"piece": f"segment {k}", "flops_share": f / total, "ms": m, "ms_batched": mb}
@@ -185,10 +186,10 @@ def time_profile(model: EarlyExitModel, images: Tensor, batch_size: int,
                for k, (f, m, mb, on) in enumerate(zip(model.branch_flops, prof.branch_ms,
                                                        prof.branch_ms_batched, model.evaluated))]
     active = torch.tensor(model.evaluated)  # the branches that run (a ZTW ensemble reads more)
-    share = torch.tensor(list(shares), dtype=torch.float64)
     ideal = {}
     for key, batched in (("latency", False), ("throughput", True)):
         exit_time = cascade_cost(*prof.costs(batched), active)
+        share = torch.tensor(list(shares[key]), dtype=torch.float64)
         ideal[key] = 1.0 / float((share * exit_time).sum())
     return {"device": prof.device, "threads": prof.threads, "batch_size": prof.batch_size,
             "pieces": pieces, "ideal_speedup": ideal}

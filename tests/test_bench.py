@@ -153,3 +153,20 @@ def test_missing_bundle_is_one_line(tmp_path: Path) -> None:
     assert res.exit_code != 0
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "attach" in lines[0] and "Traceback" not in res.output
+
+
+def test_timing_images_are_drawn_from_the_whole_set(bundle: Path) -> None:
+    """An image folder lists its files class by class: timing the first images would time one
+    class only, and the early-exit model's speed depends on the class."""
+    from pteenet.quality import measure_pass, timing_positions
+
+    wanted = timing_positions(72, 9)
+    assert torch.equal(wanted, timing_positions(72, 9)) and wanted.unique().numel() == 9
+    assert torch.equal(wanted, wanted.sort().values) and int(wanted.max()) >= 36
+    model, ev = load(bundle), select_data(read_info(bundle), None, "test", None)
+    p = measure_pass(model, ev, batch_size=16, device=torch.device("cpu"), keep=9)
+    assert torch.equal(p.kept, wanted)
+    want = torch.stack([ev.data[ev.indices[int(i)]][0] for i in wanted])
+    assert torch.equal(p.images, want)
+    classes = {ev.data[ev.indices[int(i)]][1] for i in wanted}
+    assert len(classes) > 1
