@@ -34,6 +34,7 @@ import pteenet
 from pteenet.bundle import load_backbone, read_info
 from pteenet.data import make_loader, open_data
 from pteenet.export import export
+from pteenet.quality import timing_positions
 
 sys.path.insert(0, str(Path(__file__).parent))
 from cifar_resnet import CHECKPOINTS, SHARED, extract  # noqa: E402
@@ -117,8 +118,11 @@ def onnx_row(bundle: Path, root: Path, args) -> dict:
 
 
 def test_images(root: Path, info, n: int) -> np.ndarray:
+    """``n`` test images drawn as bench draws them (seeded, over every class: the folder lists
+    its files class by class)."""
     data = open_data(root, info.preprocess, split="test")
-    loader = make_loader(data, batch_size=n, indices=list(range(n)))
+    indices = timing_positions(len(data), n).tolist()
+    loader = make_loader(data, batch_size=n, indices=indices)
     return next(iter(loader)).images.numpy()
 
 
