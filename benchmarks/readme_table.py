@@ -40,7 +40,8 @@ def table(doc: dict) -> str:
     for r in doc["rows"]:
         if "timing" in r:
             t = r["timing"]
-            lines.append(f"- {r['backbone']}: batch 1 x{t['speedup']['latency']:.2f}, batch 256 "
+            lines.append(f"- {r['backbone']}: batch 1 (mean) x{t['speedup']['latency']:.2f}, "
+                         f"(median) x{t['speedup']['latency_median']:.2f}, batch 256 "
                          f"x{t['speedup']['throughput']:.2f} (FLOPs x{t['speedup']['flops']:.2f};"
                          f" load average {t['load_average']:.1f}); default attach "
                          f"{r['attach_s']:.0f} s on 45,000 images")
