@@ -344,8 +344,10 @@ def test_single_images_run_as_one_graph_with_the_same_answers(onnx_export, bundl
     doc = json.loads((onnx_export / MANIFEST).read_text())
     assert doc["files"]["single"] == ["cascade_1.onnx"] and doc["single_runs"] == [True, True]
     cascade = Cascade.open(onnx_export)
-    calls = _watched(cascade)
     x = bundle[1].numpy()
+    cascade.run(x[:2])
+    assert cascade.single.graph is None  # loaded on the first single image, not before
+    calls = _watched(cascade)
     for i in range(len(x)):
         res = cascade.run(x[i:i + 1])
         assert res.exit_index[0] == reference.exit_index[i]  # every exit is used (reference)
