@@ -117,7 +117,7 @@ class Cascade:
         alone = _onnx_loader(providers, threads, spin=True) if single and onnx else None
         return cls(manifest, [load(folder / f) for f in files["segments"]],
                    [load(folder / f) for f in files["branches"]],
-                   alone(folder / single[0]) if alone else None)
+                   _OnFirstUse(lambda: alone(folder / single[0])) if alone else None)
 
     # -- facts ----------------------------------------------------------------------------
     @property
@@ -231,6 +231,19 @@ class Cascade:
             arr = np.asarray(img, dtype=np.float32) / np.float32(255)
             out[i] = (arr.transpose(2, 0, 1) - mean) / std
         return out
+
+
+class _OnFirstUse:
+    """A graph loaded when first run: the batch-1 graph holds every weight a second time, and a
+    caller who only sends batches should not pay for it in memory."""
+
+    def __init__(self, load: Callable[[], Graph]) -> None:
+        self._load, self.graph = load, None
+
+    def __call__(self, *xs: np.ndarray) -> tuple[np.ndarray, ...]:
+        if self.graph is None:
+            self.graph = self._load()
+        return self.graph(*xs)
 
 
 def _resize_crop(img: Any, short: int, size: tuple[int, int], interpolation: str,
