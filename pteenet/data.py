@@ -426,7 +426,7 @@ def default_workers(data: ImageData) -> int:
     datasets are not worth a process, and neither is a machine of two cores or fewer. There the
     backbone's threads take every core, and a worker cost more than it saved: handing each
     decoded 224x224 image over (600 KB of float32 through shared memory) halved the pipeline's
-    rate, and the caching pass ran 1.4-2.7x faster decoding in the main process
+    rate, and the caching pass ran 1.1-2.8x faster decoding in the main process
     (``benchmarks/imagenet_size.py``, seven models on 2 cores)."""
     cores = os.cpu_count() or 1
     if not isinstance(data, FolderData) or cores <= 2:
