@@ -95,11 +95,16 @@ class Cascade:
 
     @thresholds.setter
     def thresholds(self, value: Any) -> None:
-        table = np.array(value, dtype=np.float32)
         shape = (len(self.branches), self.num_classes)
-        if table.shape != shape or np.isnan(table).any():
+        try:
+            table = np.array(value, dtype=np.float32)
+        except (TypeError, ValueError):
+            table = None
+        if table is None or table.shape != shape or np.isnan(table).any():
+            got = "NaN or non-numbers" if table is None or table.shape == shape else \
+                f"shape {list(table.shape)}"
             raise OptionError(f"thresholds must be a {list(shape)} table of numbers (inf = "
-                              f"never), got shape {list(table.shape)}")
+                              f"never), got {got}")
         self._thresholds = table
 
     # -- loading --------------------------------------------------------------------------

@@ -389,7 +389,8 @@ def test_a_table_with_other_active_exits_runs_the_pieces(onnx_export, bundle, re
 
 def test_a_table_of_another_shape_is_one_line(onnx_export):
     cascade = Cascade.open(onnx_export)
-    with pytest.raises(OptionError, match=r"\[2, 3\] table"):
-        cascade.thresholds = np.zeros((3, 2))
+    for bad in (np.zeros((3, 2)), [[None] * 3] * 2, [[float("nan")] * 3] * 2):
+        with pytest.raises(OptionError, match=r"\[2, 3\] table"):
+            cascade.thresholds = bad
     cascade.thresholds = [[0.5] * 3, [0.25] * 3]
     assert cascade.thresholds.dtype == np.float32
