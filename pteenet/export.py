@@ -84,10 +84,10 @@ class ScoredBranch(nn.Module):
         self.branch = model.branches[k]
         self.ensemble = model.ensemble
         self._score = functools.partial(model.exit_score, k=k)  # a function, not a submodule
-        self._head = model.score == "head"  # else the graph leaves the confidence head out
+        self._answer = functools.partial(model.answer, k)  # without the head unless read
 
     def forward(self, x: torch.Tensor, *history: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        logits, confidence = self.branch(x) if self._head else (self.branch.classify(x), None)
+        logits, confidence = self._answer(x)
         if self.ensemble is None:
             return logits, self._score(logits, confidence)
         seen = self.ensemble.extend(history[0] if history else None, logits)
