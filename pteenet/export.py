@@ -141,10 +141,12 @@ def _write_single(model: Any, folder: Path, files: dict[str, list[str]], opset: 
                   ) -> dict[str, list[str]]:
     """The batch-1 cascade as one graph (:mod:`pteenet.single_graph`), built from the pieces
     just written: ``{"single": [name]}``, or nothing for an ensemble (its exits read the earlier
-    ones), an opset below the graph's, or a table where no exit can fire."""
-    weights = sum((folder / f).stat().st_size for group in files.values() for f in group)
-    if model.ensemble is not None or opset < MIN_OPSET or not any(model.evaluated) or \
-            weights > MAX_SINGLE_BYTES:
+    ones), an opset below the graph's, a table where no exit can fire, or weights near ONNX's
+    2 GB limit."""
+    if model.ensemble is not None or opset < MIN_OPSET or not any(model.evaluated):
+        return {}
+    if sum((folder / f).stat().st_size for group in files.values() for f in group) > \
+            MAX_SINGLE_BYTES:
         return {}
     import onnx
 
