@@ -30,7 +30,7 @@ def _times(x: float | None) -> str:
 def comparison_rows(res: dict[str, Any]) -> list[list[Any]]:
     ee, bb, orc = res["early_exit"], res["backbone"], res["oracle"]
     t, sp = res["timing"], res["speedup"]
-    lat = t["latency"] or {"early_exit": {}, "backbone": {}}
+    lat = t["latency"] or {"early_exit": {}, "backbone": {}, "segments": {}}
     rows = [
         ["top-1", pct(ee["top1"]), pct(bb["top1"]), ""],
         ["agreement with backbone", pct(ee["agreement"]), pct(bb["agreement"]), ""],
@@ -46,10 +46,15 @@ def comparison_rows(res: dict[str, Any]) -> list[list[Any]]:
     rows.append([f"throughput @ {t['batch_size']} (img/s)",
                  _num(t["throughput"]["early_exit"], ".1f"),
                  _num(t["throughput"]["backbone"], ".1f"), _times(sp["throughput"])])
+    rows += [["batch-1 mean vs segments in a row (ms)", _num(lat["early_exit"].get("mean_ms"),
+              ".2f"), _num(lat["segments"].get("mean_ms"), ".2f"),
+              _times(sp["latency_vs_segments"])],
+             ["throughput vs segments in a row", _num(t["throughput"]["early_exit"], ".1f"),
+              _num(t["throughput"]["segments"], ".1f"), _times(sp["throughput_vs_segments"])]]
     if "ideal_latency" in sp:
         for key, label in (("latency", "batch-1"), ("throughput", "batched")):
             got = sp[f"{key}_of_ideal"]
-            rows.append([f"ideal {label} speedup (measured times)", "", "",
+            rows.append([f"ideal {label} speedup vs segments", "", "",
                          _times(sp[f"ideal_{key}"]) + ("" if got is None else
                                                        f" ({got:.0%} reached)")])
     return rows

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -41,6 +41,7 @@ from torch import nn
 from .branches import DEFAULT_BRANCH, branch_flops, make_branch
 from .ensemble import ZTWEnsemble
 from .errors import OptionError
+from .frozen import freeze_all, frozen_applies
 from .latency import COSTS, PROBE_BATCH, TimeProfile, profile_cascade
 from .thresholds import as_table
 from .tracing import Cut, Trace, split_at
@@ -166,6 +167,9 @@ class EarlyExitModel(nn.Module):
         self.cost = "flops"
         self.latency: TimeProfile | None = None
         self.info: BundleInfo | None = None  # set by pteenet.load
+        # run the segments as frozen graphs in CPU inference (pteenet.frozen), one set per shape
+        self.frozen = True
+        self._graphs = _Graphs()
         self.register_buffer("thresholds", torch.empty(0), persistent=False)
         self.register_buffer("gamma", torch.ones(len(branches)), persistent=False)
         self.set_thresholds(thresholds, gamma=gamma)
@@ -264,7 +268,9 @@ class EarlyExitModel(nn.Module):
         self.eval()
         side = [functools.partial(self.answer, k) for k in range(self.num_branches)]
         try:  # each branch timed as inference runs it (without the head the score ignores)
-            return profile_cascade(self.segments, side, images, batch_size)
+            with torch.inference_mode():
+                segments = self.pieces(images)
+            return profile_cascade(segments, side, images, batch_size)
         finally:
             self.train(was)
 
@@ -283,6 +289,21 @@ class EarlyExitModel(nn.Module):
             if g.shape != (self.num_branches,) or torch.isnan(g).any() or (g < 0).any():
                 raise OptionError(f"gamma needs {self.num_branches} values >= 0")
             self.gamma = g.to(self.thresholds.device)
+
+    def pieces(self, x: torch.Tensor) -> Sequence[Callable[[torch.Tensor], torch.Tensor]]:
+        """The segments as they run on ``x``: frozen graphs on a CPU in float32 without grad
+        (built on the first input of each image shape, see :mod:`pteenet.frozen`), else eager."""
+        if not (self.frozen and frozen_applies(x)):
+            return self.segments
+        key = tuple(x.shape[1:])
+        if key not in self._graphs:
+            self._graphs[key] = freeze_all(self.segments, x)
+        return self._graphs[key]
+
+    def _apply(self, fn, *args, **kwargs):  # noqa: ANN001, ANN202 - nn.Module's signature
+        """Moving or casting the model (``to``, ``double``...) drops its frozen graphs."""
+        self._graphs.clear()
+        return super()._apply(fn, *args, **kwargs)
 
     def train(self, mode: bool = True) -> EarlyExitModel:
         """Only branches ever train: the backbone's segments stay in eval mode."""
@@ -342,11 +363,11 @@ class EarlyExitModel(nn.Module):
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The frozen backbone's feature maps at every cut, and its final logits."""
-        feats = []
-        for seg in self.segments[:-1]:
+        feats, segments = [], self.pieces(x)
+        for seg in segments[:-1]:
             x = seg(x)
             feats.append(x)
-        return feats, self.segments[-1](x)
+        return feats, segments[-1](x)
 
     @torch.no_grad()
     def reduced_features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -387,11 +408,12 @@ class EarlyExitModel(nn.Module):
                                    torch.full((n,), float(self.backbone_flops),
                                               dtype=torch.float64, device=dev))
         thr = self.thresholds.to(dev)
+        segments = self.pieces(x)
         cheap_checks = dev.type == "cpu"
         spent = 0
         h, history, state = x, None, None
         for k, (on, run) in enumerate(zip(active, runs)):
-            h = self.segments[k](h)
+            h = segments[k](h)
             spent += self.segment_flops[k]
             if not run:
                 continue
@@ -412,7 +434,7 @@ class EarlyExitModel(nn.Module):
                 h = h.index_select(0, stay)
                 if history is not None:
                     history = history.index_select(0, stay)
-        final = self.segments[-1](h).float()
+        final = segments[-1](h).float()
         if state is None:
             return self._answered(final, self.num_branches, spent + self.segment_flops[-1])
         state.finish(final, spent + self.segment_flops[-1])
@@ -425,6 +447,14 @@ class EarlyExitModel(nn.Module):
         n, dev = logits.shape[0], logits.device
         return EarlyExitResult(logits.float(), torch.full((n,), k, device=dev),
                                torch.full((n,), float(spent), dtype=torch.float64, device=dev))
+
+
+class _Graphs(dict):
+    """Frozen segments per image shape: derived, so a copy or a pickle of the model starts
+    without them (TorchScript graphs neither deep-copy nor pickle)."""
+
+    def __reduce__(self) -> tuple:
+        return _Graphs, ()
 
 
 @dataclass

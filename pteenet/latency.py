@@ -23,9 +23,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .errors import OptionError
+from .frozen import freeze_all, frozen_applies
 from .tracing import Trace, split_at
 
 __all__ = ["COSTS", "TimeProfile", "chain_times", "cut_time_fractions", "device_name",
@@ -114,7 +115,7 @@ def _timed(fn: Callable[[Tensor], Any], x: Tensor) -> tuple[Any, float]:
     return out, time.perf_counter() - t0
 
 
-def _walk(segments: Sequence[nn.Module], x: Tensor,
+def _walk(segments: Sequence[Callable[[Tensor], Tensor]], x: Tensor,
           side: Sequence[Callable[[Tensor], Any] | None]) -> tuple[list[float], list[float]]:
     """One pass down the chain, in the cascade's order, timing every piece once."""
     seg_s, side_s = [], []
@@ -127,7 +128,7 @@ def _walk(segments: Sequence[nn.Module], x: Tensor,
 
 
 @torch.inference_mode()
-def chain_times(segments: Sequence[nn.Module], x: Tensor,
+def chain_times(segments: Sequence[Callable[[Tensor], Tensor]], x: Tensor,
                 side: Sequence[Callable[[Tensor], Any] | None] = (), repeats: int = REPEATS
                 ) -> tuple[list[float], list[float]]:
     """Seconds per call of each segment on its real input, and of ``side[k]`` on segment k's
@@ -144,8 +145,9 @@ def chain_times(segments: Sequence[nn.Module], x: Tensor,
             [statistics.median(w[1][k] for w in walks) for k in range(len(walks[0][1]))])
 
 
-def profile_cascade(segments: Sequence[nn.Module], branches: Sequence[Callable[[Tensor], Any]],
-                    images: Tensor, batch_size: int = PROBE_BATCH, repeats: int = REPEATS
+def profile_cascade(segments: Sequence[Callable[[Tensor], Tensor]],
+                    branches: Sequence[Callable[[Tensor], Any]], images: Tensor,
+                    batch_size: int = PROBE_BATCH, repeats: int = REPEATS
                     ) -> TimeProfile:
     """Time every segment and branch at batch 1 and at ``batch_size`` (per image)."""
     if images.shape[0] < 1:
@@ -170,6 +172,8 @@ def cut_time_fractions(trace: Trace, names: Sequence[str], images: Tensor,
     """Share of the backbone's batch-1 time spent before each of ``names`` (placement's
     ``--cost latency`` axis in place of the FLOP fraction)."""
     segments = [s.eval() for s in split_at(trace, names)]
+    with torch.inference_mode():  # timed as inference runs them: frozen graphs on a CPU
+        segments = freeze_all(segments, images) if frozen_applies(images) else segments
     seg_s, _ = chain_times(segments, images[:1], (), repeats)
     spent, _ = relative_costs(seg_s, [])
     return dict(zip(names, spent))

@@ -6,9 +6,13 @@ and throughput at a batch size over real batches (median of repeats). The batch-
 the ratio of *mean* latencies, the time per image of a stream served one at a time: early exit
 makes latency bimodal (most images leave early, the rest pay every branch on the way), so the
 median flatters it and cannot be held against the ideal, which is an expectation too. The median
-and p10/p90 are reported beside it. CUDA is timed
-with CUDA events. :func:`time_profile` times each segment and branch, and the speedups those
-times and the exit shares imply.
+and p10/p90 are reported beside it. CUDA is timed with CUDA events.
+
+A third model is timed with them: the backbone as the early-exit model runs it, every segment
+in a row with no branch (on a CPU, frozen graphs: :mod:`pteenet.frozen`). The speedup over the
+untouched backbone is what a user gets; the speedup over the segments in a row is what the
+early exits alone earn, and that one is held against the ideal. :func:`time_profile` times each
+segment and branch, and the speedups those times and the exit shares imply.
 """
 
 from __future__ import annotations
@@ -26,8 +30,8 @@ from torch import Tensor, nn
 from .bundle import BundleInfo
 from .early_exit import EarlyExitModel, cascade_cost
 
-__all__ = ["Clock", "busy_note", "efficiency", "images_to_keep", "profile_note", "speedups",
-           "time_profile", "wall_clock"]
+__all__ = ["Clock", "busy_note", "efficiency", "images_to_keep", "profile_note",
+           "segments_in_a_row", "speedups", "time_profile", "wall_clock"]
 
 WARMUP = 3
 LATENCY_REPEATS = 3  # batch-1 calls per image; its median is its time
@@ -120,12 +124,24 @@ def _timing_batches(images: Tensor, batch_size: int) -> list[Tensor]:
     return list(images[:full * batch_size].split(batch_size))
 
 
+def segments_in_a_row(model: EarlyExitModel) -> Callable[[Tensor], Tensor]:
+    """The backbone as ``model`` runs it: every segment in a row, no branch, no exit test."""
+
+    def run(x: Tensor) -> Tensor:
+        for seg in model.pieces(x):
+            x = seg(x)
+        return x
+
+    return run
+
+
 def wall_clock(backbone: nn.Module, model: EarlyExitModel, images: Tensor, *,
                latency_samples: int, batch_size: int, repeats: int,
                device: torch.device) -> dict[str, Any]:
-    """Time the untouched backbone and the early-exit model side by side on the same images."""
+    """Time the untouched backbone, the early-exit model and its segments in a row side by
+    side on the same images."""
     images = images.to(device)
-    models = {"backbone": backbone, "early_exit": model}
+    models = {"backbone": backbone, "early_exit": model, "segments": segments_in_a_row(model)}
     clock = Clock(device)
     batches = _timing_batches(images, batch_size)
     with torch.inference_mode():
@@ -158,16 +174,20 @@ def busy_note(timing: dict[str, Any]) -> str | None:
 
 
 def speedups(timing: dict[str, Any], flops: float) -> dict[str, float | None]:
-    """Backbone over early exit: FLOPs, mean batch-1 latency (``latency``, the one held against
-    the ideal), median batch-1 latency (``latency_median``) and batched throughput."""
+    """Backbone over early exit: FLOPs, mean batch-1 latency (``latency``), median batch-1
+    latency (``latency_median``) and batched throughput; and the early exits' own share, the
+    segments in a row over early exit (``latency_vs_segments``, ``throughput_vs_segments``:
+    what is held against the ideal)."""
     lat, tput = timing["latency"], timing["throughput"]
 
-    def ratio(key: str) -> float | None:
-        return None if lat is None else lat["backbone"][key] / lat["early_exit"][key]
+    def ratio(key: str, base: str = "backbone") -> float | None:
+        return None if lat is None else lat[base][key] / lat["early_exit"][key]
 
     return {"flops": 1.0 / flops, "latency": ratio("mean_ms"),
             "latency_median": ratio("median_ms"),
-            "throughput": tput["early_exit"] / tput["backbone"]}
+            "throughput": tput["early_exit"] / tput["backbone"],
+            "latency_vs_segments": ratio("mean_ms", "segments"),
+            "throughput_vs_segments": tput["early_exit"] / tput["segments"]}
 
 
 def time_profile(model: EarlyExitModel, images: Tensor, batch_size: int,
@@ -204,11 +224,12 @@ def profile_note(info: BundleInfo, device: str) -> str | None:
 
 
 def efficiency(speedup: dict[str, float | None], prof: dict[str, Any]) -> dict[str, Any]:
-    """Ideal speedups from measured times and exit shares, and achieved / ideal."""
+    """Ideal speedups from measured times and exit shares, and achieved / ideal: both over the
+    segments in a row, the time the profile's pieces add up to."""
     ideal = prof["ideal_speedup"]
     out: dict[str, Any] = {"ideal_latency": ideal["latency"],
                            "ideal_throughput": ideal["throughput"]}
     for key in ("latency", "throughput"):
-        got = speedup.get(key)
+        got = speedup.get(f"{key}_vs_segments")
         out[f"{key}_of_ideal"] = None if got is None else got / ideal[key]
     return out

@@ -66,7 +66,7 @@ def test_bench_json_is_consistent(bundle: Path, costs: list[float]) -> None:
     assert r["backbone"]["agreement"] == 1.0 and r["backbone"]["relative_flops"] == 1.0
     assert r["simulation"]["exit_match"] == 1.0  # the sweep's exit rule is the model's
     t = r["timing"]
-    for model in ("backbone", "early_exit"):
+    for model in ("backbone", "early_exit", "segments"):
         assert t["latency"][model]["median_ms"] > 0
         assert t["latency"][model]["p10_ms"] <= t["latency"][model]["median_ms"] \
             <= t["latency"][model]["p90_ms"]
@@ -78,6 +78,15 @@ def test_bench_json_is_consistent(bundle: Path, costs: list[float]) -> None:
         lat["backbone"]["mean_ms"] / lat["early_exit"]["mean_ms"])
     assert r["speedup"]["latency_median"] == pytest.approx(
         lat["backbone"]["median_ms"] / lat["early_exit"]["median_ms"])
+    # the early exits' own gain: over the backbone as the model runs it (segments in a row),
+    # and that is what the ideal, made of the segments' and branches' times, is held against
+    sp = r["speedup"]
+    assert sp["latency_vs_segments"] == pytest.approx(
+        lat["segments"]["mean_ms"] / lat["early_exit"]["mean_ms"])
+    assert sp["throughput_vs_segments"] == pytest.approx(
+        t["throughput"]["early_exit"] / t["throughput"]["segments"])
+    for key in ("latency", "throughput"):
+        assert sp[f"{key}_of_ideal"] == pytest.approx(sp[f"{key}_vs_segments"] / sp[f"ideal_{key}"])
     written = json.loads((bundle / "bench.json").read_text())
     assert written["early_exit"] == ee and r["files"]["bench_json"] == str(bundle / "bench.json")
 

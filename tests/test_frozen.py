@@ -1,0 +1,81 @@
+"""Frozen inference graphs: CPU inference runs the segments frozen, equal to eager, or eager."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from pteenet.backbones import freeze as freeze_backbone
+from pteenet.cifar_resnet import cifar_resnet
+from pteenet.early_exit import EarlyExitModel, build_early_exit
+from pteenet.frozen import freeze
+from pteenet.placement import choose_cuts
+from pteenet.tracing import trace_backbone
+
+
+@pytest.fixture(scope="module")
+def model() -> EarlyExitModel:
+    torch.manual_seed(0)
+    backbone = freeze_backbone(cifar_resnet("resnet20", num_classes=4))
+    trace = trace_backbone(backbone, (32, 32), with_thop=False)
+    return build_early_exit(trace, choose_cuts(trace, 3, "linear"), 4).eval()
+
+
+def test_cpu_inference_runs_frozen_graphs_that_equal_the_eager_segments(model):
+    x = torch.randn(5, 3, 32, 32)
+    with torch.inference_mode():
+        pieces = model.pieces(x)
+        assert all(isinstance(p, torch.jit.ScriptModule) for p in pieces)
+        # BatchNorm is folded into the convolutions: rounding apart, the same maps
+        h_frozen, h_eager = x, x
+        for p, seg in zip(pieces, model.segments):
+            h_frozen, h_eager = p(h_frozen), seg(h_eager)
+            torch.testing.assert_close(h_frozen, h_eager, rtol=1e-4, atol=1e-4)
+        model.set_thresholds(0.0)  # everyone leaves at the first exit: one segment, one branch
+        assert model(x).exit_index.eq(0).all()
+
+
+def test_with_frozen_off_or_grad_on_the_segments_run_eager(model):
+    x = torch.randn(2, 3, 32, 32)
+    model.frozen = False
+    try:
+        with torch.inference_mode():
+            assert model.pieces(x) is model.segments
+    finally:
+        model.frozen = True
+    assert model.pieces(x) is model.segments  # grad enabled: training code gets the modules
+
+
+class _BakesBatch(nn.Module):
+    """Flattens with the batch size read as a Python int: the tracer records it as a constant."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(int(x.shape[0]), -1) * 2
+
+
+def test_a_piece_that_traces_wrong_at_another_batch_size_runs_eager():
+    piece = _BakesBatch()
+    assert freeze(piece, torch.randn(1, 3, 4, 4)) is piece
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    assert isinstance(freeze(conv, torch.randn(1, 3, 8, 8)), torch.jit.ScriptModule)
+
+
+def test_a_model_that_ran_frozen_still_copies_pickles_and_moves(model):
+    x = torch.randn(3, 3, 32, 32)
+    model.set_thresholds(0.5)
+    with torch.inference_mode():
+        want = model(x).logits
+    assert model._graphs  # built by the run above
+    twin = copy.deepcopy(model)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    with torch.inference_mode():
+        torch.testing.assert_close(twin(x).logits, want)
+    twin.double()  # moved or cast: its graphs (float32) are dropped, float64 runs eager
+    assert not twin._graphs
+    with torch.inference_mode():
+        torch.testing.assert_close(twin(x.double()).logits, want, rtol=1e-4, atol=1e-4)
