@@ -170,6 +170,7 @@ class EarlyExitModel(nn.Module):
         # run the segments as frozen graphs in CPU inference (pteenet.frozen), one set per shape
         self.frozen = True
         self._graphs = _Graphs()
+        self._exit_plan: _Plan | None = None
         self.register_buffer("thresholds", torch.empty(0), persistent=False)
         self.register_buffer("gamma", torch.ones(len(branches)), persistent=False)
         self.set_thresholds(thresholds, gamma=gamma)
@@ -290,6 +291,22 @@ class EarlyExitModel(nn.Module):
                 raise OptionError(f"gamma needs {self.num_branches} values >= 0")
             self.gamma = g.to(self.thresholds.device)
 
+    def _plan(self, dev: torch.device) -> _Plan:
+        """The exit loop's view of the thresholds on ``dev``, kept until the table, the gate's
+        powers, the score, the ensemble or the device change."""
+        t, g = self.thresholds, self.gamma
+        source = (t, _version(t), g, _version(g), self.score, self.ensemble, dev)
+        plan = self._exit_plan
+        if plan is None or not all(a is b or (not isinstance(a, torch.Tensor) and a == b)
+                                   for a, b in zip(plan.source, source)):
+            active = self.active
+            table = t.to(dev)
+            plan = _Plan(source, active, self._evaluated(active), g.tolist(),
+                         [float(r[0]) if len(r) and bool((r == r[0]).all()) else None
+                          for r in t], table)
+            self._exit_plan = plan
+        return plan
+
     def pieces(self, x: torch.Tensor) -> Sequence[Callable[[torch.Tensor], torch.Tensor]]:
         """The segments as they run on ``x``: frozen graphs on a CPU in float32 without grad
         (built on the first input of each image shape, see :mod:`pteenet.frozen`), else eager."""
@@ -317,12 +334,14 @@ class EarlyExitModel(nn.Module):
     def exit_score(self, logits: torch.Tensor, confidence: torch.Tensor | None, k: int
                    ) -> torch.Tensor:
         """Exit ``k``'s score of each sample (see the module docstring for the three kinds)."""
+        return self._score(logits, confidence, float(self.gamma[k]))
+
+    def _score(self, logits: torch.Tensor, confidence: torch.Tensor | None, gamma: float
+               ) -> torch.Tensor:
         if self.score == "head":
             return torch.sigmoid(confidence)
         top = torch.softmax(logits.float(), dim=1).amax(1)
-        if self.score == "softmax":
-            return top
-        return gate(top, float(self.gamma[k]))
+        return top if self.score == "softmax" else gate(top, gamma)
 
     def exit_logits(self, logits: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Each exit's answer from the branches' own logits: those logits, or the ensemble's."""
@@ -400,19 +419,17 @@ class EarlyExitModel(nn.Module):
         With an ensemble each sample's earlier log-softmaxes (``history``) are compacted with it.
         """
         n, dev = x.shape[0], x.device
-        active = self.active  # read once: the loop is on the batch-1 hot path
-        runs = self._evaluated(active)
-        if self.whole is not None and not any(active):
+        plan = self._plan(dev)
+        if self.whole is not None and not any(plan.active):
             return EarlyExitResult(self.whole(x).float(),
                                    torch.full((n,), self.num_branches, device=dev),
                                    torch.full((n,), float(self.backbone_flops),
                                               dtype=torch.float64, device=dev))
-        thr = self.thresholds.to(dev)
         segments = self.pieces(x)
         cheap_checks = dev.type == "cpu"
         spent = 0
         h, history, state = x, None, None
-        for k, (on, run) in enumerate(zip(active, runs)):
+        for k, (on, run) in enumerate(zip(plan.active, plan.runs)):
             h = segments[k](h)
             spent += self.segment_flops[k]
             if not run:
@@ -421,7 +438,7 @@ class EarlyExitModel(nn.Module):
             logits, conf, history = self.branch_step(k, h, history)
             if not on:
                 continue
-            leave = self.exit_score(logits, conf, k) >= thr[k].gather(0, logits.argmax(1))
+            leave = self._score(logits, conf, plan.gamma[k]) >= plan.threshold(k, logits)
             if cheap_checks and not leave.any():
                 continue
             if cheap_checks and state is None and leave.all():
@@ -455,6 +472,25 @@ class _Graphs(dict):
 
     def __reduce__(self) -> tuple:
         return _Graphs, ()
+
+
+@dataclass
+class _Plan:
+    """What the exit loop reads of the thresholds, worked out once per table: the loop runs on
+    the batch-1 hot path, where each tensor op on the table costs as much as a small layer."""
+
+    source: tuple  # the tensors it was made from, and their versions (in-place edits count)
+    active: list[bool]
+    runs: list[bool]
+    gamma: list[float]
+    uniform: list[float | None]  # exit k's one threshold when every class has the same
+    table: torch.Tensor
+
+    def threshold(self, k: int, logits: torch.Tensor) -> torch.Tensor | float:
+        """Exit k's threshold for each sample's predicted class (a number when they agree:
+        the float32 table's value, so the comparison is the same)."""
+        u = self.uniform[k]
+        return self.table[k].gather(0, logits.argmax(1)) if u is None else u
 
 
 @dataclass
@@ -540,6 +576,12 @@ def build_early_exit(
         num_classes=num_classes, thresholds=thresholds, score=score, gamma=gamma,
         whole=trace.model,
     )
+
+
+def _version(t: torch.Tensor) -> int:
+    """How often ``t`` was edited in place (-1 for an inference tensor, which keeps no count:
+    such a table can only be edited inside ``torch.inference_mode``)."""
+    return -1 if t.is_inference() else t._version
 
 
 def _segment_flops(trace: Trace, cuts: Sequence[Cut]) -> list[int]:

@@ -1,6 +1,6 @@
 """Wall clock: the untouched backbone and the early-exit model timed side by side.
 
-Both run in the same process and interleaved (so drift in clock speed or background load hits
+Both run in the same process and take turns (so drift in clock speed or background load hits
 both alike), after warm-up, under ``torch.inference_mode``: batch-1 latency over real images
 and throughput at a batch size over real batches (median of repeats). The batch-1 speedup is
 the ratio of *mean* latencies, the time per image of a stream served one at a time: early exit
@@ -35,6 +35,7 @@ __all__ = ["Clock", "busy_note", "efficiency", "images_to_keep", "profile_note",
 
 WARMUP = 3
 LATENCY_REPEATS = 3  # batch-1 calls per image; its median is its time
+LATENCY_BLOCK = 50  # images one model runs in a row before the next takes its turn
 THROUGHPUT_BATCHES = 3
 TIMING_BYTES = 1 << 30  # real images kept in memory for timing, at most
 
@@ -86,18 +87,26 @@ def _latency(models: dict[str, Callable], images: Tensor, samples: int,
     """Batch-1 latency over ``samples`` real images (cycled if fewer): mean, median, p10 and
     p90 over images, in ms.
 
-    Each image is timed LATENCY_REPEATS times, in separate sweeps, and its median is its time:
-    a call the OS preempted is an outlier of that call, not a slow image, and one 20 ms stall
-    among a few hundred 3 ms calls would otherwise move the mean by several percent.
+    The models take turns in blocks of LATENCY_BLOCK images, the order rotating from block to
+    block, so drift hits them alike while each runs as a one-by-one stream does, on caches
+    holding its own weights: alternated call by call, the early-exit model (its segments plus
+    up to 1 MB of weights per branch) ran a fifth slower at batch 1 on ResNet-44 than it does
+    alone. Each image is timed LATENCY_REPEATS times, in separate sweeps, and its median is its
+    time: a call the OS preempted is an outlier of that call, not a slow image, and one 20 ms
+    stall among a few hundred 3 ms calls would otherwise move the mean by several percent.
     """
     for _, fn in models.items():
         for i in range(min(WARMUP, len(images))):
             fn(images[i:i + 1])
     calls: dict[str, list[list[float]]] = {k: [[] for _ in range(samples)] for k in models}
-    for r, name, fn in _interleaved(models, samples * LATENCY_REPEATS):
-        i = r % samples
-        j = i % len(images)
-        calls[name][i].append(clock(fn, images[j:j + 1]) * 1000.0)
+    order = list(models.items())
+    for sweep in range(LATENCY_REPEATS):
+        for b, start in enumerate(range(0, samples, LATENCY_BLOCK)):
+            turn = (b + sweep) % len(order)
+            for name, fn in order[turn:] + order[:turn]:
+                for i in range(start, min(start + LATENCY_BLOCK, samples)):
+                    j = i % len(images)
+                    calls[name][i].append(clock(fn, images[j:j + 1]) * 1000.0)
     per_image = {k: [statistics.median(c) for c in v] for k, v in calls.items()}
     return {k: {"mean_ms": statistics.fmean(v), "median_ms": statistics.median(v),
                 "p10_ms": float(np.percentile(v, 10)),

@@ -182,3 +182,16 @@ def test_the_confidence_head_runs_only_when_the_score_reads_it(setup, monkeypatc
     assert bool(heads) == (score == "head")  # softmax and gate scores never read the head
     assert (res.exit_index == 0).all()
     assert torch.allclose(res.logits, full[0])  # the same logits either way
+
+
+def test_a_table_edited_in_place_moves_the_exits_at_once(setup):
+    _, model, x = setup
+    model.set_thresholds(2.0, score="softmax")
+    assert (model(x).exit_index == model.num_branches).all()
+    model.thresholds[1].fill_(0.0)  # no set_thresholds: the exit loop must still see it
+    assert (model(x).exit_index == 1).all()
+    model.gamma.fill_(1.0)
+    model.set_thresholds(0.5, score="gate")
+    want = model(x).exit_index
+    model.gamma[0] = math.inf  # the gate switches exit 0 off
+    assert (model(x).exit_index != 0).all() and (want == 0).any()

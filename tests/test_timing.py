@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
-from pteenet.timing import LATENCY_REPEATS, _latency
+from pteenet.timing import LATENCY_BLOCK, LATENCY_REPEATS, _latency
 
 
 class _Clock:
@@ -28,3 +30,16 @@ def test_one_stalled_call_does_not_move_the_mean() -> None:
     # a plain mean over the 60 calls would be 6 ms; each image's median drops the stall
     assert lat["model"]["mean_ms"] == 1.0 and lat["model"]["median_ms"] == 1.0
     assert lat["model"]["p10_ms"] <= lat["model"]["median_ms"] <= lat["model"]["p90_ms"]
+
+
+def test_models_take_turns_in_blocks_of_images_in_rotating_order() -> None:
+    images = torch.zeros(LATENCY_BLOCK + 5, 3, 4, 4)
+    ran: list[str] = []
+    models = {name: (lambda x, n=name: ran.append(n)) for name in ("a", "b", "c")}
+    _latency(models, images, len(images), lambda fn, x: fn(x) or 0.001)
+    timed = ran[3 * 3:]  # after each model's three warm-up calls
+    runs = [(name, len(list(group))) for name, group in itertools.groupby(timed)]
+    # each model streams a block of images (not one call each), and who goes first rotates
+    assert runs[:3] == [("a", LATENCY_BLOCK), ("b", LATENCY_BLOCK), ("c", LATENCY_BLOCK)]
+    assert runs[3:6] == [("b", 5), ("c", 5), ("a", 5)]
+    assert len(timed) == 3 * len(images) * LATENCY_REPEATS
