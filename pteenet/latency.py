@@ -29,8 +29,9 @@ from .errors import OptionError
 from .frozen import freeze_all, frozen_applies
 from .tracing import Trace, split_at
 
-__all__ = ["COSTS", "TimeProfile", "chain_times", "cut_time_fractions", "device_name",
-           "probe_images", "profile_cascade", "relative_costs", "steady_allocator"]
+__all__ = ["COSTS", "TimeProfile", "batched_repeats", "chain_times", "cut_time_fractions",
+           "device_name", "exit_times", "probe_batch", "probe_images", "profile_cascade",
+           "relative_costs", "steady_allocator"]
 
 COSTS = ("flops", "latency")
 WARMUP = 3
@@ -152,12 +153,9 @@ def profile_cascade(segments: Sequence[Callable[[Tensor], Tensor]],
     """Time every segment and branch at batch 1 and at ``batch_size`` (per image)."""
     if images.shape[0] < 1:
         raise OptionError("profiling needs at least one image")
-    one = images[:1]
-    big = images[:batch_size]
-    if big.shape[0] < batch_size:
-        big = big.repeat((batch_size + big.shape[0] - 1) // big.shape[0], 1, 1, 1)[:batch_size]
-    s1, b1 = chain_times(segments, one, branches, repeats)
-    sb, bb = chain_times(segments, big, branches, max(3, repeats // 3))
+    s1, b1 = chain_times(segments, images[:1], branches, repeats)
+    sb, bb = chain_times(segments, probe_batch(images, batch_size), branches,
+                         batched_repeats(repeats))
     ms = 1000.0
     return TimeProfile(
         device=device_name(images.device), threads=torch.get_num_threads(),
@@ -165,6 +163,46 @@ def profile_cascade(segments: Sequence[Callable[[Tensor], Tensor]],
         segment_ms_batched=[t * ms / batch_size for t in sb],
         branch_ms_batched=[t * ms / batch_size for t in bb])
 
+
+
+def probe_batch(images: Tensor, batch_size: int) -> Tensor:
+    """``batch_size`` of ``images`` (cycled when there are fewer): the batched probe."""
+    big = images[:batch_size]
+    if big.shape[0] < batch_size:
+        big = big.repeat((batch_size + big.shape[0] - 1) // big.shape[0], 1, 1, 1)[:batch_size]
+    return big
+
+
+def batched_repeats(repeats: int) -> int:
+    """Passes for a batched probe: a third of batch 1's (each is a batch long), at least 3."""
+    return max(3, repeats // 3)
+
+
+@torch.inference_mode()
+def exit_times(segments: Sequence[Callable[[Tensor], Tensor]],
+               branches: Sequence[Callable[[Tensor], Any] | None], x: Tensor,
+               repeats: int = REPEATS) -> tuple[float, list[float]]:
+    """Seconds for the segments in a row, and for a pass that leaves at each exit (the last:
+    the end) when the branches that are not None run: what an ideal speedup is made of.
+
+    Both are timed alike, in passes down the chain, alternating: the cascade with only the
+    branches that run (a branch that never runs would still evict the next segment's weights),
+    the row with none; medians over ``repeats`` pairs of passes, so drift hits both alike."""
+    for _ in range(WARMUP):
+        _walk(segments, x, ())
+        _walk(segments, x, branches)
+    rows, walks = [], []
+    for _ in range(repeats):
+        rows.append(sum(_walk(segments, x, ())[0]))
+        walks.append(_walk(segments, x, branches))
+    ran = iter(statistics.median(w[1][j] for w in walks) for j in range(len(walks[0][1])))
+    spent, leave = 0.0, []
+    for k in range(len(segments)):
+        spent += statistics.median(w[0][k] for w in walks)
+        if k < len(branches) and branches[k] is not None:
+            spent += next(ran)
+        leave.append(spent)
+    return statistics.median(rows), leave
 
 
 def cut_time_fractions(trace: Trace, names: Sequence[str], images: Tensor,

@@ -17,6 +17,7 @@ segment and branch, and the speedups those times and the exit shares imply.
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import time
@@ -28,7 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from .bundle import BundleInfo
-from .early_exit import EarlyExitModel, cascade_cost
+from .early_exit import EarlyExitModel
+from .latency import REPEATS, batched_repeats, exit_times, probe_batch
 
 __all__ = ["Clock", "busy_note", "efficiency", "images_to_keep", "profile_note",
            "segments_in_a_row", "speedups", "time_profile", "wall_clock"]
@@ -89,11 +91,11 @@ def _latency(models: dict[str, Callable], images: Tensor, samples: int,
 
     The models take turns in blocks of LATENCY_BLOCK images, the order rotating from block to
     block, so drift hits them alike while each runs as a one-by-one stream does, on caches
-    holding its own weights: alternated call by call, the early-exit model (its segments plus
-    up to 1 MB of weights per branch) ran a fifth slower at batch 1 on ResNet-44 than it does
-    alone. Each image is timed LATENCY_REPEATS times, in separate sweeps, and its median is its
-    time: a call the OS preempted is an outlier of that call, not a slow image, and one 20 ms
-    stall among a few hundred 3 ms calls would otherwise move the mean by several percent.
+    holding its own weights (each block starts with one untimed call); alternated call by call,
+    every call found the caches full of another model's weights. Each image is timed
+    LATENCY_REPEATS times, in separate sweeps, and its median is its time: a call the OS
+    preempted is an outlier of that call, not a slow image, and one 20 ms stall among a few
+    hundred 3 ms calls would otherwise move the mean by several percent.
     """
     for _, fn in models.items():
         for i in range(min(WARMUP, len(images))):
@@ -104,6 +106,7 @@ def _latency(models: dict[str, Callable], images: Tensor, samples: int,
         for b, start in enumerate(range(0, samples, LATENCY_BLOCK)):
             turn = (b + sweep) % len(order)
             for name, fn in order[turn:] + order[:turn]:
+                fn(images[start % len(images)][None])  # untimed: the stream is under way
                 for i in range(start, min(start + LATENCY_BLOCK, samples)):
                     j = i % len(images)
                     calls[name][i].append(clock(fn, images[j:j + 1]) * 1000.0)
@@ -214,14 +217,27 @@ def time_profile(model: EarlyExitModel, images: Tensor, batch_size: int,
                 "on": on}
                for k, (f, m, mb, on) in enumerate(zip(model.branch_flops, prof.branch_ms,
                                                        prof.branch_ms_batched, model.evaluated))]
-    active = torch.tensor(model.evaluated)  # the branches that run (a ZTW ensemble reads more)
-    ideal = {}
-    for key, batched in (("latency", False), ("throughput", True)):
-        exit_time = cascade_cost(*prof.costs(batched), active)
-        share = torch.tensor(list(shares[key]), dtype=torch.float64)
-        ideal[key] = 1.0 / float((share * exit_time).sum())
     return {"device": prof.device, "threads": prof.threads, "batch_size": prof.batch_size,
-            "pieces": pieces, "ideal_speedup": ideal}
+            "pieces": pieces, "ideal_speedup": _ideal(model, images, batch_size, shares)}
+
+
+def _ideal(model: EarlyExitModel, images: Tensor, batch_size: int,
+           shares: dict[str, Sequence[float]]) -> dict[str, float]:
+    """The segments in a row over the expected time of a pass that leaves where the images
+    left, with only the branches that run (a ZTW ensemble reads more than the active exits'),
+    each timed in passes down the chain as inference runs it: the speedup with no bookkeeping
+    and perfect batching."""
+    with torch.inference_mode():
+        segments = model.pieces(images)
+    side = [functools.partial(model.answer, k) if run else None
+            for k, run in enumerate(model.evaluated)]
+    ideal = {}
+    for key, x, repeats in (("latency", images[:1], 3 * REPEATS),
+                            ("throughput", probe_batch(images, batch_size),
+                             batched_repeats(REPEATS))):
+        row, leave = exit_times(segments, side, x, repeats)
+        ideal[key] = row / sum(s * t for s, t in zip(shares[key], leave))
+    return ideal
 
 
 def profile_note(info: BundleInfo, device: str) -> str | None:

@@ -12,6 +12,7 @@ import torch
 from pteenet_cli.app import app
 from typer.testing import CliRunner
 
+from pteenet import latency
 from pteenet.attaching import attach
 from pteenet.benchmarking import bench
 from pteenet.bundle import load, read_info
@@ -19,7 +20,7 @@ from pteenet.calibration import calibrate
 from pteenet.cifar_resnet import cifar_resnet
 from pteenet.early_exit import build_early_exit
 from pteenet.errors import BundleError, OptionError
-from pteenet.latency import cut_time_fractions, probe_images, relative_costs
+from pteenet.latency import cut_time_fractions, exit_times, probe_images, relative_costs
 from pteenet.placement import choose_cuts, useful_cuts
 from pteenet.tracing import trace_backbone
 from pteenet.train_config import TrainConfig
@@ -136,3 +137,23 @@ def test_cli_cost_and_threads(timed):
     assert "time profile" in r.stdout and "ideal batch-1 speedup" in r.stdout
     r = CliRunner().invoke(app, ["calibrate", "--bundle", str(timed), "--cost", "watts"])
     assert r.exit_code == 2 and "'watts' is not one of 'flops', 'latency'" in r.stderr
+
+
+def test_the_ideal_times_only_the_branches_that_run_and_the_row_on_its_own(monkeypatch):
+    """Scripted clock: segment k takes k+1 s, a branch 10 s; each call is logged."""
+    log: list[str] = []
+    segments = [lambda x, k=k: log.append(f"s{k}") or x for k in range(3)]
+    branches = [lambda x: log.append("b0"), None]  # exit 1 is off: its branch never runs
+    cost = {f"s{k}": k + 1.0 for k in range(3)} | {"b0": 10.0}
+
+    def timed(fn, x):
+        out = fn(x)
+        return out, cost[log[-1]]
+
+    monkeypatch.setattr(latency, "_timed", timed)
+    row, leave = exit_times(segments, branches, torch.zeros(1), repeats=1)
+    assert row == 6.0  # 1 + 2 + 3: the segments in a row, no branch between them
+    assert leave == [11.0, 13.0, 16.0]  # leave at 0: s0 + b0; at 1: + s1 (b1 off); end: + s2
+    assert "b1" not in log
+    # as many passes of the row, no branch between its segments, as of the cascade
+    assert " ".join(log).count("s0 s1 s2") == log.count("b0") > 0
