@@ -41,7 +41,7 @@ from torch import nn
 from .branches import DEFAULT_BRANCH, branch_flops, make_branch
 from .ensemble import ZTWEnsemble
 from .errors import OptionError
-from .frozen import freeze_all, frozen_applies
+from .frozen import freeze_all, frozen_applies, trace_exact
 from .latency import COSTS, PROBE_BATCH, TimeProfile, profile_cascade
 from .thresholds import as_table
 from .tracing import Cut, Trace, split_at
@@ -267,10 +267,9 @@ class EarlyExitModel(nn.Module):
         :mod:`pteenet.latency`)."""
         was = self.training
         self.eval()
-        side = [functools.partial(self.answer, k) for k in range(self.num_branches)]
-        try:  # each branch timed as inference runs it (without the head the score ignores)
-            with torch.inference_mode():
-                segments = self.pieces(images)
+        try:  # each piece timed as inference runs it (a branch without the head the score
+            with torch.inference_mode():  # ignores)
+                segments, side = self.pieces(images), self.answers(images)
             return profile_cascade(segments, side, images, batch_size)
         finally:
             self.train(was)
@@ -315,6 +314,23 @@ class EarlyExitModel(nn.Module):
         key = tuple(x.shape[1:])
         if key not in self._graphs:
             self._graphs[key] = freeze_all(self.segments, x)
+        return self._graphs[key]
+
+    def answers(self, x: torch.Tensor) -> Sequence[Callable[[torch.Tensor], tuple]]:
+        """Each branch's :meth:`answer` as inference runs it on the maps of input ``x``: where
+        frozen segments serve ``x``, traced graphs that compute exactly the same (built on the
+        first input of each image shape, :func:`pteenet.frozen.trace_exact`), else eager."""
+        if not (self.frozen and frozen_applies(x)):
+            return [functools.partial(self.answer, k) for k in range(self.num_branches)]
+        head = self.score == "head"
+        key = ("answers", tuple(x.shape[1:]), head, self.training, tuple(map(id, self.branches)))
+        if key not in self._graphs:
+            maps, h = [], x[:1]
+            for seg in self.pieces(x)[:-1]:
+                h = seg(h)
+                maps.append(h)
+            self._graphs[key] = [_as_answer(trace_exact(_Answer(b, head), m), head)
+                                 for b, m in zip(self.branches, maps)]
         return self._graphs[key]
 
     def _apply(self, fn, *args, **kwargs):  # noqa: ANN001, ANN202 - nn.Module's signature
@@ -368,12 +384,14 @@ class EarlyExitModel(nn.Module):
         branch = self.branches[k]
         return branch(h) if self.score == "head" else (branch.classify(h), None)
 
-    def branch_step(self, k: int, h: torch.Tensor, history: torch.Tensor | None
+    def branch_step(self, k: int, h: torch.Tensor, history: torch.Tensor | None,
+                    answer: Callable[[torch.Tensor], tuple] | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Branch ``k`` on cut ``k``'s map ``h``: exit ``k``'s logits, the confidence logit (None
         when the score does not read it: it is not computed) and the log-softmaxes of exits
-        0..k (``history`` holds 0..k-1; None without an ensemble)."""
-        logits, conf = self.answer(k, h)
+        0..k (``history`` holds 0..k-1; None without an ensemble). ``answer``: what computes
+        :meth:`answer` (one of :meth:`answers`; default: the eager branch)."""
+        logits, conf = answer(h) if answer is not None else self.answer(k, h)
         if self.ensemble is None:
             return logits, conf, None
         history = self.ensemble.extend(history, logits)
@@ -425,7 +443,7 @@ class EarlyExitModel(nn.Module):
                                    torch.full((n,), self.num_branches, device=dev),
                                    torch.full((n,), float(self.backbone_flops),
                                               dtype=torch.float64, device=dev))
-        segments = self.pieces(x)
+        segments, answers = self.pieces(x), self.answers(x)
         cheap_checks = dev.type == "cpu"
         spent = 0
         h, history, state = x, None, None
@@ -435,13 +453,13 @@ class EarlyExitModel(nn.Module):
             if not run:
                 continue
             spent += self.branch_flops[k]
-            logits, conf, history = self.branch_step(k, h, history)
+            logits, conf, history = self.branch_step(k, h, history, answers[k])
             if not on:
                 continue
             leave = self._score(logits, conf, plan.gamma[k]) >= plan.threshold(k, logits)
             if cheap_checks and not leave.any():
                 continue
-            if cheap_checks and state is None and leave.all():
+            if cheap_checks and state is None and (len(leave) == 1 or leave.all()):
                 return self._answered(logits, k, spent)
             state = state or _Answers.start(h.shape[0], self.num_classes, self.num_branches, dev)
             stay = state.record(leave, logits, k, spent, cheap_checks)
@@ -464,6 +482,23 @@ class EarlyExitModel(nn.Module):
         n, dev = logits.shape[0], logits.device
         return EarlyExitResult(logits.float(), torch.full((n,), k, device=dev),
                                torch.full((n,), float(spent), dtype=torch.float64, device=dev))
+
+
+class _Answer(nn.Module):
+    """A branch's answer as a module to trace: the whole branch (logits, confidence logit) when
+    the score reads the head, the classifier path alone otherwise (see EarlyExitModel.answer)."""
+
+    def __init__(self, branch: nn.Module, head: bool) -> None:
+        super().__init__()
+        self.branch, self.head = branch, head
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        return self.branch(h) if self.head else self.branch.classify(h)
+
+
+def _as_answer(run: Callable, head: bool) -> Callable[[torch.Tensor], tuple]:
+    """``run`` (an :class:`_Answer` or its graph) returning (logits, confidence or None)."""
+    return run if head else lambda h: (run(h), None)
 
 
 class _Graphs(dict):

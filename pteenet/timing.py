@@ -17,7 +17,6 @@ segment and branch, and the speedups those times and the exit shares imply.
 
 from __future__ import annotations
 
-import functools
 import os
 import statistics
 import time
@@ -228,9 +227,8 @@ def _ideal(model: EarlyExitModel, images: Tensor, batch_size: int,
     each timed in passes down the chain as inference runs it: the speedup with no bookkeeping
     and perfect batching."""
     with torch.inference_mode():
-        segments = model.pieces(images)
-    side = [functools.partial(model.answer, k) if run else None
-            for k, run in enumerate(model.evaluated)]
+        segments, answers = model.pieces(images), model.answers(images)
+    side = [a if run else None for a, run in zip(answers, model.evaluated)]
     ideal = {}
     for key, x, repeats in (("latency", images[:1], 3 * REPEATS),
                             ("throughput", probe_batch(images, batch_size),

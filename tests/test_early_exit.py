@@ -139,6 +139,7 @@ def test_an_off_exit_is_not_run_and_costs_nothing(setup, monkeypatch):
     _, model, x = setup
     model.set_thresholds([0.0, math.inf, math.inf], score="softmax")
     ran: list[int] = []
+    monkeypatch.setattr(model, "frozen", False)  # eager: the branches' Python code runs
     monkeypatch.setattr(model.branches[1], "classify", lambda h: ran.append(1))
     model.set_thresholds([math.inf, math.inf, 0.0])
     res = model(x)
@@ -175,6 +176,7 @@ def test_the_confidence_head_runs_only_when_the_score_reads_it(setup, monkeypatc
     model.set_thresholds([0.0, 0.5, 0.5], score=score)  # every sample answers at exit 0
     full = [b(f)[0] for b, f in zip(model.branches, model.features(x)[0])]
     heads: list[int] = []
+    monkeypatch.setattr(model, "frozen", False)  # eager: the branches' Python code runs
     for k, b in enumerate(model.branches):
         fwd = b.confidence.forward
         monkeypatch.setattr(b.confidence, "forward", lambda z, k=k, f=fwd: heads.append(k) or f(z))

@@ -79,3 +79,31 @@ def test_a_model_that_ran_frozen_still_copies_pickles_and_moves(model):
     assert not twin._graphs
     with torch.inference_mode():
         torch.testing.assert_close(twin(x.double()).logits, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("score", ["softmax", "head"])
+def test_inference_runs_each_branch_as_a_traced_graph_equal_bit_for_bit(model, score):
+    x = torch.randn(6, 3, 32, 32)
+    model.set_thresholds(0.5, score=score)
+    with torch.inference_mode():
+        answers, h = model.answers(x), x
+        for k, seg in enumerate(model.pieces(x)[:-1]):
+            h = seg(h)
+            logits, conf = answers[k](h)
+            want, want_conf = model.answer(k, h)  # the eager branch
+            assert torch.equal(logits, want)  # calibration's eager scores hold exactly
+            assert conf is None if score != "head" else torch.equal(conf, want_conf)
+        graphs = [g for key, v in model._graphs.items() if key[0] == "answers" for g in v]
+    assert graphs and all(_traced(g) for g in graphs)
+    with torch.no_grad():  # training the branch later is seen: the graph shares its weights
+        model.branches[0].classifier.bias.add_(1.0)
+    with torch.inference_mode():
+        h0 = model.pieces(x)[0](x)
+        assert torch.equal(model.answers(x)[0](h0)[0], model.answer(0, h0)[0])
+
+
+def _traced(answer) -> bool:
+    """Whether an answer runs a traced graph (a bare one, or wrapped to add None)."""
+    closure = getattr(answer, "__closure__", None)
+    run = closure[0].cell_contents if closure else answer
+    return isinstance(run, torch.jit.ScriptModule)

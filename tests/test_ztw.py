@@ -140,6 +140,7 @@ def test_thresholds_above_one_equal_the_backbone_at_exactly_its_cost(model, ztw,
 def test_every_branch_up_to_the_last_active_exit_runs(model, ztw, monkeypatch):
     x = ztw[2]
     ran: list[int] = []
+    monkeypatch.setattr(model, "frozen", False)  # eager: the branches' Python code runs
     for k, br in enumerate(model.branches):
         classify = br.classify  # softmax scores: inference runs the classifier path alone
         monkeypatch.setattr(br, "classify", lambda h, k=k, f=classify: ran.append(k) or f(h))
