@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 
 import pytest
 import torch
@@ -81,20 +82,25 @@ def test_a_model_that_ran_frozen_still_copies_pickles_and_moves(model):
         torch.testing.assert_close(twin(x.double()).logits, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("score", ["softmax", "head"])
-def test_inference_runs_each_branch_as_a_traced_graph_equal_bit_for_bit(model, score):
+@pytest.mark.parametrize("score", ["gate", "softmax", "head"])
+def test_inference_runs_each_exit_as_a_traced_graph_equal_bit_for_bit(model, score):
     x = torch.randn(6, 3, 32, 32)
-    model.set_thresholds(0.5, score=score)
+    model.set_thresholds(0.5, score=score, gamma=[0.5, 2.0, math.inf])
     with torch.inference_mode():
-        answers, h = model.answers(x), x
+        plan = model._plan(x.device)
+        answers, scored, h = model.answers(x), model._scored(x, plan), x
         for k, seg in enumerate(model.pieces(x)[:-1]):
             h = seg(h)
-            logits, conf = answers[k](h)
-            want, want_conf = model.answer(k, h)  # the eager branch
-            assert torch.equal(logits, want)  # calibration's eager scores hold exactly
-            assert conf is None if score != "head" else torch.equal(conf, want_conf)
-        graphs = [g for key, v in model._graphs.items() if key[0] == "answers" for g in v]
-    assert graphs and all(_traced(g) for g in graphs)
+            want, want_conf = model.answer(k, h)  # the eager branch, and its score
+            want_score = model.exit_score(want, want_conf, k)
+            logits, conf = answers[k](h)  # what the time profile runs
+            got, got_conf, got_score = scored[k](h)  # what the exit loop runs
+            for a, b in ((logits, want), (got, want), (got_score, want_score)):
+                assert torch.equal(a, b)  # calibration's eager scores hold exactly
+            for c in (conf, got_conf):
+                assert c is None if score != "head" else torch.equal(c, want_conf)
+        graphs = [g for key, v in model._graphs.items() if key[0][0] != "segments" for g in v]
+    assert len(graphs) >= 2 * model.num_branches and all(_traced(g) for g in graphs)
     with torch.no_grad():  # training the branch later is seen: the graph shares its weights
         model.branches[0].classifier.bias.add_(1.0)
     with torch.inference_mode():
