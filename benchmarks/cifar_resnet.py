@@ -166,7 +166,12 @@ def write_report(rows: list[dict], args) -> None:
                 f"{lat['early_exit']['mean_ms']:.2f} ms (x{t['speedup']['latency']:.2f}); "
                 f"batched {t['throughput']['backbone']:.0f} vs "
                 f"{t['throughput']['early_exit']:.0f} img/s (x{t['speedup']['throughput']:.2f}); "
-                f"FLOPs x{t['speedup']['flops']:.2f}; {t['threads']} threads, load average "
+                f"FLOPs x{t['speedup']['flops']:.2f}; over the segments in a row (the early "
+                f"exits' own gain) x{t['speedup']['latency_vs_segments']:.2f} / "
+                f"x{t['speedup']['throughput_vs_segments']:.2f}, "
+                f"{t['speedup']['latency_of_ideal']:.2f} / "
+                f"{t['speedup']['throughput_of_ideal']:.2f} of the ideal; "
+                f"{t['threads']} threads, load average "
                 f"{t['load_average']}; default attach took {r['attach_s']:.0f} s")
     (out / "cifar-resnet.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
