@@ -343,9 +343,12 @@ class EarlyExitModel(nn.Module):
 
     def _traced(self, x: torch.Tensor, what: tuple, make: Callable[[int, nn.Module], nn.Module],
                 unpack: Callable[[Callable], Callable]) -> list[Callable]:
-        """``make(k, branch)`` traced exactly on cut k's map, per image shape (cached)."""
+        """``make(k, branch)`` traced exactly on cut k's map, per image shape (cached; a new
+        set of one kind replaces the old ones, so new gate powers do not pile up graphs)."""
         key = (what, tuple(x.shape[1:]), self.training, tuple(map(id, self.branches)))
         if key not in self._graphs:
+            for old in [k for k in self._graphs if k[0][0] == what[0]]:
+                del self._graphs[old]
             maps, h = [], x[:1]
             for seg in self.pieces(x)[:-1]:
                 h = seg(h)

@@ -113,3 +113,13 @@ def _traced(answer) -> bool:
     closure = getattr(answer, "__closure__", None)
     run = closure[0].cell_contents if closure else answer
     return isinstance(run, torch.jit.ScriptModule)
+
+
+def test_new_gate_powers_replace_the_old_exit_graphs(model):
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        for power in (0.5, 1.0, 2.0):
+            model.set_thresholds(0.5, score="gate", gamma=[power] * model.num_branches)
+            model(x)
+    scored = [key for key in model._graphs if key[0][0] == "scored"]
+    assert len(scored) == 1 and scored[0][0][2] == (2.0,) * model.num_branches
