@@ -13,6 +13,7 @@ after every epoch.
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Iterable
 
@@ -30,6 +31,15 @@ def init_from_env(device: str = "cpu") -> None:
         if cuda:  # one GPU per rank: torchrun's LOCAL_RANK picks it
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if cuda else "gloo")
+        # left to the interpreter's exit, gloo's threads were sometimes torn down still joinable
+        # and a rank died with "terminate called without an active exception" (SIGABRT)
+        atexit.register(_leave)
+
+
+def _leave() -> None:
+    """Leave the process group at exit (if still in one)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank_world() -> tuple[int, int]:
