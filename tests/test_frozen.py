@@ -123,3 +123,36 @@ def test_new_gate_powers_replace_the_old_exit_graphs(model):
             model(x)
     scored = [key for key in model._graphs if key[0][0] == "scored"]
     assert len(scored) == 1 and scored[0][0][2] == (2.0,) * model.num_branches
+
+
+class _Excited(nn.Module):
+    """Convolutions each followed by a squeeze-excite (mean, sigmoid, product): ops oneDNN's
+    layout lacks, so an optimized graph copies the map out and back around each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(8, 8, 3, padding=1) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv in self.convs:
+            x = conv(x)
+            x = x * torch.sigmoid(x.mean((2, 3), keepdim=True))
+        return x
+
+
+def _kinds(graph: object) -> set[str]:
+    return {node.kind() for node in graph.graph.nodes()}
+
+
+def test_onednn_layout_is_kept_only_where_it_saves_more_copies_than_it_costs():
+    torch.manual_seed(0)
+    x = torch.randn(1, 8, 16, 16)
+    convs = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    excited = _Excited().eval()
+    with torch.no_grad():
+        kept, plain = freeze(convs, x), freeze(excited, x)
+        assert "prim::mkldnn_convolution" in _kinds(kept)
+        assert isinstance(plain, torch.jit.ScriptModule)  # frozen all the same ...
+        assert not {"prim::mkldnn_convolution", "aten::to_mkldnn"} & _kinds(plain)  # ... plain
+        torch.testing.assert_close(plain(x), excited(x), rtol=1e-4, atol=1e-5)
