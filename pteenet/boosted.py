@@ -20,7 +20,7 @@ from .losses import branch_per_sample, make_targets
 from .resume import Resume
 from .thresholds import class_precision, cpm_thresholds, exit_index
 from .train_config import TrainConfig, TrainReport
-from .train_steps import Guard, autocast, batches, lr_at, set_lr, step
+from .train_steps import Guard, adam, autocast, batches, lr_at, set_lr, step
 
 __all__ = ["train_boosted"]
 
@@ -87,7 +87,7 @@ def _train_one(model, k, train, weight: Tensor, shard: Shard, config, gen, on_ep
         return
     branch = model.branches[k]
     params = list(branch.parameters())
-    opt = torch.optim.Adam(params, lr=config.lr)
+    opt = adam(params, config.lr)
     guard = Guard(model)
     local_w = shard.to_local(weight)
     steps = math.ceil(keep.numel() / config.batch_size)

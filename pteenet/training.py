@@ -42,7 +42,7 @@ from .feature_cache import FeatureSet, LiveFeatures, agreement
 from .losses import distill_per_sample, eenet_per_sample, make_targets
 from .resume import Resume
 from .train_config import TrainConfig, TrainReport
-from .train_steps import Guard, autocast, batches, lr_at, set_lr, step
+from .train_steps import Guard, adam, autocast, batches, lr_at, set_lr, step
 
 __all__ = ["train_branches"]
 
@@ -77,7 +77,7 @@ def _has_labels(train: FeatureSet | LiveFeatures) -> bool:
 
 def _train_joint(model, train, held, config, on_epoch, resume: Resume | None,
                  on_batch: Callable[[int], None] | None) -> TrainReport:
-    opt = torch.optim.Adam(model.branches.parameters(), lr=config.lr)
+    opt = adam(model.branches.parameters(), config.lr)
     gen = torch.Generator().manual_seed(config.seed)
     costs = model.exit_costs()
     report, guard = TrainReport(), Guard(model)
