@@ -26,7 +26,6 @@ import torch
 from pteenet.attaching import attach
 from pteenet.backbones import create_backbone
 from pteenet.data import make_loader, open_data
-from pteenet.devices import reuse_freed_memory
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 CKPT = SHARED / "weights" / "cifar-resnet" / "resnet44-014dd654.th"
@@ -45,7 +44,6 @@ def backbone_pass(bb, data, idx: list[int]) -> None:
 
 
 def main() -> None:
-    reuse_freed_memory()  # the allocator the CLI runs with
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--max-samples", type=int, default=45000)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "attach-time.json"))

@@ -35,7 +35,6 @@ import torch
 
 import pteenet
 from pteenet.calibration import collect
-from pteenet.devices import reuse_freed_memory
 from pteenet.thresholds import as_table, summarize
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -179,7 +178,6 @@ def write_report(rows: list[dict], args) -> None:
 
 
 def main() -> None:
-    reuse_freed_memory()  # the allocator the CLI runs with
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["resnet44"], choices=sorted(CHECKPOINTS))
     ap.add_argument("--max-train", type=int, default=45000)

@@ -42,7 +42,6 @@ from torch import Tensor
 from pteenet.backbones import create_backbone
 from pteenet.cost_search import min_cost_thresholds
 from pteenet.data import open_data, split_indices
-from pteenet.devices import reuse_freed_memory
 from pteenet.early_exit import build_early_exit, cascade_cost
 from pteenet.ensemble import fit_split, fit_ztw
 from pteenet.feature_cache import FeatureSet, compute_features
@@ -137,7 +136,6 @@ def scored(scores: list[Tensor], preds: list[Tensor], finals: list[Tensor],
 
 
 def main() -> None:
-    reuse_freed_memory()  # the allocator the CLI runs with
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="resnet44", choices=sorted(CHECKPOINTS))
     ap.add_argument("--max-train", type=int, default=45000)

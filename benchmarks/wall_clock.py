@@ -33,7 +33,6 @@ import torch
 import pteenet
 from pteenet.bundle import load_backbone, read_info
 from pteenet.data import make_loader, open_data
-from pteenet.devices import reuse_freed_memory
 from pteenet.export import export
 from pteenet.quality import timing_positions
 
@@ -128,7 +127,6 @@ def test_images(root: Path, info, n: int) -> np.ndarray:
 
 
 def main() -> None:
-    reuse_freed_memory()  # the allocator the CLI runs with
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="resnet44", choices=sorted(CHECKPOINTS))
     ap.add_argument("--bundle", help="an existing bundle (default: attach with the defaults)")

@@ -24,14 +24,12 @@ from pathlib import Path
 import torch
 
 import pteenet
-from pteenet.devices import reuse_freed_memory
 
 sys.path.insert(0, str(Path(__file__).parent))
 from cifar_resnet import CHECKPOINTS, SHARED, extract  # noqa: E402
 
 
 def main() -> None:
-    reuse_freed_memory()  # the allocator the CLI runs with
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="resnet44", choices=sorted(CHECKPOINTS))
     ap.add_argument("--max-train", type=int, default=45000)

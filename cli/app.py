@@ -11,8 +11,6 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from pteenet.devices import reuse_freed_memory
-
 from ._errors import describe, describe_usage, flags_of, show_as
 from ._output import unwrap_help
 from .attach_cmd import attach
@@ -114,7 +112,6 @@ def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
 ) -> None:
     """pteenet: early exits for pretrained classifiers."""
-    reuse_freed_memory()
 
 
 def _register() -> None:
