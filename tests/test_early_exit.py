@@ -113,6 +113,8 @@ def test_per_class_thresholds_apply_to_the_predicted_class(setup):
     res = model(x)
     assert torch.equal(res.exit_index == 0, pred0 == c)
     assert (res.exit_index[pred0 != c] == 3).all()
+    one_by_one = torch.cat([model(x[i:i + 1]).exit_index for i in range(len(x))])
+    assert torch.equal(one_by_one, res.exit_index)  # batch 1 tests numbers, not tensors
 
 
 def test_training_mode_returns_every_branch_and_keeps_the_backbone_frozen(setup):
