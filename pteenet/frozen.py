@@ -59,11 +59,12 @@ def layout_pays(graph: torch.Graph) -> bool:
 
     ``optimize_for_inference`` keeps convolutions in oneDNN's blocked layout but copies the map
     out and back around each op oneDNN lacks (a squeeze-excite's mean and product, a
-    LayerNorm, a permute). Measured per segment at batch 8 on 2 cores, the optimized graph beat
-    the merely frozen one wherever copies <= convolutions (CIFAR ResNets, ResNet-50,
-    MobileNetV3: up to 1.3x) and lost where they outnumber them (EfficientNet-B0: 18 copies for
-    9 convolutions, 1.2x slower; ConvNeXt-T, whose work is in matmuls: up to 1.3x slower). A
-    rule, not a timing, so that every run (and every rank) builds the same graphs."""
+    LayerNorm, a permute). Measured per segment on 2 cores, the optimized graph beat the merely
+    frozen one wherever copies <= convolutions (MobileNetV3 at batch 8: up to 1.4x; CIFAR
+    ResNet-44's first segment at batch 256: 1.5x, its others level within noise) and lost where
+    they outnumber them (EfficientNet-B0: 18 copies for 9 convolutions, 1.2x slower; ConvNeXt-T,
+    whose work is in matmuls: up to 1.3x slower). A rule, not a timing, so that every run (and
+    every rank) builds the same graphs."""
     kinds = [node.kind() for node in graph.nodes()]
     copies = kinds.count("aten::to_mkldnn") + kinds.count("aten::to_dense")
     return copies <= kinds.count("prim::mkldnn_convolution")

@@ -381,9 +381,12 @@ def test_the_single_graph_reads_the_runtimes_thresholds(onnx_export, bundle, t):
 def test_a_table_with_other_active_exits_runs_the_pieces(onnx_export, bundle, reference):
     cascade = Cascade.open(onnx_export)
     calls = _watched(cascade)
-    cascade.thresholds[0] = np.inf  # exit 0 off: the single graph holds a branch that never runs
     x = bundle[1].numpy()
-    res = cascade.run(x[:1])
+    cascade.run(x[:1])  # the plan of the table it opened with is worked out and kept ...
+    assert calls == ["single"]
+    calls.clear()
+    cascade.thresholds[0] = np.inf  # ... and an edit in place is seen: exit 0 off, so the
+    res = cascade.run(x[:1])  # single graph holds a branch that never runs
     assert "single" not in calls and res.exit_index[0] in (1, 2)
 
 
