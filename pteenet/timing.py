@@ -230,10 +230,10 @@ def _ideal(model: EarlyExitModel, images: Tensor, batch_size: int,
         segments, answers = model.pieces(images), model.answers(images)
     side = [a if run else None for a, run in zip(answers, model.evaluated)]
     ideal = {}
-    for key, x, repeats in (("latency", images[:1], 3 * REPEATS),
-                            ("throughput", probe_batch(images, batch_size),
-                             batched_repeats(REPEATS))):
-        row, leave = exit_times(segments, side, x, repeats)
+    for key, x, repeats, per_image in (
+            ("latency", images[:1], LATENCY_REPEATS * REPEATS, LATENCY_REPEATS),
+            ("throughput", probe_batch(images, batch_size), batched_repeats(REPEATS), None)):
+        row, leave = exit_times(segments, side, x, repeats, per_image)
         ideal[key] = row / sum(s * t for s, t in zip(shares[key], leave))
     return ideal
 

@@ -157,3 +157,15 @@ def test_the_ideal_times_only_the_branches_that_run_and_the_row_on_its_own(monke
     assert "b1" not in log
     # as many passes of the row, no branch between its segments, as of the cascade
     assert " ".join(log).count("s0 s1 s2") == log.count("b0") > 0
+
+
+@pytest.mark.parametrize("per_image, want", [(None, 2.0), (3, 1.5)])
+def test_the_ideal_sums_up_its_passes_as_the_speedup_it_is_held_against(monkeypatch, per_image,
+                                                                        want):
+    """Batched: the median pass (as the median throughput); batch 1: the mean over groups of
+    each group's median (as the mean over images of each image's median over its sweeps)."""
+    passes = [1.0, 1.0, 10.0, 2.0, 2.0, 9.0]  # a stall in each group of three
+    clock = iter([0.0] * 2 * latency.WARMUP + [t for t in passes for _ in range(2)])
+    monkeypatch.setattr(latency, "_timed", lambda fn, x: (fn(x), next(clock)))
+    row, leave = exit_times([lambda x: x], [], torch.zeros(1), repeats=6, per_image=per_image)
+    assert row == leave[0] == want  # median of all six: 2; groups' medians 1 and 2: 1.5
