@@ -496,7 +496,7 @@ class EarlyExitModel(nn.Module):
             leave = score >= plan.threshold(k, logits)
             if cheap_checks and not leave.any():
                 continue
-            if cheap_checks and state is None and (len(leave) == 1 or leave.all()):
+            if cheap_checks and state is None and leave.all():
                 return self._answered(logits, k, spent)
             state = state or _Answers.start(h.shape[0], self.num_classes, self.num_branches, dev)
             stay = state.record(leave, logits, k, spent, cheap_checks)
