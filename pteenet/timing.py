@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from .bundle import BundleInfo
 from .early_exit import EarlyExitModel
+from .frozen import direct
 from .latency import REPEATS, batched_repeats, exit_times, probe_batch
 
 __all__ = ["Clock", "busy_note", "efficiency", "images_to_keep", "profile_note",
@@ -140,7 +141,7 @@ def segments_in_a_row(model: EarlyExitModel) -> Callable[[Tensor], Tensor]:
 
     def run(x: Tensor) -> Tensor:
         for seg in model.pieces(x):
-            x = seg(x)
+            x = direct(seg)(x)  # called as the early-exit model's batch-1 route calls it
         return x
 
     return run
@@ -227,7 +228,8 @@ def _ideal(model: EarlyExitModel, images: Tensor, batch_size: int,
     each timed in passes down the chain as inference runs it: the speedup with no bookkeeping
     and perfect batching."""
     with torch.inference_mode():
-        segments, answers = model.pieces(images), model.answers(images)
+        segments = [direct(s) for s in model.pieces(images)]
+        answers = [direct(a) for a in model.answers(images)]
     side = [a if run else None for a, run in zip(answers, model.evaluated)]
     ideal = {}
     for key, x, repeats, per_image in (

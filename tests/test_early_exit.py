@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -199,3 +200,28 @@ def test_a_table_edited_in_place_moves_the_exits_at_once(setup):
     want = model(x).exit_index
     model.gamma[0] = math.inf  # the gate switches exit 0 off
     assert (model(x).exit_index != 0).all() and (want == 0).any()
+
+
+def test_batch_one_route_follows_the_thresholds_branches_and_graphs(setup):
+    _, model, x = setup
+    one = x[:1]
+    model.set_thresholds(2.0, score="softmax")
+    model.thresholds[1].fill_(0.0)  # in place, as above
+    assert int(model(one).exit_index) == 1
+    route = model._exit_plan.route
+    assert route is not None and int(model(one).exit_index) == 1
+    assert model._exit_plan.route is route  # worked out once, then reused
+    model.thresholds[0].fill_(0.0)
+    assert int(model(one).exit_index) == 0
+    old = model.branches[0]
+    model.branches[0] = copy.deepcopy(old)
+    with torch.no_grad():
+        model.branches[0].classifier.bias.add_(5.0)
+    got = model(one)
+    with torch.inference_mode():
+        want = model.answer(0, model.pieces(one)[0](one))[0]
+    assert torch.equal(got.logits, want)  # the new branch answers, not the old graph
+    model.branches[0] = old
+    model.double().float()  # moved: new graphs, so a new route
+    route = model._exit_plan.route
+    assert int(model(one).exit_index) == 0 and model._exit_plan.route is not route
