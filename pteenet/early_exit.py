@@ -41,7 +41,7 @@ from torch import nn
 from .branches import DEFAULT_BRANCH, branch_flops, make_branch
 from .ensemble import ZTWEnsemble
 from .errors import OptionError
-from .frozen import direct, freeze, freeze_all, frozen_applies, trace_exact
+from .frozen import direct, freeze_all, frozen_applies, trace_exact
 from .latency import COSTS, PROBE_BATCH, TimeProfile, profile_cascade
 from .thresholds import as_table
 from .tracing import Cut, Trace, split_at
@@ -423,28 +423,12 @@ class EarlyExitModel(nn.Module):
 
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """The frozen backbone's feature maps at every cut, and its final logits.
-
-        Where frozen graphs serve ``x``, one graph of the whole backbone returns them all
-        (:meth:`taps`): between segment graphs each map left oneDNN's layout and came back,
-        where in one graph it only leaves, so timm's ResNet-18 ran 1.3x faster at batch 32 on
-        2 cores (its caching pass 1.2x), MobileNetV3 1.1x."""
-        if self.frozen and frozen_applies(x):
-            feats, final = self.taps(x)(x)
-            return list(feats), final
-        feats = []
-        for seg in self.segments[:-1]:
+        """The frozen backbone's feature maps at every cut, and its final logits."""
+        feats, segments = [], self.pieces(x)
+        for seg in segments[:-1]:
             x = seg(x)
             feats.append(x)
-        return feats, self.segments[-1](x)
-
-    def taps(self, x: torch.Tensor) -> Callable[[torch.Tensor], tuple]:
-        """The segments in one frozen graph returning (every cut's map, the logits), built on
-        the first input of each image shape (the eager segments where it cannot be)."""
-        key = (("taps",), tuple(x.shape[1:]))
-        if key not in self._graphs:
-            self._graphs[key] = freeze(_Taps(self.segments), x)
-        return self._graphs[key]
+        return feats, segments[-1](x)
 
     @torch.no_grad()
     def reduced_features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -539,21 +523,6 @@ class EarlyExitModel(nn.Module):
         n, dev = logits.shape[0], logits.device
         return EarlyExitResult(logits.float(), torch.full((n,), k, device=dev),
                                torch.full((n,), float(spent), dtype=torch.float64, device=dev))
-
-
-class _Taps(nn.Module):
-    """The segments in a row, returning each cut's map beside the logits (a module to freeze)."""
-
-    def __init__(self, segments: nn.ModuleList) -> None:
-        super().__init__()
-        self.segments = segments
-
-    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        maps = []
-        for seg in self.segments[:-1]:
-            x = seg(x)
-            maps.append(x)
-        return maps, self.segments[-1](x)
 
 
 class _Answer(nn.Module):
