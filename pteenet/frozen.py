@@ -1,20 +1,22 @@
 """Frozen inference graphs: the backbone's segments as TorchScript graphs built for CPU inference.
 
 At batch 1 on a CPU an eager CIFAR ResNet spends most of its time around the arithmetic, not in
-it: each convolution reorders its input and its weights into oneDNN's blocked layout and back,
-and each BatchNorm is an op of its own. ``torch.jit.freeze`` folds every BatchNorm into its
-convolution's weights, and ``torch.jit.optimize_for_inference`` keeps activations in oneDNN's
-layout with the weights packed once: ResNet-44 ran 1.9x faster at batch 1 and at batch 256 on 2
-cores. That layout is kept only where it pays (:func:`layout_pays`): EfficientNet and ConvNeXt
-run merely frozen. The segments of a frozen backbone never change, so this is done once per
-input shape.
+it: each convolution reorders its input and its weights for oneDNN and back, and each BatchNorm
+is an op of its own. Each piece here runs channels-last (NHWC: the layout oneDNN's convolutions
+compute in, so activations pass from op to op without reorders) as a graph ``torch.jit.freeze``
+built, which folds every BatchNorm into its convolution's weights. On 2 cores this beat the
+eager backbone by 1.8x (CIFAR ResNet-44, batch 1) to 1.9x (EfficientNet-B0, batch 16), and it
+beat ``torch.jit.optimize_for_inference``'s blocked oneDNN layout (used before) on every piece
+measured: 1.35x at batch 1 on ResNet-44, 1.4-1.5x on MobileNetV3 and EfficientNet-B0, level on
+ConvNeXt-T, whose work is in matmuls. The segments of a frozen backbone never change, so this is
+done once per input shape.
 
-Each piece is traced on one real input, frozen, optimized, and checked against the eager piece
-at two batch sizes; a piece that fails any step (data-dependent control flow, an op the tracer
-cannot record, a shape baked in as a constant, a mismatch) runs eager. TorchScript is deprecated
-in favour of ``torch.compile``, which was faster again (3x) but compiled ResNet-44 for 18 s and
-needs a C++ compiler; its deprecation warnings are silenced here, and a torch without
-``torch.jit`` runs every piece eager.
+Each piece is traced on one real input, frozen, and checked against the eager piece at two batch
+sizes; a piece that fails any step (data-dependent control flow, an op the tracer cannot record,
+a shape baked in as a constant, a mismatch) is tried again in its own layout, then runs eager.
+TorchScript is deprecated in favour of ``torch.compile``, which was faster again (3x) but
+compiled ResNet-44 for 18 s and needs a C++ compiler; its deprecation warnings are silenced
+here, and a torch without ``torch.jit`` runs every piece eager.
 
 The branches are traced but not frozen (:func:`trace_exact`): their scores must equal those
 calibration measured, bit for bit, and their weights may still train.
@@ -22,6 +24,7 @@ calibration measured, bit for bit, and their weights may still train.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -29,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["direct", "freeze", "freeze_all", "frozen_applies", "layout_pays", "trace_exact"]
+__all__ = ["direct", "freeze", "freeze_all", "frozen_applies", "trace_exact"]
 
 RTOL = 1e-3  # a frozen piece's output may differ from the eager one by BN folding's rounding
 
@@ -47,34 +50,31 @@ def direct(fn: Callable[[Tensor], Any]) -> Callable[[Tensor], Any]:
 
 
 def freeze(module: nn.Module, example: Tensor) -> Callable[[Tensor], Tensor]:
-    """``module`` (in eval mode, weights fixed) as a frozen, inference-optimized graph, checked
-    on ``example`` (one image) and a batch of two; the eager module where any step fails."""
+    """``module`` (in eval mode, weights fixed) as a frozen graph, channels-last where its input
+    is an image-like map, checked on ``example`` (one image) and a batch of two; frozen in its
+    own layout where channels-last fails, the eager module where that fails too."""
 
-    def build(one: Tensor) -> Callable[[Tensor], Tensor]:
-        def frozen() -> torch.jit.ScriptModule:
-            return torch.jit.freeze(torch.jit.trace(module.eval(), one, check_trace=False))
+    def frozen(piece: nn.Module) -> Callable[[Tensor], Callable[[Tensor], Tensor]]:
+        return lambda one: torch.jit.freeze(torch.jit.trace(piece.eval(), one,
+                                                            check_trace=False))
 
-        optimized = torch.jit.optimize_for_inference(frozen())  # in place: trace it again below
-        return optimized if layout_pays(optimized.graph) else frozen()
+    if example.dim() == 4:
+        graph = _checked(module, example, frozen(_ChannelsLast(module)), _close)
+        if graph is not module:
+            return graph
+    return _checked(module, example, frozen(module), _close)
 
-    return _checked(module, example, build, _close)
 
+class _ChannelsLast(nn.Module):
+    """A copy of ``module`` with its weights channels-last, taking its input channels-last (a
+    no-op for the output of the piece before, which already is)."""
 
-def layout_pays(graph: torch.Graph) -> bool:
-    """Whether an optimized graph's oneDNN layout pays: no more copies between layouts than
-    convolutions that run in it.
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = copy.deepcopy(module).to(memory_format=torch.channels_last)
 
-    ``optimize_for_inference`` keeps convolutions in oneDNN's blocked layout but copies the map
-    out and back around each op oneDNN lacks (a squeeze-excite's mean and product, a
-    LayerNorm, a permute). Measured per segment on 2 cores, the optimized graph beat the merely
-    frozen one wherever copies <= convolutions (MobileNetV3 at batch 8: up to 1.4x; CIFAR
-    ResNet-44's first segment at batch 256: 1.5x, its others level within noise) and lost where
-    they outnumber them (EfficientNet-B0: 18 copies for 9 convolutions, 1.2x slower; ConvNeXt-T,
-    whose work is in matmuls: up to 1.3x slower). A rule, not a timing, so that every run (and
-    every rank) builds the same graphs."""
-    kinds = [node.kind() for node in graph.nodes()]
-    copies = kinds.count("aten::to_mkldnn") + kinds.count("aten::to_dense")
-    return copies <= kinds.count("prim::mkldnn_convolution")
+    def forward(self, x: Tensor) -> Any:
+        return self.module(x.contiguous(memory_format=torch.channels_last))
 
 
 def trace_exact(module: nn.Module, example: Tensor) -> Callable[[Tensor], Any]:
