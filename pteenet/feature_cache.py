@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .atomic import CACHE_PREFIX
-from .data import ImageData, collate_skip, default_workers, make_loader
+from .data import ImageData, collate_skip, default_workers, make_loader, prefetched
 from .early_exit import EarlyExitModel
 from .errors import DataError
 from .latency import steady_allocator
@@ -109,7 +109,9 @@ def compute_features(model: EarlyExitModel, data: ImageData, indices: Sequence[i
     """Run the frozen backbone once over ``indices``; keep each branch's reduced map (fp16).
 
     Images are decoded and resized once, here (in ``num_workers`` loader processes; ``None``:
-    :func:`~pteenet.data.default_workers`); every epoch then reads the cache, not the files.
+    :func:`~pteenet.data.default_workers`; without any, a thread decodes the next batch during
+    this one's forward pass, :func:`~pteenet.data.prefetched`); every epoch then reads the
+    cache, not the files.
     Unreadable images are skipped and counted. Beyond ``cache_limit`` bytes the features go to a
     memory-mapped temp file in ``cache_dir`` (default: the system's temp folder), removed when
     ``stack`` closes, or by the next writer of ``cache_dir`` after a kill. On CPU the pass
@@ -132,7 +134,7 @@ def compute_features(model: EarlyExitModel, data: ImageData, indices: Sequence[i
     labels = torch.empty(n, dtype=torch.long)
     idx = torch.empty(n, dtype=torch.long)
     pos, skipped = 0, 0
-    for batch in loader:
+    for batch in loader if workers else prefetched(loader):
         skipped += batch.skipped
         if batch.images is not None:
             with torch.inference_mode():  # no autograd bookkeeping: the backbone's own speed

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import threading
 import urllib.error
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from pteenet.data import (
     collate_skip,
     make_loader,
     open_data,
+    prefetched,
 )
 from pteenet.errors import DataError, OfflineError
 from pteenet.preprocess import Preprocess
@@ -330,3 +332,38 @@ def test_svhn_gets_digit_classes(tmp_path: Path, monkeypatch) -> None:
 def test_path_object_is_always_a_folder(tmp_path: Path) -> None:
     assert data_mod._dataset_name(tmp_path / "cifar10") is None
     assert "does not exist" in _one_line_error(DataError, open_data, Path("cifar10"), PRE)
+
+
+def test_prefetched_batches_come_in_order_from_a_background_thread() -> None:
+    made: list[tuple[int, str]] = []
+
+    def batches():
+        for i in range(5):
+            made.append((i, threading.current_thread().name))
+            yield i
+
+    assert list(prefetched(batches())) == [0, 1, 2, 3, 4]
+    assert [i for i, _ in made] == [0, 1, 2, 3, 4]
+    assert all(name.startswith("pteenet-prefetch") for _, name in made)
+
+
+def test_prefetched_errors_surface_in_order_and_an_early_stop_does_not_run_on() -> None:
+    made: list[int] = []
+
+    def batches():
+        for i in range(100):
+            made.append(i)
+            if i == 2:
+                raise DataError("bad batch")
+            yield i
+
+    got = []
+    with pytest.raises(DataError, match="bad batch"):
+        for b in prefetched(batches()):
+            got.append(b)
+    assert got == [0, 1]
+    made.clear()
+    stream = prefetched(made.append(i) or i for i in range(100))
+    assert next(stream) == 0
+    stream.close()  # the caller stops: only the batch already in flight was made
+    assert made == [0, 1]
