@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .data import make_loader
+from .data import make_loader, prefetched
 from .early_exit import EarlyExitModel
 from .errors import DataError
 from .eval_set import EvalSet
@@ -63,7 +63,7 @@ def measure_pass(model: EarlyExitModel, ev: EvalSet, *, batch_size: int, device:
     wanted, kept = timing_positions(len(ev.indices), keep), []
     seen, skipped = 0, 0
     with torch.inference_mode():
-        for batch in loader:
+        for batch in prefetched(loader):  # the next batch decodes while this one runs
             skipped += batch.skipped
             if batch.images is not None:
                 for col, t in zip(cols, [*_run_batch(model, batch.images.to(device)),
