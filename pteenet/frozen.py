@@ -54,15 +54,16 @@ def freeze(module: nn.Module, example: Tensor) -> Callable[[Tensor], Tensor]:
     is an image-like map, checked on ``example`` (one image) and a batch of two; frozen in its
     own layout where channels-last fails, the eager module where that fails too."""
 
-    def frozen(piece: nn.Module) -> Callable[[Tensor], Callable[[Tensor], Tensor]]:
-        return lambda one: torch.jit.freeze(torch.jit.trace(piece.eval(), one,
+    def frozen(piece: Callable[[], nn.Module]) -> Callable[[Tensor], Callable[[Tensor], Tensor]]:
+        # made inside the check, so that a module that will not copy runs in its own layout
+        return lambda one: torch.jit.freeze(torch.jit.trace(piece().eval(), one,
                                                             check_trace=False))
 
     if example.dim() == 4:
-        graph = _checked(module, example, frozen(_ChannelsLast(module)), _close)
+        graph = _checked(module, example, frozen(lambda: _ChannelsLast(module)), _close)
         if graph is not module:
             return graph
-    return _checked(module, example, frozen(module), _close)
+    return _checked(module, example, frozen(lambda: module), _close)
 
 
 class _ChannelsLast(nn.Module):

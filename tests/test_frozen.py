@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import threading
 
 import pytest
 import torch
@@ -137,14 +138,26 @@ class _Flattens(nn.Module):
         return self.conv(x).view(-1, 8 * 16 * 16)
 
 
+class _Locked(nn.Module):
+    """A convolution beside a lock: a module that cannot be deep-copied."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.lock = nn.Conv2d(8, 8, 3, padding=1), threading.Lock()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
 def test_pieces_freeze_channels_last_or_else_in_their_own_layout():
     torch.manual_seed(0)
     x = torch.randn(2, 8, 16, 16)
     convs = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                           nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()).eval()
-    flattens = _Flattens().eval()
+    flattens, locked = _Flattens().eval(), _Locked().eval()
     with torch.no_grad():
         nhwc, plain = freeze(convs, x), freeze(flattens, x)
+        assert isinstance(freeze(locked, x), torch.jit.ScriptModule)  # no copy: own layout
         assert isinstance(nhwc, torch.jit.ScriptModule)
         assert nhwc(x).is_contiguous(memory_format=torch.channels_last)  # computed in NHWC
         torch.testing.assert_close(nhwc(x), convs(x), rtol=1e-4, atol=1e-5)
