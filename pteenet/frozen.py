@@ -6,9 +6,10 @@ is an op of its own. Each piece here runs channels-last (NHWC: the layout oneDNN
 compute in, so activations pass from op to op without reorders) as a graph ``torch.jit.freeze``
 built, which folds every BatchNorm into its convolution's weights. On 2 cores this beat the
 eager backbone by 1.8x (CIFAR ResNet-44, batch 1) to 1.9x (EfficientNet-B0, batch 16), and it
-beat ``torch.jit.optimize_for_inference``'s blocked oneDNN layout (used before) on every piece
-measured: 1.35x at batch 1 on ResNet-44, 1.4-1.5x on MobileNetV3 and EfficientNet-B0, level on
-ConvNeXt-T, whose work is in matmuls. The segments of a frozen backbone never change, so this is
+matched or beat ``torch.jit.optimize_for_inference``'s blocked oneDNN layout (used before) on
+every backbone measured: 1.35x on ResNet-44 at batch 1, 1.4-1.5x on MobileNetV3 and
+EfficientNet-B0 at batch 16, level on ResNet-50 at batch 1 and on ConvNeXt-T, whose work is in
+matmuls. The segments of a frozen backbone never change, so this is
 done once per input shape.
 
 Each piece is traced on one real input, frozen, and checked against the eager piece at two batch
