@@ -110,8 +110,8 @@ def compute_features(model: EarlyExitModel, data: ImageData, indices: Sequence[i
 
     Images are decoded and resized once, here (in ``num_workers`` loader processes; ``None``:
     :func:`~pteenet.data.default_workers`; without any, a thread decodes the next batch during
-    this one's forward pass, :func:`~pteenet.data.prefetched`); every epoch then reads the
-    cache, not the files.
+    this one's forward pass, :func:`~pteenet.data.prefetched`; the first batches are small,
+    :func:`~pteenet.data.ramped`); every epoch then reads the cache, not the files.
     Unreadable images are skipped and counted. Beyond ``cache_limit`` bytes the features go to a
     memory-mapped temp file in ``cache_dir`` (default: the system's temp folder), removed when
     ``stack`` closes, or by the next writer of ``cache_dir`` after a kill. On CPU the pass
@@ -123,7 +123,7 @@ def compute_features(model: EarlyExitModel, data: ImageData, indices: Sequence[i
         steady_allocator()
     workers = default_workers(data) if num_workers is None else num_workers
     loader = make_loader(data, batch_size=batch_size, indices=indices, num_workers=workers,
-                         pin_memory=str(device).startswith("cuda"))
+                         pin_memory=str(device).startswith("cuda"), ramp=True)
     n = len(indices)
     shapes = [tuple(s) for s in _cut_shapes(model, data)]
     per_sample = sum(math.prod(s) for s in shapes) * 2

@@ -58,7 +58,7 @@ def _run_batch(model: EarlyExitModel, x: Tensor) -> list[Tensor]:
 def measure_pass(model: EarlyExitModel, ev: EvalSet, *, batch_size: int, device: torch.device,
                  keep: int, progress: Callable[[int], None] | None = None) -> Pass:
     """One pass: per batch, the backbone's features (for branch scores) and the real EE run."""
-    loader = make_loader(ev.data, batch_size=batch_size, indices=ev.indices)
+    loader = make_loader(ev.data, batch_size=batch_size, indices=ev.indices, ramp=True)
     cols: list[list[Tensor]] = [[] for _ in range(7)]
     wanted, kept = timing_positions(len(ev.indices), keep), []
     seen, skipped = 0, 0

@@ -145,6 +145,26 @@ def test_boosted_branch_k_trains_on_the_survivors(tiny, tmp_path):  # noqa: F811
     assert info.training["survivors"] == surv
 
 
+def test_the_caching_pass_starts_on_a_small_batch_and_caches_every_image_in_order(tiny):  # noqa: F811
+    from pteenet.early_exit import build_early_exit
+    from pteenet.feature_cache import compute_features
+    from pteenet.placement import choose_cuts
+    from pteenet.tracing import trace_backbone
+
+    data, ckpt = tiny
+    bb = create_backbone("resnet20", checkpoint=ckpt, num_classes=3)
+    trace = trace_backbone(bb.model, (32, 32), with_thop=False)
+    model = build_early_exit(trace, choose_cuts(trace, 2), 3, "pool").eval()
+    seen, run = [], model.reduced_features  # the first call probes the cut shapes
+    model.reduced_features = lambda x: seen.append(len(x)) or run(x)
+    idx = list(range(3, 70))
+    feats = compute_features(model, open_data(data, bb.preprocess), idx, batch_size=32)
+    assert seen[1:] == [8, 16, 32, 11] and feats.indices.tolist() == idx
+    with torch.inference_mode():
+        x = torch.stack([open_data(data, bb.preprocess)[i][0] for i in idx[-5:]])
+        assert torch.allclose(feats.final[-5:], run(x)[1], atol=1e-4)
+
+
 def test_eenet_loss_is_finite_for_extreme_confidences():
     logits = [torch.randn(4, 3, requires_grad=True)]
     conf = [torch.tensor([-200.0, 200.0, 0.0, 80.0], requires_grad=True)]

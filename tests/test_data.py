@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from hypothesis import given
+from hypothesis import strategies as st
 from PIL import Image
 
 from pteenet import data as data_mod
@@ -23,6 +25,7 @@ from pteenet.data import (
     make_loader,
     open_data,
     prefetched,
+    ramped,
 )
 from pteenet.errors import DataError, OfflineError
 from pteenet.preprocess import Preprocess
@@ -257,6 +260,31 @@ def test_loader_subset_and_seeded_shuffle(flat: Path) -> None:
     plain = make_loader(data, batch_size=4, indices=subset)
     assert torch.cat([b.indices for b in plain]).tolist() == subset
     _one_line_error(DataError, make_loader, data, batch_size=2, indices=[0, len(data)])
+
+
+@given(n=st.integers(0, 700), batch=st.integers(1, 300), first=st.integers(1, 16))
+def test_ramped_batches_cover_every_position_in_order_doubling_up_to_the_batch_size(
+        n: int, batch: int, first: int) -> None:
+    batches = ramped(n, batch, first)
+    assert [i for b in batches for i in b] == list(range(n))
+    sizes = [len(b) for b in batches]
+    want = min(first, batch)
+    for size in sizes[:-1]:
+        assert size == want
+        want = min(2 * want, batch)
+    assert not sizes or 0 < sizes[-1] <= want
+
+
+def test_a_ramped_loader_starts_small_and_keeps_the_subset_order(flat: Path) -> None:
+    for i in range(3, 24):
+        _noise(seed=i).save(flat / f"img{i:02d}.png")
+    data = open_data(flat, PRE)
+    subset = list(range(1, 21))
+    ramp = list(make_loader(data, batch_size=16, indices=subset, ramp=True))
+    assert [len(b) for b in ramp] == [8, 12]
+    assert torch.cat([b.indices for b in ramp]).tolist() == subset
+    plain = list(make_loader(data, batch_size=16, indices=subset))
+    assert torch.equal(torch.cat([b.images for b in ramp]), torch.cat([b.images for b in plain]))
 
 
 # --------------------------------------------------------------------------- named datasets
