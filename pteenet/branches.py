@@ -44,6 +44,7 @@ GRID = 4  # the reduced map's side for mlp, ConvX and sdn (smaller for wide maps
 MAX_VALUES = 2048  # numbers one branch's reduced map may hold per image: 4 KB in the fp16 cache
 MAX_WIDTH = 256  # the widest hidden layer a budget may buy (wider did not help on CIFAR)
 MIN_WIDTH = 16
+CELL_POOL_MIN = 1 << 16  # values per image from which a channels-last map is cell-pooled
 
 
 class Reduce(nn.Module):
@@ -62,7 +63,10 @@ class Reduce(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = min(self.size, x.shape[-2], x.shape[-1])
-        y = torch.cat([F.adaptive_avg_pool2d(x, s), F.adaptive_max_pool2d(x, s)], 1)
+        if _whole_cells(x, s):
+            y = _cell_pool(x, s)
+        else:
+            y = torch.cat([F.adaptive_avg_pool2d(x, s), F.adaptive_max_pool2d(x, s)], 1)
         if self.group > 1:
             y = y.unflatten(1, (-1, self.group)).mean(2)
         return y
@@ -71,6 +75,28 @@ class Reduce(nn.Module):
         """The reduced map's per-image shape for a (C, H, W) input."""
         c, h, w = shape
         return 2 * c // self.group, min(self.size, h), min(self.size, w)
+
+
+def _whole_cells(x: torch.Tensor, s: int) -> bool:
+    """Whether :func:`_cell_pool` pays for ``x``: a large channels-last map (as the frozen
+    segments hand over) that ``s`` x ``s`` equal cells tile. On small maps its extra ops cost more
+    than the reads they save (a CIFAR 16x32x32 map: 15 against 11 us at batch 1)."""
+    if x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last):
+        return False
+    c, h, w = x.shape[1:]
+    return c * h * w >= CELL_POOL_MIN and h % s == 0 and w % s == 0
+
+
+def _cell_pool(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Average and max over ``s`` x ``s`` equal cells of a channels-last map, [N, 2C, s, s]:
+    what adaptive pooling gives when the cells tile the map, but summed and maxed along rows
+    first and then along each cell's columns, every step over contiguous channels. On 2 cores
+    MobileNetV3's first tapped map (64x112x112) reduced 1.7x faster at batch 32, 2x at batch 1."""
+    n, c, h, w = x.shape
+    rows = x.permute(0, 2, 3, 1).reshape(n, s, h // s, w, c)
+    avg = rows.sum(2).view(n, s, s, w // s, c).sum(3) / ((h // s) * (w // s))
+    top = rows.amax(2).view(n, s, s, w // s, c).amax(3)
+    return torch.cat([avg, top], -1).permute(0, 3, 1, 2).contiguous()
 
 
 def reduction(shape: tuple[int, ...], grid: int) -> Reduce:

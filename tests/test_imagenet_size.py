@@ -5,12 +5,17 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from unittest.mock import patch
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
+from pteenet import branches
 from pteenet.backbones import create_backbone
 from pteenet.branches import Reduce, make_branch, reduction
 from pteenet.bundle import read_info
@@ -46,6 +51,34 @@ def test_channel_groups_average_adjacent_channels_of_each_half():
     avg = x.mean((2, 3)).view(1, 1024, 4).mean(2)
     mx = x.amax((2, 3)).view(1, 1024, 4).mean(2)
     assert torch.allclose(out.flatten(1), torch.cat([avg, mx], 1), atol=1e-6)
+
+
+@settings(max_examples=20, deadline=None)
+@given(s=st.integers(1, 4), cell=st.integers(1, 9), c=st.integers(1, 80), n=st.integers(1, 3),
+       channels_last=st.booleans(), seed=st.integers(0, 9))
+def test_reduce_is_adaptive_avg_and_max_pooling_on_any_layout(s, cell, c, n, channels_last, seed):
+    side = s * cell + (seed % 3 == 0)  # now and then cells that do not tile the map
+    x = torch.randn(n, c, side, side, generator=torch.Generator().manual_seed(seed))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    want = torch.cat([F.adaptive_avg_pool2d(x, s), F.adaptive_max_pool2d(x, s)], 1)
+    with patch.object(branches, "CELL_POOL_MIN", 0):  # small maps too: every path, quickly
+        got = Reduce(s)(x)
+    assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
+
+
+def test_large_channels_last_maps_are_pooled_cell_by_cell_and_small_ones_adaptively(monkeypatch):
+    calls = []
+    real = branches._cell_pool
+    monkeypatch.setattr(branches, "_cell_pool", lambda x, s: calls.append(x.shape) or real(x, s))
+    big = torch.randn(2, 64, 112, 112)  # MobileNetV3's first tapped map
+    cl = big.contiguous(memory_format=torch.channels_last)
+    want = torch.cat([F.adaptive_avg_pool2d(big, 4), F.adaptive_max_pool2d(big, 4)], 1)
+    assert torch.allclose(Reduce(4)(cl), want, atol=1e-5) and calls == [cl.shape]
+    for plain in (big, torch.randn(2, 16, 32, 32).contiguous(memory_format=torch.channels_last),
+                  torch.randn(2, 64, 113, 113).contiguous(memory_format=torch.channels_last)):
+        Reduce(4)(plain)  # NCHW; a CIFAR-size map; cells that do not tile
+    assert calls == [cl.shape]
 
 
 @pytest.mark.slow
