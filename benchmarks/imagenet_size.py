@@ -21,7 +21,9 @@ folder is):
   where they share cores, and beaten where the frozen graphs outrun the eager forward.
 
   The four passes alternate, round after round, and each keeps its best round, so a
-  neighbour's load hits them alike. They run over 320 images (ten batches of 32), so that the
+  neighbour's load hits them alike (five rounds: over three, on a 2-core VM whose eager
+  MobileNetV3 forward ran at 210 img/s for minutes and then at 270, one pass could miss the
+  fast spell the other caught). They run over 320 images (ten batches of 32), so that the
   pipeline's start (its first, small batches decoded before any forward pass) weighs about as
   little as in a real caching pass over thousands of images: over 96 it was a third of the
   decoding;
@@ -207,7 +209,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=320)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--epoch-images", type=int, default=512)
     ap.add_argument("--models", nargs="*", default=list(MODELS))
