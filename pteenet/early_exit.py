@@ -73,6 +73,17 @@ def reach(active: torch.Tensor, chained: bool) -> torch.Tensor:
     return active.flip(0).to(torch.uint8).cummax(0).values.flip(0).bool()
 
 
+def _keep_rows(h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``h.index_select(0, rows)`` in ``h``'s own memory layout. ``index_select`` writes a
+    standard-layout copy: a channels-last map from the frozen graphs would be gathered
+    stride by stride and then turned back by the next graph. Selecting on its NHWC view copies
+    whole images instead: a 256x32x16x16 map, half of it kept, 0.30 -> 0.05 ms on 2 cores."""
+    if h.dim() == 4 and not h.is_contiguous() and h.is_contiguous(
+            memory_format=torch.channels_last):
+        return h.permute(0, 2, 3, 1).index_select(0, rows).permute(0, 3, 1, 2)
+    return h.index_select(0, rows)
+
+
 def cascade_cost(segment_costs: Sequence[float], branch_costs: Sequence[float],
                  active: torch.Tensor, chained: bool = False) -> torch.Tensor:
     """Relative cost of leaving at each exit (last: the backbone) with only ``active`` branches.
@@ -507,7 +518,7 @@ class EarlyExitModel(nn.Module):
             if stay is None:
                 return state.result()
             if stay is not ...:
-                h = h.index_select(0, stay)
+                h = _keep_rows(h, stay)
                 if history is not None:
                     history = history.index_select(0, stay)
         final = segments[-1](h).float()

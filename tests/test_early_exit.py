@@ -225,3 +225,21 @@ def test_batch_one_route_follows_the_thresholds_branches_and_graphs(setup):
     model.double().float()  # moved: new graphs, so a new route
     route = model._exit_plan.route
     assert int(model(one).exit_index) == 0 and model._exit_plan.route is not route
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 9), c=st.integers(1, 5), side=st.integers(1, 4),
+       channels_last=st.booleans(), seed=st.integers(0, 99))
+def test_compaction_keeps_the_rows_asked_for_in_the_maps_own_layout(n, c, side, channels_last,
+                                                                    seed):
+    from pteenet.early_exit import _keep_rows
+
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, c, side, side, generator=g)
+    if channels_last:
+        h = h.contiguous(memory_format=torch.channels_last)
+    rows = torch.randperm(n, generator=g)[:max(1, n // 2)].sort().values
+    kept = _keep_rows(h, rows)
+    assert torch.equal(kept, h[rows])
+    assert kept.is_contiguous(memory_format=torch.channels_last if channels_last
+                              else torch.contiguous_format)
