@@ -78,10 +78,12 @@ class Reduce(nn.Module):
 
 
 def _whole_cells(x: torch.Tensor, s: int) -> bool:
-    """Whether :func:`_cell_pool` pays for ``x``: a large channels-last map (as the frozen
-    segments hand over) that ``s`` x ``s`` equal cells tile. On small maps its extra ops cost more
+    """Whether :func:`_cell_pool` pays for ``x``: a large float32 channels-last map on a CPU (as
+    the frozen segments hand over; where it was timed, and where its sums cannot overflow as
+    fp16's would) that ``s`` x ``s`` equal cells tile. On small maps its extra ops cost more
     than the reads they save (a CIFAR 16x32x32 map: 15 against 11 us at batch 1)."""
-    if x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last):
+    if (x.dim() != 4 or x.dtype != torch.float32 or x.device.type != "cpu"
+            or not x.is_contiguous(memory_format=torch.channels_last)):
         return False
     c, h, w = x.shape[1:]
     return c * h * w >= CELL_POOL_MIN and h % s == 0 and w % s == 0
@@ -90,7 +92,7 @@ def _whole_cells(x: torch.Tensor, s: int) -> bool:
 def _cell_pool(x: torch.Tensor, s: int) -> torch.Tensor:
     """Average and max over ``s`` x ``s`` equal cells of a channels-last map, [N, 2C, s, s]:
     what adaptive pooling gives when the cells tile the map, but summed and maxed along rows
-    first and then along each cell's columns, every step over contiguous channels. On 2 cores
+    first and then along each cell's columns, each step over contiguous channels. On 2 cores
     MobileNetV3's first tapped map (64x112x112) reduced 1.7x faster at batch 32, 2x at batch 1."""
     n, c, h, w = x.shape
     rows = x.permute(0, 2, 3, 1).reshape(n, s, h // s, w, c)

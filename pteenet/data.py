@@ -505,6 +505,9 @@ def ramped(n: int, batch_size: int, first: int = 8) -> list[list[int]]:
     half-size one before it runs: on a 300-image folder (2 cores, batch 256) attach's caching
     passes ran 1.3x faster on MobileNetV3, 1.2x on EfficientNet-B0 and 1.04x on ResNet-50.
     """
+    if min(first, batch_size) < 1:
+        raise OptionError(f"batches must hold at least one image, got first={first}, "
+                          f"batch_size={batch_size}: pass positive sizes")
     batches, start, size = [], 0, min(first, batch_size)
     while start < n:
         batches.append(list(range(start, min(n, start + size))))

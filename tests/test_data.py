@@ -27,7 +27,7 @@ from pteenet.data import (
     prefetched,
     ramped,
 )
-from pteenet.errors import DataError, OfflineError
+from pteenet.errors import DataError, OfflineError, OptionError
 from pteenet.preprocess import Preprocess
 from tests._helpers import block_network
 
@@ -273,6 +273,11 @@ def test_ramped_batches_cover_every_position_in_order_doubling_up_to_the_batch_s
         assert size == want
         want = min(2 * want, batch)
     assert not sizes or 0 < sizes[-1] <= want
+
+
+@pytest.mark.parametrize(("batch", "first"), [(0, 8), (4, 0), (-1, 8)])
+def test_ramped_rejects_batches_that_hold_no_image(batch: int, first: int) -> None:
+    _one_line_error(OptionError, ramped, 5, batch, first)
 
 
 def test_a_ramped_loader_starts_small_and_keeps_the_subset_order(flat: Path) -> None:

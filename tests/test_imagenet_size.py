@@ -79,6 +79,8 @@ def test_large_channels_last_maps_are_pooled_cell_by_cell_and_small_ones_adaptiv
                   torch.randn(2, 64, 113, 113).contiguous(memory_format=torch.channels_last)):
         Reduce(4)(plain)  # NCHW; a CIFAR-size map; cells that do not tile
     assert calls == [cl.shape]
+    half = torch.full_like(cl, 100.0, dtype=torch.float16)  # cell sums past fp16's 65504
+    assert torch.isfinite(Reduce(4)(half)).all() and calls == [cl.shape]
 
 
 @pytest.mark.slow
