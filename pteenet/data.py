@@ -482,19 +482,12 @@ def make_loader(
     dataset: Dataset = data
     if indices is not None:
         dataset = Subset(data, _checked_indices(indices, len(data)))
-    generator = torch.Generator().manual_seed(int(seed))
+    loading: dict[str, Any] = {"num_workers": num_workers, "collate_fn": collate_skip,
+                               "pin_memory": pin_memory}
     if ramp and not shuffle:
-        return DataLoader(dataset, batch_sampler=ramped(len(dataset), batch_size),
-                          num_workers=num_workers, collate_fn=collate_skip, pin_memory=pin_memory)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        num_workers=num_workers,
-        collate_fn=collate_skip,
-        generator=generator,
-        pin_memory=pin_memory,
-    )
+        return DataLoader(dataset, batch_sampler=ramped(len(dataset), batch_size), **loading)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
+                      generator=torch.Generator().manual_seed(int(seed)), **loading)
 
 
 def ramped(n: int, batch_size: int, first: int = 8) -> list[list[int]]:
