@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from pteenet.attaching import attach
-from pteenet.backbones import create_backbone
-from pteenet.data import make_loader, open_data
+from pteenet.backbone._registry import create_backbone
+from pteenet.data._datasets import make_loader, open_data
+from pteenet.jobs._attach import attach
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 CKPT = SHARED / "weights" / "cifar-resnet" / "resnet44-014dd654.th"

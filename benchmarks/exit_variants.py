@@ -8,7 +8,7 @@ then, from those cached features:
   backbone's softmax at T=4; ``hard`` pseudo-labels; ``soft``; ``labels``);
 * **ZTW** -- geometric ensembling of the exits so far (Wołczyk et al. 2021, "Zero Time Waste"):
   exit k answers with ``sum_{j<=k} w_kj log softmax(z_j) + b_k``, fitted on one half of the
-  held-out split by the library's own :func:`pteenet.ensemble.fit_ztw` (what ``attach --ensemble
+  held-out split by the library's own :func:`pteenet.cascade.fit_ztw` (what ``attach --ensemble
   ztw`` ships, on the same half); the cost search and the reported cost count every branch up to
   the last exit on, since the ensemble reads them;
 * **learned policy** -- an exit policy fed by each exit's score statistics (EENet, Ilhan et al.
@@ -17,7 +17,7 @@ then, from those cached features:
   held-out split; its probability replaces the top softmax as the exit score;
 * **softmax** -- the default: the top softmax probability.
 
-Every row is calibrated by the default rule (:func:`pteenet.cost_search.min_cost_thresholds`,
+Every row is calibrated by the default rule (:func:`pteenet.calibration.min_cost_thresholds`,
 1 pt) on the second half of the held-out split and scored on ``test/``. Not run in CI.
 
     python benchmarks/exit_variants.py --model resnet44
@@ -39,17 +39,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pteenet.backbones import create_backbone
-from pteenet.cost_search import min_cost_thresholds
-from pteenet.data import open_data, split_indices
-from pteenet.early_exit import build_early_exit, cascade_cost
-from pteenet.ensemble import fit_split, fit_ztw
-from pteenet.feature_cache import FeatureSet, compute_features
-from pteenet.placement import choose_cuts
+from pteenet.backbone._registry import create_backbone
+from pteenet.calibration._cost_search import min_cost_thresholds
+from pteenet.cascade._ensemble import fit_split, fit_ztw
+from pteenet.cascade._model import build_early_exit, cascade_cost
+from pteenet.data._datasets import open_data, split_indices
+from pteenet.graph._placement import choose_cuts
+from pteenet.graph._tracing import trace_backbone
 from pteenet.thresholds import as_table, summarize
-from pteenet.tracing import trace_backbone
-from pteenet.train_config import TrainConfig
-from pteenet.training import train_branches
+from pteenet.training._config import TrainConfig
+from pteenet.training._features import FeatureSet, compute_features
+from pteenet.training._train import train_branches
 
 sys.path.insert(0, str(Path(__file__).parent))
 from cifar_resnet import CHECKPOINTS, SHARED, extract  # noqa: E402
@@ -115,7 +115,7 @@ def learned_scores(fit_z: Tensor, fit_labels: Tensor, zs: list[Tensor]) -> list[
 
 def ztw_logits(fit_z: Tensor, fit_labels: Tensor, zs: list[Tensor]) -> list[Tensor]:
     """ZTW's geometric ensemble as pteenet ships it: exit k's logits are a weighted sum of the
-    log-softmaxes of exits <= k, fitted by :func:`pteenet.ensemble.fit_ztw`."""
+    log-softmaxes of exits <= k, fitted by :func:`pteenet.cascade._ensemble.fit_ztw`."""
     ens = fit_ztw(fit_z, fit_labels)
     return [torch.stack(ens.exit_logits(z.unbind(1)), 1) for z in zs]
 

@@ -49,15 +49,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pteenet.backbones import create_backbone
-from pteenet.data import default_workers, make_loader, open_data, split_indices
-from pteenet.early_exit import build_early_exit
-from pteenet.feature_cache import compute_features
-from pteenet.latency import steady_allocator
-from pteenet.placement import choose_cuts
-from pteenet.tracing import trace_backbone
-from pteenet.train_config import TrainConfig
-from pteenet.training import train_branches
+from pteenet.backbone._registry import create_backbone
+from pteenet.cascade._model import build_early_exit
+from pteenet.cascade._profile import steady_allocator
+from pteenet.data._datasets import default_workers, make_loader, open_data, split_indices
+from pteenet.graph._placement import choose_cuts
+from pteenet.graph._tracing import trace_backbone
+from pteenet.training._config import TrainConfig
+from pteenet.training._features import compute_features
+from pteenet.training._train import train_branches
 
 MODELS = ("timm:resnet18", "timm:resnet50", "timm:mobilenetv3_large_100", "timm:efficientnet_b0",
           "timm:convnext_tiny", "torchvision:resnet50", "torchvision:mobilenet_v3_large")

@@ -8,7 +8,7 @@ One run, on the real weights and the shared CIFAR-10 test images (not run in CI)
    measured times and the exit shares imply (achieved / ideal shows the exit loop's overhead);
 3. the same bundle with every threshold above 1 (every exit off): its time against the
    backbone's, which should be equal;
-4. the exported ONNX cascade (``pteenet.runtime.Cascade``) against the backbone exported to
+4. the exported ONNX cascade (``pteenet.runtime._cascade.Cascade``) against the backbone exported to
    ONNX, both on onnxruntime, interleaved, batch 1 and batched.
 
     python benchmarks/wall_clock.py --model resnet44 --threads 2
@@ -31,10 +31,10 @@ import numpy as np
 import torch
 
 import pteenet
-from pteenet.bundle import load_backbone, read_info
-from pteenet.data import make_loader, open_data
-from pteenet.export import export
-from pteenet.quality import timing_positions
+from pteenet.benchmark._quality import timing_positions
+from pteenet.bundle._bundle import load_backbone, read_info
+from pteenet.data._datasets import make_loader, open_data
+from pteenet.exporter._export import export
 
 sys.path.insert(0, str(Path(__file__).parent))
 from cifar_resnet import CHECKPOINTS, SHARED, extract  # noqa: E402
@@ -69,7 +69,7 @@ def onnx_row(bundle: Path, root: Path, args) -> dict:
     image's median of three sweeps."""
     import onnxruntime as ort
 
-    from pteenet.runtime import Cascade, session_options
+    from pteenet.runtime._cascade import Cascade, session_options
     info = read_info(bundle)
     folder = export(bundle, format="onnx")
     cascade = Cascade.open(folder, threads=args.threads)
@@ -181,7 +181,7 @@ def write(rows: dict, args) -> None:
              "Batch 1 is judged by the mean latency (the time per image of a one-by-one stream); "
              "early exit makes latency bimodal, so the median flatters it. The segments in a row "
              "are the backbone as the early-exit model runs it (frozen TorchScript graphs on a "
-             "CPU, `pteenet.frozen`): the early exits' own gain is measured against them, and "
+             "CPU, `pteenet.cascade`): the early exits' own gain is measured against them, and "
              "the ideal is for that gain.", "",
              f"Batch-1 mean ms (torch): backbone {d['batch1_ms']['backbone']:.2f}, segments in "
              f"a row {d['batch1_ms']['segments']:.2f}, early exit "

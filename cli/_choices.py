@@ -6,15 +6,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from enum import Enum
 
-from pteenet.branches import BRANCH_TYPES
-from pteenet.calibration import BOUNDS
-from pteenet.data import SPLITS
-from pteenet.early_exit import SCORES
-from pteenet.ensemble import ENSEMBLES
-from pteenet.export import FORMATS
-from pteenet.latency import COSTS
-from pteenet.placement import POLICIES
-from pteenet.train_config import BOOSTED, LOSSES, TARGETS
+from pteenet.calibration._calibrate import BOUNDS
+from pteenet.cascade._branches import BRANCH_TYPES
+from pteenet.cascade._ensemble import ENSEMBLES
+from pteenet.cascade._model import SCORES
+from pteenet.cascade._profile import COSTS
+from pteenet.data._datasets import SPLITS
+from pteenet.exporter._export import FORMATS
+from pteenet.graph._placement import POLICIES
+from pteenet.training._config import BOOSTED, LOSSES, TARGETS
 
 
 def choice(name: str, values: Sequence[str]) -> type[Enum]:

@@ -7,11 +7,11 @@ from typing import Annotated
 
 import typer
 
-from pteenet.attaching import attach as run_attach
-from pteenet.branches import DEFAULT_BRANCH
-from pteenet.early_exit import DEFAULT_BUDGET
-from pteenet.placement import DEFAULT_BRANCHES, DEFAULT_POLICY
-from pteenet.train_config import TrainConfig
+from pteenet.cascade._branches import DEFAULT_BRANCH
+from pteenet.cascade._model import DEFAULT_BUDGET
+from pteenet.graph._placement import DEFAULT_BRANCHES, DEFAULT_POLICY
+from pteenet.jobs._attach import attach as run_attach
+from pteenet.training._config import TrainConfig
 
 from . import _choices
 from ._choices import value

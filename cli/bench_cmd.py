@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from pteenet.benchmarking import bench as run_bench
+from pteenet.benchmark._bench import bench as run_bench
 
 from . import _choices
 from ._choices import value

@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from pteenet.calibration import DEFAULT_MARGIN, CalibrationResult
-from pteenet.calibration import calibrate as run_calibrate
+from pteenet.calibration._calibrate import DEFAULT_MARGIN, CalibrationResult
+from pteenet.calibration._calibrate import calibrate as run_calibrate
 
 from . import _choices
 from ._choices import value

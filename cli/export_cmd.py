@@ -9,8 +9,8 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from pteenet.export import MANIFEST
-from pteenet.export import export as run_export
+from pteenet.exporter._export import MANIFEST
+from pteenet.exporter._export import export as run_export
 
 from . import _choices
 from ._choices import value
@@ -77,7 +77,7 @@ def export(
 
     Run it without pteenet's model code (ONNX needs only numpy and onnxruntime):
 
-    from pteenet.runtime import Cascade
+    from pteenet.runtime._cascade import Cascade
 
     cascade = Cascade.open("pteenet-out/export-onnx")
 
@@ -97,7 +97,7 @@ def export(
                        f"{manifest['num_classes']} classes, input {manifest['input_size'][0]}x"
                        f"{manifest['input_size'][1]}, score {manifest['score']}"))
     output.note(escape(f"written to {folder}; run it with "
-                       f"pteenet.runtime.Cascade.open('{folder}')"))
+                       f"pteenet.runtime._cascade.Cascade.open('{folder}')"))
     sizes = {f: (folder / f).stat().st_size
              for f in [*(f for group in manifest["files"].values() for f in group), MANIFEST]}
     output.result({"folder": str(folder), "files": sizes, "manifest": manifest})

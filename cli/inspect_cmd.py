@@ -6,8 +6,8 @@ from typing import Annotated
 
 import typer
 
-from pteenet.inspect import inspect_backbone
-from pteenet.placement import DEFAULT_POLICY
+from pteenet.graph._placement import DEFAULT_POLICY
+from pteenet.jobs._inspect import inspect_backbone
 
 from . import _choices
 from ._choices import value

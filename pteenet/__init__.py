@@ -2,7 +2,7 @@
 
 The public API is the handful of names below; each step of the pipeline
 (backbone -> trace -> placement -> branches -> training -> calibration -> bench) is also usable
-on its own from its module. Names are imported on first use, so ``pteenet.runtime`` (the
+on its own from its module. Names are imported on first use, so ``pteenet.runtime._cascade`` (the
 deployment runner for exported cascades) works with numpy and onnxruntime alone, without torch.
 """
 
@@ -13,20 +13,20 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY = {
-    "Backbone": "backbones",
-    "create_backbone": "backbones",
-    "trace_backbone": "tracing",
-    "split_at": "tracing",
-    "choose_cuts": "placement",
-    "make_branch": "branches",
-    "EarlyExitModel": "early_exit",
-    "EarlyExitResult": "early_exit",
-    "build_early_exit": "early_exit",
-    "load": "bundle",
-    "TrainConfig": "train_config",
-    "attach": "attaching",
-    "calibrate": "calibration",
-    "bench": "benchmarking",
+    "Backbone": "backbone._registry",
+    "create_backbone": "backbone._registry",
+    "trace_backbone": "graph._tracing",
+    "split_at": "graph._tracing",
+    "choose_cuts": "graph._placement",
+    "make_branch": "cascade._branches",
+    "EarlyExitModel": "cascade._model",
+    "EarlyExitResult": "cascade._model",
+    "build_early_exit": "cascade._model",
+    "load": "bundle._bundle",
+    "TrainConfig": "training._config",
+    "attach": "jobs._attach",
+    "calibrate": "calibration._calibrate",
+    "bench": "benchmark._bench",
     "run_demo": "demo.run",
     "PteenetError": "errors",
 }

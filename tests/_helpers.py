@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pteenet.cifar_resnet import cifar_resnet
-from pteenet.data import make_loader, open_data
-from pteenet.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from pteenet.backbone._cifar_resnet import cifar_resnet
+from pteenet.backbone._preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from pteenet.data._datasets import make_loader, open_data
 
 CLASSES = ("blue", "green", "red")
 PRE = Preprocess((32, 32), IMAGENET_MEAN, IMAGENET_STD)
@@ -94,8 +94,8 @@ def shared_bundle(tmp_path_factory) -> tuple[Path, Path, Path]:
     """(data, checkpoint, bundle): real images, a real untrained resnet20 3-class checkpoint and
     a 2-branch bundle trained on them for one epoch. Made once per session and shared by the
     tests/test_errors_*.py files; never modified: copy it first."""
-    from pteenet.attaching import attach
-    from pteenet.train_config import TrainConfig
+    from pteenet.jobs._attach import attach
+    from pteenet.training._config import TrainConfig
 
     root = tmp_path_factory.getbasetemp() / "errors-shared"
     if not (root / "done").exists():
@@ -140,7 +140,7 @@ def reseal(bundle: Path) -> None:
     import hashlib
     import json
 
-    from pteenet.atomic import MANIFEST
+    from pteenet.storage._atomic import MANIFEST
 
     doc = json.loads((bundle / MANIFEST).read_text())
     for name in doc["files"]:

@@ -9,13 +9,13 @@ import torch
 from pteenet_cli.app import app
 from typer.testing import CliRunner
 
-from pteenet.attaching import attach
-from pteenet.backbones import create_backbone
-from pteenet.bundle import BRANCHES_FILE, THRESHOLDS_FILE, load, read_info
-from pteenet.data import open_data
+from pteenet.backbone._registry import create_backbone
+from pteenet.bundle._bundle import BRANCHES_FILE, THRESHOLDS_FILE, load, read_info
+from pteenet.data._datasets import open_data
 from pteenet.errors import BundleError, OptionError
-from pteenet.losses import eenet_loss
-from pteenet.train_config import TrainConfig
+from pteenet.jobs._attach import attach
+from pteenet.training._config import TrainConfig
+from pteenet.training._losses import eenet_loss
 from tests._helpers import tiny  # noqa: F401  (fixture)
 
 runner = CliRunner()
@@ -95,7 +95,7 @@ def test_interrupted_attach_leaves_no_partial_bundle(tiny, tmp_path, monkeypatch
     """Ctrl-C while the bundle is being written (its branches file already on disk, not yet
     committed): no bundle appears, and nothing half-written is left in --out."""
     data, ckpt = tiny
-    import pteenet.atomic as atomic
+    import pteenet.storage._atomic as atomic
 
     real = atomic.pause_point
 
@@ -128,8 +128,8 @@ def test_boosted_branch_k_trains_on_the_survivors(tiny, tmp_path):  # noqa: F811
     assert surv[0] == {"train": 58, "held_out": 14}  # everyone; 20 % of 72 held out by default
     thr = res.report.thresholds
     # Count by hand who branch 0 takes, with its final weights and calibrated thresholds.
-    from pteenet.feature_cache import branch_scores, compute_features
     from pteenet.thresholds import exit_index
+    from pteenet.training._features import branch_scores, compute_features
 
     dataset = open_data(data, read_info(tmp_path).preprocess)
     info = read_info(tmp_path)
@@ -146,10 +146,10 @@ def test_boosted_branch_k_trains_on_the_survivors(tiny, tmp_path):  # noqa: F811
 
 
 def test_the_caching_pass_starts_on_a_small_batch_and_caches_every_image_in_order(tiny):  # noqa: F811
-    from pteenet.early_exit import build_early_exit
-    from pteenet.feature_cache import compute_features
-    from pteenet.placement import choose_cuts
-    from pteenet.tracing import trace_backbone
+    from pteenet.cascade._model import build_early_exit
+    from pteenet.graph._placement import choose_cuts
+    from pteenet.graph._tracing import trace_backbone
+    from pteenet.training._features import compute_features
 
     data, ckpt = tiny
     bb = create_backbone("resnet20", checkpoint=ckpt, num_classes=3)
@@ -192,7 +192,7 @@ def test_resume_continues_to_the_same_bundle(tiny, tmp_path, monkeypatch):  # no
     kw = dict(checkpoint=ckpt, num_classes=3, branches=2, branch="pool", progress=False)
     attach("resnet20", data, out=tmp_path / "full", config=TrainConfig(epochs=3, batch_size=16),
            **kw)
-    from pteenet.resume import Resume
+    from pteenet.training._resume import Resume
 
     real_save = Resume.save
 
@@ -230,7 +230,7 @@ def test_amp_trains_in_bf16_and_stays_close(tiny, tmp_path):  # noqa: F811
 
 def test_attach_warns_in_one_line_when_branches_cost_too_much(tiny, tmp_path,  # noqa: F811
                                                               monkeypatch):
-    import pteenet.attaching as attaching
+    import pteenet.jobs._attach as attaching
 
     data, ckpt = tiny
     args = ["attach", "resnet20", "--data", str(data), "--checkpoint", str(ckpt),
@@ -262,7 +262,7 @@ def test_cli_defaults_are_the_library_defaults():
     from pteenet_cli.app import app as cli_app
     from typer.main import get_command
 
-    from pteenet.attaching import attach as lib_attach
+    from pteenet.jobs._attach import attach as lib_attach
     command = get_command(cli_app).commands["attach"]
     lib = pyinspect.signature(lib_attach).parameters
     cli = {p.name: p.default for p in command.params

@@ -12,15 +12,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pteenet.backbones import (
+from pteenet.backbone._cifar_resnet import cifar_resnet
+from pteenet.backbone._registry import (
     CIFAR_PREPROCESS,
     create_backbone,
     load_state_dict_file,
     resolve_name,
 )
-from pteenet.cifar_resnet import cifar_resnet
 from pteenet.errors import CheckpointError, ModelNotFoundError, OfflineError, PteenetError
-from pteenet.tracing import trace_backbone
+from pteenet.graph._tracing import trace_backbone
 from tests._helpers import block_network
 
 # --------------------------------------------------------------------------- helpers
@@ -392,7 +392,7 @@ SHARED_CHECKPOINTS = [
 @pytest.fixture(scope="module")
 def cifar_test_images(cifar_test_dir):
     """All test images, preprocessed once with the CIFAR preprocessing (shared by the three)."""
-    from pteenet.data import make_loader, open_data
+    from pteenet.data._datasets import make_loader, open_data
 
     data = open_data(cifar_test_dir, CIFAR_PREPROCESS)
     images, labels = [], []

@@ -18,12 +18,12 @@ from PIL import Image
 from pteenet_cli.app import app
 from typer.testing import CliRunner
 
-from pteenet.attaching import attach
-from pteenet.bundle import load, read_info
-from pteenet.calibration import calibrate
-from pteenet.eval_set import select_data
-from pteenet.quality import oracle_flops
-from pteenet.train_config import TrainConfig
+from pteenet.benchmark._eval_set import select_data
+from pteenet.benchmark._quality import oracle_flops
+from pteenet.bundle._bundle import load, read_info
+from pteenet.calibration._calibrate import calibrate
+from pteenet.jobs._attach import attach
+from pteenet.training._config import TrainConfig
 from tests._helpers import one_thread, tiny  # noqa: F401  (fixtures)
 
 FAST = ["--latency-samples", "3", "--batch-size", "16", "--repeats", "1", "--quiet"]
@@ -167,7 +167,7 @@ def test_missing_bundle_is_one_line(tmp_path: Path) -> None:
 def test_timing_images_are_drawn_from_the_whole_set(bundle: Path) -> None:
     """An image folder lists its files class by class: timing the first images would time one
     class only, and the early-exit model's speed depends on the class."""
-    from pteenet.quality import measure_pass, timing_positions
+    from pteenet.benchmark._quality import measure_pass, timing_positions
 
     wanted = timing_positions(72, 9)
     assert torch.equal(wanted, timing_positions(72, 9)) and wanted.unique().numel() == 9

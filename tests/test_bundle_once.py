@@ -12,9 +12,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import pteenet
-from pteenet import backbones, bundle
-from pteenet.atomic import MANIFEST
-from pteenet.bundle import BRANCHES_FILE, THRESHOLDS_FILE, read_bundle
+from pteenet.backbone import _registry as backbones
+from pteenet.bundle import _bundle as bundle
+from pteenet.bundle._bundle import BRANCHES_FILE, THRESHOLDS_FILE, read_bundle
+from pteenet.storage._atomic import MANIFEST
 from tests._helpers import (  # noqa: F401  (one_thread: autouse)
     one_thread,
     shared_fixture,

@@ -10,11 +10,11 @@ import torch
 from pteenet_cli.app import app
 from typer.testing import CliRunner
 
-from pteenet.attaching import attach
-from pteenet.bundle import THRESHOLDS_FILE, load, read_info, read_thresholds
-from pteenet.calibration import calibrate, collect
+from pteenet.bundle._bundle import THRESHOLDS_FILE, load, read_info, read_thresholds
+from pteenet.calibration._calibrate import calibrate, collect
+from pteenet.jobs._attach import attach
 from pteenet.thresholds import exit_index
-from pteenet.train_config import TrainConfig
+from pteenet.training._config import TrainConfig
 from tests._helpers import tiny  # noqa: F401  (fixture)
 
 runner = CliRunner()
@@ -104,7 +104,7 @@ def test_missing_bundle_is_one_line(tmp_path):
 def _calibrated_outputs(n: int, b: int, seed: int):
     """``b`` exits whose top softmax is calibrated (a sample is right with probability = score),
     sharper with depth, at evenly spaced depths; the backbone is right on 90 %."""
-    from pteenet.calibration import Outputs
+    from pteenet.calibration._calibrate import Outputs
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, 10, (n,), generator=g)
     final = torch.where(torch.rand(n, generator=g) < 0.9, labels, (labels + 2) % 10)
@@ -119,7 +119,7 @@ def _calibrated_outputs(n: int, b: int, seed: int):
 def test_risk_control_costs_little_more_than_the_uncertified_search(seed):
     """Certifying a 1 pt drop on 4,500 samples gives up little of the uncertified saving: the
     family walked is made of cost-search optima (the greedy's own path cost up to 0.47 more)."""
-    from pteenet.calibration import choose_table
+    from pteenet.calibration._calibrate import choose_table
     out = _calibrated_outputs(4500, 6, seed)
     free = choose_table(out, 10, method="mincost").summary["mean_relative_flops"]
     table = choose_table(out, 10, method="risk")
@@ -128,7 +128,7 @@ def test_risk_control_costs_little_more_than_the_uncertified_search(seed):
 
 
 def test_blend_moves_from_one_table_to_the_next():
-    from pteenet.calibration import _blend
+    from pteenet.calibration._calibrate import _blend
     a = torch.tensor([0.9, math.inf, 0.5])
     b = torch.tensor([0.7, 0.6, math.inf])
     half = _blend(a, b, 0.5)

@@ -8,13 +8,13 @@ import torch
 from typer.testing import CliRunner
 
 import pteenet
-from pteenet.branches import BRANCH_TYPES
-from pteenet.calibration import BOUNDS, calibrate
+from pteenet.calibration._calibrate import BOUNDS, calibrate
+from pteenet.cascade._branches import BRANCH_TYPES
+from pteenet.cascade._profile import COSTS
 from pteenet.errors import OptionError, PlacementError
-from pteenet.export import FORMATS
-from pteenet.latency import COSTS
-from pteenet.placement import POLICIES
-from pteenet.train_config import LOSSES, TARGETS
+from pteenet.exporter._export import FORMATS
+from pteenet.graph._placement import POLICIES
+from pteenet.training._config import LOSSES, TARGETS
 from tests._helpers import (  # noqa: F401  (fixtures)
     bundle_copy,
     fails_cleanly,

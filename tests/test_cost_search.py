@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pteenet.cost_search import min_cost_thresholds
-from pteenet.early_exit import cascade_cost
+from pteenet.calibration._cost_search import min_cost_thresholds
+from pteenet.cascade._model import cascade_cost
 from pteenet.errors import OptionError
 
 

@@ -31,20 +31,10 @@ from pteenet_cli.app import app
 from typer.testing import CliRunner
 
 import pteenet
-import pteenet.attaching
-import pteenet.calibration
-import pteenet.export
-from pteenet.atomic import (
-    CACHE_PREFIX,
-    LOCK_FILE,
-    MANIFEST,
-    PAUSE_ENV,
-    PENDING_SUFFIX,
-    commit_files,
-    writer_lock,
-)
-from pteenet.attaching import attach
-from pteenet.bundle import (
+import pteenet.calibration._calibrate
+import pteenet.exporter._export
+import pteenet.jobs._attach
+from pteenet.bundle._bundle import (
     BRANCHES_FILE,
     MEMBERS,
     THRESHOLDS_FILE,
@@ -55,7 +45,17 @@ from pteenet.bundle import (
     write_thresholds,
 )
 from pteenet.errors import BundleError
-from pteenet.train_config import TrainConfig
+from pteenet.jobs._attach import attach
+from pteenet.storage._atomic import (
+    CACHE_PREFIX,
+    LOCK_FILE,
+    MANIFEST,
+    PAUSE_ENV,
+    PENDING_SUFFIX,
+    commit_files,
+    writer_lock,
+)
+from pteenet.training._config import TrainConfig
 from tests._helpers import (  # noqa: F401  (autouse)
     fails_cleanly,
     kill_when,
@@ -254,8 +254,8 @@ def test_a_second_writer_is_refused_naming_the_first(shared, tmp_path, monkeypat
     data, ckpt, bundle = shared
     out = Path(shutil.copytree(bundle, tmp_path / "out"))
     before = files_of(out)
-    monkeypatch.setattr(pteenet.attaching, "create_backbone", _no_work)
-    monkeypatch.setattr(pteenet.calibration, "load", _no_work)
+    monkeypatch.setattr(pteenet.jobs._attach, "create_backbone", _no_work)
+    monkeypatch.setattr(pteenet.calibration._calibrate, "load", _no_work)
     with held_elsewhere(out) as pid:
         for args in (["calibrate", "-b", out, "-t", "0.5"],
                      ["attach", "resnet20", "--data", data, "-c", ckpt, "--num-classes", "3",
@@ -308,9 +308,9 @@ def _denied(folder: Path) -> bool:
 def test_read_only_folders_are_refused_before_any_work(shared, tmp_path, monkeypatch):
     data, ckpt, bundle = shared
     out = Path(shutil.copytree(bundle, tmp_path / "ro"))
-    monkeypatch.setattr(pteenet.attaching, "create_backbone", _no_work)
-    monkeypatch.setattr(pteenet.calibration, "load", _no_work)
-    monkeypatch.setattr(pteenet.export, "load", _no_work)
+    monkeypatch.setattr(pteenet.jobs._attach, "create_backbone", _no_work)
+    monkeypatch.setattr(pteenet.calibration._calibrate, "load", _no_work)
+    monkeypatch.setattr(pteenet.exporter._export, "load", _no_work)
     attach_args = ["attach", "resnet20", "--data", data, "-c", ckpt, "--num-classes", "3",
                    "-n", "2", "--quiet"]
     with read_only(out):
@@ -354,7 +354,7 @@ def test_feature_cache_of_a_killed_attach_is_in_out_and_swept(shared, tmp_path):
     data, ckpt, _ = shared
     out, tmp = tmp_path / "out", tmp_path / "tmpdir"
     tmp.mkdir()
-    code = (f"from pteenet.attaching import attach; from pteenet.train_config import TrainConfig; "
+    code = (f"from pteenet import attach, TrainConfig; "
             f"attach('resnet20', {str(data)!r}, checkpoint={str(ckpt)!r}, num_classes=3, "
             f"branches=2, branch='pool', out={str(out)!r}, progress=False, "
             f"config=TrainConfig(epochs=10000, batch_size=16, cache_limit=1))")

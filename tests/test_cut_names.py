@@ -14,9 +14,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import pteenet
-from pteenet.bundle import BRANCHES_FILE
-from pteenet.cifar_resnet import cifar_resnet
-from pteenet.tracing import trace_backbone
+from pteenet.backbone._cifar_resnet import cifar_resnet
+from pteenet.bundle._bundle import BRANCHES_FILE
+from pteenet.graph._tracing import trace_backbone
 from tests._helpers import (  # noqa: F401  (autouse)
     one_thread,
     reseal,

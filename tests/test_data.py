@@ -1,4 +1,4 @@
-"""Tests for pteenet.data on real image files written to a temporary folder."""
+"""Tests for pteenet.data._datasets on real image files written to a temporary folder."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from pteenet import data as data_mod
-from pteenet.data import (
+from pteenet.backbone._preprocess import Preprocess
+from pteenet.data import _datasets as data_mod
+from pteenet.data._datasets import (
     Batch,
     ImageData,
     available_splits,
@@ -28,7 +29,6 @@ from pteenet.data import (
     ramped,
 )
 from pteenet.errors import DataError, OfflineError, OptionError
-from pteenet.preprocess import Preprocess
 from tests._helpers import block_network
 
 PRE = Preprocess(input_size=(16, 16), mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.5))

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from pteenet.bundle import load, read_info
+from pteenet.bundle._bundle import load, read_info
 from tests._helpers import tiny  # noqa: F401  (fixture)
 
 
@@ -62,7 +62,7 @@ def test_two_processes_resume_a_one_process_run(tiny, tmp_path, monkeypatch, ext
     from pteenet_cli.app import app
     from typer.testing import CliRunner
 
-    from pteenet.resume import Resume
+    from pteenet.training._resume import Resume
 
     data, ckpt = tiny
     common = _common(data, ckpt, extra)

@@ -10,13 +10,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pteenet.backbones import freeze
-from pteenet.cifar_resnet import cifar_resnet
-from pteenet.early_exit import EarlyExitModel, build_early_exit, gate, gate_power
+from pteenet.backbone._cifar_resnet import cifar_resnet
+from pteenet.backbone._registry import freeze
+from pteenet.cascade._model import EarlyExitModel, build_early_exit, gate, gate_power
 from pteenet.errors import OptionError
-from pteenet.placement import choose_cuts
+from pteenet.graph._placement import choose_cuts
+from pteenet.graph._tracing import trace_backbone
 from pteenet.thresholds import exit_index
-from pteenet.tracing import trace_backbone
 
 K = 4
 FIXTURE = [HealthCheck.function_scoped_fixture]
@@ -232,7 +232,7 @@ def test_batch_one_route_follows_the_thresholds_branches_and_graphs(setup):
        channels_last=st.booleans(), seed=st.integers(0, 99))
 def test_compaction_keeps_the_rows_asked_for_in_the_maps_own_layout(n, c, side, channels_last,
                                                                     seed):
-    from pteenet.early_exit import _keep_rows
+    from pteenet.cascade._model import _keep_rows
 
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(n, c, side, side, generator=g)

@@ -25,15 +25,15 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import pteenet
-from pteenet.branches import BRANCH_TYPES, make_branch, unbounded_reduction
-from pteenet.bundle import (
+from pteenet.bundle._bundle import (
     BRANCHES_FILE,
     FORMAT_VERSION,
     THRESHOLDS_FILE,
     ThresholdTable,
     write_thresholds,
 )
-from pteenet.early_exit import gate_power
+from pteenet.cascade._branches import BRANCH_TYPES, make_branch, unbounded_reduction
+from pteenet.cascade._model import gate_power
 from pteenet.errors import BundleError
 from tests._helpers import (  # noqa: F401  (one_thread: autouse fixture)
     bundle_copy,
@@ -506,8 +506,8 @@ def wide_shared(tmp_path_factory) -> Path:
     """A real default (mlp) bundle on a backbone with a map too wide for the 4x4 grid: its
     first branch reads that map reduced to a 2x2 grid (1024 numbers), its second the full
     grid (2048, the most a branch may read)."""
-    from pteenet.attaching import attach
-    from pteenet.train_config import TrainConfig
+    from pteenet.jobs._attach import attach
+    from pteenet.training._config import TrainConfig
 
     root = tmp_path_factory.mktemp("wide")
     attach("timm:resnet18", write_images(root / "data", per_class=8), pretrained=False,

@@ -20,7 +20,7 @@ from pteenet_cli.app import app
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from pteenet.cifar_resnet import cifar_resnet
+from pteenet.backbone._cifar_resnet import cifar_resnet
 from tests._helpers import fails_cleanly, write_images
 
 runner = CliRunner()

@@ -13,7 +13,7 @@ import torch
 from pteenet_cli.app import app
 from typer.testing import CliRunner
 
-from pteenet.cifar_resnet import cifar_resnet
+from pteenet.backbone._cifar_resnet import cifar_resnet
 from tests._helpers import fails_cleanly, write_images
 
 runner = CliRunner()

@@ -17,14 +17,14 @@ from hypothesis import strategies as st
 from pteenet_cli.app import app
 from typer.testing import CliRunner
 
-import pteenet.runtime as runtime
-from pteenet.attaching import attach
-from pteenet.bundle import ThresholdTable, load, write_thresholds
-from pteenet.data import open_data
+import pteenet.runtime._cascade as runtime
+from pteenet.bundle._bundle import ThresholdTable, load, write_thresholds
+from pteenet.data._datasets import open_data
 from pteenet.errors import BundleError, OptionError
-from pteenet.export import MANIFEST, ScoredBranch
-from pteenet.runtime import Cascade
-from pteenet.train_config import TrainConfig
+from pteenet.exporter._export import MANIFEST, ScoredBranch
+from pteenet.jobs._attach import attach
+from pteenet.runtime._cascade import Cascade
+from pteenet.training._config import TrainConfig
 from tests._helpers import PRE, tiny  # noqa: F401  (fixture)
 
 runner = CliRunner()
@@ -153,8 +153,8 @@ def test_preprocess_resizes_and_crops_like_the_models_recipe(tmp_path):
     """An ImageNet model's manifest: shorter side to resize_size, centre crop, its filter."""
     from PIL import Image
 
-    from pteenet.data import _to_tensor
-    from pteenet.preprocess import Preprocess
+    from pteenet.backbone._preprocess import Preprocess
+    from pteenet.data._datasets import _to_tensor
 
     pre = Preprocess((224, 224), resize_size=235, interpolation="bicubic")
     cascade = Cascade.__new__(Cascade)

@@ -60,8 +60,8 @@ def test_attach_infers_the_class_count_and_the_bundle_loads(shared, tmp_path):
 
 
 def test_no_pretrained_backbone_is_random_seeded_and_loads_again(shared, tmp_path):
-    from pteenet.backbones import create_backbone
-    from pteenet.bundle import load_backbone, read_info
+    from pteenet.backbone._registry import create_backbone
+    from pteenet.bundle._bundle import load_backbone, read_info
 
     data, _, _ = shared
     out = tmp_path / "out"
@@ -109,7 +109,7 @@ def test_bench_on_a_calibrated_bundle_does_not_warn(bundle):
 
 
 def _stop_after_first_save(monkeypatch) -> None:
-    from pteenet.resume import Resume
+    from pteenet.training._resume import Resume
 
     real = Resume._write
 
@@ -141,7 +141,7 @@ def test_ctrl_c_says_what_was_kept_and_the_exact_resume_command(shared, tmp_path
 
 
 def test_ctrl_c_without_resume_says_nothing_was_kept(shared, tmp_path, monkeypatch):
-    import pteenet.training as training
+    import pteenet.training._train as training
 
     data, ckpt, _ = shared
     out = tmp_path / "out"
@@ -158,7 +158,7 @@ def test_ctrl_c_without_resume_says_nothing_was_kept(shared, tmp_path, monkeypat
 
 
 def test_boosted_resume_continues_to_the_uninterrupted_result(shared, tmp_path, monkeypatch):
-    from pteenet.bundle import load
+    from pteenet.bundle._bundle import load
 
     data, ckpt, _ = shared
     extra = ("--boosted", "hard", "--margin", "0.5", "--epochs", "2", "--resume")
@@ -169,7 +169,7 @@ def test_boosted_resume_continues_to_the_uninterrupted_result(shared, tmp_path, 
     cut = runner.invoke(app, _attach(data, ckpt, out, *extra))
     assert cut.exit_code == 130 and "after branch 1" in cut.stderr, cut.output
     monkeypatch.undo()
-    from pteenet.resume import Resume
+    from pteenet.training._resume import Resume
 
     starts: list[int] = []
     real = Resume.load_stage
@@ -194,7 +194,7 @@ def test_boosted_resume_continues_to_the_uninterrupted_result(shared, tmp_path, 
 
 
 def test_reattach_removes_what_the_old_bundle_left_and_nothing_else(shared, bundle):
-    from pteenet.derived import BUNDLE_HASH_KEY, bundle_hash
+    from pteenet.bundle._derived import BUNDLE_HASH_KEY, bundle_hash
 
     data, ckpt, _ = shared
     assert _bench(bundle, "--sweep").exit_code == 0
@@ -218,7 +218,7 @@ def test_reattach_removes_what_the_old_bundle_left_and_nothing_else(shared, bund
     assert _bench(bundle).exit_code == 0
     assert runner.invoke(app, ["export", "--bundle", str(bundle), "--format",
                                "torchscript"]).exit_code == 0
-    from pteenet.derived import remove_stale
+    from pteenet.bundle._derived import remove_stale
 
     assert remove_stale(bundle) == []
     assert (bundle / "bench.json").exists()
@@ -227,7 +227,7 @@ def test_reattach_removes_what_the_old_bundle_left_and_nothing_else(shared, bund
 
 def test_an_export_of_a_recalibrated_bundle_is_refused(bundle):
     from pteenet.errors import BundleError
-    from pteenet.runtime import Cascade
+    from pteenet.runtime._cascade import Cascade
 
     assert runner.invoke(app, ["export", "--bundle", str(bundle), "--format",
                                "torchscript"]).exit_code == 0

@@ -11,12 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from pteenet.backbones import freeze as freeze_backbone
-from pteenet.cifar_resnet import cifar_resnet
-from pteenet.early_exit import EarlyExitModel, build_early_exit
-from pteenet.frozen import freeze
-from pteenet.placement import choose_cuts
-from pteenet.tracing import trace_backbone
+from pteenet.backbone._cifar_resnet import cifar_resnet
+from pteenet.backbone._registry import freeze as freeze_backbone
+from pteenet.cascade._frozen import freeze
+from pteenet.cascade._model import EarlyExitModel, build_early_exit
+from pteenet.graph._placement import choose_cuts
+from pteenet.graph._tracing import trace_backbone
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from pteenet import branches
-from pteenet.backbones import create_backbone
-from pteenet.branches import Reduce, make_branch, reduction
-from pteenet.bundle import read_info
-from pteenet.early_exit import build_early_exit
-from pteenet.inspect import inspect_backbone
-from pteenet.placement import choose_cuts
-from pteenet.tracing import trace_backbone
+from pteenet.backbone._registry import create_backbone
+from pteenet.bundle._bundle import read_info
+from pteenet.cascade import _branches as branches
+from pteenet.cascade._branches import Reduce, make_branch, reduction
+from pteenet.cascade._model import build_early_exit
+from pteenet.graph._placement import choose_cuts
+from pteenet.graph._tracing import trace_backbone
+from pteenet.jobs._inspect import inspect_backbone
 from tests._helpers import tiny  # noqa: F401  (fixture)
 
 SEVEN = ("timm:resnet18", "timm:resnet50", "timm:mobilenetv3_large_100", "timm:efficientnet_b0",
@@ -106,7 +106,7 @@ def test_default_branches_cost_at_most_2_percent_and_placement_traces(model):
 
 @pytest.mark.parametrize("model", ["timm:resnet18", "torchvision:mobilenet_v3_small"])
 def test_images_are_preprocessed_like_the_models_own_eval_transform(model):
-    from pteenet.data import _to_tensor
+    from pteenet.data._datasets import _to_tensor
 
     bb = create_backbone(model)
     if bb.source == "timm":
@@ -171,10 +171,10 @@ def test_attach_calibrate_bench_on_a_224_folder(model, layout, tmp_path, invoke)
 
 
 def test_every_image_is_decoded_once_however_many_epochs(tiny, tmp_path, monkeypatch):  # noqa: F811
-    from pteenet import feature_cache
-    from pteenet.attaching import attach
-    from pteenet.data import FolderData
-    from pteenet.train_config import TrainConfig
+    from pteenet.data._datasets import FolderData
+    from pteenet.jobs._attach import attach
+    from pteenet.training import _features as feature_cache
+    from pteenet.training._config import TrainConfig
 
     data, ckpt = tiny
     decoded: list[int] = []
@@ -195,8 +195,8 @@ def test_every_image_is_decoded_once_however_many_epochs(tiny, tmp_path, monkeyp
 
 def test_loader_workers_by_default_only_for_image_files_with_cores_to_spare(tmp_path,
                                                                            monkeypatch):
-    from pteenet.data import ImageData, default_workers, open_data
-    from pteenet.preprocess import Preprocess
+    from pteenet.backbone._preprocess import Preprocess
+    from pteenet.data._datasets import ImageData, default_workers, open_data
 
     folder = _imagenet_folders(tmp_path, per_class=2) / "unlabeled"
     files, memory = open_data(folder, Preprocess((32, 32))), ImageData("in-memory", None,

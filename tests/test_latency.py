@@ -12,18 +12,18 @@ import torch
 from pteenet_cli.app import app
 from typer.testing import CliRunner
 
-from pteenet import latency
-from pteenet.attaching import attach
-from pteenet.benchmarking import bench
-from pteenet.bundle import load, read_info
-from pteenet.calibration import calibrate
-from pteenet.cifar_resnet import cifar_resnet
-from pteenet.early_exit import build_early_exit
+from pteenet.backbone._cifar_resnet import cifar_resnet
+from pteenet.benchmark._bench import bench
+from pteenet.bundle._bundle import load, read_info
+from pteenet.calibration._calibrate import calibrate
+from pteenet.cascade import _profile as latency
+from pteenet.cascade._model import build_early_exit
+from pteenet.cascade._profile import cut_time_fractions, exit_times, probe_images, relative_costs
 from pteenet.errors import BundleError, OptionError
-from pteenet.latency import cut_time_fractions, exit_times, probe_images, relative_costs
-from pteenet.placement import choose_cuts, useful_cuts
-from pteenet.tracing import trace_backbone
-from pteenet.train_config import TrainConfig
+from pteenet.graph._placement import choose_cuts, useful_cuts
+from pteenet.graph._tracing import trace_backbone
+from pteenet.jobs._attach import attach
+from pteenet.training._config import TrainConfig
 from tests._helpers import one_thread, reseal, tiny  # noqa: F401  (fixtures)
 
 FAST = dict(latency_samples=3, batch_size=8, repeats=1, out_json=False)
@@ -102,7 +102,7 @@ def test_bench_notes_a_profile_from_another_machine(timed, tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    from pteenet.bundle import _META_KEY, BRANCHES_FILE
+    from pteenet.bundle._bundle import _META_KEY, BRANCHES_FILE
     copy = tmp_path / "b"
     shutil.copytree(timed, copy)
     f = copy / BRANCHES_FILE

@@ -33,9 +33,9 @@ from pteenet_cli.app import app
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from pteenet.atomic import MANIFEST
-from pteenet.attaching import STATE_FILE
-from pteenet.bundle import (
+from pteenet.backbone._cifar_resnet import cifar_resnet
+from pteenet.backbone._preprocess import MAX_INPUT_SIDE, Preprocess
+from pteenet.bundle._bundle import (
     BRANCHES_FILE,
     THRESHOLDS_FILE,
     BundleInfo,
@@ -43,9 +43,9 @@ from pteenet.bundle import (
     read_info,
     read_thresholds,
 )
-from pteenet.cifar_resnet import cifar_resnet
 from pteenet.errors import BundleError
-from pteenet.preprocess import MAX_INPUT_SIDE, Preprocess
+from pteenet.jobs._attach import STATE_FILE
+from pteenet.storage._atomic import MANIFEST
 from tests._helpers import write_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,13 +145,13 @@ torch.hub.load_state_dict_from_url("u", check_hash=True, weights_only=True)
 
 
 def test_no_source_file_can_unpickle_code():
-    assert len(SOURCES) > 10 and any(p.name == "backbones.py" for p in SOURCES)
+    assert len(SOURCES) > 10 and any(p.name == "_registry.py" for p in SOURCES)
     found = [c for p in SOURCES for c in unsafe_calls(p.read_text(encoding="utf-8"),
                                                         str(p.relative_to(REPO)))]
     assert found == [], "\n".join(found)
     # Not vacuous: the loads that do exist are seen (and pass because of weights_only=True).
     loads = [p for p in SOURCES if "torch.load(" in p.read_text(encoding="utf-8")]
-    assert {p.name for p in loads} >= {"backbones.py", "resume.py"}
+    assert {p.name for p in loads} >= {"_registry.py", "_resume.py"}
 
 
 # --------------------------------------------------------------------------- a poisoned state

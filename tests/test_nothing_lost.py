@@ -22,27 +22,27 @@ from pteenet_cli.app import app
 from typer.testing import CliRunner
 
 import pteenet
-import pteenet.atomic as atomic
-import pteenet.training as training
-from pteenet.atomic import LOCK_FILE, MANIFEST, PENDING_SUFFIX
-from pteenet.attaching import STATE_FILE, attach
-from pteenet.backbones import create_backbone
-from pteenet.bundle import (
+import pteenet.storage._atomic as atomic
+import pteenet.training._train as training
+from pteenet.backbone._cifar_resnet import cifar_resnet
+from pteenet.backbone._registry import create_backbone
+from pteenet.bundle._bundle import (
     THRESHOLDS_FILE,
     ThresholdTable,
     save_bundle,
     write_thresholds,
 )
-from pteenet.cifar_resnet import cifar_resnet
-from pteenet.data import open_data, split_indices
-from pteenet.early_exit import build_early_exit
+from pteenet.cascade._model import build_early_exit
+from pteenet.data._datasets import open_data, split_indices
 from pteenet.errors import TrainingError
-from pteenet.feature_cache import compute_features
-from pteenet.placement import choose_cuts
-from pteenet.resume import Resume
-from pteenet.tracing import trace_backbone
-from pteenet.train_config import TrainConfig
-from pteenet.training import train_branches
+from pteenet.graph._placement import choose_cuts
+from pteenet.graph._tracing import trace_backbone
+from pteenet.jobs._attach import STATE_FILE, attach
+from pteenet.storage._atomic import LOCK_FILE, MANIFEST, PENDING_SUFFIX
+from pteenet.training._config import TrainConfig
+from pteenet.training._features import compute_features
+from pteenet.training._resume import Resume
+from pteenet.training._train import train_branches
 from tests._helpers import kill_when, one_thread, write_images  # noqa: F401  (autouse fixture)
 
 runner = CliRunner()
@@ -76,7 +76,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def temp_files(folder: Path) -> list[str]:
-    """Temp, backup and not-yet-renamed files (pteenet.atomic's)."""
+    """Temp, backup and not-yet-renamed files (pteenet.storage._atomic's)."""
     ends = (".tmp", ".bak", PENDING_SUFFIX)
     return sorted(p.name for p in folder.iterdir() if p.name.endswith(ends))
 
@@ -154,7 +154,7 @@ def test_sigkill_mid_training_loses_nothing_and_resume_matches(material, old_bun
 
 
 def _interrupt_nth_replace(monkeypatch, folder: Path, n: int) -> list[str]:
-    """``os.replace`` as pteenet.atomic calls it raises KeyboardInterrupt (Ctrl-C) on the n-th
+    """``os.replace`` as pteenet.storage calls it raises KeyboardInterrupt (Ctrl-C) on the n-th
     file renamed into ``folder``; the renames before it go through."""
     real = os.replace
     seen: list[str] = []

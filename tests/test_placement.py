@@ -7,7 +7,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from pteenet.errors import PlacementError, PteenetError
-from pteenet.placement import (
+from pteenet.graph._placement import (
     DEFAULT_BRANCHES,
     POLICIES,
     TAIL,
@@ -15,7 +15,7 @@ from pteenet.placement import (
     target_fractions,
     useful_cuts,
 )
-from pteenet.tracing import Cut, Trace
+from pteenet.graph._tracing import Cut, Trace
 
 
 def _trace(fractions: list[float], total: int = 1000) -> Trace:

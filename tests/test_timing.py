@@ -6,7 +6,7 @@ import itertools
 
 import torch
 
-from pteenet.timing import LATENCY_BLOCK, LATENCY_REPEATS, _latency
+from pteenet.benchmark._wall_clock import LATENCY_BLOCK, LATENCY_REPEATS, _latency
 
 
 class _Clock:

@@ -9,9 +9,9 @@ import torch
 import torchvision
 from torch import nn
 
-from pteenet.cifar_resnet import cifar_resnet
+from pteenet.backbone._cifar_resnet import cifar_resnet
 from pteenet.errors import PteenetError, TraceError
-from pteenet.tracing import split_at, trace_backbone
+from pteenet.graph._tracing import split_at, trace_backbone
 
 # name -> (factory, input size). Random init; ImageNet models at 64x64 to stay fast.
 MODELS = {

@@ -18,9 +18,8 @@ from hypothesis import strategies as st
 from pteenet_cli.app import app
 from typer.testing import CliRunner
 
-from pteenet.attaching import attach
-from pteenet.benchmarking import bench
-from pteenet.bundle import (
+from pteenet.benchmark._bench import bench
+from pteenet.bundle._bundle import (
     BRANCHES_FILE,
     ThresholdTable,
     calibration_digest,
@@ -28,16 +27,17 @@ from pteenet.bundle import (
     read_bundle,
     write_thresholds,
 )
-from pteenet.calibration import calibrate
-from pteenet.cost_search import min_cost_thresholds
-from pteenet.data import open_data, split_indices
-from pteenet.early_exit import EarlyExitModel, cascade_cost, gate_power
-from pteenet.ensemble import ZTWEnsemble, fit_split, fit_ztw
+from pteenet.calibration._calibrate import calibrate
+from pteenet.calibration._cost_search import min_cost_thresholds
+from pteenet.cascade._ensemble import ZTWEnsemble, fit_split, fit_ztw
+from pteenet.cascade._model import EarlyExitModel, cascade_cost, gate_power
+from pteenet.data._datasets import open_data, split_indices
 from pteenet.errors import BundleError, OptionError
-from pteenet.export import export
-from pteenet.runtime import Cascade
+from pteenet.exporter._export import export
+from pteenet.jobs._attach import attach
+from pteenet.runtime._cascade import Cascade
 from pteenet.thresholds import exit_index
-from pteenet.train_config import TrainConfig
+from pteenet.training._config import TrainConfig
 from tests._helpers import PRE, fails_cleanly, one_thread, reseal, shared_bundle, tiny  # noqa: F401
 
 runner = CliRunner()

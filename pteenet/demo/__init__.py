@@ -13,10 +13,10 @@ pretrained model, ``run`` the five stages.
 
 from __future__ import annotations
 
-from .backbone import train_backbone
-from .digits import DATA_MARKER, prepare_digits
-from .run import run_demo
-from .settings import DemoSettings, default_workdir
+from pteenet.demo.backbone import train_backbone
+from pteenet.demo.digits import DATA_MARKER, prepare_digits
+from pteenet.demo.run import run_demo
+from pteenet.demo.settings import DemoSettings, default_workdir
 
 __all__ = [
     "DATA_MARKER",

@@ -16,14 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pteenet.atomic import atomic_path, write_text
-from pteenet.backbones import sha256_file
-from pteenet.cifar_resnet import cifar_resnet
-from pteenet.data import make_loader, open_data
+from pteenet.backbone._cifar_resnet import cifar_resnet
+from pteenet.backbone._preprocess import Preprocess
+from pteenet.backbone._registry import sha256_file
+from pteenet.data._datasets import make_loader, open_data
+from pteenet.demo.settings import DemoSettings, Log, to_stderr
 from pteenet.errors import DataError
-from pteenet.preprocess import Preprocess
-
-from .settings import DemoSettings, Log, to_stderr
+from pteenet.storage._atomic import atomic_path, write_text
 
 __all__ = ["MODEL", "train_backbone"]
 

@@ -17,9 +17,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pteenet.atomic import write_text
-
-from .settings import DemoSettings
+from pteenet.demo.settings import DemoSettings
+from pteenet.storage._atomic import write_text
 
 __all__ = ["DATA_DIR", "DATA_MARKER", "prepare_digits"]
 

@@ -9,18 +9,17 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from pteenet.attaching import attach
-from pteenet.backbones import create_backbone
-from pteenet.benchmarking import bench
-from pteenet.branches import DEFAULT_BRANCH
-from pteenet.calibration import calibrate
-from pteenet.devices import threads as threads_for
-from pteenet.placement import DEFAULT_POLICY
-from pteenet.train_config import TrainConfig
-
-from .backbone import MODEL, train_backbone
-from .digits import prepare_digits
-from .settings import DemoSettings, Log, default_workdir, to_stderr
+from pteenet.backbone._registry import create_backbone
+from pteenet.benchmark._bench import bench
+from pteenet.calibration._calibrate import calibrate
+from pteenet.cascade._branches import DEFAULT_BRANCH
+from pteenet.demo.backbone import MODEL, train_backbone
+from pteenet.demo.digits import prepare_digits
+from pteenet.demo.settings import DemoSettings, Log, default_workdir, to_stderr
+from pteenet.graph._placement import DEFAULT_POLICY
+from pteenet.jobs._attach import attach
+from pteenet.machine import threads as threads_for
+from pteenet.training._config import TrainConfig
 
 __all__ = ["run_demo"]
 
@@ -55,7 +54,7 @@ def run_demo(out: str | os.PathLike = "pteenet-demo", *,
     Stages: digits -> backbone (both cached in ``workdir``) -> attach -> calibrate ->
     bench, the last three writing the bundle to ``out``, exactly as the commands would.
     ``quick`` is a reduced run for tests; ``threads`` bounds torch's threads
-    (:func:`pteenet.devices.threads`): the demo's tensors are tiny (16x16 images, batches of
+    (:func:`pteenet.machine.threads`): the demo's tensors are tiny (16x16 images, batches of
     32-64), where a second thread gains little, while OpenMP threads that wait on each other on a
     busy machine cost 5-15x (attach took 7 s on one thread and 104 s on two under a load of 5 on
     2 cores); ``log`` gets one line per step (default: stderr) and ``progress``

@@ -27,9 +27,15 @@ runs models.
 
 from __future__ import annotations
 
-from .cpm import check_cpm_options, class_precision, cpm_thresholds
-from .risk import RiskResult, hoeffding_bentkus_ucb, losses_for, risk_control, wsr_ucb
-from .table import (
+from pteenet.thresholds.cpm import check_cpm_options, class_precision, cpm_thresholds
+from pteenet.thresholds.risk import (
+    RiskResult,
+    hoeffding_bentkus_ucb,
+    losses_for,
+    risk_control,
+    wsr_ucb,
+)
+from pteenet.thresholds.table import (
     as_table,
     cascade_predictions,
     exit_index,

@@ -9,8 +9,7 @@ import torch
 from torch import Tensor
 
 from pteenet.errors import CalibrationError, OptionError
-
-from ._checks import check_classes, check_scores, check_vector, float_dtype
+from pteenet.thresholds._checks import check_classes, check_scores, check_vector, float_dtype
 
 __all__ = ["check_cpm_options", "class_precision", "cpm_thresholds"]
 

@@ -19,9 +19,8 @@ from scipy.special import bdtr, rel_entr
 from torch import Tensor
 
 from pteenet.errors import CalibrationError, OptionError
-
-from ._checks import check_vector
-from .table import cascade_predictions
+from pteenet.thresholds._checks import check_vector
+from pteenet.thresholds.table import cascade_predictions
 
 __all__ = ["RiskResult", "hoeffding_bentkus_ucb", "losses_for", "risk_control", "wsr_ucb"]
 

@@ -1,0 +1,404 @@
+"""Backbones: resolve a name, build the model, load its weights, freeze it.
+
+A name is ``cifar:NAME``, ``timm:NAME`` or ``torchvision:NAME``; a bare name is looked up in the
+built-in CIFAR ResNet family first, then timm, then torchvision (like timm's ``create_model``, this
+is the one way in). The returned :class:`Backbone` is frozen: ``requires_grad_(False)`` and eval
+mode, so BatchNorm running statistics never move while branches train (the reference PTEEnet code
+left BN in train mode and silently changed the pretrained backbone).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import functools
+import io
+import math
+import os
+import re
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pteenet.backbone._cifar_resnet import CIFAR_DEPTHS, cifar_resnet
+from pteenet.backbone._preprocess import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    INTERPOLATIONS,
+    MAX_INPUT_SIDE,
+    Preprocess,
+)
+from pteenet.errors import CheckpointError, ModelNotFoundError, OfflineError, OptionError
+from pteenet.storage._atomic import sha256_file
+
+__all__ = [
+    "Backbone",
+    "CIFAR_URLS",
+    "SOURCES",
+    "create_backbone",
+    "freeze",
+    "load_state_dict_file",
+    "resolve_name",
+    "sha256_file",
+]
+
+SOURCES = ("cifar", "timm", "torchvision")
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".th", ".bin", ".safetensors", ".ckpt")
+
+_CIFAR_BASE = "https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models/"
+CIFAR_URLS = {
+    name: _CIFAR_BASE + file
+    for name, file in {
+        "resnet20": "resnet20-12fca82f.th",
+        "resnet32": "resnet32-d509ac18.th",
+        "resnet44": "resnet44-014dd654.th",
+        "resnet56": "resnet56-4bfd9763.th",
+        "resnet110": "resnet110-1d1ed7c2.th",
+        "resnet1202": "resnet1202-f3b1deed.th",
+    }.items()
+}
+CIFAR_PREPROCESS = Preprocess(input_size=(32, 32), mean=IMAGENET_MEAN, std=IMAGENET_STD)
+_PREFIXES = ("module.", "_orig_mod.")
+RANDOM_INIT_SEED = 0  # the seed of random (not pretrained) backbone weights
+
+
+@dataclass
+class Backbone:
+    """A frozen pretrained classifier and what pteenet needs to know about it."""
+
+    model: nn.Module
+    name: str
+    source: str
+    num_classes: int
+    preprocess: Preprocess
+    checkpoint: str | None = None
+    checkpoint_sha256: str | None = None
+    pretrained: bool = False  # the registry's weights (False with a checkpoint, or random ones)
+    notes: list[str] = field(default_factory=list)  # what was inferred, one line each
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.source}:{self.name}"
+
+
+@functools.cache
+def _timm_names() -> frozenset[str]:
+    import timm
+
+    return frozenset(timm.list_models())
+
+
+@functools.cache
+def _torchvision_names() -> frozenset[str]:
+    import torchvision
+
+    return frozenset(torchvision.models.list_models())
+
+
+def _known(source: str) -> frozenset[str]:
+    if source == "cifar":
+        return frozenset(CIFAR_DEPTHS)
+    return _timm_names() if source == "timm" else _torchvision_names()
+
+
+def resolve_name(name: str) -> tuple[str, str]:
+    """Return ``(source, model_name)`` for a possibly prefixed name, or raise with suggestions."""
+    source, sep, bare = name.partition(":")
+    if sep and source in SOURCES:
+        candidates = (source,)
+    elif sep:
+        raise ModelNotFoundError(
+            f"unknown model source '{source}' in '{name}': use one of {', '.join(SOURCES)}"
+        )
+    else:
+        candidates, bare = SOURCES, name
+    for src in candidates:
+        if bare in _known(src):
+            return src, bare
+    pool = sorted(set().union(*(_known(s) for s in candidates)))
+    close = difflib.get_close_matches(bare, pool, n=5, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else (
+        "; names look like resnet20, timm:resnet50 or torchvision:mobilenet_v3_small "
+        "(try one with `pteenet inspect NAME`)")
+    raise ModelNotFoundError(f"unknown model '{name}'{hint}")
+
+
+def _read_raw(path: Path) -> object:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    # weights_only=True: a checkpoint must never be able to run code on the user's machine.
+    with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": our error says enough
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a checkpoint safely and return a flat ``name -> tensor`` state dict.
+
+    Accepts a bare state dict or one nested under ``state_dict``/``model`` and strips the
+    ``module.`` (DataParallel) and ``_orig_mod.`` (torch.compile) prefixes.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty")
+    try:
+        raw = _read_raw(path)
+    except Exception as e:  # torch and safetensors raise many types; each becomes one line
+        raise CheckpointError(_unreadable(path, e)) from e
+    return _flatten(raw, path)
+
+
+def _raw_pickle(path: Path) -> bool:
+    """A legacy raw pickle (``pickle.dump``, not torch's zip format): protocol 2-5 header."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return False
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+
+def _unreadable(path: Path, e: Exception) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    if re.search(r"unsupported global", text, re.IGNORECASE) or _raw_pickle(path) and \
+            re.search(r"weights only load failed", text, re.IGNORECASE):
+        found = re.search(r"(GLOBAL \S+|Unsupported operand \d+)", text)
+        what = f" ({found.group(1)})" if found else ""
+        return (f"checkpoint {path} was refused: it is a pickle that loads more than tensors"
+                f"{what}, which could run code (torch.load weights_only=True); re-save it as a "
+                f"plain state_dict or .safetensors")
+    reason = re.search(r"WeightsUnpickler error: \s*(\S[^\n]*)", text)  # not torch's advice
+    first = reason.group(1) if reason else (text.strip().splitlines() or [type(e).__name__])[0]
+    return (f"checkpoint {path} is not a readable PyTorch or safetensors file (truncated or not a "
+            f"checkpoint?): {first[:160]}")
+
+
+def _flatten(raw: object, path: Path) -> dict[str, torch.Tensor]:
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(raw, dict) and isinstance(raw.get(key), dict):
+            raw = raw[key]
+            break
+    if not isinstance(raw, dict) or not raw:
+        raise CheckpointError(f"checkpoint {path} holds no state_dict (found {type(raw).__name__})")
+    out: dict[str, torch.Tensor] = {}
+    for k, v in raw.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        for prefix in _PREFIXES:
+            while k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    if not out:
+        raise CheckpointError(f"checkpoint {path} holds no tensors")
+    return out
+
+
+def _apply_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], path: Path,
+                      label: str) -> None:
+    own = model.state_dict()
+    # Checkpoints saved before PyTorch 0.4.1 have no BatchNorm step counters; they carry no
+    # information for a frozen model, so the model's own are kept.
+    sd = {**{k: v for k, v in own.items() if k.endswith("num_batches_tracked")}, **sd}
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [k for k in own if k in sd and own[k].shape != sd[k].shape]
+    if not (missing or unexpected or wrong):
+        model.load_state_dict(sd, strict=True)
+        return
+
+    def few(keys: list[str]) -> str:
+        return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys ({few(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys ({few(unexpected)})")
+    if wrong:
+        k = wrong[0]
+        parts.append(f"{len(wrong)} shape mismatches ({k}: {tuple(sd[k].shape)} in file, "
+                     f"{tuple(own[k].shape)} in model)")
+    hint = "is it for another architecture?"
+    if wrong and not missing and not unexpected and sd[wrong[-1]].ndim <= 2:
+        hint = f"wrong number of classes? pass `num_classes` {sd[wrong[-1]].shape[0]}"
+    raise CheckpointError(f"checkpoint {path} does not fit {label}: {'; '.join(parts)}; {hint}")
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Freeze for good: no gradients and eval mode, so BatchNorm statistics never move."""
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def _build(source: str, name: str, num_classes: int | None, pretrained: bool) -> nn.Module:
+    """The model with the registry's weights, or random ones drawn from a fixed seed so that
+    a bundle trained on a random backbone (``--no-pretrained``) loads the same backbone again."""
+    if pretrained:
+        return _build_model(source, name, num_classes, True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        return _build_model(source, name, num_classes, False)
+
+
+def _build_model(source: str, name: str, num_classes: int | None, pretrained: bool
+                 ) -> nn.Module:
+    if source == "cifar":
+        model = cifar_resnet(name, num_classes or 10)
+        if pretrained:
+            _download_cifar(model, name)
+        return model
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    try:
+        if source == "timm":
+            import timm
+
+            with _hub_offline_unless_reachable(pretrained):
+                return timm.create_model(name, pretrained=pretrained, **kwargs)
+        import torchvision
+
+        return torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None,
+                                            **kwargs)
+    except (OSError, RuntimeError, ValueError, ConnectionError) as e:
+        if not pretrained:
+            raise
+        raise OfflineError(
+            f"could not download pretrained weights for {source}:{name} (offline?): "
+            f"pass `checkpoint` (a weights file)"
+        ) from e
+
+
+@contextlib.contextmanager
+def _hub_offline_unless_reachable(pretrained: bool, timeout: float = 3.0):
+    """Offline, let the Hugging Face hub use its cache only: otherwise it retries each file for a
+    minute before failing. Online nothing changes."""
+    import socket
+
+    if not pretrained:
+        yield
+        return
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        yield
+        return
+    except OSError:
+        pass
+    from huggingface_hub import constants
+
+    old, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = old
+
+
+def _download_cifar(model: nn.Module, name: str) -> None:
+    url = CIFAR_URLS[name]
+    try:  # torch hub announces downloads on stderr even without progress; keep ours one line
+        with contextlib.redirect_stderr(io.StringIO()):
+            sd = torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=True,
+                                                    weights_only=True, progress=False)
+    except Exception as e:
+        raise OfflineError(
+            f"could not download pretrained weights for cifar:{name} from {url} (offline?): "
+            f"pass `checkpoint` (a weights file)"
+        ) from e
+    _apply_state_dict(model, _flatten(sd, Path(url)), Path(url), f"cifar:{name}")
+
+
+def _default_preprocess(source: str, name: str, model: nn.Module) -> Preprocess:
+    """The model's own evaluation recipe (timm's data config, torchvision's weights transforms);
+    ImageNet's resize-256-crop-224 where torchvision knows no weights for the name."""
+    if source == "cifar":
+        return CIFAR_PREPROCESS
+    if source == "timm":
+        from timm.data import resolve_data_config
+
+        cfg = resolve_data_config({}, model=model)
+        size = tuple(cfg["input_size"][1:])
+        resize = math.floor(min(size) / cfg["crop_pct"]) if cfg.get("crop_pct") else None
+        return Preprocess(size, tuple(cfg["mean"]), tuple(cfg["std"]), resize,
+                          _interpolation(cfg.get("interpolation")))
+    import torchvision
+
+    try:
+        t = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+        return Preprocess((t.crop_size[0], t.crop_size[0]), tuple(t.mean), tuple(t.std),
+                          int(t.resize_size[0]), _interpolation(t.interpolation.value))
+    except (ValueError, AttributeError, KeyError):
+        return Preprocess((224, 224), resize_size=256)
+
+
+def _interpolation(name: str | None) -> str:
+    """timm and torchvision name it the same way; anything exotic falls back to bilinear."""
+    return name if name in INTERPOLATIONS else "bilinear"
+
+
+def _head_size(model: nn.Module, preprocess: Preprocess) -> int:
+    with torch.no_grad():
+        out = model(torch.zeros(1, 3, *preprocess.input_size))
+    return int(out.shape[-1])
+
+
+def create_backbone(
+    name: str,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    pretrained: bool = False,
+    num_classes: int | None = None,
+    input_size: tuple[int, int] | None = None,
+    mean: tuple[float, float, float] | None = None,
+    std: tuple[float, float, float] | None = None,
+    known_sha256: str | None = None,
+) -> Backbone:
+    """Build a frozen backbone from a name, with weights from ``checkpoint`` or the registry.
+
+    ``pretrained=True`` downloads the registry's weights when no checkpoint is given (timm's and
+    torchvision's own mechanisms; the CIFAR family from its public URLs, hash-checked, into the
+    torch hub cache). Offline that fails with :class:`OfflineError` saying to pass a checkpoint.
+    ``known_sha256``: the checkpoint's hash when the caller has just computed it (a bundle's
+    load checks it before loading), so a large file is hashed once.
+    """
+    if input_size and max(input_size) > MAX_INPUT_SIDE:
+        raise OptionError(f"`input_size` {max(input_size)} is larger than pteenet supports "
+                          f"({MAX_INPUT_SIDE} per side)")
+    source, bare = resolve_name(name)
+    pretrained = pretrained and checkpoint is None
+    model = _build(source, bare, num_classes, pretrained)
+    sha, notes = None, []
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        sd = load_state_dict_file(path)
+        if num_classes is None and (found := _head_classes(model, sd)) is not None:
+            num_classes, key = found
+            model = _build(source, bare, num_classes, False)
+            notes.append(f"`num_classes` {num_classes}: read from the checkpoint's classifier "
+                         f"({key})")
+        _apply_state_dict(model, sd, path, f"{source}:{bare}")
+        sha = known_sha256 or sha256_file(path)
+    pre = _default_preprocess(source, bare, model)
+    pre = replace(pre.resized(tuple(input_size)) if input_size else pre,
+                  mean=tuple(mean) if mean else pre.mean, std=tuple(std) if std else pre.std)
+    freeze(model)
+    return Backbone(model=model, name=bare, source=source,
+                    num_classes=num_classes or _head_size(model, pre), preprocess=pre,
+                    checkpoint=str(checkpoint) if checkpoint is not None else None,
+                    checkpoint_sha256=sha, pretrained=pretrained, notes=notes)
+
+
+def _head_classes(model: nn.Module, sd: dict[str, torch.Tensor]) -> tuple[int, str] | None:
+    """The checkpoint's class count, when its classifier differs from the model's default: the
+    classifier is the model's last 2-D weight (``linear``, ``fc``, ``classifier.3``, ``head``)."""
+    own = model.state_dict()
+    key = next((k for k in reversed(own) if k.endswith("weight") and own[k].ndim == 2), None)
+    if key is None or key not in sd or sd[key].ndim != 2 or sd[key].shape == own[key].shape:
+        return None
+    if sd[key].shape[1] != own[key].shape[1]:
+        return None  # another architecture: the load below says so
+    return int(sd[key].shape[0]), key

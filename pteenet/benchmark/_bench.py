@@ -1,0 +1,189 @@
+"""Benchmark a bundle: what the early exits save against the untouched backbone, measured.
+
+:func:`bench` is what ``pteenet bench`` runs. It answers two separate questions, because FLOPs
+and wall clock disagree often enough that reporting one alone misleads:
+
+* **Quality and work** (:mod:`pteenet.benchmark._quality`), from one pass over held-out data: top-1,
+  agreement with the backbone, exit shares and the mean relative FLOPs per sample counted by the
+  real early-exit run, and the oracle floor; the optional threshold sweep (:mod:`pteenet.benchmark`)
+  is simulated from the same pass with the exact exit rule the model applies.
+* **Wall clock** (:mod:`pteenet.benchmark`): the untouched backbone and the early-exit model timed
+  interleaved in the same process: batch-1 latency and batched throughput, and each segment's
+  and branch's time beside its FLOPs.
+
+The samples (:mod:`pteenet.benchmark`) default to the bundle's own data: its test split when there
+is one, else the held-out calibration samples of its train split, never those trained on. This
+module checks the options, runs the steps and writes ``bench.json`` (and the sweep's files).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pteenet.benchmark._eval_set import EvalSet, select_data
+from pteenet.benchmark._quality import Pass, measure_pass, quality, simulation_check
+from pteenet.benchmark._sweep import plot_sweep, sweep_points, write_sweep_csv
+from pteenet.benchmark._wall_clock import (
+    busy_note,
+    efficiency,
+    images_to_keep,
+    profile_note,
+    speedups,
+    time_profile,
+    wall_clock,
+)
+from pteenet.bundle._bundle import BundleInfo, ThresholdTable, load, read_bundle
+from pteenet.bundle._derived import BENCH_FILE, SWEEP_CSV, SWEEP_PNG
+from pteenet.cascade._model import EarlyExitModel
+from pteenet.cascade._profile import device_name, steady_allocator
+from pteenet.errors import BundleError, OptionError
+from pteenet.machine import check_device, threads
+from pteenet.progress import single_bar
+from pteenet.storage._atomic import write_text, writes_into
+from pteenet.thresholds import json_rows
+
+__all__ = ["bench"]
+
+
+def _check_options(threshold: float | None, batch_size: int, latency_samples: int, repeats: int,
+                  max_samples: int | None) -> None:
+    """Refuse bad values before anything heavy is loaded, one line each."""
+    if threshold is not None and (math.isnan(threshold) or threshold < 0):
+        raise OptionError(f"`threshold` must be >= 0 (0 = always exit, above 1 = never), "
+                          f"got {threshold}")
+    if batch_size < 1:
+        raise OptionError(f"`batch_size` must be at least 1, got {batch_size}")
+    if latency_samples < 0:
+        raise OptionError(f"`latency_samples` must be >= 0 (0 skips it), got {latency_samples}")
+    if repeats < 1:
+        raise OptionError(f"`repeats` must be at least 1, got {repeats}")
+    if max_samples is not None and max_samples < 1:
+        raise OptionError(f"`max_samples` must be at least 1, got {max_samples}")
+
+
+def _write_outputs(folder: Path, result: dict[str, Any], sweep: bool, out_json: bool) -> None:
+    """bench.json (and the sweep's files) beside the bundle, each written atomically."""
+    files: dict[str, str] = {}
+    try:
+        if sweep:
+            write_sweep_csv(folder / SWEEP_CSV, result["sweep"])
+            plot_sweep(folder / SWEEP_PNG, result["sweep"], result)
+            files.update(sweep_csv=str(folder / SWEEP_CSV), sweep_png=str(folder / SWEEP_PNG))
+        if out_json:
+            files["bench_json"] = str(folder / BENCH_FILE)
+        result["files"] = files
+        if out_json:
+            write_text(folder / BENCH_FILE, json.dumps(result, indent=1, allow_nan=False) + "\n")
+    except OSError as e:
+        raise BundleError(f"cannot write results into {folder} ({e.strerror or e}); "
+                          f"check the folder's permissions and free space") from e
+
+
+@writes_into("bundle", when="out_json")  # bench.json: one writer at a time, writability first
+def bench(
+    bundle: str | os.PathLike = "pteenet-out",
+    *,
+    data: str | os.PathLike | None = None,
+    split: str | None = None,
+    threshold: float | None = None,
+    batch_size: int = 256,
+    latency_samples: int = 200,
+    repeats: int = 5,
+    sweep: bool = False,
+    device: str = "cpu",
+    checkpoint: str | os.PathLike | None = None,
+    force: bool = False,
+    out_json: bool = True,
+    progress: bool = False,
+    max_samples: int | None = None,
+    num_threads: int | None = None,
+    profile: bool = True,
+) -> dict[str, Any]:
+    """Measure a bundle's early exits against its untouched backbone (see the module docstring).
+
+    ``threshold`` replaces the bundle's table with one global value (0 = every sample leaves at
+    the first exit; above 1 or inf = none leaves early). ``out_json`` writes ``bench.json`` into
+    the bundle folder; ``sweep`` also writes ``sweep.png`` and ``sweep.csv`` there.
+    ``num_threads`` sets the CPU threads for the whole run; ``profile`` times every segment and
+    branch (:func:`time_profile`). Returns the same JSON-serialisable dict.
+    """
+    _check_options(threshold, batch_size, latency_samples, repeats, max_samples)
+    with threads(num_threads):
+        return _bench(bundle, data, split, threshold, batch_size, latency_samples, repeats,
+                      sweep, device, checkpoint, force, out_json, progress, max_samples, profile)
+
+
+def _timed_shares(p: Pass, timing: dict[str, Any], branches: int) -> dict[str, list[float]]:
+    """Where the images each timing ran on left: the ideal speedups are for those images."""
+    exits = p.ee_exit[p.kept]
+    counts = {"latency": timing["distinct_latency_images"] or len(exits),
+              "throughput": timing["batch_size"] * timing["batches"]}
+    return {k: (torch.bincount(exits[:n], minlength=branches + 1).double() / n).tolist()
+            for k, n in counts.items()}
+
+
+def _bench(bundle, data, split, threshold, batch_size, latency_samples, repeats, sweep, device,
+           checkpoint, force, out_json, progress, max_samples, profile) -> dict[str, Any]:
+    dev = check_device(device)
+    b = read_bundle(bundle)  # read once: the model, the table and the info agree
+    info, table = b.info, b.table
+    ev = select_data(info, data, split, max_samples)
+    model = load(b, checkpoint=checkpoint, force=force, device=dev)
+    if threshold is not None:
+        model.set_thresholds(float(threshold))
+    backbone = model.whole  # the eager backbone the segments were traced from (built once)
+    keep = images_to_keep(info, latency_samples, batch_size)
+    with single_bar(progress, "measuring", len(ev.indices)) as tick:
+        p = measure_pass(model, ev, batch_size=batch_size, device=dev, keep=keep, progress=tick)
+    result = _assemble(info, ev, table, threshold, model, p, b.sha256)
+    if threshold is None and table.method == "none":
+        result["warnings"].append("the bundle's thresholds were never calibrated (no "
+                                  "thresholds.json): every exit is off and this measures the "
+                                  "backbone; run `pteenet calibrate` or pass `threshold`")
+    steady = dev.type == "cpu" and steady_allocator()  # both models alike: see its docstring
+    result["timing"] = wall_clock(backbone, model, p.images, latency_samples=latency_samples,
+                                  batch_size=batch_size, repeats=repeats, device=dev)
+    result["timing"]["allocator"] = "steady (mallopt)" if steady else "default"
+    result["speedup"] = speedups(result["timing"], result["early_exit"]["relative_flops"])
+    result["profile"] = time_profile(model, p.images.to(dev), result["timing"]["batch_size"],
+                                     _timed_shares(p, result["timing"], model.num_branches)) \
+        if profile else None
+    if result["profile"]:
+        result["speedup"].update(efficiency(result["speedup"], result["profile"]))
+    for note in (busy_note(result["timing"]), profile_note(info, device_name(dev))):
+        if note:
+            result["notes"].append(note)
+    result["sweep"] = sweep_points(p, model.thresholds.cpu(), model.exit_costs(kind="flops")) \
+        if sweep else None
+    _write_outputs(info.path, result, sweep, out_json)
+    return result
+
+
+def _assemble(info: BundleInfo, ev: EvalSet, table: ThresholdTable, threshold: float | None,
+              model: EarlyExitModel, p: Pass, sha256: str | None) -> dict[str, Any]:
+    """The result dict's description of what was measured, plus the quality numbers."""
+    return {
+        "bundle": {"path": str(info.path), "backbone": f"{info.backbone['source']}:"
+                   f"{info.backbone['name']}", "branches": info.num_branches,
+                   "num_classes": info.num_classes, "backbone_flops": model.backbone_flops,
+                   "sha256": sha256},
+        "data": {"spec": ev.spec, "split": ev.split, "subset": ev.subset,
+                 "num_samples": len(p), "skipped": p.skipped, "labels": p.labels is not None},
+        "thresholds": {"source": "bundle" if threshold is None else "--threshold",
+                       "method": table.method if threshold is None else "global",
+                       "score": model.score,
+                       "value": None if threshold is None or math.isinf(threshold)
+                       else float(threshold),
+                       "table": json_rows(model.thresholds.cpu())},
+        "exit_costs": [float(c) for c in model.exit_costs(kind="flops")],
+        **quality(p, model),
+        "simulation": simulation_check(p, model),
+        "notes": list(ev.notes),
+        "warnings": [],
+    }

@@ -1,0 +1,280 @@
+"""Exit branches: small heads that read a feature map and answer early.
+
+Every branch is a fixed, parameter-free *reduction* of the feature map followed by a learned
+*head*: a body, a classifier (K logits) and a confidence head (one logit; its sigmoid is the exit
+score), the exit block of EENets (Demir & Akbas, section 3.1). The split is what makes exits
+pay: the reduction (average and max pooling to a small grid, concatenated) is the same in every
+epoch, so training caches the reduced map instead of the whole feature map, and the learned part
+runs on a few hundred numbers instead of a full-resolution map. On CIFAR ResNet-44 a full-map
+ConvX branch cost 5 % of the backbone; the default ``mlp`` branch costs 0.1-0.5 %. The reduced map
+holds at most ``MAX_VALUES`` numbers (4 KB per image in the cache): wide ImageNet maps get a
+smaller grid, and past one cell per channel adjacent channels are averaged (:func:`reduction`).
+
+The types (bodies):
+
+* ``mlp`` (default) -- the reduced map flattened, one hidden layer (Linear, BN, ReLU). Its width
+  is sized so the branch costs at most ``budget`` of the backbone (see :func:`make_branch`).
+* ``conv1``/``conv2``/``conv3`` -- PTEEnet's ConvX (Lahiany & Aperstein): X x [3x3 conv, BN,
+  ReLU], global average pool, the heads; run on the reduced map at a width sized to the budget.
+* ``conv1d`` -- BTS-EE's lightweight branch (Aperstein & Apartsin). The paper gives no layers;
+  ours reduces to one value per channel (average and max), then BN+ReLU and two 1-D convolutions
+  *along the channel axis* (1->8 channels, kernel 3; 8->8, kernel 3, stride 2) with ReLU.
+* ``pool`` -- EENets' Bnpool: global pooling, BN, ReLU, the heads.
+* ``sdn`` -- the SDN baseline (Kaya et al. 2019): a learned mix of max and average pooling to
+  4x4, then a linear classifier. Used as the peer method in benchmarks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pteenet.errors import OptionError
+from pteenet.graph._tracing import count_flops
+
+__all__ = ["BRANCH_TYPES", "DEFAULT_BRANCH", "MAX_VALUES", "Branch", "Reduce", "branch_flops",
+           "cache_bytes", "make_branch", "reduction", "softmax_stats", "unbounded_reduction"]
+
+BRANCH_TYPES = ("mlp", "conv1", "conv2", "conv3", "conv1d", "pool", "sdn")
+DEFAULT_BRANCH = "mlp"
+GRID = 4  # the reduced map's side for mlp, ConvX and sdn (smaller for wide maps)
+MAX_VALUES = 2048  # numbers one branch's reduced map may hold per image: 4 KB in the fp16 cache
+MAX_WIDTH = 256  # the widest hidden layer a budget may buy (wider did not help on CIFAR)
+MIN_WIDTH = 16
+CELL_POOL_MIN = 1 << 16  # values per image from which a channels-last map is cell-pooled
+
+
+class Reduce(nn.Module):
+    """Average and max pooling to ``size`` x ``size``, concatenated on channels: [N, 2C', s, s].
+
+    Parameter-free and deterministic, so its output can be cached once for every epoch. Max
+    pooling keeps the strongest local response that averaging alone would wash out (SDN's
+    mixed pooling, Kaya et al. 2019). ``group`` > 1 then averages each run of ``group``
+    adjacent channels (C' = C / group): the last resort of :func:`reduction` for maps so wide
+    that even one cell per channel is more than a branch may cache.
+    """
+
+    def __init__(self, size: int, group: int = 1) -> None:
+        super().__init__()
+        self.size, self.group = size, group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = min(self.size, x.shape[-2], x.shape[-1])
+        if _whole_cells(x, s):
+            y = _cell_pool(x, s)
+        else:
+            y = torch.cat([F.adaptive_avg_pool2d(x, s), F.adaptive_max_pool2d(x, s)], 1)
+        if self.group > 1:
+            y = y.unflatten(1, (-1, self.group)).mean(2)
+        return y
+
+    def out_shape(self, shape: tuple[int, ...]) -> tuple[int, int, int]:
+        """The reduced map's per-image shape for a (C, H, W) input."""
+        c, h, w = shape
+        return 2 * c // self.group, min(self.size, h), min(self.size, w)
+
+
+def _whole_cells(x: torch.Tensor, s: int) -> bool:
+    """Whether :func:`_cell_pool` pays for ``x``: a large float32 channels-last map on a CPU (as
+    the frozen segments hand over; where it was timed, and where its sums cannot overflow as
+    fp16's would) that ``s`` x ``s`` equal cells tile. On small maps its extra ops cost more
+    than the reads they save (a CIFAR 16x32x32 map: 15 against 11 us at batch 1)."""
+    if (x.dim() != 4 or x.dtype != torch.float32 or x.device.type != "cpu"
+            or not x.is_contiguous(memory_format=torch.channels_last)):
+        return False
+    c, h, w = x.shape[1:]
+    return c * h * w >= CELL_POOL_MIN and h % s == 0 and w % s == 0
+
+
+def _cell_pool(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Average and max over ``s`` x ``s`` equal cells of a channels-last map, [N, 2C, s, s]:
+    what adaptive pooling gives when the cells tile the map, but summed and maxed along rows
+    first and then along each cell's columns, each step over contiguous channels. On 2 cores
+    MobileNetV3's first tapped map (64x112x112) reduced 1.7x faster at batch 32, 2x at batch 1."""
+    n, c, h, w = x.shape
+    rows = x.permute(0, 2, 3, 1).reshape(n, s, h // s, w, c)
+    avg = rows.sum(2).view(n, s, s, w // s, c).sum(3) / ((h // s) * (w // s))
+    top = rows.amax(2).view(n, s, s, w // s, c).amax(3)
+    return torch.cat([avg, top], -1).permute(0, 3, 1, 2).contiguous()
+
+
+def reduction(shape: tuple[int, ...], grid: int) -> Reduce:
+    """The fixed reduction of a (C, H, W) map: at most ``MAX_VALUES`` numbers per image.
+
+    The grid halves (4, 2, 1) until avg+max of every channel fits; past one cell per channel,
+    adjacent channels are averaged in the smallest group that divides C and fits. A CIFAR ResNet
+    (16-64 channels) keeps its full 4x4 grid; ResNet-50's 2048-channel stage caches 2048 numbers
+    instead of 65,536, so a default attach caches under 64 KB per image over ten cuts.
+    """
+    c, h, w = shape
+    s = grid
+    while s > 1 and 2 * c * min(s, h) * min(s, w) > MAX_VALUES:
+        s //= 2
+    group = 1
+    while 2 * c // group > MAX_VALUES or c % group:
+        group += 1
+    return Reduce(s, group)
+
+
+def unbounded_reduction(kind: str) -> Reduce:
+    """The reduction pteenet used before :func:`reduction` bounded wide maps: ``kind``'s full
+    grid (4x4; 1x1 for ``conv1d`` and ``pool``) over every channel, however wide the map.
+
+    Bundles written then (format version 2 whose branch specs record no ``reduce``) hold
+    branches shaped for it; :func:`pteenet.bundle._bundle.load` builds them only to recognise such
+    bundles and ask for a new attach.
+    """
+    return Reduce(_grid(kind))
+
+
+def _grid(kind: str) -> int:
+    return 1 if kind in ("conv1d", "pool") else GRID
+
+
+def cache_bytes(reduce: Reduce, shape: tuple[int, ...]) -> int:
+    """Bytes one image's reduced map takes in the training cache (fp16)."""
+    return 2 * math.prod(reduce.out_shape(shape))
+
+
+class Branch(nn.Module):
+    """The reduction, then a body that maps it to a vector, then classifier and confidence heads.
+
+    The confidence head sees the body's features *and* three statistics of the classifier's own
+    softmax (top probability, top-1 minus top-2 margin, normalised entropy). A linear head on the
+    features alone ranked samples worse than plain top-softmax (on CIFAR ResNet-44 it needed
+    0.92 of the FLOPs where softmax needed 0.79 at the same accuracy); with the statistics it can
+    learn softmax's ranking and improve on it. They are detached: the head's loss never bends the
+    classifier.
+    """
+
+    def __init__(self, reduce: Reduce, body: nn.Module, width: int, num_classes: int) -> None:
+        super().__init__()
+        self.reduce = reduce
+        self.body = body
+        self.classifier = nn.Linear(width, num_classes)
+        self.confidence = nn.Linear(width + 3, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.head(self.reduce(x))
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits alone: what inference runs when the exit score does not read the
+        confidence head (the softmax and gate scores). The head's softmax statistics, concat
+        and linear layer were 13 of a CIFAR branch's 25 ops, a third of its batch-1 time."""
+        return self.classifier(self.body(self.reduce(x)))
+
+    def head(self, reduced: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and confidence logit from the reduced map (what training caches)."""
+        z = self.body(reduced)
+        logits = self.classifier(z)
+        stats = softmax_stats(logits.detach())
+        return logits, self.confidence(torch.cat([z, stats], 1)).squeeze(1)
+
+
+def softmax_stats(logits: torch.Tensor) -> torch.Tensor:
+    """[N, 3]: top probability, top-1 minus top-2 probability, entropy / log(K)."""
+    p = torch.softmax(logits.float(), 1)
+    top = p.topk(min(2, p.shape[1]), dim=1).values
+    margin = top[:, 0] - top[:, 1] if top.shape[1] > 1 else top[:, 0]
+    entropy = -(p * p.clamp_min(1e-12).log()).sum(1) / max(math.log(p.shape[1]), 1e-12)
+    return torch.stack([top[:, 0], margin, entropy], 1).to(logits.dtype)
+
+
+def _conv_body(c: int, width: int, depth: int) -> nn.Module:
+    layers: list[nn.Module] = []
+    for i in range(depth):
+        layers += [nn.Conv2d(c if i == 0 else width, width, 3, padding=1, bias=False),
+                   nn.BatchNorm2d(width), nn.ReLU()]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+class _ChannelConv1d(nn.Module):
+    """Treat the pooled channel vector as a 1-channel signal and convolve along it."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.pre = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(c), nn.ReLU())
+        self.convs = nn.Sequential(
+            nn.Conv1d(1, 8, 3, padding=1), nn.ReLU(),
+            nn.Conv1d(8, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.convs(self.pre(x).unsqueeze(1))
+
+
+class _MixedPool(nn.Module):
+    """SDN's pooling: a learned convex mix of the reduction's max and average halves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.alpha = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        avg, mx = x.chunk(2, dim=1)
+        a = torch.sigmoid(self.alpha)
+        return (a * mx + (1 - a) * avg).flatten(1)
+
+
+def _width(per_unit: float, fixed: float, budget: float | None, cap: int) -> int:
+    """The widest layer (at most ``cap``) whose MACs ``per_unit * w + fixed`` fit ``budget``."""
+    if budget is None:
+        return cap
+    return int(max(MIN_WIDTH, min(cap, (budget - fixed) // max(per_unit, 1))))
+
+
+def _parts(kind: str, shape: tuple[int, ...], k: int, budget: float | None,
+           width: int | None, reduce: Reduce | None) -> tuple[Reduce, nn.Module, int]:
+    reduce = reduce or reduction(shape, _grid(kind))
+    c2, h, w = reduce.out_shape(shape)  # c2: avg and max channels together
+    cells = h * w
+    if kind == "mlp":
+        width = width or _width(c2 * cells + k + 4, 0, budget, MAX_WIDTH)
+        body = nn.Sequential(nn.Flatten(), nn.Linear(c2 * cells, width, bias=False),
+                             nn.BatchNorm1d(width), nn.ReLU())
+        return reduce, body, width
+    if kind in ("conv1", "conv2", "conv3"):
+        depth = int(kind[-1])
+        # MACs: cells * 9 * (c2*w + (depth-1)*w^2); solve for w conservatively (linear part).
+        per = cells * 9 * (c2 + (depth - 1) * min(c2 // 2, MAX_WIDTH)) + k + 4
+        width = width or _width(per, 0, budget, min(max(c2 // 2, MIN_WIDTH), MAX_WIDTH))
+        return reduce, _conv_body(c2, width, depth), width
+    if kind == "conv1d":
+        return reduce, _ChannelConv1d(c2), 8 * ((c2 + 1) // 2)
+    if kind == "pool":
+        return reduce, nn.Sequential(nn.Flatten(), nn.BatchNorm1d(c2), nn.ReLU()), c2
+    if kind == "sdn":
+        return reduce, _MixedPool(), c2 // 2 * cells
+    raise ValueError(kind)
+
+
+def make_branch(kind: str, shape: tuple[int, ...] | int, num_classes: int,
+                budget: float | None = None, *, width: int | None = None,
+                reduce: Reduce | None = None) -> Branch:
+    """Build an untrained branch of ``kind`` for a feature map of ``shape`` (C, H, W).
+
+    ``budget`` is the most FLOPs the branch may cost per image; ``mlp`` and ConvX widths shrink
+    to fit it (never below 16). ``width`` fixes the hidden width instead (a saved bundle's). A
+    bare channel count stands for a 4x4 map. ``reduce`` replaces the reduction
+    :func:`reduction` picks (:func:`unbounded_reduction`: the layout of older bundles).
+    """
+    if kind not in BRANCH_TYPES:
+        raise OptionError(f"unknown branch type '{kind}': use one of {', '.join(BRANCH_TYPES)}")
+    if isinstance(shape, int):
+        shape = (shape, GRID, GRID)
+    macs = None if budget is None else budget / 2
+    reduce, body, width = _parts(kind, tuple(shape), num_classes, macs, width, reduce)
+    return Branch(reduce, body, width, num_classes)
+
+
+def branch_flops(branch: nn.Module, shape: tuple[int, ...]) -> int:
+    """FLOPs of one branch on one ``shape`` (C, H, W) feature map, counted like the backbone."""
+    was = branch.training
+    branch.eval()
+    try:
+        return count_flops(branch, torch.zeros(1, *shape))
+    finally:
+        branch.train(was)

@@ -1,0 +1,89 @@
+"""``pteenet inspect``: where a backbone's compute goes and where exits would sit."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from pteenet.backbone._registry import create_backbone
+from pteenet.cascade._branches import DEFAULT_BRANCH, branch_flops, cache_bytes, make_branch
+from pteenet.cascade._model import DEFAULT_BUDGET
+from pteenet.graph._placement import DEFAULT_POLICY, choose_cuts, useful_cuts
+from pteenet.graph._tracing import trace_backbone
+
+__all__ = ["inspect_backbone"]
+
+
+def inspect_backbone(
+    model: str,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    num_classes: int | None = None,
+    branches: int | None = None,
+    placement: str = DEFAULT_POLICY,
+    at: Sequence[float] | None = None,
+    cuts: Sequence[str] | None = None,
+    input_size: tuple[int, int] | None = None,
+    mean: tuple[float, float, float] | None = None,
+    std: tuple[float, float, float] | None = None,
+    branch: str = DEFAULT_BRANCH,
+    branch_budget: float | None = DEFAULT_BUDGET,
+    pretrained: bool = False,
+) -> dict[str, Any]:
+    """Trace ``model`` and describe every cut point; mark those a placement would choose, with
+    what a ``branch`` there would cost (as attach would build it under ``branch_budget``).
+
+    FLOPs do not depend on the weights, so ``pretrained`` (download the registry's) is off by
+    default. Returns a JSON-serialisable dict (the same data ``--json`` prints).
+    """
+    bb = create_backbone(model, checkpoint=checkpoint, num_classes=num_classes,
+                         pretrained=pretrained,
+                         input_size=input_size, mean=mean, std=std)
+    trace = trace_backbone(bb.model, bb.preprocess.input_size, cuts=cuts)
+    chosen: list[str] = []
+    if cuts:
+        chosen = list(cuts)
+    elif branches or at:
+        chosen = choose_cuts(trace, branches, placement, at)
+    total = trace.total_flops
+    useful = {c.name for c in useful_cuts(trace)}
+    costs = _branch_costs(trace, chosen, bb.num_classes, branch, branch_budget)
+    cache = {name: c for name, (_, c) in costs.items()}
+    return {
+        "model": bb.full_name,
+        "source": bb.source,
+        "input_size": list(bb.preprocess.input_size),
+        "mean": list(bb.preprocess.mean),
+        "std": list(bb.preprocess.std),
+        "num_classes": bb.num_classes,
+        "inferred": bb.notes,
+        "total_flops": total,
+        "total_macs": total // 2,
+        "total_params": trace.total_params,
+        "thop_macs": trace.thop_macs,
+        "placement": None if cuts else ("at" if at else placement) if chosen else None,
+        "chosen": chosen,
+        "cache_bytes": sum(cache.values()),
+        "cuts": [
+            {"name": c.name, "shape": list(c.shape), "flops": c.flops,
+             "fraction": c.flops / total if total else 0.0, "params": c.params,
+             "chosen": c.name in chosen, "useful": c.name in useful,
+             "branch_flops": costs[c.name][0] if c.name in costs else None,
+             "cache_bytes": cache.get(c.name)}
+            for c in trace.cuts
+        ],
+    }
+
+
+def _branch_costs(trace, chosen: Sequence[str], num_classes: int, branch: str,
+                  budget: float | None) -> dict[str, tuple[int, int]]:
+    """FLOPs of the branch attach would put at each chosen cut, and the bytes per image its
+    reduced map takes in the training cache."""
+    cap = None if budget is None else budget * trace.total_flops
+    out = {}
+    for name in chosen:
+        shape = trace.cut(name).shape
+        b = make_branch(branch, shape, num_classes, cap)
+        out[name] = branch_flops(b, shape), cache_bytes(b.reduce, shape)
+    return out

@@ -1,0 +1,41 @@
+"""Files that are never half-written: atomic writes, the writer lock, the commit manifest."""
+
+from pteenet.storage._atomic import (
+    CACHE_PREFIX,
+    LOCK_FILE,
+    MANIFEST,
+    MANIFEST_VERSION,
+    PAUSE_ENV,
+    PENDING_SUFFIX,
+    atomic_path,
+    commit_files,
+    parse_manifest,
+    pause_point,
+    read_manifest,
+    read_member,
+    recover,
+    sha256_file,
+    write_text,
+    writer_lock,
+    writes_into,
+)
+
+__all__ = [
+    "CACHE_PREFIX",
+    "LOCK_FILE",
+    "MANIFEST",
+    "MANIFEST_VERSION",
+    "PAUSE_ENV",
+    "PENDING_SUFFIX",
+    "atomic_path",
+    "commit_files",
+    "parse_manifest",
+    "pause_point",
+    "read_manifest",
+    "read_member",
+    "recover",
+    "sha256_file",
+    "write_text",
+    "writer_lock",
+    "writes_into",
+]

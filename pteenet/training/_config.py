@@ -1,0 +1,83 @@
+"""What branch training takes and gives back: :class:`TrainConfig` (the settings ``pteenet
+attach`` passes) and :class:`TrainReport` (losses, held-out agreement, boosted survivors)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from pteenet.errors import OptionError
+from pteenet.machine import check_device
+from pteenet.thresholds import check_cpm_options
+
+__all__ = ["BOOSTED", "LOSSES", "TARGETS", "TrainConfig", "TrainReport"]
+
+
+TARGETS = ("auto", "mixed", "hard", "soft", "labels")
+BOOSTED = (None, "hard", "soft")
+LOSSES = ("distill", "eenet")
+
+
+@dataclass
+class TrainConfig:
+    """Training settings; the defaults are the ones ``pteenet attach`` uses."""
+
+    epochs: int = 10
+    batch_size: int = 256
+    lr: float = 3e-3
+    lam: float = 0.05
+    target: str = "auto"
+    temperature: float = 4.0
+    loss: str = "distill"
+    boosted: str | None = None
+    margin: float = 0.02
+    min_support: int = 20
+    seed: int = 0
+    device: str = "cpu"
+    cache: bool = True
+    cache_limit: int = 4 << 30
+    num_workers: int | None = None  # loader processes for the caching pass; None: default_workers
+    amp: bool = False  # bf16 autocast for the branches (CUDA, or CPUs with bf16 support)
+
+    def validate(self, has_labels: bool) -> None:
+        check_device(self.device)
+        if self.epochs < 1:
+            raise OptionError(f"`epochs` must be at least 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise OptionError(f"`batch_size` must be at least 1, got {self.batch_size}")
+        if not self.lr > 0 or math.isinf(self.lr):
+            raise OptionError(f"`lr` must be a positive number, got {self.lr}")
+        if not self.lam >= 0 or math.isinf(self.lam):
+            raise OptionError(f"`lam` must be >= 0, got {self.lam}")
+        if not self.temperature > 0:
+            raise OptionError(f"`temperature` must be positive, got {self.temperature}")
+        check_cpm_options(self.margin, self.min_support)
+        if self.target not in TARGETS:
+            raise OptionError(f"`target` must be one of {', '.join(TARGETS)}, got {self.target}")
+        if self.loss not in LOSSES:
+            raise OptionError(f"`loss` must be one of {', '.join(LOSSES)}, got {self.loss}")
+        if self.boosted and not self.cache:
+            raise OptionError("`boosted` needs the feature cache (`cache`)")
+        if self.boosted not in BOOSTED:
+            raise OptionError(f"`boosted` must be hard or soft, got {self.boosted}")
+        if self.target in ("labels", "mixed") and not has_labels:
+            raise OptionError(f"`target` {self.target} needs labeled data (class subfolders)")
+
+    def resolved_target(self, has_labels: bool) -> str:
+        """``auto`` made concrete: mixed targets with labels, the backbone's softmax without."""
+        if self.target != "auto":
+            return self.target
+        return "mixed" if has_labels else "soft"
+
+
+@dataclass
+class TrainReport:
+    """What training did: per-epoch loss, held-out agreement per branch, boosted survivors."""
+
+    losses: list[float] = field(default_factory=list)
+    agreement: list[float] = field(default_factory=list)
+    survivors: list[dict[str, int]] = field(default_factory=list)
+    thresholds: Tensor | None = None
+    skipped: int = 0
