@@ -80,7 +80,7 @@ def global_for_drop(bundle: Path, drop: float) -> float:
     """SDN's rule: the lowest global softmax threshold within ``drop`` on the held-out split."""
     model = pteenet.load(bundle)
     model.set_thresholds(1.0, score="softmax")
-    out = collect(model)
+    out = collect(model, bundle)
     b, k = out.scores.shape[1], model.num_classes
     best = 1.0
     for t in torch.linspace(1.0, 0.0, 201).tolist():

@@ -6,15 +6,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from enum import Enum
 
-from pteenet.calibration._calibrate import BOUNDS
-from pteenet.cascade._branches import BRANCH_TYPES
-from pteenet.cascade._ensemble import ENSEMBLES
-from pteenet.cascade._model import SCORES
-from pteenet.cascade._profile import COSTS
-from pteenet.data._datasets import SPLITS
-from pteenet.exporter._export import FORMATS
-from pteenet.graph._placement import POLICIES
-from pteenet.training._config import BOOSTED, LOSSES, TARGETS
+from pteenet.choices import (
+    BOOSTED,
+    BOUNDS,
+    BRANCH_TYPES,
+    COSTS,
+    ENSEMBLES,
+    FORMATS,
+    LOSSES,
+    POLICIES,
+    SCORES,
+    SPLITS,
+    TARGETS,
+)
 
 
 def choice(name: str, values: Sequence[str]) -> type[Enum]:

@@ -7,7 +7,6 @@ import sys
 import traceback
 from typing import Annotated
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -21,31 +20,23 @@ from .export_cmd import export
 from .inspect_cmd import inspect
 
 
-def _typer_exceptions(names: tuple[str, ...] = ("Exit", "Abort", "ClickException", "UsageError",
-                                                "BadParameter")) -> list[type]:
-    """typer >= 0.16 vendors click: its exit/usage exceptions are separate classes."""
-    import typer.core
-
-    found = []
-    vendored = getattr(typer, "_click", None)
-    for mod in (typer.core, getattr(typer.core, "click", None), vendored,
-                getattr(vendored, "exceptions", None)):
-        for n in names:
-            obj = getattr(mod, n, None) if mod else None
-            if isinstance(obj, type) and issubclass(obj, BaseException):
-                found.append(obj)
-    return found
+def _base(cls: type, name: str) -> type:
+    """The base class called ``name`` of one of typer's public exceptions: typer does not
+    export click's usage-error classes (and, from 0.16, vendors its own click), so they are
+    found through ``typer.BadParameter`` instead of a private module."""
+    return next(c for c in cls.__mro__ if c.__name__ == name)
 
 
-# --help exits and aborts are click's (and typer's own copies of them) to handle; usage errors
-# become our one line (typer would draw a box around them).
-_PASS_THROUGH = tuple({click.exceptions.Exit, click.ClickException, click.exceptions.Abort,
-                       typer.Exit, typer.Abort, *_typer_exceptions()})
-_USAGE = tuple(e for e in _PASS_THROUGH if e.__name__ in ("UsageError", "BadParameter"))
-_HELP = tuple(e for e in {getattr(click.exceptions, "NoArgsIsHelpError", None),  # click >= 8.2
-                          *_typer_exceptions(("NoArgsIsHelpError",))} if e is not None)
+# --help exits and aborts are typer's to handle; usage errors become our one line (typer would
+# draw a box around them), except "no arguments", which shows the help.
+_USAGE = _base(typer.BadParameter, "UsageError")
+_PASS_THROUGH = (typer.Exit, typer.Abort, _base(typer.BadParameter, "ClickException"))
 ARGV = "pteenet.argv"  # ctx.meta key: the arguments as given
-_EXIT = getattr(typer.core, "Exit", click.exceptions.Exit)  # what typer's main turns into a code
+
+
+def _is_help(exc: BaseException) -> bool:
+    """click >= 8.2 raises ``NoArgsIsHelpError`` (a usage error) for ``no_args_is_help``."""
+    return type(exc).__name__ == "NoArgsIsHelpError"
 
 
 class _Group(TyperGroup):
@@ -61,26 +52,26 @@ class _Group(TyperGroup):
             ctx.meta[ARGV] = argv
             return ctx
         except _USAGE as exc:
-            if isinstance(exc, _HELP):
+            if _is_help(exc):
                 raise
-            click.echo(describe_usage(exc), err=True)
-            raise _EXIT(exc.exit_code) from None
+            typer.echo(describe_usage(exc), err=True)
+            raise typer.Exit(exc.exit_code) from None
 
-    def resolve_command(self, ctx: click.Context, args: list[str]):
+    def resolve_command(self, ctx: typer.Context, args: list[str]):
         """The command found is the one whose options library notes are shown with."""
         name, command, rest = super().resolve_command(ctx, args)
         show_as(command)
         return name, command, rest
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx: typer.Context):
         try:
             return super().invoke(ctx)
         except _USAGE as exc:
-            if isinstance(exc, _HELP):
+            if _is_help(exc):
                 raise
             sub = self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand \
                 else None
-            click.echo(describe_usage(exc, sub), err=True)
+            typer.echo(describe_usage(exc, sub), err=True)
             ctx.exit(exc.exit_code)
         except _PASS_THROUGH:
             raise
@@ -90,7 +81,7 @@ class _Group(TyperGroup):
             sub = self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand \
                 else None
             message, code = describe(exc, ctx.meta.get(ARGV), flags_of(sub))
-            click.echo(message, err=True)
+            typer.echo(message, err=True)
             ctx.exit(code)
 
 

@@ -7,10 +7,7 @@ from typing import Annotated
 
 import typer
 
-from pteenet.cascade._branches import DEFAULT_BRANCH
-from pteenet.cascade._model import DEFAULT_BUDGET
-from pteenet.graph._placement import DEFAULT_BRANCHES, DEFAULT_POLICY
-from pteenet.jobs._attach import attach as run_attach
+from pteenet.choices import DEFAULT_BRANCH, DEFAULT_BRANCHES, DEFAULT_BUDGET, DEFAULT_POLICY
 from pteenet.training._config import TrainConfig
 
 from . import _choices
@@ -33,6 +30,8 @@ from ._options import (
     preprocess_options,
 )
 from ._output import Output, human, kb, pct
+
+_CONFIG = TrainConfig()  # the library's defaults, shown and used as the CLI's
 
 
 def attach(
@@ -60,38 +59,45 @@ def attach(
     branch_budget: Annotated[float, typer.Option(
         "--branch-budget", help="Most FLOPs one branch may cost, as a share of the backbone's "
         "(0.01 = 1 %); mlp and ConvX widths shrink to fit.")] = DEFAULT_BUDGET,
-    epochs: Annotated[int, typer.Option(help="Training epochs (per branch when boosted).")] = 10,
+    epochs: Annotated[int, typer.Option(
+        help="Training epochs (per branch when boosted).")] = _CONFIG.epochs,
     loss: Annotated[_choices.Loss, typer.Option(
         help="distill (each branch learns the targets on its own; the default) or eenet "
         "(EENets' cost-aware L_v2 over the whole cascade, weighted by --lam).")]
-    = _choices.Loss("distill"),
-    lam: Annotated[float, typer.Option(help="EENets cost weight lambda in the L_v2 loss.")] = 0.05,
+    = _choices.Loss(_CONFIG.loss),
+    lam: Annotated[float, typer.Option(
+        help="EENets cost weight lambda in the L_v2 loss.")] = _CONFIG.lam,
     target: Annotated[_choices.Target, typer.Option(
         help="auto (mixed with labels, soft without), mixed (half labels, half the backbone's "
         "softmax), hard (backbone argmax), soft (its softmax at --temperature) or labels.")]
-    = _choices.Target("auto"),
+    = _choices.Target(_CONFIG.target),
     temperature: Annotated[float, typer.Option(
-        help="Distillation temperature of soft and mixed targets.")] = 4.0,
+        help="Distillation temperature of soft and mixed targets.")]
+    = _CONFIG.temperature,
     boosted: Annotated[_choices.Boost | None, typer.Option(
         help="BTS-EE sequential training, one branch at a time; the value is required: hard "
         "(drop the samples earlier exits take) or soft (down-weight them).")] = None,
-    margin: Annotated[float, typer.Option(help="CPM margin used between boosted stages.")] = 0.02,
+    margin: Annotated[float, typer.Option(
+        help="CPM margin used between boosted stages.")] = _CONFIG.margin,
     val_fraction: Annotated[float, typer.Option(
         help="Share of the data held out for calibration (never trained on); risk control "
         "certifies on two thirds of it, and its bound tightens with every sample.")] = 0.2,
     out: Annotated[Path, typer.Option("--out", "-o", help="Bundle folder.")] = Path("pteenet-out"),
-    seed: Annotated[int, typer.Option(help="Random seed (split, init, order).")] = 0,
+    seed: Annotated[int, typer.Option(
+        help="Random seed (split, init, order).")] = _CONFIG.seed,
     device: Device = "cpu",
-    batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 256,
+    batch_size: Annotated[int, typer.Option(
+        help="Training batch size.")] = _CONFIG.batch_size,
     lr: Annotated[float, typer.Option(help="Peak Adam learning rate (one-cycle schedule).")]
-    = 3e-3,
+    = _CONFIG.lr,
     no_cache: Annotated[bool, typer.Option(
         "--no-cache", help="Recompute backbone features every epoch instead of caching them.")]
     = False,
     max_samples: Annotated[int | None, typer.Option(
         help="Use a seeded subset of this many images (quick runs).", min=2)] = None,
     amp: Annotated[bool, typer.Option(
-        help="bf16 mixed precision for branch training (CUDA, or CPUs with bf16).")] = False,
+        help="bf16 mixed precision for branch training (CUDA, or CPUs with bf16).")]
+    = _CONFIG.amp,
     resume: Annotated[bool, typer.Option(
         help="Save training state every epoch (every branch when boosted) and continue an "
         "interrupted attach from it; Ctrl-C prints the command that does.")] = False,
@@ -110,6 +116,8 @@ def attach(
     that do not pay are switched off), and the bundle (branches.safetensors +
     thresholds.json/csv) is written atomically to --out, ready for bench or pteenet.load.
     """
+    from pteenet.jobs._attach import attach as run_attach  # torch: only when run
+
     out_ = Output()
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, lam=lam,
                          target=value(target), temperature=temperature, loss=value(loss),

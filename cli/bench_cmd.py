@@ -8,8 +8,6 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from pteenet.benchmark._bench import bench as run_bench
-
 from . import _choices
 from ._choices import value
 from ._errors import as_shown
@@ -162,6 +160,8 @@ def bench(
     Data: the bundle's test split, else its held-out calibration samples (never the training
     ones). Results go to bench.json in the bundle; --sweep adds sweep.png and sweep.csv.
     """
+    from pteenet.benchmark._bench import bench as run_bench  # torch: only when run
+
     out = Output(json)
     res = run_bench(bundle, data=data, split=value(split), threshold=threshold,
                     batch_size=batch_size,

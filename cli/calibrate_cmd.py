@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from pteenet.calibration._calibrate import DEFAULT_MARGIN, CalibrationResult
-from pteenet.calibration._calibrate import calibrate as run_calibrate
+from pteenet.choices import DEFAULT_MARGIN
 
 from . import _choices
 from ._choices import value
 from ._options import Bundle, Checkpoint, Cost, Device, Json
 from ._output import Output, pct
+
+if TYPE_CHECKING:
+    from pteenet.calibration import CalibrationResult
 
 
 def calibrate(
@@ -68,6 +70,8 @@ def calibrate(
     whole cascade's expected accuracy and relative FLOPs. --verbose shows every exit and class
     (by name) with the precision there.
     """
+    from pteenet.calibration._calibrate import calibrate as run_calibrate  # torch: only when run
+
     out = Output(json)
     res = run_calibrate(bundle, threshold=threshold, cpm=cpm, margin=margin,
                         min_support=min_support, max_drop=max_drop, budget=budget, risk=risk,

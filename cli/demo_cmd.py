@@ -8,8 +8,6 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from pteenet.demo import run_demo
-
 from ._options import Json
 from ._output import Output, pct
 from .bench_cmd import EXIT_COLUMNS, comparison_rows, exit_rows
@@ -46,6 +44,8 @@ def demo(
     The bundle (branches.safetensors, thresholds.json/csv, bench.json, sweep.png/csv) goes to
     --out; inspect it with the other commands, e.g. pteenet bench --bundle pteenet-demo.
     """
+    from pteenet.demo import run_demo  # torch: only when run
+
     o = Output(json)
     res = run_demo(out, workdir=workdir, quick=quick, progress=not json, threads=threads,
                    log=lambda line: o.note(escape(line)))

@@ -9,8 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from pteenet.exporter._export import MANIFEST
-from pteenet.exporter._export import export as run_export
+from pteenet.runtime import MANIFEST
 
 from . import _choices
 from ._choices import value
@@ -86,6 +85,8 @@ def export(
     preds and exits are int64 arrays (exit B = the backbone); cascade.run(x) also gives the
     logits and FLOPs per sample. Input: float32 [N, 3, H, W], normalised as the manifest says.
     """
+    from pteenet.exporter._export import export as run_export  # torch: only when run
+
     output = Output(json)
     folder = run_export(bundle, format=value(format), out=out, opset=opset, checkpoint=checkpoint,
                         force=force)

@@ -6,8 +6,7 @@ from typing import Annotated
 
 import typer
 
-from pteenet.graph._placement import DEFAULT_POLICY
-from pteenet.jobs._inspect import inspect_backbone
+from pteenet.choices import DEFAULT_POLICY
 
 from . import _choices
 from ._choices import value
@@ -47,6 +46,8 @@ def inspect(
     json: Json = False,
 ) -> None:
     """Show where MODEL's FLOPs go: every cut point with its cumulative FLOPs and parameters."""
+    from pteenet.jobs._inspect import inspect_backbone  # torch: only when run
+
     out = Output(json)
     info = inspect_backbone(model, checkpoint=checkpoint, num_classes=num_classes,
                             branches=branches, placement=value(placement), at=floats(at, "--at"),

@@ -41,7 +41,7 @@ def test_cpm_table_round_trips_and_load_applies_it(bundle):
     model = load(bundle)
     assert torch.equal(model.thresholds, table.thresholds)
     # The real model applies tau[k, c] to the class predicted at branch k.
-    out = collect(model)
+    out = collect(model, bundle)
     sim = exit_index(out.scores, out.preds, table.thresholds)
     assert doc["summary"]["exits"][0]["count"] == int((sim == 0).sum())
     saved = json.loads((bundle / THRESHOLDS_FILE).read_text())["thresholds"]

@@ -8,13 +8,9 @@ import torch
 from typer.testing import CliRunner
 
 import pteenet
-from pteenet.calibration._calibrate import BOUNDS, calibrate
-from pteenet.cascade._branches import BRANCH_TYPES
-from pteenet.cascade._profile import COSTS
+from pteenet.calibration._calibrate import calibrate
+from pteenet.choices import BOUNDS, BRANCH_TYPES, COSTS, FORMATS, LOSSES, POLICIES, TARGETS
 from pteenet.errors import OptionError, PlacementError
-from pteenet.exporter._export import FORMATS
-from pteenet.graph._placement import POLICIES
-from pteenet.training._config import LOSSES, TARGETS
 from tests._helpers import (  # noqa: F401  (fixtures)
     bundle_copy,
     fails_cleanly,

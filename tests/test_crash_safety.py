@@ -87,7 +87,7 @@ def new(shared, tmp_path_factory):
     model = pteenet.load(shared[2])
     model.set_thresholds(0.25)
     folder = tmp_path_factory.mktemp("new") / "bundle"
-    save_bundle(folder, model, model.info)
+    save_bundle(folder, model, read_info(shared[2]))
     return model, folder
 
 
@@ -148,12 +148,12 @@ def test_kill_at_every_step_of_a_bundle_write(old, new, tmp_path):
     """Old: 1 branch; new: 2 branches (the case where a mix broke every command)."""
     model, ref_new = new
     old_model = pteenet.load(old)
-    steps = kill_at(99, lambda: save_bundle(tmp_path / "full", model, model.info),
+    steps = kill_at(99, lambda: save_bundle(tmp_path / "full", model, read_info(ref_new)),
                     tmp_path / "pause-full")
     assert steps == SAVE_STEPS
     for k, step in enumerate(SAVE_STEPS):
         out = Path(shutil.copytree(old, tmp_path / f"out-{k}"))
-        assert kill_at(k, lambda o=out: save_bundle(o, model, model.info),
+        assert kill_at(k, lambda o=out: save_bundle(o, model, read_info(ref_new)),
                        tmp_path / f"pause-{k}")[-1] == step
         loaded = pteenet.load(out)
         committed = k >= SAVE_STEPS.index("committed")
@@ -391,5 +391,5 @@ def test_a_damaged_manifest_is_refused_and_a_new_bundle_replaces_it(new, tmp_pat
         pteenet.load(out)
     with pytest.raises(BundleError, match="bundle.json is malformed"):  # the branches are
         write_thresholds(out, ThresholdTable(torch.full((2, 3), 0.5)))  # unverifiable
-    save_bundle(out, model, model.info)  # what attach does: the whole bundle anew
+    save_bundle(out, model, read_info(ref))  # what attach does: the whole bundle anew
     assert members(out) == members(ref) and leftovers(out) == []

@@ -32,8 +32,9 @@ from pteenet.bundle._bundle import (
     ThresholdTable,
     write_thresholds,
 )
-from pteenet.cascade._branches import BRANCH_TYPES, make_branch, unbounded_reduction
+from pteenet.cascade._branches import make_branch, unbounded_reduction
 from pteenet.cascade._model import gate_power
+from pteenet.choices import BRANCH_TYPES
 from pteenet.errors import BundleError
 from tests._helpers import (  # noqa: F401  (one_thread: autouse fixture)
     bundle_copy,

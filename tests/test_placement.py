@@ -6,15 +6,9 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from pteenet.choices import DEFAULT_BRANCHES, POLICIES
 from pteenet.errors import PlacementError, PteenetError
-from pteenet.graph._placement import (
-    DEFAULT_BRANCHES,
-    POLICIES,
-    TAIL,
-    choose_cuts,
-    target_fractions,
-    useful_cuts,
-)
+from pteenet.graph._placement import TAIL, choose_cuts, target_fractions, useful_cuts
 from pteenet.graph._tracing import Cut, Trace
 
 

@@ -1,44 +1,25 @@
 """The backbone: the registry (CIFAR ResNets, timm, torchvision), checkpoints and the
 evaluation preprocessing."""
 
-from pteenet.backbone._cifar_resnet import (
-    CIFAR_DEPTHS,
-    CifarResNet,
-    cifar_resnet,
-)
-from pteenet.backbone._preprocess import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    INTERPOLATIONS,
-    MAX_INPUT_SIDE,
-    Preprocess,
-)
-from pteenet.backbone._registry import (
-    CIFAR_URLS,
-    SOURCES,
-    Backbone,
-    create_backbone,
-    freeze,
-    load_state_dict_file,
-    resolve_name,
-    sha256_file,
-)
+from pteenet._face import lazy_face
 
-__all__ = [
-    "Backbone",
-    "CIFAR_DEPTHS",
-    "CIFAR_URLS",
-    "CifarResNet",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "INTERPOLATIONS",
-    "MAX_INPUT_SIDE",
-    "Preprocess",
-    "SOURCES",
-    "cifar_resnet",
-    "create_backbone",
-    "freeze",
-    "load_state_dict_file",
-    "resolve_name",
-    "sha256_file",
-]
+_NAMES = {
+    "CIFAR_DEPTHS": "_cifar_resnet",
+    "CifarResNet": "_cifar_resnet",
+    "cifar_resnet": "_cifar_resnet",
+    "IMAGENET_MEAN": "_preprocess",
+    "IMAGENET_STD": "_preprocess",
+    "INTERPOLATIONS": "_preprocess",
+    "MAX_INPUT_SIDE": "_preprocess",
+    "Preprocess": "_preprocess",
+    "Backbone": "_registry",
+    "CIFAR_URLS": "_registry",
+    "SOURCES": "_registry",
+    "create_backbone": "_registry",
+    "freeze": "_registry",
+    "load_state_dict_file": "_registry",
+    "resolve_name": "_registry",
+    "sha256_file": "_registry",
+}
+__all__ = sorted(_NAMES)
+__getattr__, __dir__ = lazy_face(__name__, _NAMES)

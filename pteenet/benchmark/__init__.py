@@ -1,59 +1,30 @@
 """The proof: accuracy, FLOPs and wall-clock time of the early-exit model beside the backbone."""
 
-from pteenet.benchmark._bench import (
-    bench,
-)
-from pteenet.benchmark._eval_set import (
-    EvalSet,
-    select_data,
-)
-from pteenet.benchmark._quality import (
-    Pass,
-    measure_pass,
-    oracle_flops,
-    quality,
-    simulation_check,
-    timing_positions,
-)
-from pteenet.benchmark._sweep import (
-    SWEEP_STEPS,
-    plot_sweep,
-    sweep_points,
-    write_sweep_csv,
-)
-from pteenet.benchmark._wall_clock import (
-    Clock,
-    busy_note,
-    efficiency,
-    images_to_keep,
-    profile_note,
-    segments_in_a_row,
-    speedups,
-    time_profile,
-    wall_clock,
-)
+from pteenet._face import lazy_face
 
-__all__ = [
-    "Clock",
-    "EvalSet",
-    "Pass",
-    "SWEEP_STEPS",
-    "bench",
-    "busy_note",
-    "efficiency",
-    "images_to_keep",
-    "measure_pass",
-    "oracle_flops",
-    "plot_sweep",
-    "profile_note",
-    "quality",
-    "segments_in_a_row",
-    "select_data",
-    "simulation_check",
-    "speedups",
-    "sweep_points",
-    "time_profile",
-    "timing_positions",
-    "wall_clock",
-    "write_sweep_csv",
-]
+_NAMES = {
+    "bench": "_bench",
+    "EvalSet": "_eval_set",
+    "select_data": "_eval_set",
+    "Pass": "_quality",
+    "measure_pass": "_quality",
+    "oracle_flops": "_quality",
+    "quality": "_quality",
+    "simulation_check": "_quality",
+    "timing_positions": "_quality",
+    "SWEEP_STEPS": "_sweep",
+    "plot_sweep": "_sweep",
+    "sweep_points": "_sweep",
+    "write_sweep_csv": "_sweep",
+    "Clock": "_wall_clock",
+    "busy_note": "_wall_clock",
+    "efficiency": "_wall_clock",
+    "images_to_keep": "_wall_clock",
+    "profile_note": "_wall_clock",
+    "segments_in_a_row": "_wall_clock",
+    "speedups": "_wall_clock",
+    "time_profile": "_wall_clock",
+    "wall_clock": "_wall_clock",
+}
+__all__ = sorted(_NAMES)
+__getattr__, __dir__ = lazy_face(__name__, _NAMES)

@@ -1,54 +1,31 @@
 """The bundle on disk: safetensors weights, bundle.json, the threshold table, and the files
 derived from it."""
 
-from pteenet.bundle._bundle import (
-    BRANCHES_FILE,
-    FORMAT_VERSION,
-    MANIFEST,
-    MEMBERS,
-    THRESHOLDS_FILE,
-    Bundle,
-    BundleInfo,
-    ThresholdTable,
-    calibration_digest,
-    load,
-    load_backbone,
-    read_bundle,
-    read_info,
-    read_thresholds,
-    save_bundle,
-    write_thresholds,
-)
-from pteenet.bundle._derived import (
-    BENCH_FILE,
-    BUNDLE_HASH_KEY,
-    SWEEP_CSV,
-    SWEEP_PNG,
-    bundle_hash,
-    remove_stale,
-)
+from pteenet._face import lazy_face
 
-__all__ = [
-    "BENCH_FILE",
-    "BRANCHES_FILE",
-    "BUNDLE_HASH_KEY",
-    "Bundle",
-    "BundleInfo",
-    "FORMAT_VERSION",
-    "MANIFEST",
-    "MEMBERS",
-    "SWEEP_CSV",
-    "SWEEP_PNG",
-    "THRESHOLDS_FILE",
-    "ThresholdTable",
-    "bundle_hash",
-    "calibration_digest",
-    "load",
-    "load_backbone",
-    "read_bundle",
-    "read_info",
-    "read_thresholds",
-    "remove_stale",
-    "save_bundle",
-    "write_thresholds",
-]
+_NAMES = {
+    "BRANCHES_FILE": "_bundle",
+    "Bundle": "_bundle",
+    "BundleInfo": "_bundle",
+    "FORMAT_VERSION": "_bundle",
+    "MANIFEST": "_bundle",
+    "MEMBERS": "_bundle",
+    "THRESHOLDS_FILE": "_bundle",
+    "ThresholdTable": "_bundle",
+    "calibration_digest": "_bundle",
+    "load": "_bundle",
+    "load_backbone": "_bundle",
+    "read_bundle": "_bundle",
+    "read_info": "_bundle",
+    "read_thresholds": "_bundle",
+    "save_bundle": "_bundle",
+    "write_thresholds": "_bundle",
+    "BENCH_FILE": "_derived",
+    "BUNDLE_HASH_KEY": "_derived",
+    "SWEEP_CSV": "_derived",
+    "SWEEP_PNG": "_derived",
+    "bundle_hash": "_derived",
+    "remove_stale": "_derived",
+}
+__all__ = sorted(_NAMES)
+__getattr__, __dir__ = lazy_face(__name__, _NAMES)

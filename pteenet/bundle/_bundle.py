@@ -44,9 +44,10 @@ from pteenet import __version__
 from pteenet.backbone._preprocess import INTERPOLATIONS, MAX_INPUT_SIDE, Preprocess
 from pteenet.backbone._registry import Backbone, create_backbone, sha256_file
 from pteenet.cascade._branches import MAX_VALUES, make_branch, unbounded_reduction
-from pteenet.cascade._ensemble import ENSEMBLES, ZTWEnsemble
-from pteenet.cascade._model import SCORES, EarlyExitModel, build_early_exit
-from pteenet.cascade._profile import COSTS, TimeProfile
+from pteenet.cascade._ensemble import ZTWEnsemble
+from pteenet.cascade._model import EarlyExitModel, build_early_exit
+from pteenet.cascade._profile import TimeProfile
+from pteenet.choices import COSTS, ENSEMBLES, SCORES
 from pteenet.errors import BundleError, OptionError, PteenetError
 from pteenet.graph._tracing import trace_backbone
 from pteenet.storage._atomic import MANIFEST, commit_files, parse_manifest, read_member
@@ -633,7 +634,6 @@ def load(path: str | os.PathLike | Bundle = "pteenet-out", *,
     _load_state(model, b.state, info, shapes)
     model.set_ensemble(b.ensemble)
     model.use_cost(info.cost, info.latency)
-    model.info = info
     return model.to(device).eval()
 
 

@@ -1,36 +1,19 @@
 """When each exit may answer: thresholds chosen on held-out images (cost search, CPM,
 risk control)."""
 
-from pteenet.calibration._calibrate import (
-    DEFAULT_MARGIN,
-    DEFAULT_MAX_DROP,
-    METHODS,
-    CalibrationResult,
-    Outputs,
-    calibrate,
-    choose_table,
-    class_rows,
-    collect,
-    outputs_from_features,
-    uses_gate,
-)
-from pteenet.calibration._cost_search import (
-    CostSearch,
-    min_cost_thresholds,
-)
+from pteenet._face import lazy_face
 
-__all__ = [
-    "CalibrationResult",
-    "CostSearch",
-    "DEFAULT_MARGIN",
-    "DEFAULT_MAX_DROP",
-    "METHODS",
-    "Outputs",
-    "calibrate",
-    "choose_table",
-    "class_rows",
-    "collect",
-    "min_cost_thresholds",
-    "outputs_from_features",
-    "uses_gate",
-]
+_NAMES = {
+    "CalibrationResult": "_calibrate",
+    "Outputs": "_calibrate",
+    "calibrate": "_calibrate",
+    "choose_table": "_calibrate",
+    "class_rows": "_calibrate",
+    "collect": "_calibrate",
+    "outputs_from_features": "_calibrate",
+    "uses_gate": "_calibrate",
+    "CostSearch": "_cost_search",
+    "min_cost_thresholds": "_cost_search",
+}
+__all__ = sorted(_NAMES)
+__getattr__, __dir__ = lazy_face(__name__, _NAMES)

@@ -29,10 +29,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pteenet.bundle._bundle import ThresholdTable, load, read_bundle, write_thresholds
+from pteenet.bundle._bundle import Bundle, ThresholdTable, load, read_bundle, write_thresholds
 from pteenet.calibration._cost_search import min_cost_thresholds
 from pteenet.cascade._model import EarlyExitModel, cascade_cost, gate_power
 from pteenet.cascade._profile import device_name, probe_images
+from pteenet.choices import BOUNDS, DEFAULT_MARGIN, DEFAULT_MAX_DROP
 from pteenet.data._datasets import open_data
 from pteenet.errors import CalibrationError, OptionError
 from pteenet.machine import check_device
@@ -51,14 +52,10 @@ from pteenet.thresholds import (
 )
 from pteenet.training._features import FeatureSet, branch_scores, compute_features
 
-__all__ = ["DEFAULT_MARGIN", "DEFAULT_MAX_DROP", "METHODS", "CalibrationResult", "Outputs",
+__all__ = ["CalibrationResult", "Outputs",
            "calibrate", "choose_table", "class_rows", "collect", "outputs_from_features",
            "uses_gate"]
 
-DEFAULT_MARGIN = 0.02
-DEFAULT_MAX_DROP = 0.01
-METHODS = ("mincost", "budget", "global", "cpm", "risk")
-BOUNDS = ("wsr", "hb")
 
 
 @dataclass
@@ -115,14 +112,17 @@ def _uniform(row: Tensor) -> float | None:
     return float(row[0]) if bool((row == row[0]).all()) else None
 
 
-def collect(model, data: str | os.PathLike | None = None, *, split: str = "train",
+def collect(model: EarlyExitModel, bundle: Bundle | str | os.PathLike,
+            data: str | os.PathLike | None = None, *, split: str = "train",
             device: str = "cpu", max_samples: int | None = None,
             progress: bool = False) -> Outputs:
     """Run the model's branches and backbone on the calibration samples, once.
 
-    Without ``data``: the bundle's own held-out split (exactly the samples recorded at attach).
+    ``bundle`` (read, or its folder) is where ``model`` was loaded from: it says how to
+    preprocess and, without ``data``, which samples form its held-out split (exactly those
+    recorded at attach). The model itself holds no bundle metadata, so data flows one way.
     """
-    info = model.info
+    info = (bundle if isinstance(bundle, Bundle) else read_bundle(bundle, thresholds=False)).info
     spec = data if data is not None else info.data.get("spec")
     if spec is None:
         raise CalibrationError("the bundle records no data; pass `data`")
@@ -292,25 +292,26 @@ def calibrate(
     b = read_bundle(bundle, thresholds=False)  # all checked before the backbone is built
     model = load(b, checkpoint=checkpoint, force=force, device=device, thresholds=False)
     model.set_thresholds(1.0, score="softmax" if uses_gate(method, cpm) else score)
-    use_cost(model, cost or model.cost, device)
-    out = collect(model, data, split=split, device=device, progress=progress)
+    use_cost(model, cost or model.cost, b.info.preprocess.input_size, device)
+    out = collect(model, b, data, split=split, device=device, progress=progress)
     table = choose_table(out, model.num_classes, method=method, threshold=threshold,
                          max_drop=max_drop, budget=budget, cpm=cpm, margin=margin,
                          min_support=min_support, delta=delta, bound=bound, score=score)
     if model.cost == "latency" and model.latency is not None:
         table.params["cost_device"] = model.latency.device
     if write:
-        write_thresholds(model.info.path, table)
+        write_thresholds(b.path, table)
     return CalibrationResult(table, out, table.summary, class_rows(out, table.thresholds),
-                             model.info.classes)
+                             b.info.classes)
 
 
-def use_cost(model: EarlyExitModel, cost: str, device: str = "cpu") -> None:
+def use_cost(model: EarlyExitModel, cost: str, input_size: tuple[int, int],
+             device: str = "cpu") -> None:
     """Put ``model`` on the ``cost`` model; for latency, re-measure the profile unless it was
     measured on this device (times from another machine would rank exits wrongly)."""
     profile = model.latency
     if cost == "latency" and (profile is None or profile.device != device_name(device)):
-        profile = model.profile(probe_images(model.info.preprocess.input_size, device))
+        profile = model.profile(probe_images(input_size, device))
     model.use_cost(cost, profile)
 
 

@@ -32,14 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pteenet.choices import BRANCH_TYPES
 from pteenet.errors import OptionError
 from pteenet.graph._tracing import count_flops
 
-__all__ = ["BRANCH_TYPES", "DEFAULT_BRANCH", "MAX_VALUES", "Branch", "Reduce", "branch_flops",
+__all__ = ["MAX_VALUES", "Branch", "Reduce", "branch_flops",
            "cache_bytes", "make_branch", "reduction", "softmax_stats", "unbounded_reduction"]
 
-BRANCH_TYPES = ("mlp", "conv1", "conv2", "conv3", "conv1d", "pool", "sdn")
-DEFAULT_BRANCH = "mlp"
 GRID = 4  # the reduced map's side for mlp, ConvX and sdn (smaller for wide maps)
 MAX_VALUES = 2048  # numbers one branch's reduced map may hold per image: 4 KB in the fp16 cache
 MAX_WIDTH = 256  # the widest hidden layer a budget may buy (wider did not help on CIFAR)

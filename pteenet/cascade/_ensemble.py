@@ -25,9 +25,8 @@ from torch import Tensor, nn
 
 from pteenet.errors import OptionError
 
-__all__ = ["ENSEMBLES", "FIT_ITERATIONS", "ZTWEnsemble", "fit_split", "fit_ztw"]
+__all__ = ["FIT_ITERATIONS", "ZTWEnsemble", "fit_split", "fit_ztw"]
 
-ENSEMBLES = ("ztw",)
 FIT_ITERATIONS = 200  # L-BFGS iterations per exit: B + K parameters converge well before
 
 

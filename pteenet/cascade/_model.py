@@ -33,21 +33,18 @@ import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from pteenet.cascade._branches import DEFAULT_BRANCH, branch_flops, make_branch
+from pteenet.cascade._branches import branch_flops, make_branch
 from pteenet.cascade._ensemble import ZTWEnsemble
 from pteenet.cascade._frozen import direct, freeze_all, frozen_applies, trace_exact
-from pteenet.cascade._profile import COSTS, PROBE_BATCH, TimeProfile, profile_cascade
+from pteenet.cascade._profile import PROBE_BATCH, TimeProfile, profile_cascade
+from pteenet.choices import COSTS, DEFAULT_BRANCH, DEFAULT_BUDGET, SCORES
 from pteenet.errors import OptionError
 from pteenet.graph._tracing import Cut, Trace, split_at
 from pteenet.thresholds import as_table
-
-if TYPE_CHECKING:
-    from pteenet.bundle._bundle import BundleInfo
 
 __all__ = [
     "EarlyExitModel",
@@ -60,8 +57,6 @@ __all__ = [
     "reach",
 ]
 
-SCORES = ("gate", "softmax", "head")
-DEFAULT_BUDGET = 0.01  # each branch costs at most 1 % of the backbone by default
 
 
 def reach(active: torch.Tensor, chained: bool) -> torch.Tensor:
@@ -177,7 +172,6 @@ class EarlyExitModel(nn.Module):
         self.score = score
         self.cost = "flops"
         self.latency: TimeProfile | None = None
-        self.info: BundleInfo | None = None  # set by pteenet.load
         # run the segments as frozen graphs in CPU inference (pteenet.cascade), one set per shape
         self.frozen = True
         self._graphs = _Graphs()

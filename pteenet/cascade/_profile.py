@@ -29,11 +29,10 @@ from pteenet.cascade._frozen import freeze_all, frozen_applies
 from pteenet.errors import OptionError
 from pteenet.graph._tracing import Trace, split_at
 
-__all__ = ["COSTS", "TimeProfile", "batched_repeats", "chain_times", "cut_time_fractions",
+__all__ = ["TimeProfile", "batched_repeats", "chain_times", "cut_time_fractions",
            "device_name", "exit_times", "probe_batch", "probe_images", "profile_cascade",
            "relative_costs", "steady_allocator"]
 
-COSTS = ("flops", "latency")
 WARMUP = 3
 REPEATS = 15
 PROBE_BATCH = 64  # images per timed batch

@@ -29,7 +29,6 @@ from pteenet.errors import DataError, OfflineError, OptionError
 __all__ = [
     "DATASET_NAMES",
     "IMAGE_EXTENSIONS",
-    "SPLITS",
     "Batch",
     "ImageData",
     "available_splits",
@@ -56,7 +55,6 @@ _TORCHVISION = {
     "fashion-mnist": ("FashionMNIST", "train"),
 }
 _SPLIT_ALIASES = {"train": "train", "test": "test", "val": "test"}
-SPLITS = tuple(_SPLIT_ALIASES)  # what ``split=`` takes
 
 
 # --------------------------------------------------------------------------- datasets

@@ -12,11 +12,10 @@ from typing import Any
 from pteenet.backbone._registry import create_backbone
 from pteenet.benchmark._bench import bench
 from pteenet.calibration._calibrate import calibrate
-from pteenet.cascade._branches import DEFAULT_BRANCH
+from pteenet.choices import DEFAULT_BRANCH, DEFAULT_POLICY
 from pteenet.demo.backbone import MODEL, train_backbone
 from pteenet.demo.digits import prepare_digits
 from pteenet.demo.settings import DemoSettings, Log, default_workdir, to_stderr
-from pteenet.graph._placement import DEFAULT_POLICY
 from pteenet.jobs._attach import attach
 from pteenet.machine import threads as threads_for
 from pteenet.training._config import TrainConfig

@@ -1,23 +1,14 @@
 """Export to ONNX or TorchScript, one graph per segment and branch plus a manifest."""
 
-from pteenet.exporter._export import (
-    FORMATS,
-    MANIFEST,
-    MANIFEST_VERSION,
-    export,
-    manifest_for,
-)
-from pteenet.exporter._single_graph import (
-    MIN_OPSET,
-    single_graph,
-)
+from pteenet._face import lazy_face
 
-__all__ = [
-    "FORMATS",
-    "MANIFEST",
-    "MANIFEST_VERSION",
-    "MIN_OPSET",
-    "export",
-    "manifest_for",
-    "single_graph",
-]
+_NAMES = {
+    "MANIFEST": "_export",
+    "MANIFEST_VERSION": "_export",
+    "export": "_export",
+    "manifest_for": "_export",
+    "MIN_OPSET": "_single_graph",
+    "single_graph": "_single_graph",
+}
+__all__ = sorted(_NAMES)
+__getattr__, __dir__ = lazy_face(__name__, _NAMES)

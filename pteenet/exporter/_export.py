@@ -50,22 +50,21 @@ from torch import nn
 
 from pteenet import __version__
 from pteenet.backbone._registry import sha256_file
-from pteenet.bundle._bundle import load, read_bundle
+from pteenet.bundle._bundle import BundleInfo, load, read_bundle
 from pteenet.bundle._derived import BUNDLE_HASH_KEY
 from pteenet.cascade._model import EarlyExitModel
+from pteenet.choices import FORMATS
 from pteenet.errors import BundleError, OptionError
 from pteenet.exporter._single_graph import MIN_OPSET, single_graph
+from pteenet.runtime._cascade import MANIFEST, MANIFEST_VERSION
 from pteenet.storage._atomic import atomic_path, write_text, writer_lock
 from pteenet.thresholds import json_rows
 
-__all__ = ["FORMATS", "MANIFEST", "MANIFEST_VERSION", "export", "manifest_for"]
+__all__ = ["MANIFEST", "MANIFEST_VERSION", "export", "manifest_for"]
 
-FORMATS = ("onnx", "torchscript")
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
-MANIFEST = "manifest.json"
 SINGLE = "cascade_1.onnx"  # the batch-1 cascade as one graph (ONNX only)
 MAX_SINGLE_BYTES = 1900 << 20  # one graph holds every weight: ONNX protobufs stop at 2 GB
-MANIFEST_VERSION = 2  # 2: a ZTW ensemble (written only with one); 1: every exit alone
 TRACE_BATCH = 2  # graphs are traced on this batch size ...
 CHECK_BATCH = 3  # ... and verified on another, to prove the batch dimension stayed dynamic
 INSTALL_HINT = "pip install pteenet[onnx]"
@@ -112,21 +111,24 @@ def export(
         raise OptionError(f"`out` {folder} is a file; give a folder")
     with writer_lock(folder, create=True):  # also the writability check, before any work
         model = load(b, checkpoint=checkpoint, force=force).eval()
-        files = _write_graphs(model, folder, format, opset)
+        size = b.info.preprocess.input_size
+        files = _write_graphs(model, size, folder, format, opset)
         if format == "onnx":
-            files.update(_write_single(model, folder, files, opset))
-        manifest = manifest_for(model, format, files, b.sha256)
+            files.update(_write_single(model, size, folder, files, opset))
+        manifest = manifest_for(model, b.info, format, files, b.sha256)
         manifest["sha256"] = {f: sha256_file(folder / f)
                               for group in files.values() for f in group}
         write_text(folder / MANIFEST, json.dumps(manifest, indent=1))
     return folder
 
 
-def _write_graphs(model: Any, folder: Path, format: str, opset: int) -> dict[str, list[str]]:
+def _write_graphs(model: Any, size: tuple[int, int], folder: Path, format: str, opset: int
+                  ) -> dict[str, list[str]]:
     """Each segment and branch as its own graph file; returns their names by group."""
     graphs = {"segment": list(model.segments),
               "branch": [ScoredBranch(model, k).eval() for k in range(model.num_branches)]}
-    traced, checked = _example_inputs(model, TRACE_BATCH), _example_inputs(model, CHECK_BATCH)
+    traced = _example_inputs(model, size, TRACE_BATCH)
+    checked = _example_inputs(model, size, CHECK_BATCH)
     files: dict[str, list[str]] = {"segments": [], "branches": []}
     for kind, group in (("segment", "segments"), ("branch", "branches")):
         for k, module in enumerate(graphs[kind]):
@@ -137,8 +139,8 @@ def _write_graphs(model: Any, folder: Path, format: str, opset: int) -> dict[str
     return files
 
 
-def _write_single(model: Any, folder: Path, files: dict[str, list[str]], opset: int
-                  ) -> dict[str, list[str]]:
+def _write_single(model: Any, size: tuple[int, int], folder: Path, files: dict[str, list[str]],
+                  opset: int) -> dict[str, list[str]]:
     """The batch-1 cascade as one graph (:mod:`pteenet.exporter._single_graph`), built from the
     pieces just written: ``{"single": [name]}``, or nothing for an ensemble (its exits read the
     earlier ones), an opset below the graph's, a table where no exit can fire, or weights near
@@ -158,15 +160,15 @@ def _write_single(model: Any, folder: Path, files: dict[str, list[str]], opset: 
                              model.num_classes)
         onnx.save(graph, str(tmp))
         onnx.checker.check_model(str(tmp))
-        _verify_single(model, tmp)
+        _verify_single(model, size, tmp)
     return {"single": [SINGLE]}
 
 
-def manifest_for(model: Any, format: str, files: dict[str, list[str]],
+def manifest_for(model: Any, info: BundleInfo, format: str, files: dict[str, list[str]],
                  bundle_sha256: str | None) -> dict[str, Any]:
     """The manifest: everything a runtime needs besides the graphs, as plain JSON;
-    ``bundle_sha256`` is the hash of the bundle.json the model was read under."""
-    info = model.info
+    ``info`` is the bundle the model was loaded from and ``bundle_sha256`` the hash of its
+    bundle.json."""
     ensemble = {} if model.ensemble is None else {"ensemble": True}
     return {
         "format_version": MANIFEST_VERSION if ensemble else 1, **ensemble,
@@ -199,10 +201,11 @@ def _check_format(format: str, opset: int) -> None:
 
 
 @torch.no_grad()
-def _example_inputs(model: Any, n: int) -> dict[str, list[tuple[torch.Tensor, ...]]]:
+def _example_inputs(model: Any, size: tuple[int, int], n: int
+                    ) -> dict[str, list[tuple[torch.Tensor, ...]]]:
     """Seeded inputs of every segment and branch: the image, then each cut's feature map (and,
     with an ensemble, the log-softmaxes of the exits before the branch)."""
-    h, w = model.info.preprocess.input_size
+    h, w = size
     x = torch.randn(n, 3, h, w, generator=torch.Generator().manual_seed(n))
     feats, _ = model.features(x)
     branch, history = [], None
@@ -279,7 +282,7 @@ def _run_saved(path: Path, format: str, xs: tuple[torch.Tensor, ...]) -> list[to
 
 
 @torch.no_grad()
-def _verify_single(model: Any, path: Path) -> None:
+def _verify_single(model: Any, size: tuple[int, int], path: Path) -> None:
     """Run the batch-1 graph on one image against the model: under the model's own table, with
     every threshold inf (the backbone answers), and once per branch it holds with that exit's
     row at 0 and every other inf (that exit answers), so every ``If`` is taken both ways.
@@ -290,7 +293,7 @@ def _verify_single(model: Any, path: Path) -> None:
     except ImportError:
         return
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    h, w = model.info.preprocess.input_size
+    h, w = size
     x = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(1))
     feats, final = model.features(x)
     table = model.thresholds.numpy().astype(np.float32)

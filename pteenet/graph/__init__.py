@@ -1,35 +1,18 @@
 """Where the FLOPs go: the torch.fx trace of a backbone, its cut points, and exit placement."""
 
-from pteenet.graph._placement import (
-    DEFAULT_BRANCHES,
-    DEFAULT_POLICY,
-    POLICIES,
-    TAIL,
-    choose_cuts,
-    target_fractions,
-    useful_cuts,
-)
-from pteenet.graph._tracing import (
-    Cut,
-    Trace,
-    count_flops,
-    split_at,
-    thop_macs,
-    trace_backbone,
-)
+from pteenet._face import lazy_face
 
-__all__ = [
-    "Cut",
-    "DEFAULT_BRANCHES",
-    "DEFAULT_POLICY",
-    "POLICIES",
-    "TAIL",
-    "Trace",
-    "choose_cuts",
-    "count_flops",
-    "split_at",
-    "target_fractions",
-    "thop_macs",
-    "trace_backbone",
-    "useful_cuts",
-]
+_NAMES = {
+    "TAIL": "_placement",
+    "choose_cuts": "_placement",
+    "target_fractions": "_placement",
+    "useful_cuts": "_placement",
+    "Cut": "_tracing",
+    "Trace": "_tracing",
+    "count_flops": "_tracing",
+    "split_at": "_tracing",
+    "thop_macs": "_tracing",
+    "trace_backbone": "_tracing",
+}
+__all__ = sorted(_NAMES)
+__getattr__, __dir__ = lazy_face(__name__, _NAMES)

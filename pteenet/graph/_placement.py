@@ -14,16 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from pteenet.choices import DEFAULT_BRANCHES, DEFAULT_POLICY, POLICIES
 from pteenet.errors import PlacementError
 from pteenet.graph._tracing import Cut, Trace
 
-__all__ = ["DEFAULT_BRANCHES", "DEFAULT_POLICY", "POLICIES", "TAIL", "choose_cuts",
+__all__ = ["TAIL", "choose_cuts",
            "target_fractions", "useful_cuts"]
 
 _SPLIT_RATIO = {"pareto": 0.2, "golden": 0.618, "fine": 0.05}
-POLICIES = ("pareto", "golden", "fine", "linear", "quadratic")
-DEFAULT_POLICY = "linear"
-DEFAULT_BRANCHES = 10
 TAIL = 0.05
 
 

@@ -1,19 +1,13 @@
 """The jobs the commands run: inspect a backbone, attach exits to it."""
 
-from pteenet.jobs._attach import (
-    STATE_FILE,
-    WARN_SHARE,
-    AttachResult,
-    attach,
-)
-from pteenet.jobs._inspect import (
-    inspect_backbone,
-)
+from pteenet._face import lazy_face
 
-__all__ = [
-    "AttachResult",
-    "STATE_FILE",
-    "WARN_SHARE",
-    "attach",
-    "inspect_backbone",
-]
+_NAMES = {
+    "AttachResult": "_attach",
+    "STATE_FILE": "_attach",
+    "WARN_SHARE": "_attach",
+    "attach": "_attach",
+    "inspect_backbone": "_inspect",
+}
+__all__ = sorted(_NAMES)
+__getattr__, __dir__ = lazy_face(__name__, _NAMES)

@@ -20,13 +20,14 @@ from pteenet.backbone._registry import Backbone, create_backbone
 from pteenet.bundle._bundle import BundleInfo, ThresholdTable, calibration_digest, save_bundle
 from pteenet.bundle._derived import remove_stale
 from pteenet.calibration._calibrate import choose_table, outputs_from_features
-from pteenet.cascade._branches import DEFAULT_BRANCH, cache_bytes
-from pteenet.cascade._ensemble import ENSEMBLES, fit_split, fit_ztw
-from pteenet.cascade._model import DEFAULT_BUDGET, EarlyExitModel, build_early_exit
-from pteenet.cascade._profile import COSTS, cut_time_fractions, probe_images
+from pteenet.cascade._branches import cache_bytes
+from pteenet.cascade._ensemble import fit_split, fit_ztw
+from pteenet.cascade._model import EarlyExitModel, build_early_exit
+from pteenet.cascade._profile import cut_time_fractions, probe_images
+from pteenet.choices import COSTS, DEFAULT_BRANCH, DEFAULT_BUDGET, DEFAULT_POLICY, ENSEMBLES
 from pteenet.data._datasets import available_splits, open_data, split_indices
 from pteenet.errors import Interrupted, OptionError
-from pteenet.graph._placement import DEFAULT_POLICY, choose_cuts, useful_cuts
+from pteenet.graph._placement import choose_cuts, useful_cuts
 from pteenet.graph._tracing import Trace, trace_backbone
 from pteenet.progress import bar as progress_bar
 from pteenet.storage._atomic import writes_into

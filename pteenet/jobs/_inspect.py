@@ -7,9 +7,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from pteenet.backbone._registry import create_backbone
-from pteenet.cascade._branches import DEFAULT_BRANCH, branch_flops, cache_bytes, make_branch
-from pteenet.cascade._model import DEFAULT_BUDGET
-from pteenet.graph._placement import DEFAULT_POLICY, choose_cuts, useful_cuts
+from pteenet.cascade._branches import branch_flops, cache_bytes, make_branch
+from pteenet.choices import DEFAULT_BRANCH, DEFAULT_BUDGET, DEFAULT_POLICY
+from pteenet.graph._placement import choose_cuts, useful_cuts
 from pteenet.graph._tracing import trace_backbone
 
 __all__ = ["inspect_backbone"]

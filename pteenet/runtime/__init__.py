@@ -1,13 +1,11 @@
 """Run an exported cascade with true early exit: numpy and onnxruntime, no torch."""
 
-from pteenet.runtime._cascade import (
-    MANIFEST,
-    Cascade,
-    CascadeResult,
-)
+from pteenet._face import lazy_face
 
-__all__ = [
-    "Cascade",
-    "CascadeResult",
-    "MANIFEST",
-]
+_NAMES = {
+    "Cascade": "_cascade",
+    "CascadeResult": "_cascade",
+    "MANIFEST": "_cascade",
+}
+__all__ = sorted(_NAMES)
+__getattr__, __dir__ = lazy_face(__name__, _NAMES)

@@ -5,19 +5,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from torch import Tensor
-
+from pteenet.choices import BOOSTED, LOSSES, TARGETS
 from pteenet.errors import OptionError
-from pteenet.machine import check_device
-from pteenet.thresholds import check_cpm_options
 
-__all__ = ["BOOSTED", "LOSSES", "TARGETS", "TrainConfig", "TrainReport"]
+if TYPE_CHECKING:
+    from torch import Tensor
 
-
-TARGETS = ("auto", "mixed", "hard", "soft", "labels")
-BOOSTED = (None, "hard", "soft")
-LOSSES = ("distill", "eenet")
+__all__ = ["TrainConfig", "TrainReport"]
 
 
 @dataclass
@@ -42,6 +38,10 @@ class TrainConfig:
     amp: bool = False  # bf16 autocast for the branches (CUDA, or CPUs with bf16 support)
 
     def validate(self, has_labels: bool) -> None:
+        # Imported here, so the config (and the CLI's --help built from it) needs no torch.
+        from pteenet.machine import check_device
+        from pteenet.thresholds import check_cpm_options
+
         check_device(self.device)
         if self.epochs < 1:
             raise OptionError(f"`epochs` must be at least 1, got {self.epochs}")

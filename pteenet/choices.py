@@ -1,0 +1,40 @@
+"""Every option's accepted values and the library's defaults, in one torch-free module.
+
+Why one place: the library checks its arguments against these, and the CLI builds ``--help``
+(choices and defaults) from them without importing torch, so the two can never disagree and
+``pteenet --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BOOSTED", "BOUNDS", "BRANCH_TYPES", "COSTS", "DEFAULT_BRANCH", "DEFAULT_BRANCHES",
+    "DEFAULT_BUDGET", "DEFAULT_MARGIN", "DEFAULT_MAX_DROP", "DEFAULT_POLICY", "ENSEMBLES",
+    "FORMATS", "LOSSES", "METHODS", "POLICIES", "SCORES", "SPLITS", "TARGETS",
+]
+
+# -- branches and placement (EENets placement policies; PTEEnet ConvX; BTS-EE conv1d) --------
+BRANCH_TYPES = ("mlp", "conv1", "conv2", "conv3", "conv1d", "pool", "sdn")
+DEFAULT_BRANCH = "mlp"
+DEFAULT_BUDGET = 0.01  # each branch costs at most 1 % of the backbone by default
+POLICIES = ("pareto", "golden", "fine", "linear", "quadratic")
+DEFAULT_POLICY = "linear"
+DEFAULT_BRANCHES = 10
+ENSEMBLES = ("ztw",)
+
+# -- training ---------------------------------------------------------------------------------
+TARGETS = ("auto", "mixed", "hard", "soft", "labels")
+BOOSTED = (None, "hard", "soft")
+LOSSES = ("distill", "eenet")
+
+# -- inference, calibration and cost ----------------------------------------------------------
+SCORES = ("gate", "softmax", "head")
+COSTS = ("flops", "latency")
+METHODS = ("mincost", "budget", "global", "cpm", "risk")
+BOUNDS = ("wsr", "hb")
+DEFAULT_MARGIN = 0.02
+DEFAULT_MAX_DROP = 0.01
+
+# -- data and export --------------------------------------------------------------------------
+SPLITS = ("train", "test", "val")  # "val" is an alias of "test"
+FORMATS = ("onnx", "torchscript")
