@@ -39,8 +39,7 @@ def simulate(model: EarlyExitModel, x: torch.Tensor) -> tuple[torch.Tensor, torc
     """Reference: run everything, then apply the exit rule sample by sample (no compaction)."""
     feats, final = model.reduced_features(x)
     logits, conf = model.branch_outputs(feats)
-    scores = model.all_scores(logits, conf)
-    preds = torch.stack([lg.argmax(1) for lg in logits], 1)
+    scores, preds = model.exit_outputs(logits, conf)
     exits = exit_index(scores, preds, model.thresholds)
     every = torch.stack([*logits, final], 1)
     return every[torch.arange(len(x)), exits], exits

@@ -401,11 +401,6 @@ class EarlyExitModel(nn.Module):
                               for k, (lg, c) in enumerate(zip(z, conf))], 1)
         return scores, torch.stack([lg.argmax(1) for lg in z], 1)
 
-    def all_scores(self, logits: Sequence[torch.Tensor], conf: Sequence[torch.Tensor]
-                   ) -> torch.Tensor:
-        """Every exit's score, stacked [N, B] (what calibration and bench record)."""
-        return self.exit_outputs(logits, conf)[0]
-
     def answer(self, k: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Branch ``k``'s logits on its cut's map, and its confidence logit when the score reads
         it (None otherwise: inference leaves the head out, a third of a CIFAR branch's batch-1
