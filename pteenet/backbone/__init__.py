@@ -16,6 +16,7 @@ _NAMES = {
     "CIFAR_URLS": "_registry",
     "SOURCES": "_registry",
     "create_backbone": "_registry",
+    "label_names": "_registry",
     "freeze": "_registry",
     "load_state_dict_file": "_registry",
     "resolve_name": "_registry",

@@ -39,6 +39,7 @@ __all__ = [
     "CIFAR_URLS",
     "SOURCES",
     "create_backbone",
+    "label_names",
     "freeze",
     "load_state_dict_file",
     "resolve_name",
@@ -82,6 +83,18 @@ class Backbone:
     @property
     def full_name(self) -> str:
         return f"{self.source}:{self.name}"
+
+
+def label_names(backbone: Backbone) -> list[str] | None:
+    """The backbone's classes in index order, as class folders may name them: for an
+    ImageNet-1k model (timm or torchvision, 1,000 outputs) each entry is its wnid and its names
+    ("n01440764, tench, Tinca tinca", from timm's ``ImageNetInfo``); None when unknown."""
+    if backbone.num_classes != 1000 or backbone.source not in ("timm", "torchvision"):
+        return None
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    return [f"{w}, {d}" for w, d in zip(info.label_names(), info.label_descriptions())]
 
 
 @functools.cache

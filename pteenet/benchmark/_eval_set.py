@@ -55,7 +55,7 @@ def select_data(info: BundleInfo, data: str | os.PathLike | None = None,
         raise BundleError(f"{info.path}: the bundle does not record its data; pass `data`")
     if split is None:
         split = "test" if "test" in available_splits(spec) else "train"
-    dataset = open_data(spec, info.preprocess, split=split)
+    dataset = open_data(spec, info.preprocess, split=split, label_names=info.classes)
     key = "test" if str(split).lower() in ("test", "val") else "train"
     own = _same_data(spec, str(info.data.get("spec", ""))) and info.data.get("split") == key
     notes: list[str] = []

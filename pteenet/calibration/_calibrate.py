@@ -128,7 +128,7 @@ def collect(model: EarlyExitModel, bundle: Bundle | str | os.PathLike,
         raise CalibrationError("the bundle records no data; pass `data`")
     if data is None:  # the recorded indices belong to the split attach trained on
         split = info.data.get("split", "train")
-    dataset = open_data(spec, info.preprocess, split=split)
+    dataset = open_data(spec, info.preprocess, split=split, label_names=info.classes)
     indices = list(range(len(dataset))) if data is not None else list(info.calibration_indices)
     if not indices:
         raise CalibrationError("no calibration samples: the bundle records no held-out split")

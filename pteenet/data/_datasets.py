@@ -199,8 +199,15 @@ def open_data(
     *,
     split: str = "train",
     cache_dir: str | os.PathLike | None = None,
+    label_names: Sequence[str] | None = None,
 ) -> ImageData:
     """Open a folder of images or a torchvision dataset by name.
+
+    ``label_names`` are the backbone's own classes in index order (each may list synonyms,
+    e.g. "n01440764, tench, Tinca tinca"): class folders named by them are labelled with the
+    backbone's indices, so a folder holding a subset of the classes keeps the right labels.
+    Folders that match none of them are labelled by sorted position as before; a mix of the
+    two is refused in one line.
 
     A plain string equal to one of :data:`DATASET_NAMES` (case-insensitive) is a dataset name; a
     :class:`os.PathLike` or any other string is a folder (write ``./cifar10`` for a folder that
@@ -213,7 +220,34 @@ def open_data(
         return _open_torchvision(name, key, preprocess, cache_dir)
     root = Path(spec).expanduser()
     split_dir, train_dir = _split_dir(root, key)
-    return _open_folder(root, split_dir, train_dir, preprocess)
+    data = _open_folder(root, split_dir, train_dir, preprocess)
+    return data if label_names is None else _by_label_names(data, list(label_names))
+
+
+def _key(name: str) -> str:
+    """A class name as folders spell it: case, spaces and underscores do not matter."""
+    return name.strip().lower().replace("_", " ")
+
+
+def _by_label_names(data: FolderData, label_names: list[str]) -> FolderData:
+    """Relabel ``data``'s class folders by their position in ``label_names``, when they are
+    named after them (an entry may list comma-separated synonyms: "n01440764, tench")."""
+    if data.classes is None:
+        return data
+    index: dict[str, int] = {}
+    for i, name in enumerate(label_names):
+        for alias in (name, *name.split(",")):
+            index.setdefault(_key(alias), i)
+    matched = [c for c in data.classes if _key(c) in index]
+    if not matched:
+        return data
+    missing = [c for c in data.classes if _key(c) not in index]
+    if missing:
+        raise DataError(f"{data.name}: class folder {missing[0]!r} is not one of the backbone's "
+                        f"classes (others, e.g. {matched[0]!r}, are): rename it, or remove it")
+    to = [index[_key(c)] for c in data.classes]
+    samples = [(p, to[y]) for p, y in data.samples]
+    return FolderData(data.name, samples, label_names, data.preprocess)
 
 
 def available_splits(spec: str | os.PathLike) -> list[str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from pteenet import __version__
-from pteenet.backbone._registry import Backbone, create_backbone
+from pteenet.backbone._registry import Backbone, create_backbone, label_names
 from pteenet.bundle._bundle import BundleInfo, ThresholdTable, calibration_digest, save_bundle
 from pteenet.bundle._derived import remove_stale
 from pteenet.calibration._calibrate import choose_table, outputs_from_features
@@ -132,7 +132,7 @@ def attach(
     bb = backbone or create_backbone(model, checkpoint=checkpoint, pretrained=pretrained,
                                      num_classes=num_classes, input_size=input_size, mean=mean,
                                      std=std)
-    dataset = open_data(data, bb.preprocess, split="train")
+    dataset = open_data(data, bb.preprocess, split="train", label_names=label_names(bb))
     config.validate(dataset.has_labels)
     labeled = dataset.has_labels and len(dataset.classes or []) == bb.num_classes
     if dataset.has_labels and not labeled and config.target in ("labels", "mixed"):
