@@ -1,6 +1,7 @@
 """Class folders named as the backbone knows its classes get the backbone's indices
 (issue: ImageNet folders by class): a wnid folder holding a subset of ImageNet's classes keeps
-the published-order labels; a folder that matches none of them is an error in one line."""
+the published-order labels; where most folders match, one that does not is an error in one
+line."""
 from __future__ import annotations
 
 import tarfile
@@ -43,9 +44,12 @@ def test_a_folder_that_matches_no_class_is_one_line(tmp_path):
         open_data(_folder(tmp_path, ["n01", "zebra"]), PRE, label_names=NAMES)
 
 
-def test_folders_unrelated_to_the_names_keep_sorted_labels(tmp_path):
-    data = open_data(_folder(tmp_path, ["b", "a"]), PRE, label_names=NAMES)
-    assert data.classes == ["a", "b"] and sorted(data.targets) == [0, 1]
+@pytest.mark.parametrize("folders", [["b", "a"], ["apple", "goldfish", "pear"]])
+def test_folders_unrelated_to_the_names_keep_sorted_labels(tmp_path, folders):
+    """The user's own classes, even where one happens to share a name with the backbone's."""
+    data = open_data(_folder(tmp_path, folders), PRE, label_names=NAMES)
+    assert data.classes == sorted(folders)
+    assert sorted(data.targets) == list(range(len(folders)))
 
 
 VAL_TAR = "data/imagenet-real/val.tar"

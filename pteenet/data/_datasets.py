@@ -206,8 +206,8 @@ def open_data(
     ``label_names`` are the backbone's own classes in index order (each may list synonyms,
     e.g. "n01440764, tench, Tinca tinca"): class folders named by them are labelled with the
     backbone's indices, so a folder holding a subset of the classes keeps the right labels.
-    Folders that match none of them are labelled by sorted position as before; a mix of the
-    two is refused in one line.
+    Folders of which fewer than half match are the user's own classes, labelled by sorted
+    position as before; otherwise a folder that matches none is refused in one line.
 
     A plain string equal to one of :data:`DATASET_NAMES` (case-insensitive) is a dataset name; a
     :class:`os.PathLike` or any other string is a folder (write ``./cifar10`` for a folder that
@@ -239,7 +239,7 @@ def _by_label_names(data: FolderData, label_names: list[str]) -> FolderData:
         for alias in (name, *name.split(",")):
             index.setdefault(_key(alias), i)
     matched = [c for c in data.classes if _key(c) in index]
-    if not matched:
+    if 2 * len(matched) < len(data.classes):  # a chance match ("orange"): the user's own classes
         return data
     missing = [c for c in data.classes if _key(c) not in index]
     if missing:
