@@ -8,7 +8,7 @@ deployment runner for exported cascades) works with numpy and onnxruntime alone,
 
 from __future__ import annotations
 
-import importlib
+from pteenet._face import lazy_face
 
 __version__ = "0.1.0"
 
@@ -32,17 +32,4 @@ _LAZY = {
 }
 
 __all__ = sorted([*_LAZY, "thresholds"])
-
-
-def __getattr__(name: str):
-    if name == "thresholds":
-        return importlib.import_module(".thresholds", __name__)
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'pteenet' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+__getattr__, __dir__ = lazy_face(__name__, {**_LAZY, "thresholds": "thresholds"})

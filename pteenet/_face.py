@@ -15,13 +15,15 @@ from typing import Any
 def lazy_face(package: str, names: Mapping[str, str]
               ) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
     """``__getattr__`` and ``__dir__`` for ``package``, whose public ``names`` live in the
-    given submodules (``{"TrainConfig": "_config"}``)."""
+    given submodules (``{"TrainConfig": "_config"}``; a name mapped to itself is that
+    submodule)."""
     namespace = importlib.import_module(package).__dict__
 
     def __getattr__(name: str) -> Any:
         if name not in names:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(f"{package}.{names[name]}"), name)
+        module = importlib.import_module(f"{package}.{names[name]}")
+        value = module if names[name] == name else getattr(module, name)  # a subpackage itself
         namespace[name] = value
         return value
 
