@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from pteenet.backbone._registry import create_backbone
-from pteenet.data._datasets import make_loader, open_data
+from pteenet.data import make_loader, open_data
 from pteenet.jobs._attach import attach
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

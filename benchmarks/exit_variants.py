@@ -33,6 +33,7 @@ import math
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -41,9 +42,9 @@ from torch import Tensor
 
 from pteenet.backbone._registry import create_backbone
 from pteenet.calibration._cost_search import min_cost_thresholds
+from pteenet.cascade import Cost, build_early_exit
 from pteenet.cascade._ensemble import fit_split, fit_ztw
-from pteenet.cascade._model import build_early_exit, cascade_cost
-from pteenet.data._datasets import open_data, split_indices
+from pteenet.data import open_data, split_indices
 from pteenet.graph._placement import choose_cuts
 from pteenet.graph._tracing import trace_backbone
 from pteenet.thresholds import as_table, summarize
@@ -121,14 +122,13 @@ def ztw_logits(fit_z: Tensor, fit_labels: Tensor, zs: list[Tensor]) -> list[Tens
 
 
 def scored(scores: list[Tensor], preds: list[Tensor], finals: list[Tensor],
-           labels: list[Tensor], seg: list[float], bc: list[float], reads_all: bool) -> dict:
-    """Thresholds by the default rule on the calibration half, scored on test; ``reads_all``:
-    an ensemble, which reads every branch up to the last exit on (searched and counted so)."""
+           labels: list[Tensor], cost: Cost) -> dict:
+    """Thresholds by the default rule on the calibration half, scored on test; an ensemble's
+    ``cost`` reads every branch up to the last exit on (searched and counted so)."""
     (s_cal, s_test), (p_cal, p_test) = scores, preds
-    found = min_cost_thresholds(s_cal, p_cal, finals[0], seg, bc, labels=labels[0],
-                                max_drop=0.01, chained=reads_all)
+    found = min_cost_thresholds(s_cal, p_cal, finals[0], cost, labels=labels[0], max_drop=0.01)
     thr = found.thresholds.float()
-    cost = cascade_cost(seg, bc, thr <= 1, chained=reads_all)
+    cost = torch.tensor(cost.exits(thr <= 1), dtype=torch.float64)
     s = summarize(s_test, p_test, finals[1], as_table(thr, s_test.shape[1], 10), cost, labels[1])
     return {"test_drop_pt": round(100 * (s["backbone_accuracy"] - s["accuracy"]), 2),
             "test_relative_flops": round(s["mean_relative_flops"], 3),
@@ -165,14 +165,15 @@ def main() -> None:
     fit, cal = (torch.tensor(p) for p in fit_split(len(held), config.seed))
     finals = [held.final[cal].argmax(1), test.final.argmax(1)]
     labels = [held.labels[cal], test.labels]
-    seg, bc = ee.segment_costs, ee.branch_costs
+    flops = ee.cost_in("flops")
     rows = []
 
     def add(variant: str, z_cal: Tensor, z_test: Tensor, scores: list[Tensor] | None = None,
             reads_all: bool = False) -> None:
         sc = scores or [z_cal.softmax(-1).amax(-1), z_test.softmax(-1).amax(-1)]
+        cost = replace(flops, chained=reads_all)
         rows.append({"variant": variant, **scored(sc, [z_cal.argmax(-1), z_test.argmax(-1)],
-                                                  finals, labels, seg, bc, reads_all)})
+                                                  finals, labels, cost)})
         print(json.dumps(rows[-1]), flush=True)
 
     for target in TARGETS:

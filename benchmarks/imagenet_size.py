@@ -50,9 +50,9 @@ import torch
 from PIL import Image
 
 from pteenet.backbone._registry import create_backbone
-from pteenet.cascade._model import build_early_exit
+from pteenet.cascade import build_early_exit
 from pteenet.cascade._profile import steady_allocator
-from pteenet.data._datasets import default_workers, make_loader, open_data, split_indices
+from pteenet.data import default_workers, make_loader, open_data, split_indices
 from pteenet.graph._placement import choose_cuts
 from pteenet.graph._tracing import trace_backbone
 from pteenet.training._config import TrainConfig
@@ -156,9 +156,9 @@ def measure(name: str, data, epoch_data, rounds: int, epochs: int) -> dict:
         "cuts": [{"name": c, "fraction": trace.cut(c).flops / trace.total_flops,
                   "shape": list(trace.cut(c).shape), "branch_cost": cost,
                   "cache_bytes": 2 * f[0].numel()}
-                 for c, cost, f in zip(cuts, ee.branch_costs, feats.feats)],
+                 for c, cost, f in zip(cuts, ee.cost.branch, feats.feats)],
         "cache_bytes": sum(2 * f[0].numel() for f in feats.feats),
-        "max_branch_cost": max(ee.branch_costs),
+        "max_branch_cost": max(ee.cost.branch),
         "forward_img_s": rate["forward"], "from_files_img_s": rate["files"],
         "caching_img_s": rate["caching"], "decode_img_s": rate["decode"],
         "caching_vs_forward": rate["caching"] / rate["forward"],

@@ -32,8 +32,8 @@ import torch
 
 import pteenet
 from pteenet.benchmark._quality import timing_positions
-from pteenet.bundle._bundle import load_backbone, read_info
-from pteenet.data._datasets import make_loader, open_data
+from pteenet.bundle import load_backbone, read_info
+from pteenet.data import make_loader, open_data
 from pteenet.exporter._export import export
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -33,8 +33,8 @@ def threads(n: int | None) -> Iterator[None]:
     """Run with ``n`` CPU threads (None: leave torch's setting), restoring it afterwards.
 
     Loops of tiny tensor ops (the cost search, training heads from the cache) run on one:
-    intra-op threads that wait on each other on a busy 2-core machine made each op ~100x
-    slower (measured), while such ops are too small to split anyway."""
+    intra-op threads that wait on each other on a busy machine make each op far slower, while
+    such ops are too small to split anyway (see design-timings.md)."""
     if n is None:
         yield
         return

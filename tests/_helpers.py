@@ -15,7 +15,7 @@ from PIL import Image
 
 from pteenet.backbone._cifar_resnet import cifar_resnet
 from pteenet.backbone._preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
-from pteenet.data._datasets import make_loader, open_data
+from pteenet.data import make_loader, open_data
 
 CLASSES = ("blue", "green", "red")
 PRE = Preprocess((32, 32), IMAGENET_MEAN, IMAGENET_STD)

@@ -10,8 +10,8 @@ from pteenet_cli.app import app
 from typer.testing import CliRunner
 
 from pteenet.backbone._registry import create_backbone
-from pteenet.bundle._bundle import BRANCHES_FILE, THRESHOLDS_FILE, load, read_info
-from pteenet.data._datasets import open_data
+from pteenet.bundle import BRANCHES_FILE, THRESHOLDS_FILE, load, read_info
+from pteenet.data import open_data
 from pteenet.errors import BundleError, OptionError
 from pteenet.jobs._attach import attach
 from pteenet.training._config import TrainConfig
@@ -146,7 +146,7 @@ def test_boosted_branch_k_trains_on_the_survivors(tiny, tmp_path):  # noqa: F811
 
 
 def test_the_caching_pass_starts_on_a_small_batch_and_caches_every_image_in_order(tiny):  # noqa: F811
-    from pteenet.cascade._model import build_early_exit
+    from pteenet.cascade import build_early_exit
     from pteenet.graph._placement import choose_cuts
     from pteenet.graph._tracing import trace_backbone
     from pteenet.training._features import compute_features

@@ -392,7 +392,7 @@ SHARED_CHECKPOINTS = [
 @pytest.fixture(scope="module")
 def cifar_test_images(cifar_test_dir):
     """All test images, preprocessed once with the CIFAR preprocessing (shared by the three)."""
-    from pteenet.data._datasets import make_loader, open_data
+    from pteenet.data import make_loader, open_data
 
     data = open_data(cifar_test_dir, CIFAR_PREPROCESS)
     images, labels = [], []

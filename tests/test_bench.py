@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from pteenet.benchmark._eval_set import select_data
 from pteenet.benchmark._quality import oracle_flops
-from pteenet.bundle._bundle import load, read_info
+from pteenet.bundle import load, read_info
 from pteenet.calibration._calibrate import calibrate
 from pteenet.jobs._attach import attach
 from pteenet.training._config import TrainConfig
@@ -47,7 +47,8 @@ def _bench(bundle: Path, *extra: str) -> dict:
 
 @pytest.fixture(scope="module")
 def costs(bundle: Path) -> list[float]:
-    return load(bundle).exit_costs()
+    model = load(bundle)
+    return model.cost.exits(model.active)
 
 
 def test_bench_json_is_consistent(bundle: Path, costs: list[float]) -> None:

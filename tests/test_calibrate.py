@@ -10,8 +10,9 @@ import torch
 from pteenet_cli.app import app
 from typer.testing import CliRunner
 
-from pteenet.bundle._bundle import THRESHOLDS_FILE, load, read_info, read_thresholds
+from pteenet.bundle import THRESHOLDS_FILE, load, read_info, read_thresholds
 from pteenet.calibration._calibrate import calibrate, collect
+from pteenet.cascade import Cost
 from pteenet.jobs._attach import attach
 from pteenet.thresholds import exit_index
 from pteenet.training._config import TrainConfig
@@ -111,8 +112,8 @@ def _calibrated_outputs(n: int, b: int, seed: int):
     scores = torch.rand(n, b, generator=g) ** torch.linspace(1.0, 0.1, b)
     right = torch.rand(n, b, generator=g) < scores
     preds = torch.where(right, labels[:, None], (labels[:, None] + 1) % 10)
-    return Outputs(scores, preds, final, labels, torch.linspace(0, 1, b + 2)[1:].tolist(),
-                   [0.005] * b)
+    return Outputs(scores, preds, final, labels,
+                   Cost("flops", tuple(torch.linspace(0, 1, b + 2)[1:].tolist()), (0.005,) * b))
 
 
 @pytest.mark.parametrize("seed", [0, 1])

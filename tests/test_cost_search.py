@@ -10,8 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pteenet.calibration._cost_search import min_cost_thresholds
-from pteenet.cascade._model import cascade_cost
+from pteenet.cascade import Cost, cascade_cost
 from pteenet.errors import OptionError
+
+
+def flops(segments: list[float], branches: list[float]) -> Cost:
+    return Cost("flops", tuple(segments), tuple(branches))
 
 
 def _cascade(seed: int, n: int = 400, b: int = 4, k: int = 5):
@@ -33,7 +37,7 @@ def _cascade(seed: int, n: int = 400, b: int = 4, k: int = 5):
        branch=st.floats(0.0, 0.2))
 def test_never_costs_more_than_the_backbone_and_stays_within_the_drop(seed, drop, branch):
     scores, preds, final, segments = _cascade(seed)
-    found = min_cost_thresholds(scores, preds, final, segments, [branch] * 4, max_drop=drop)
+    found = min_cost_thresholds(scores, preds, final, flops(segments, [branch] * 4), max_drop=drop)
     assert found.cost <= 1.0 + 1e-12
     assert found.error <= drop + 1e-12
     # what it reports is what the table does
@@ -51,28 +55,28 @@ def test_never_costs_more_than_the_backbone_and_stays_within_the_drop(seed, drop
 
 def test_an_exit_that_does_not_pay_is_switched_off():
     scores, preds, final, segments = _cascade(1)
-    found = min_cost_thresholds(scores, preds, final, segments, [0.0] * 4, max_drop=0.05)
+    found = min_cost_thresholds(scores, preds, final, flops(segments, [0.0] * 4), max_drop=0.05)
     assert (found.thresholds <= 1).any() and found.cost < 1.0
     # a branch dearer than anything it could save (every exit at 90 % of the backbone or
     # later cannot pay for a 20 % branch) is never used
     late = [0.9, 0.92, 0.94, 0.96, 1.0]
-    dear = min_cost_thresholds(scores, preds, final, late, [0.2] * 4, max_drop=0.05)
+    dear = min_cost_thresholds(scores, preds, final, flops(late, [0.2] * 4), max_drop=0.05)
     assert torch.isinf(dear.thresholds).all() and dear.cost == 1.0 and dear.error == 0.0
 
 
 def test_a_looser_limit_never_costs_more():
     scores, preds, final, segments = _cascade(2)
-    costs = [min_cost_thresholds(scores, preds, final, segments, [0.01] * 4, max_drop=d).cost
+    costs = [min_cost_thresholds(scores, preds, final, flops(segments, [0.01] * 4), max_drop=d).cost
              for d in (0.0, 0.02, 0.05, 0.2)]
     assert costs[0] >= costs[-1] and costs[-1] < 0.8
 
 
 def test_budget_reaches_the_cost_it_asks_for():
     scores, preds, final, segments = _cascade(3)
-    found = min_cost_thresholds(scores, preds, final, segments, [0.01] * 4, max_drop=None,
+    found = min_cost_thresholds(scores, preds, final, flops(segments, [0.01] * 4), max_drop=None,
                                 budget=0.6)
     assert found.cost <= 0.6
-    loose = min_cost_thresholds(scores, preds, final, segments, [0.01] * 4, max_drop=None,
+    loose = min_cost_thresholds(scores, preds, final, flops(segments, [0.01] * 4), max_drop=None,
                                 budget=0.9)
     assert loose.error <= found.error
 
@@ -80,7 +84,7 @@ def test_budget_reaches_the_cost_it_asks_for():
 def test_labels_count_accuracy_not_agreement():
     scores, preds, final, segments = _cascade(4)
     labels = preds[:, 0].clone()  # the first exit is always right, the backbone rarely
-    found = min_cost_thresholds(scores, preds, final, segments, [0.0] * 4, labels=labels,
+    found = min_cost_thresholds(scores, preds, final, flops(segments, [0.0] * 4), labels=labels,
                                 max_drop=0.0)
     assert found.thresholds[0] <= float(scores[:, 0].min()) and found.error < 0
 
@@ -90,7 +94,7 @@ def test_labels_count_accuracy_not_agreement():
 def test_bad_limits_are_refused(kw):
     scores, preds, final, segments = _cascade(5)
     with pytest.raises(OptionError):
-        min_cost_thresholds(scores, preds, final, segments, [0.0] * 4, **kw)
+        min_cost_thresholds(scores, preds, final, flops(segments, [0.0] * 4), **kw)
 
 
 def test_cascade_cost_counts_only_active_branches():
@@ -105,6 +109,6 @@ def test_an_exit_no_sample_reaches_is_switched_off():
     scores, preds, final, segments = _cascade(6)
     scores[:, 0] = 1.0  # the first exit is sure of everything and always right
     preds[:, 0] = final
-    found = min_cost_thresholds(scores, preds, final, segments, [0.01] * 4, max_drop=0.0)
+    found = min_cost_thresholds(scores, preds, final, flops(segments, [0.01] * 4), max_drop=0.0)
     assert found.thresholds[0] <= 1
     assert torch.isinf(found.thresholds[1:]).all()  # nothing reaches them: off, never run

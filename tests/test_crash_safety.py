@@ -34,7 +34,7 @@ import pteenet
 import pteenet.calibration._calibrate
 import pteenet.exporter._export
 import pteenet.jobs._attach
-from pteenet.bundle._bundle import (
+from pteenet.bundle import (
     BRANCHES_FILE,
     MEMBERS,
     THRESHOLDS_FILE,

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import pteenet
 from pteenet.backbone._cifar_resnet import cifar_resnet
-from pteenet.bundle._bundle import BRANCHES_FILE, read_info
+from pteenet.bundle import BRANCHES_FILE, read_info
 from pteenet.graph._tracing import trace_backbone
 from tests._helpers import (  # noqa: F401  (autouse)
     one_thread,

@@ -1,4 +1,4 @@
-"""Tests for pteenet.data._datasets on real image files written to a temporary folder."""
+"""Tests for pteenet.data on real image files written to a temporary folder."""
 
 from __future__ import annotations
 
@@ -17,8 +17,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from pteenet.backbone._preprocess import Preprocess
-from pteenet.data import _datasets as data_mod
-from pteenet.data._datasets import (
+from pteenet.data import (
     Batch,
     ImageData,
     available_splits,
@@ -28,6 +27,7 @@ from pteenet.data._datasets import (
     prefetched,
     ramped,
 )
+from pteenet.data import _datasets as data_mod
 from pteenet.errors import DataError, OfflineError, OptionError
 from tests._helpers import block_network
 

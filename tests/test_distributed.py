@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from pteenet.bundle._bundle import load, read_info
+from pteenet.bundle import load, read_info
 from tests._helpers import tiny  # noqa: F401  (fixture)
 
 

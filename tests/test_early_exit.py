@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from pteenet.backbone._cifar_resnet import cifar_resnet
 from pteenet.backbone._registry import freeze
-from pteenet.cascade._model import EarlyExitModel, build_early_exit, gate, gate_power
+from pteenet.cascade import EarlyExitModel, build_early_exit, gate, gate_power
 from pteenet.errors import OptionError
 from pteenet.graph._placement import choose_cuts
 from pteenet.graph._tracing import trace_backbone
@@ -58,7 +58,7 @@ def test_thresholds_above_one_equal_the_backbone_at_exactly_its_cost(setup, tabl
     # every exit is off: no branch runs, so the cost is the backbone's, not a FLOP more
     assert model.active == [False] * model.num_branches
     assert torch.equal(res.flops, torch.full_like(res.flops, model.backbone_flops))
-    assert model.exit_costs()[-1] == 1.0
+    assert model.cost.exits(model.active)[-1] == 1.0
 
 
 def test_zero_thresholds_leave_at_the_first_branch(setup):
@@ -81,7 +81,7 @@ def test_true_early_exit_matches_the_simulated_cascade(setup, table, score):
     logits, exits = simulate(model, x)
     assert torch.equal(res.exit_index, exits)
     assert torch.allclose(res.logits, logits, atol=1e-5)
-    costs = torch.tensor(model.exit_costs(), dtype=torch.float64) * model.backbone_flops
+    costs = torch.tensor(model.cost.exits(model.active), dtype=torch.float64) * model.backbone_flops
     assert torch.allclose(res.flops, costs[exits])
 
 
@@ -148,7 +148,7 @@ def test_an_off_exit_is_not_run_and_costs_nothing(setup, monkeypatch):
     assert ran == [] and (res.exit_index == 2).all()  # branch 1 never ran
     expected = sum(model.segment_flops[:3]) + model.branch_flops[2]
     assert (res.flops == expected).all()
-    assert model.exit_costs()[2] == pytest.approx(expected / model.backbone_flops)
+    assert model.cost.exits(model.active)[2] == pytest.approx(expected / model.backbone_flops)
 
 
 def test_gate_half_is_the_calibrated_softmax_table_and_off_exits_stay_off(setup):
@@ -231,14 +231,14 @@ def test_batch_one_route_follows_the_thresholds_branches_and_graphs(setup):
        channels_last=st.booleans(), seed=st.integers(0, 99))
 def test_compaction_keeps_the_rows_asked_for_in_the_maps_own_layout(n, c, side, channels_last,
                                                                     seed):
-    from pteenet.cascade._model import _keep_rows
+    from pteenet.cascade._exit_loop import keep_rows
 
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(n, c, side, side, generator=g)
     if channels_last:
         h = h.contiguous(memory_format=torch.channels_last)
     rows = torch.randperm(n, generator=g)[:max(1, n // 2)].sort().values
-    kept = _keep_rows(h, rows)
+    kept = keep_rows(h, rows)
     assert torch.equal(kept, h[rows])
     assert kept.is_contiguous(memory_format=torch.channels_last if channels_last
                               else torch.contiguous_format)

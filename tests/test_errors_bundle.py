@@ -25,16 +25,14 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import pteenet
-from pteenet.bundle._bundle import (
+from pteenet.bundle import (
     BRANCHES_FILE,
     FORMAT_VERSION,
     THRESHOLDS_FILE,
     ThresholdTable,
     write_thresholds,
 )
-from pteenet.cascade._branches import make_branch, unbounded_reduction
-from pteenet.cascade._model import gate_power
-from pteenet.choices import BRANCH_TYPES
+from pteenet.cascade import gate_power
 from pteenet.errors import BundleError
 from tests._helpers import (  # noqa: F401  (one_thread: autouse fixture)
     bundle_copy,
@@ -496,115 +494,20 @@ def test_a_gate_threshold_a_hair_below_one_round_trips(bundle):
     assert again.gamma.tolist() == pytest.approx(model.gamma.tolist())
 
 
-# --------------------------------------------------------------------------- older layouts
-
-# timm's resnet18 at 32x32: layer2 ends in a 128x4x4 map, layer3 in a 256x2x2 one.
-WIDE_CUTS = {"layer2.1": (128, 4, 4), "layer3.1": (256, 2, 2)}
-
-
-@pytest.fixture(scope="module")
-def wide_shared(tmp_path_factory) -> Path:
-    """A real default (mlp) bundle on a backbone with a map too wide for the 4x4 grid: its
-    first branch reads that map reduced to a 2x2 grid (1024 numbers), its second the full
-    grid (2048, the most a branch may read)."""
-    from pteenet.jobs._attach import attach
-    from pteenet.training._config import TrainConfig
-
-    root = tmp_path_factory.mktemp("wide")
-    attach("timm:resnet18", write_images(root / "data", per_class=8), pretrained=False,
-           num_classes=3, input_size=(32, 32), cuts=list(WIDE_CUTS), out=root / "bundle",
-           val_fraction=0.25, config=TrainConfig(epochs=1, batch_size=16), progress=False)
-    return root / "bundle"
-
-
-@pytest.fixture
-def wide(wide_shared, tmp_path) -> Path:
-    import shutil
-
-    return Path(shutil.copytree(wide_shared, tmp_path / "wide"))
-
-
-def as_written_before_reduction(bundle: Path, keep_reduce: bool = False) -> None:
-    """Rewrite a default bundle as pteenet wrote it from format version 2 until wide maps were
-    reduced to at most 2048 numbers (c02685f..ae07125): each mlp branch's first layer read the
-    average and max of every channel on the full 4x4 grid (``Linear(2*C*min(4,H)*min(4,W),
-    width)``), the branch specs recorded no 'reduce' or 'cache_bytes', and bundle.json sealed
-    the files. ``keep_reduce``: leave the specs as today's pteenet writes them."""
-    def widen(tensors):
-        for i, (c, h, w) in enumerate(WIDE_CUTS.values()):
-            key = f"branches.{i}.body.1.weight"
-            tensors[key] = torch.randn(tensors[key].shape[0], 2 * c * min(4, h) * min(4, w))
-
-    def unrecord(meta):
-        assert meta["format_version"] == 2
-        for spec in meta["branches"]:
-            if not keep_reduce:
-                del spec["reduce"], spec["cache_bytes"]
-
-    before = load_file(str(bundle / BRANCHES_FILE))
-    rewrite(bundle, unrecord, widen)
-    after = load_file(str(bundle / BRANCHES_FILE))
-    changed = {k for k in before if before[k].shape != after[k].shape}
-    assert changed == {"branches.0.body.1.weight"}  # the 256x2x2 map fits either way
-
-
-def test_a_bundle_from_before_wide_maps_were_reduced_says_so(wide):
-    """It once got "branch tensors do not match the metadata (...; edited?)"."""
-    assert pteenet.load(wide).num_branches == 2  # the control: today's layout loads
-    as_written_before_reduction(wide)
-    line = refused_everywhere(
-        wide, "was written by an older pteenet (format version 2) whose branches read whole "
-        "feature maps", "branch 0 at 'layer2.1' reads 4096 numbers", "at most 2048",
-        "re-run `pteenet attach`")
+# --------------------------------------------------------------------------- other layouts
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_pre_release_format_version_is_refused(bundle, version):
+    """Nothing before format version 3 was released: such a bundle is re-attached, not read."""
+    rewrite(bundle, lambda m: m.update(format_version=version))
+    line = refused_everywhere(bundle, f"format version {version}", "pre-release",
+                              "re-run `pteenet attach`")
     assert "edited" not in line
-    line = fails_cleanly(invoke("bench", "-b", wide, *FAST_BENCH), 3)
-    assert "older pteenet" in line
-
-
-def test_a_bundle_from_before_branches_reduced_their_maps_says_so(bundle):
-    """Format version 1 (branches on the whole map, no reduction) is known by its version."""
-    rewrite(bundle, lambda m: m.update(format_version=1))
-    line = refused_everywhere(bundle, "was written by an older pteenet (format version 1) whose "
-                              "branches read whole feature maps", "re-run `pteenet attach`")
-    assert "edited" not in line
-
-
-@pytest.mark.parametrize("kind", BRANCH_TYPES)
-def test_the_old_layout_is_what_the_old_code_built(kind):
-    """What the reader takes for the old layout, against the shapes c02685f's ``_parts`` gave a
-    2048x7x7 map (c = 2048 channels, 16 cells): every channel, the full grid."""
-    c, cells, shape = 2048, 16, (2048, 7, 7)
-    key, old = {"mlp": ("body.1.weight", (32, 2 * c * cells)),
-                "conv1": ("body.0.weight", (32, 2 * c, 3, 3)),
-                "conv2": ("body.0.weight", (32, 2 * c, 3, 3)),
-                "conv3": ("body.0.weight", (32, 2 * c, 3, 3)),
-                "conv1d": ("body.pre.1.weight", (2 * c,)),
-                "pool": ("body.1.weight", (2 * c,)),
-                "sdn": ("classifier.weight", (3, c * cells))}[kind]
-    then = make_branch(kind, shape, 3, width=32, reduce=unbounded_reduction(kind))
-    now = make_branch(kind, shape, 3, width=32)
-    assert tuple(then.state_dict()[key].shape) == old
-    assert tuple(now.state_dict()[key].shape) != old  # this map is one where they differ
 
 
 def resize(key: str, cols: int) -> Callable[[dict], None]:
     return lambda t: t.update({key: torch.randn(t[key].shape[0], cols)})
 
 
-@pytest.mark.parametrize(("name", "spoil"), [
-    # today's layout (specs record their reduction), one tensor of another shape
-    ("first-layer-resized", lambda b: rewrite(b, edit_tensors=resize(
-        "branches.0.body.1.weight", 999))),
-    # the old shape, but in a bundle that records today's reduction
-    ("old-shape-in-todays-bundle", lambda b: as_written_before_reduction(b, keep_reduce=True)),
-    # the old layout, with one more tensor edited
-    ("old-layout-and-an-edit", lambda b: as_written_before_reduction(b) or rewrite(
-        b, edit_tensors=resize("branches.1.body.1.weight", 999))),
-    # the old layout, but a newer format version than pteenet wrote it with
-    ("old-layout-version-3", lambda b: as_written_before_reduction(b) or rewrite(
-        b, lambda m: m.update(format_version=3))),
-])
-def test_an_edited_wide_bundle_is_still_an_edit(wide, name, spoil):
-    spoil(wide)
-    line = refused_everywhere(wide, "do not match the metadata", "edited?")
-    assert "older pteenet" not in line
+def test_a_resized_branch_tensor_is_an_edit(bundle):
+    rewrite(bundle, edit_tensors=resize("branches.0.body.1.weight", 999))
+    refused_everywhere(bundle, "do not match the metadata", "edited?")

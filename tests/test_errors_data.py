@@ -17,7 +17,7 @@ from pteenet_cli.app import app
 from typer.testing import CliRunner
 
 from pteenet.backbone._cifar_resnet import cifar_resnet
-from pteenet.bundle._bundle import BRANCHES_FILE, read_info
+from pteenet.bundle import BRANCHES_FILE, read_info
 from tests._helpers import block_network, fails_cleanly, one_thread  # noqa: F401  (autouse fixture)
 
 runner = CliRunner()

@@ -18,8 +18,8 @@ from pteenet_cli.app import app
 from typer.testing import CliRunner
 
 import pteenet.runtime._cascade as runtime
-from pteenet.bundle._bundle import ThresholdTable, load, write_thresholds
-from pteenet.data._datasets import open_data
+from pteenet.bundle import ThresholdTable, load, write_thresholds
+from pteenet.data import open_data
 from pteenet.errors import BundleError, OptionError
 from pteenet.exporter._export import MANIFEST, ScoredBranch
 from pteenet.jobs._attach import attach
@@ -154,7 +154,7 @@ def test_preprocess_resizes_and_crops_like_the_models_recipe(tmp_path):
     from PIL import Image
 
     from pteenet.backbone._preprocess import Preprocess
-    from pteenet.data._datasets import _to_tensor
+    from pteenet.data._items import to_tensor
 
     pre = Preprocess((224, 224), resize_size=235, interpolation="bicubic")
     cascade = Cascade.__new__(Cascade)
@@ -163,7 +163,7 @@ def test_preprocess_resizes_and_crops_like_the_models_recipe(tmp_path):
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, s, dtype=np.uint8))
               for s in ((300, 410, 3), (410, 300, 3))]
-    want = np.stack([_to_tensor(im, pre).numpy() for im in images])
+    want = np.stack([to_tensor(im, pre).numpy() for im in images])
     np.testing.assert_allclose(cascade.preprocess(images), want, atol=1e-6)
 
 

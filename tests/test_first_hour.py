@@ -61,7 +61,7 @@ def test_attach_infers_the_class_count_and_the_bundle_loads(shared, tmp_path):
 
 def test_no_pretrained_backbone_is_random_seeded_and_loads_again(shared, tmp_path):
     from pteenet.backbone._registry import create_backbone
-    from pteenet.bundle._bundle import load_backbone, read_info
+    from pteenet.bundle import load_backbone, read_info
 
     data, _, _ = shared
     out = tmp_path / "out"
@@ -158,7 +158,7 @@ def test_ctrl_c_without_resume_says_nothing_was_kept(shared, tmp_path, monkeypat
 
 
 def test_boosted_resume_continues_to_the_uninterrupted_result(shared, tmp_path, monkeypatch):
-    from pteenet.bundle._bundle import load
+    from pteenet.bundle import load
 
     data, ckpt, _ = shared
     extra = ("--boosted", "hard", "--margin", "0.5", "--epochs", "2", "--resume")

@@ -13,8 +13,8 @@ from torch import nn
 
 from pteenet.backbone._cifar_resnet import cifar_resnet
 from pteenet.backbone._registry import freeze as freeze_backbone
+from pteenet.cascade import EarlyExitModel, build_early_exit
 from pteenet.cascade._frozen import freeze
-from pteenet.cascade._model import EarlyExitModel, build_early_exit
 from pteenet.graph._placement import choose_cuts
 from pteenet.graph._tracing import trace_backbone
 
@@ -88,7 +88,7 @@ def test_inference_runs_each_exit_as_a_traced_graph_equal_bit_for_bit(model, sco
     x = torch.randn(6, 3, 32, 32)
     model.set_thresholds(0.5, score=score, gamma=[0.5, 2.0, math.inf])
     with torch.inference_mode():
-        plan = model._plan(x.device)
+        plan = model.plan(x.device)
         answers, scored, h = model.answers(x), model._scored(x, plan), x
         for k, seg in enumerate(model.pieces(x)[:-1]):
             h = seg(h)

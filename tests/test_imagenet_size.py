@@ -16,10 +16,10 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from pteenet.backbone._registry import create_backbone
-from pteenet.bundle._bundle import read_info
+from pteenet.bundle import read_info
 from pteenet.cascade import _branches as branches
+from pteenet.cascade import build_early_exit
 from pteenet.cascade._branches import Reduce, make_branch, reduction
-from pteenet.cascade._model import build_early_exit
 from pteenet.graph._placement import choose_cuts
 from pteenet.graph._tracing import trace_backbone
 from pteenet.jobs._inspect import inspect_backbone
@@ -101,12 +101,12 @@ def test_default_branches_cost_at_most_2_percent_and_placement_traces(model):
     fractions = [trace.cut(n).flops / trace.total_flops for n in names]
     assert fractions[0] < 0.2 and fractions[-1] > 0.8
     ee = build_early_exit(trace, names, bb.num_classes)
-    assert max(ee.branch_costs) <= 0.02
+    assert max(ee.cost.branch) <= 0.02
 
 
 @pytest.mark.parametrize("model", ["timm:resnet18", "torchvision:mobilenet_v3_small"])
 def test_images_are_preprocessed_like_the_models_own_eval_transform(model):
-    from pteenet.data._datasets import _to_tensor
+    from pteenet.data._items import to_tensor
 
     bb = create_backbone(model)
     if bb.source == "timm":
@@ -120,7 +120,7 @@ def test_images_are_preprocessed_like_the_models_own_eval_transform(model):
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (300, 410, 3), dtype=np.uint8))
     assert bb.preprocess.resize_size is not None
-    assert torch.allclose(_to_tensor(image, bb.preprocess), reference(image), atol=1e-5)
+    assert torch.allclose(to_tensor(image, bb.preprocess), reference(image), atol=1e-5)
 
 
 def _imagenet_folders(root: Path, per_class: int = 10, seed: int = 0) -> Path:
@@ -196,7 +196,7 @@ def test_every_image_is_decoded_once_however_many_epochs(tiny, tmp_path, monkeyp
 def test_loader_workers_by_default_only_for_image_files_with_cores_to_spare(tmp_path,
                                                                            monkeypatch):
     from pteenet.backbone._preprocess import Preprocess
-    from pteenet.data._datasets import ImageData, default_workers, open_data
+    from pteenet.data import ImageData, default_workers, open_data
 
     folder = _imagenet_folders(tmp_path, per_class=2) / "unlabeled"
     files, memory = open_data(folder, Preprocess((32, 32))), ImageData("in-memory", None,

@@ -14,10 +14,10 @@ from typer.testing import CliRunner
 
 from pteenet.backbone._cifar_resnet import cifar_resnet
 from pteenet.benchmark._bench import bench
-from pteenet.bundle._bundle import load, read_info
+from pteenet.bundle import load, read_info
 from pteenet.calibration._calibrate import calibrate
 from pteenet.cascade import _profile as latency
-from pteenet.cascade._model import build_early_exit
+from pteenet.cascade import build_early_exit
 from pteenet.cascade._profile import cut_time_fractions, exit_times, probe_images, relative_costs
 from pteenet.errors import BundleError, OptionError
 from pteenet.graph._placement import choose_cuts, useful_cuts
@@ -59,12 +59,12 @@ def test_profile_times_every_piece_on_its_own_input(trace):
 
 def test_latency_costs_replace_flops_only_where_asked(trace):
     ee = build_early_exit(trace, choose_cuts(trace, 3), 3).eval()
-    flops = ee.exit_costs()
+    flops = ee.cost.exits(ee.active)
     prof = ee.profile(probe_images((32, 32), n=2), batch_size=2)
     prof.segment_ms = [10.0, 1.0, 1.0, 1.0]  # a slow first stage, as on CPUs
     ee.use_cost("latency", prof)
-    assert ee.exit_costs()[0] > 0.7 > flops[0]
-    assert ee.exit_costs(kind="flops") == flops
+    assert ee.cost.exits(ee.active)[0] > 0.7 > flops[0]
+    assert ee.cost_in("flops").exits(ee.active) == flops
     with pytest.raises(OptionError, match="branches"):
         ee.use_cost("latency", type(prof)(**{**prof.to_dict(), "branch_ms": [1.0]}))
 
@@ -84,8 +84,9 @@ def test_placement_follows_time_when_given(trace):
 def test_latency_bundle_round_trips_and_bench_reports_ideal(timed):
     info = read_info(timed)
     model = load(timed)
-    assert info.cost == "latency" and model.cost == "latency"
-    assert model.latency == info.latency and model.exit_costs() != model.exit_costs(kind="flops")
+    assert info.cost == "latency" and model.cost.kind == "latency"
+    assert model.latency == info.latency
+    assert model.cost.exits(model.active) != model.cost_in("flops").exits(model.active)
     res = bench(timed, num_threads=2, **FAST)  # the module runs on one thread
     assert res["timing"]["cpu_threads"] == 2 and torch.get_num_threads() == 1
     if platform.libc_ver()[0] == "glibc":  # both models timed with fixed malloc thresholds
@@ -102,21 +103,22 @@ def test_bench_notes_a_profile_from_another_machine(timed, tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    from pteenet.bundle._bundle import _META_KEY, BRANCHES_FILE
+    from pteenet.bundle import BRANCHES_FILE
+    from pteenet.bundle._schema import META_KEY
     copy = tmp_path / "b"
     shutil.copytree(timed, copy)
     f = copy / BRANCHES_FILE
     from safetensors import safe_open
     with safe_open(str(f), "pt") as h:
         meta = h.metadata()
-    doc = json.loads(meta[_META_KEY])
+    doc = json.loads(meta[META_KEY])
     doc["latency"]["device"] = "cpu: some other machine"
-    save_file(load_file(str(f)), str(f), metadata={**meta, _META_KEY: json.dumps(doc)})
+    save_file(load_file(str(f)), str(f), metadata={**meta, META_KEY: json.dumps(doc)})
     reseal(copy)
     res = bench(copy, **FAST)
     assert any("measured on cpu: some other machine" in n for n in res["notes"])
     doc["latency"]["segment_ms"] = [1.0]
-    save_file(load_file(str(f)), str(f), metadata={**meta, _META_KEY: json.dumps(doc)})
+    save_file(load_file(str(f)), str(f), metadata={**meta, META_KEY: json.dumps(doc)})
     reseal(copy)
     with pytest.raises(BundleError, match="latency"):
         read_info(copy)

@@ -35,7 +35,7 @@ from typer.testing import CliRunner
 
 from pteenet.backbone._cifar_resnet import cifar_resnet
 from pteenet.backbone._preprocess import MAX_INPUT_SIDE, Preprocess
-from pteenet.bundle._bundle import (
+from pteenet.bundle import (
     BRANCHES_FILE,
     THRESHOLDS_FILE,
     BundleInfo,

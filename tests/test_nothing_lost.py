@@ -26,15 +26,9 @@ import pteenet.storage._atomic as atomic
 import pteenet.training._train as training
 from pteenet.backbone._cifar_resnet import cifar_resnet
 from pteenet.backbone._registry import create_backbone
-from pteenet.bundle._bundle import (
-    THRESHOLDS_FILE,
-    ThresholdTable,
-    read_info,
-    save_bundle,
-    write_thresholds,
-)
-from pteenet.cascade._model import build_early_exit
-from pteenet.data._datasets import open_data, split_indices
+from pteenet.bundle import THRESHOLDS_FILE, ThresholdTable, read_info, save_bundle, write_thresholds
+from pteenet.cascade import build_early_exit
+from pteenet.data import open_data, split_indices
 from pteenet.errors import TrainingError
 from pteenet.graph._placement import choose_cuts
 from pteenet.graph._tracing import trace_backbone

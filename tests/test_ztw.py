@@ -19,7 +19,7 @@ from pteenet_cli.app import app
 from typer.testing import CliRunner
 
 from pteenet.benchmark._bench import bench
-from pteenet.bundle._bundle import (
+from pteenet.bundle import (
     BRANCHES_FILE,
     ThresholdTable,
     calibration_digest,
@@ -29,9 +29,9 @@ from pteenet.bundle._bundle import (
 )
 from pteenet.calibration._calibrate import calibrate
 from pteenet.calibration._cost_search import min_cost_thresholds
+from pteenet.cascade import Cost, EarlyExitModel, cascade_cost, gate_power
 from pteenet.cascade._ensemble import ZTWEnsemble, fit_split, fit_ztw
-from pteenet.cascade._model import EarlyExitModel, cascade_cost, gate_power
-from pteenet.data._datasets import open_data, split_indices
+from pteenet.data import open_data, split_indices
 from pteenet.errors import BundleError, OptionError
 from pteenet.exporter._export import export
 from pteenet.jobs._attach import attach
@@ -118,7 +118,7 @@ def test_true_early_exit_matches_the_hand_computed_ensemble(model, ztw, table, s
     assert torch.equal(res.exit_index, exits)
     assert torch.allclose(res.logits, logits, atol=1e-5)
     assert torch.equal(res.flops, flops)
-    costs = torch.tensor(model.exit_costs(), dtype=torch.float64) * model.backbone_flops
+    costs = torch.tensor(model.cost.exits(model.active), dtype=torch.float64) * model.backbone_flops
     assert torch.allclose(res.flops, costs[exits])
 
 
@@ -134,7 +134,7 @@ def test_thresholds_above_one_equal_the_backbone_at_exactly_its_cost(model, ztw,
     assert (res.exit_index == B).all()
     assert model.active == model.evaluated == [False] * B
     assert torch.equal(res.flops, torch.full_like(res.flops, model.backbone_flops))
-    assert model.exit_costs()[-1] == 1.0
+    assert model.cost.exits(model.active)[-1] == 1.0
 
 
 def test_every_branch_up_to_the_last_active_exit_runs(model, ztw, monkeypatch):
@@ -150,7 +150,7 @@ def test_every_branch_up_to_the_last_active_exit_runs(model, ztw, monkeypatch):
     assert model.active == [False, True, False] and model.evaluated == [True, True, False]
     spent = sum(model.segment_flops[:2]) + sum(model.branch_flops[:2])
     assert (res.flops == spent).all()
-    assert model.exit_costs()[1] == pytest.approx(spent / model.backbone_flops)
+    assert model.cost.exits(model.active)[1] == pytest.approx(spent / model.backbone_flops)
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=FIXTURE)
@@ -188,8 +188,8 @@ def test_the_cost_search_counts_every_branch_the_ensemble_reads():
     scores, preds = torch.full((50, 3), 0.9), torch.tensor([[1, 0, 0]]).expand(50, 3)
     final = torch.zeros(50, dtype=torch.long)
     for chained, want in ((False, 0.25), (True, 0.55)):
-        found = min_cost_thresholds(scores, preds, final, [0.1, 0.2, 0.9, 1.0], br,
-                                    max_drop=0.0, chained=chained)
+        cost = Cost("flops", (0.1, 0.2, 0.9, 1.0), tuple(br), chained)
+        found = min_cost_thresholds(scores, preds, final, cost, max_drop=0.0)
         assert (found.thresholds <= 1).tolist() == [False, True, False]
         assert found.cost == pytest.approx(want)
 
@@ -219,11 +219,11 @@ def test_bundle_round_trip_gives_the_same_model(ztw):
     assert torch.equal(a.exit_index, b.exit_index) and torch.equal(a.logits, b.logits)
 
 
-def test_a_bundle_without_an_ensemble_loads_as_before(tmp_path_factory):
+def test_a_bundle_without_an_ensemble_loads_without_one(tmp_path_factory):
     _, _, plain = shared_bundle(tmp_path_factory)
     meta = json.loads(safetensors.safe_open(str(plain / BRANCHES_FILE), "pt").metadata()
                       ["pteenet"])
-    assert meta["format_version"] == 2 and "ensemble" not in meta
+    assert meta["format_version"] == 3 and "ensemble" not in meta
     assert read_bundle(plain).ensemble is None and load(plain).ensemble is None
 
 
@@ -272,7 +272,7 @@ def test_calibrate_and_bench_use_the_ensembled_exits(ztw, tmp_path):
     model = load(bundle)
     report = bench(bundle, out_json=False, profile=False, latency_samples=4, repeats=1)
     assert report["simulation"]["exit_match"] == 1.0  # the recorded scores are the model's
-    assert report["exit_costs"] == pytest.approx(model.exit_costs(kind="flops"))
+    assert report["exit_costs"] == pytest.approx(model.cost_in("flops").exits(model.active))
 
 
 # -- export -----------------------------------------------------------------------------------

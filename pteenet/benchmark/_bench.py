@@ -38,8 +38,10 @@ from pteenet.benchmark._wall_clock import (
     time_profile,
     wall_clock,
 )
-from pteenet.bundle._bundle import BundleInfo, ThresholdTable, load, read_bundle
 from pteenet.bundle._derived import BENCH_FILE, SWEEP_CSV, SWEEP_PNG
+from pteenet.bundle._load import load
+from pteenet.bundle._read import read_bundle
+from pteenet.bundle._schema import BundleInfo, ThresholdTable
 from pteenet.cascade._model import EarlyExitModel
 from pteenet.cascade._profile import device_name, steady_allocator
 from pteenet.errors import BundleError, OptionError
@@ -159,8 +161,8 @@ def _bench(bundle, data, split, threshold, batch_size, latency_samples, repeats,
     for note in (busy_note(result["timing"]), profile_note(info, device_name(dev))):
         if note:
             result["notes"].append(note)
-    result["sweep"] = sweep_points(p, model.thresholds.cpu(), model.exit_costs(kind="flops")) \
-        if sweep else None
+    costs = model.cost_in("flops").exits(model.active)
+    result["sweep"] = sweep_points(p, model.thresholds.cpu(), costs) if sweep else None
     _write_outputs(info.path, result, sweep, out_json)
     return result
 
@@ -181,7 +183,7 @@ def _assemble(info: BundleInfo, ev: EvalSet, table: ThresholdTable, threshold: f
                        "value": None if threshold is None or math.isinf(threshold)
                        else float(threshold),
                        "table": json_rows(model.thresholds.cpu())},
-        "exit_costs": [float(c) for c in model.exit_costs(kind="flops")],
+        "exit_costs": [float(c) for c in model.cost_in("flops").exits(model.active)],
         **quality(p, model),
         "simulation": simulation_check(p, model),
         "notes": list(ev.notes),

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import torch
 
-from pteenet.bundle._bundle import BundleInfo
-from pteenet.data._datasets import DATASET_NAMES, ImageData, available_splits, open_data
+from pteenet.bundle._schema import BundleInfo
+from pteenet.data._datasets import available_splits, open_data
+from pteenet.data._items import ImageData
+from pteenet.data._torchvision import DATASET_NAMES
 from pteenet.errors import BundleError, DataError
 
 __all__ = ["EvalSet", "select_data"]

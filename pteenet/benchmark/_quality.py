@@ -18,7 +18,7 @@ from torch import Tensor
 
 from pteenet.benchmark._eval_set import EvalSet
 from pteenet.cascade._model import EarlyExitModel
-from pteenet.data._datasets import make_loader, prefetched
+from pteenet.data._loading import make_loader, prefetched
 from pteenet.errors import DataError
 from pteenet.thresholds import exit_index, summarize
 from pteenet.training._features import scores_and_preds
@@ -132,7 +132,7 @@ def _exit_rows(p: Pass, costs: Sequence[float], oracle_counts: list[int],
 
 def quality(p: Pass, model: EarlyExitModel) -> dict[str, Any]:
     """Top-1, agreement, real mean relative FLOPs and exit shares; the oracle's FLOPs."""
-    costs = model.exit_costs(kind="flops")
+    costs = model.cost_in("flops").exits(model.active)
     oracle, counts = oracle_flops(p.preds, p.final, costs)
     top1 = (lambda pred: None) if p.labels is None else (lambda pred: _rate(pred == p.labels))
     return {
@@ -148,7 +148,7 @@ def quality(p: Pass, model: EarlyExitModel) -> dict[str, Any]:
 def simulation_check(p: Pass, model: EarlyExitModel) -> dict[str, Any]:
     """How often the simulated exit rule (used by the sweep) matches the real run's exits."""
     s = summarize(p.scores, p.preds, p.final, model.thresholds.cpu(),
-                  model.exit_costs(kind="flops"), p.labels)
+                  model.cost_in("flops").exits(model.active), p.labels)
     same = exit_index(p.scores, p.preds, model.thresholds.cpu()) == p.ee_exit
     return {"exit_match": _rate(same), "relative_flops": s["mean_relative_flops"],
             "agreement": s["agreement"]}

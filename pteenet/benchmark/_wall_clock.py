@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pteenet.bundle._bundle import BundleInfo
+from pteenet.bundle._schema import BundleInfo
 from pteenet.cascade._frozen import direct
 from pteenet.cascade._model import EarlyExitModel
 from pteenet.cascade._profile import REPEATS, batched_repeats, exit_times, probe_batch

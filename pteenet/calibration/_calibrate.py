@@ -29,10 +29,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pteenet.bundle._bundle import Bundle, ThresholdTable, load, read_bundle, write_thresholds
+from pteenet.bundle._load import load
+from pteenet.bundle._read import read_bundle
+from pteenet.bundle._schema import Bundle, ThresholdTable
+from pteenet.bundle._write import write_thresholds
 from pteenet.calibration._cost_search import min_cost_thresholds
-from pteenet.cascade._model import EarlyExitModel, cascade_cost, gate_power
+from pteenet.cascade._cost import Cost
+from pteenet.cascade._model import EarlyExitModel
 from pteenet.cascade._profile import device_name, probe_images
+from pteenet.cascade._score import gate_power
 from pteenet.choices import BOUNDS, DEFAULT_MARGIN, DEFAULT_MAX_DROP
 from pteenet.data._datasets import open_data
 from pteenet.errors import CalibrationError, OptionError
@@ -66,15 +71,11 @@ class Outputs:
     preds: Tensor  # [N, B]
     final_pred: Tensor  # [N]
     labels: Tensor | None  # [N] or None when the data has no (matching) labels
-    segment_costs: list[float]  # [B + 1] backbone cost up to each cut (last: 1.0)
-    branch_costs: list[float]  # [B] each branch's own cost
-    cost: str = "flops"  # what the costs count (see EarlyExitModel.cost)
-    chained: bool = False  # a ZTW ensemble: every branch up to the last exit on runs
+    cost: Cost  # the model's cost model when these were collected
 
     def exit_costs(self, thr: Tensor) -> list[float]:
         """Relative cost of each exit when ``thr`` decides which exits are on."""
-        return cascade_cost(self.segment_costs, self.branch_costs, thr.amin(1) <= 1,
-                            self.chained).tolist()
+        return self.cost.exits(thr.amin(1) <= 1)
 
 
 @dataclass
@@ -151,8 +152,7 @@ def outputs_from_features(model, feats: FeatureSet, labels_usable: bool = True,
     labels = feats.labels
     usable = labels_usable and len(labels) > 0 and bool((labels >= 0).all())
     return Outputs(scores, preds, feats.final.argmax(1), labels if usable else None,
-                   model.segment_costs, model.branch_costs, model.cost,
-                   model.ensemble is not None)
+                   model.cost)
 
 
 def _method(threshold: float | None, cpm: bool, max_drop: float | None, budget: float | None,
@@ -216,7 +216,7 @@ def choose_table(out: Outputs, num_classes: int, *, method: str = "mincost",
     and ``score``'s scores otherwise."""
     b, k = out.scores.shape[1], num_classes
     params: dict[str, Any] = {"score": score, "samples": int(out.final_pred.numel()),
-                              "labels": out.labels is not None, "cost": out.cost}
+                              "labels": out.labels is not None, "cost": out.cost.kind}
     drop = DEFAULT_MAX_DROP if max_drop is None else max_drop
     if method == "global":
         thr = as_table(threshold, b, k)
@@ -248,9 +248,8 @@ def uses_gate(method: str, cpm: bool = False) -> bool:
 
 
 def _search(out: Outputs, max_drop: float | None, budget: float | None):
-    return min_cost_thresholds(out.scores, out.preds, out.final_pred, out.segment_costs,
-                               out.branch_costs, labels=out.labels, max_drop=max_drop,
-                               budget=budget, chained=out.chained)
+    return min_cost_thresholds(out.scores, out.preds, out.final_pred, out.cost,
+                               labels=out.labels, max_drop=max_drop, budget=budget)
 
 
 @writes_into("bundle", when="write")  # one writer at a time; checks writability first
@@ -292,12 +291,12 @@ def calibrate(
     b = read_bundle(bundle, thresholds=False)  # all checked before the backbone is built
     model = load(b, checkpoint=checkpoint, force=force, device=device, thresholds=False)
     model.set_thresholds(1.0, score="softmax" if uses_gate(method, cpm) else score)
-    use_cost(model, cost or model.cost, b.info.preprocess.input_size, device)
+    use_cost(model, cost or model.cost.kind, b.info.preprocess.input_size, device)
     out = collect(model, b, data, split=split, device=device, progress=progress)
     table = choose_table(out, model.num_classes, method=method, threshold=threshold,
                          max_drop=max_drop, budget=budget, cpm=cpm, margin=margin,
                          min_support=min_support, delta=delta, bound=bound, score=score)
-    if model.cost == "latency" and model.latency is not None:
+    if model.cost.kind == "latency" and model.latency is not None:
         table.params["cost_device"] = model.latency.device
     if write:
         write_thresholds(b.path, table)
@@ -392,4 +391,4 @@ def _blend(a: Tensor, b: Tensor, s: float) -> Tensor:
 def _subset(out: Outputs, idx: Tensor) -> Outputs:
     labels = None if out.labels is None else out.labels[idx]
     return Outputs(out.scores[idx], out.preds[idx], out.final_pred[idx], labels,
-                   out.segment_costs, out.branch_costs, out.cost, out.chained)
+                   out.cost)

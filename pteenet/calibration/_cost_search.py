@@ -15,7 +15,7 @@ cost-constrained optimisation, with a greedy that is cheap enough to run at ever
 * the greedy is myopic, so it also runs at a few tighter limits and the cheapest table within
   the asked limit wins.
 
-Costs are those :meth:`EarlyExitModel.exit_costs` reports: segments up to the exit plus the
+Costs are those :meth:`pteenet.cascade.Cost.exits` reports: segments up to the exit plus the
 branches of the exits that are *on* (an off exit is never evaluated), or with a ZTW ensemble
 (``chained``) every branch up to the last exit on, since the ensemble reads them. The error is
 the accuracy drop against labels when they exist, else the disagreement with the backbone.
@@ -26,13 +26,12 @@ which risk control walks (:func:`pteenet.thresholds.risk_control`).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from pteenet.cascade._model import cascade_cost
+from pteenet.cascade._cost import Cost, cascade_cost
 from pteenet.errors import OptionError
 from pteenet.machine import threads
 
@@ -57,20 +56,21 @@ class _Cascade:
     """Scores, predictions and per-sample correctness, with fast evaluation of a threshold row."""
 
     def __init__(self, scores: Tensor, preds: Tensor, final_pred: Tensor,
-                 labels: Tensor | None, segment_costs, branch_costs, chained: bool) -> None:
+                 labels: Tensor | None, cost: Cost) -> None:
         self.scores = scores.double()
         ref = final_pred if labels is None else labels
         every = torch.cat([preds, final_pred[:, None]], 1).long()
         self.right = (every == ref.long()[:, None]).double()  # [N, B+1]
         self.base = float(self.right[:, -1].mean())
-        self.seg, self.br, self.chained = segment_costs, branch_costs, chained
+        self.cost = cost
 
     def evaluate(self, thr: Tensor) -> tuple[float, float]:
         """(error, cost) of the cascade under per-exit thresholds ``thr`` [B]."""
         leave = self.scores >= thr[None, :]
         b = leave.shape[1]
         first = torch.where(leave.any(1), leave.to(torch.uint8).argmax(1), b)
-        cost = cascade_cost(self.seg, self.br, thr <= 1, self.chained)[first].mean()
+        c = self.cost  # cascade_cost, not Cost.exits: a tensor, in the search's inner loop
+        cost = cascade_cost(c.segment, c.branch, thr <= 1, c.chained)[first].mean()
         acc = self.right.gather(1, first[:, None]).mean()
         return self.base - float(acc), float(cost)
 
@@ -83,16 +83,15 @@ def _grid(scores: Tensor, steps: int) -> list[list[float]]:
 
 
 def min_cost_thresholds(
-    scores: Tensor, preds: Tensor, final_pred: Tensor, segment_costs: Sequence[float],
-    branch_costs: Sequence[float], *, labels: Tensor | None = None,
-    max_drop: float | None = 0.01, budget: float | None = None, steps: int = STEPS,
-    chained: bool = False,
+    scores: Tensor, preds: Tensor, final_pred: Tensor, cost: Cost, *,
+    labels: Tensor | None = None, max_drop: float | None = 0.01, budget: float | None = None,
+    steps: int = STEPS,
 ) -> CostSearch:
     """Greedy cost-minimising per-exit thresholds (see the module docstring).
 
     Give ``max_drop`` (the most accuracy drop, or disagreement without labels, allowed on these
     samples) or ``budget`` (the relative cost to reach, with the least error), not both.
-    ``chained``: the exits form a ZTW ensemble (every branch up to the last exit on runs).
+    ``cost`` is the cost model (an ensemble's counts every branch up to the last exit on).
     """
     if (max_drop is None) == (budget is None):
         raise OptionError("give either max_drop or budget")
@@ -100,7 +99,7 @@ def min_cost_thresholds(
         raise OptionError(f"max_drop must lie in [0, 1), got {max_drop}")
     if budget is not None and not budget > 0:
         raise OptionError(f"budget must be positive, got {budget}")
-    cascade = _Cascade(scores, preds, final_pred, labels, segment_costs, branch_costs, chained)
+    cascade = _Cascade(scores, preds, final_pred, labels, cost)
     grid = _grid(scores, steps)
     with threads(1):
         if max_drop is None:

@@ -5,8 +5,8 @@ Every branch is a fixed, parameter-free *reduction* of the feature map followed 
 score), the exit block of EENets (Demir & Akbas, section 3.1). The split is what makes exits
 pay: the reduction (average and max pooling to a small grid, concatenated) is the same in every
 epoch, so training caches the reduced map instead of the whole feature map, and the learned part
-runs on a few hundred numbers instead of a full-resolution map. On CIFAR ResNet-44 a full-map
-ConvX branch cost 5 % of the backbone; the default ``mlp`` branch costs 0.1-0.5 %. The reduced map
+runs on a few hundred numbers instead of a full-resolution map, at a small fraction of a
+full-map ConvX branch's cost (``benchmarks/results/exit-variants.md``). The reduced map
 holds at most ``MAX_VALUES`` numbers (4 KB per image in the cache): wide ImageNet maps get a
 smaller grid, and past one cell per channel adjacent channels are averaged (:func:`reduction`).
 
@@ -37,7 +37,7 @@ from pteenet.errors import OptionError
 from pteenet.graph._tracing import count_flops
 
 __all__ = ["MAX_VALUES", "Branch", "Reduce", "branch_flops",
-           "cache_bytes", "make_branch", "reduction", "softmax_stats", "unbounded_reduction"]
+           "cache_bytes", "make_branch", "reduction", "softmax_stats"]
 
 GRID = 4  # the reduced map's side for mlp, ConvX and sdn (smaller for wide maps)
 MAX_VALUES = 2048  # numbers one branch's reduced map may hold per image: 4 KB in the fp16 cache
@@ -80,7 +80,7 @@ def _whole_cells(x: torch.Tensor, s: int) -> bool:
     """Whether :func:`_cell_pool` pays for ``x``: a large float32 channels-last map on a CPU (as
     the frozen segments hand over; where it was timed, and where its sums cannot overflow as
     fp16's would) that ``s`` x ``s`` equal cells tile. On small maps its extra ops cost more
-    than the reads they save (a CIFAR 16x32x32 map: 15 against 11 us at batch 1)."""
+    than the reads they save (see design-timings.md)."""
     if (x.dim() != 4 or x.dtype != torch.float32 or x.device.type != "cpu"
             or not x.is_contiguous(memory_format=torch.channels_last)):
         return False
@@ -91,8 +91,8 @@ def _whole_cells(x: torch.Tensor, s: int) -> bool:
 def _cell_pool(x: torch.Tensor, s: int) -> torch.Tensor:
     """Average and max over ``s`` x ``s`` equal cells of a channels-last map, [N, 2C, s, s]:
     what adaptive pooling gives when the cells tile the map, but summed and maxed along rows
-    first and then along each cell's columns, each step over contiguous channels. On 2 cores
-    MobileNetV3's first tapped map (64x112x112) reduced 1.7x faster at batch 32, 2x at batch 1."""
+    first and then along each cell's columns, each step over contiguous channels: faster than
+    adaptive pooling on large maps (see design-timings.md)."""
     n, c, h, w = x.shape
     rows = x.permute(0, 2, 3, 1).reshape(n, s, h // s, w, c)
     avg = rows.sum(2).view(n, s, s, w // s, c).sum(3) / ((h // s) * (w // s))
@@ -116,21 +116,6 @@ def reduction(shape: tuple[int, ...], grid: int) -> Reduce:
     while 2 * c // group > MAX_VALUES or c % group:
         group += 1
     return Reduce(s, group)
-
-
-def unbounded_reduction(kind: str) -> Reduce:
-    """The reduction pteenet used before :func:`reduction` bounded wide maps: ``kind``'s full
-    grid (4x4; 1x1 for ``conv1d`` and ``pool``) over every channel, however wide the map.
-
-    Bundles written then (format version 2 whose branch specs record no ``reduce``) hold
-    branches shaped for it; :func:`pteenet.bundle._bundle.load` builds them only to recognise such
-    bundles and ask for a new attach.
-    """
-    return Reduce(_grid(kind))
-
-
-def _grid(kind: str) -> int:
-    return 1 if kind in ("conv1d", "pool") else GRID
 
 
 def cache_bytes(reduce: Reduce, shape: tuple[int, ...]) -> int:
@@ -226,8 +211,8 @@ def _width(per_unit: float, fixed: float, budget: float | None, cap: int) -> int
 
 
 def _parts(kind: str, shape: tuple[int, ...], k: int, budget: float | None,
-           width: int | None, reduce: Reduce | None) -> tuple[Reduce, nn.Module, int]:
-    reduce = reduce or reduction(shape, _grid(kind))
+           width: int | None) -> tuple[Reduce, nn.Module, int]:
+    reduce = reduction(shape, 1 if kind in ("conv1d", "pool") else GRID)
     c2, h, w = reduce.out_shape(shape)  # c2: avg and max channels together
     cells = h * w
     if kind == "mlp":
@@ -251,21 +236,19 @@ def _parts(kind: str, shape: tuple[int, ...], k: int, budget: float | None,
 
 
 def make_branch(kind: str, shape: tuple[int, ...] | int, num_classes: int,
-                budget: float | None = None, *, width: int | None = None,
-                reduce: Reduce | None = None) -> Branch:
+                budget: float | None = None, *, width: int | None = None) -> Branch:
     """Build an untrained branch of ``kind`` for a feature map of ``shape`` (C, H, W).
 
     ``budget`` is the most FLOPs the branch may cost per image; ``mlp`` and ConvX widths shrink
     to fit it (never below 16). ``width`` fixes the hidden width instead (a saved bundle's). A
-    bare channel count stands for a 4x4 map. ``reduce`` replaces the reduction
-    :func:`reduction` picks (:func:`unbounded_reduction`: the layout of older bundles).
+    bare channel count stands for a 4x4 map.
     """
     if kind not in BRANCH_TYPES:
         raise OptionError(f"unknown branch type '{kind}': use one of {', '.join(BRANCH_TYPES)}")
     if isinstance(shape, int):
         shape = (shape, GRID, GRID)
     macs = None if budget is None else budget / 2
-    reduce, body, width = _parts(kind, tuple(shape), num_classes, macs, width, reduce)
+    reduce, body, width = _parts(kind, tuple(shape), num_classes, macs, width)
     return Branch(reduce, body, width, num_classes)
 
 

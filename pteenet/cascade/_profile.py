@@ -234,9 +234,9 @@ def steady_allocator() -> bool:
 
     glibc's malloc serves large blocks (a batch of CIFAR activations is 16 MB) with fresh
     ``mmap`` pages and adapts its threshold to the order in which blocks are freed, so the same
-    convolutions ran 30-40 % slower as an fx GraphModule than as the eager model at batch 256,
-    and the eager model itself 1.8x slower than with a fixed threshold: page faults, not
-    arithmetic. Fixing the thresholds (``mallopt``, the knob behind ``MALLOC_MMAP_THRESHOLD_``)
+    convolutions ran at different speeds depending on the allocation order: page faults, not
+    arithmetic (see design-timings.md). Fixing the thresholds (``mallopt``, the knob behind
+    ``MALLOC_MMAP_THRESHOLD_``)
     makes both run at their arithmetic's speed. Process-wide; a no-op (False) off glibc.
     """
     try:

@@ -19,7 +19,8 @@ from torch import Tensor
 from pteenet.backbone._cifar_resnet import cifar_resnet
 from pteenet.backbone._preprocess import Preprocess
 from pteenet.backbone._registry import sha256_file
-from pteenet.data._datasets import make_loader, open_data
+from pteenet.data._datasets import open_data
+from pteenet.data._loading import make_loader
 from pteenet.demo.settings import DemoSettings, Log, to_stderr
 from pteenet.errors import DataError
 from pteenet.storage._atomic import atomic_path, write_text

@@ -50,8 +50,10 @@ from torch import nn
 
 from pteenet import __version__
 from pteenet.backbone._registry import sha256_file
-from pteenet.bundle._bundle import BundleInfo, load, read_bundle
 from pteenet.bundle._derived import BUNDLE_HASH_KEY
+from pteenet.bundle._load import load
+from pteenet.bundle._read import read_bundle
+from pteenet.bundle._schema import BundleInfo
 from pteenet.cascade._model import EarlyExitModel
 from pteenet.choices import FORMATS
 from pteenet.errors import BundleError, OptionError
@@ -171,7 +173,7 @@ def manifest_for(model: Any, info: BundleInfo, format: str, files: dict[str, lis
     bundle.json."""
     ensemble = {} if model.ensemble is None else {"ensemble": True}
     return {
-        "format_version": MANIFEST_VERSION if ensemble else 1, **ensemble,
+        "format_version": MANIFEST_VERSION, **ensemble,
         "pteenet_version": __version__, "format": format,
         "backbone": info.backbone.get("name"), "num_branches": model.num_branches,
         "num_classes": model.num_classes, "input_size": list(info.preprocess.input_size),
@@ -181,7 +183,7 @@ def manifest_for(model: Any, info: BundleInfo, format: str, files: dict[str, lis
         "cuts": list(info.cuts), "score": model.score, "thresholds": json_rows(model.thresholds),
         "active": model.active, "segment_flops": list(model.segment_flops),
         "branch_flops": list(model.branch_flops), "backbone_flops": model.backbone_flops,
-        "exit_costs": model.exit_costs(kind="flops"), "files": files,
+        "exit_costs": model.cost_in("flops").exits(model.active), "files": files,
         **({"single_runs": list(model.evaluated)} if "single" in files else {}),
         BUNDLE_HASH_KEY: bundle_sha256,
     }

@@ -2,14 +2,15 @@
 
 :mod:`pteenet.exporter` writes one graph per segment and per branch, so that a runtime can feed
 only the samples still in flight to the next segment (batch compaction). At batch 1 there is
-nothing to compact, and the price of that design is all overhead: each ``session.run`` costs
-onnxruntime 15-20 us and each exit a few numpy calls, which on a CIFAR ResNet-44 (1.2 ms on
-onnxruntime) added a fifth to a sample that goes the whole way. This graph runs the same pieces
+nothing to compact, and the price of that design is all overhead: each ``session.run`` and
+each exit's numpy calls add to a sample that goes the whole way (timings:
+``benchmarks/results/design-timings.md``). This graph runs the same pieces
 in one session: after each active exit an ``If`` answers with the branch's logits when its score
 reaches the threshold of its predicted class, or runs the rest of the cascade in its
 ``else`` branch. Segments between two active exits are chained without a boundary, and each
 ``If`` branch holds the weights of the pieces it runs: onnxruntime pre-packs a graph's own
-weights only, and with every weight at the top level a whole pass took 1.6x the backbone's time.
+weights only, and with every weight at the top level a whole pass ran far slower than the
+backbone.
 
 The graph reads the thresholds as an input (``thresholds``, ``[B, K]`` float32, inf = never),
 so the runtime's table applies, but *which* branches it contains is fixed at export: the exits

@@ -9,7 +9,7 @@ FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` at the aten 
 model is counted the same way whatever modules it is built from. thop's module-hook count is
 reported beside it because it is the figure most users know; it adds BatchNorm and pooling
 (which the aten count leaves out) and cannot see functional ops or module subclasses (timm's
-``Linear``, ``BatchNormAct2d``): +0.5 to +10.6 % or -1.8 % of ours, by family (README).
+``Linear``, ``BatchNormAct2d``), so the two differ by a few percent, by family (README).
 
 Like torchvision's feature extraction, there are two public steps: *discover*
 (:func:`trace_backbone`, which lists the cuts) and *act* (:func:`split_at`, which returns the

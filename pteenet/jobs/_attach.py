@@ -17,15 +17,18 @@ import torch
 
 from pteenet import __version__
 from pteenet.backbone._registry import Backbone, create_backbone, label_names
-from pteenet.bundle._bundle import BundleInfo, ThresholdTable, calibration_digest, save_bundle
 from pteenet.bundle._derived import remove_stale
+from pteenet.bundle._schema import BundleInfo, ThresholdTable, calibration_digest
+from pteenet.bundle._write import save_bundle
 from pteenet.calibration._calibrate import choose_table, outputs_from_features
 from pteenet.cascade._branches import cache_bytes
+from pteenet.cascade._build import build_early_exit
 from pteenet.cascade._ensemble import fit_split, fit_ztw
-from pteenet.cascade._model import EarlyExitModel, build_early_exit
+from pteenet.cascade._model import EarlyExitModel
 from pteenet.cascade._profile import cut_time_fractions, probe_images
 from pteenet.choices import COSTS, DEFAULT_BRANCH, DEFAULT_BUDGET, DEFAULT_POLICY, ENSEMBLES
-from pteenet.data._datasets import available_splits, open_data, split_indices
+from pteenet.data._datasets import available_splits, open_data
+from pteenet.data._loading import split_indices
 from pteenet.errors import Interrupted, OptionError
 from pteenet.graph._placement import choose_cuts, useful_cuts
 from pteenet.graph._tracing import Trace, trace_backbone
@@ -66,7 +69,7 @@ class AttachResult:
     def rows(self) -> list[dict]:
         """Per branch: cut, FLOPs fraction at the exit, bytes per image in the feature cache,
         and held-out agreement with the backbone."""
-        costs = self.model.exit_costs(kind="flops")
+        costs = self.model.cost_in("flops").exits(self.model.active)
         return [{"branch": i, "cut": c, "type": b["type"], "exit_flops": costs[i],
                  "branch_flops": b["flops"] / self.model.backbone_flops,
                  "cache_bytes": b["cache_bytes"],
@@ -329,5 +332,5 @@ def _bundle_info(bb: Backbone, ee: EarlyExitModel, trace: Trace, names, module_c
               "has_labels": dataset.has_labels},
         calibration_indices=held_idx,
         extra={"calibration_sha256": digest},
-        cost=ee.cost, latency=ee.latency,
+        cost=ee.cost.kind, latency=ee.latency,
     )

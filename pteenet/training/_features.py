@@ -21,7 +21,8 @@ from torch import Tensor
 
 from pteenet.cascade._model import EarlyExitModel
 from pteenet.cascade._profile import steady_allocator
-from pteenet.data._datasets import ImageData, collate_skip, default_workers, make_loader, prefetched
+from pteenet.data._items import ImageData
+from pteenet.data._loading import collate_skip, default_workers, make_loader, prefetched
 from pteenet.errors import DataError
 from pteenet.storage._atomic import CACHE_PREFIX
 
@@ -111,7 +112,7 @@ def compute_features(model: EarlyExitModel, data: ImageData, indices: Sequence[i
     Images are decoded and resized once, here (in ``num_workers`` loader processes; ``None``:
     :func:`~pteenet.data.default_workers`; without any, a thread decodes the next batch during
     this one's forward pass, :func:`~pteenet.data.prefetched`; the first batches are small,
-    :func:`~pteenet.data._datasets.ramped`); every epoch then reads the cache, not the files.
+    :func:`~pteenet.data.ramped`); every epoch then reads the cache, not the files.
     Unreadable images are skipped and counted. Beyond ``cache_limit`` bytes the features go to a
     memory-mapped temp file in ``cache_dir`` (default: the system's temp folder), removed when
     ``stack`` closes, or by the next writer of ``cache_dir`` after a kill. On CPU the pass

@@ -60,8 +60,8 @@ class Guard:
         self.good = {k: v.detach().clone() for k, v in model.branches.state_dict().items()}
 
     def commit(self) -> None:
-        """Copy the weights into the kept ones in place: a deep copy of the state allocated
-        anew each epoch took 6 of 90 ms of an epoch from the cache (ten 1000-class heads)."""
+        """Copy the weights into the kept ones in place: a deep copy allocated anew each epoch
+        was a visible share of an epoch from the cache (see design-timings.md)."""
         for k, v in self.model.branches.state_dict().items():
             self.good[k].copy_(v)
 
@@ -76,8 +76,7 @@ class Guard:
 
 def adam(params: Iterable[Tensor], lr: float) -> torch.optim.Adam:
     """Adam, its update fused into one kernel where torch has one: the per-parameter update
-    loop took 104 of 404 ms of four epochs of ten 1000-class heads from the cache on a CPU,
-    fused 33 ms."""
+    loop was a quarter of an epoch from the cache (see design-timings.md)."""
     params = list(params)
     fused = bool(params) and all(p.device.type in FUSED_ADAM_DEVICES for p in params)
     return torch.optim.Adam(params, lr=lr, fused=fused or None)

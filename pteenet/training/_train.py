@@ -60,8 +60,8 @@ def train_branches(model: EarlyExitModel, train: FeatureSet, held: FeatureSet,
     config = replace(config, target=config.resolved_target(_has_labels(train)))
     model.train()
     model.branches.to(config.device)
-    # heads are a few small matrices: two CPU threads made an epoch from the cache 100x slower
-    # than one (5.8 s against 0.06 s, ResNet-18's eight heads); streaming keeps every thread
+    # heads are a few small matrices: more CPU threads only wait on each other (timings:
+    # benchmarks/results/design-timings.md); streaming keeps every thread
     one = torch.device(config.device).type == "cpu" and not isinstance(train, LiveFeatures)
     with threads(1 if one else None):
         if config.boosted:
@@ -79,7 +79,7 @@ def _train_joint(model, train, held, config, on_epoch, resume: Resume | None,
                  on_batch: Callable[[int], None] | None) -> TrainReport:
     opt = adam(model.branches.parameters(), config.lr)
     gen = torch.Generator().manual_seed(config.seed)
-    costs = model.exit_costs()
+    costs = model.cost.exits(model.active)
     report, guard = TrainReport(), Guard(model)
     start = resume.load(model, opt, gen, report) if resume else 0
     guard.commit()
