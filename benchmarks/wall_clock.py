@@ -43,7 +43,7 @@ from cifar_resnet import CHECKPOINTS, SHARED, extract  # noqa: E402
 def bench_row(bundle: Path, root: Path, args, **kw) -> dict:
     r = pteenet.bench(bundle, data=root, split="test", out_json=False, batch_size=args.batch,
                       latency_samples=args.latency_samples, repeats=args.repeats,
-                      num_threads=args.threads, **kw)
+                      threads=args.threads, **kw)
     lat, t = r["timing"]["latency"], r["timing"]
     return {"top1": r["early_exit"]["top1"], "backbone_top1": r["backbone"]["top1"],
             "relative_flops": r["early_exit"]["relative_flops"],

@@ -167,7 +167,7 @@ def bench(
                     batch_size=batch_size,
                     latency_samples=latency_samples, repeats=repeats, sweep=sweep, device=device,
                     checkpoint=checkpoint, force=force, max_samples=max_samples,
-                    progress=not (quiet or json), num_threads=threads, profile=profile)
+                    progress=not (quiet or json), threads=threads, profile=profile)
     out.table("early exit vs backbone", ["metric", "early exit", "backbone", "speedup"],
               comparison_rows(res))
     out.table("where samples left", EXIT_COLUMNS, exit_rows(res))

@@ -46,10 +46,10 @@ def inspect(
     json: Json = False,
 ) -> None:
     """Show where MODEL's FLOPs go: every cut point with its cumulative FLOPs and parameters."""
-    from pteenet.jobs._inspect import inspect_backbone  # torch: only when run
+    from pteenet.jobs._inspect import inspect as inspect_model  # torch: only when run
 
     out = Output(json)
-    info = inspect_backbone(model, checkpoint=checkpoint, num_classes=num_classes,
+    info = inspect_model(model, checkpoint=checkpoint, num_classes=num_classes,
                             branches=branches, placement=value(placement), at=floats(at, "--at"),
                             cuts=names(cuts), **preprocess_options(input_size, mean, std),
                             pretrained=pretrained)

@@ -1,9 +1,11 @@
 """pteenet: retrofit early exits onto pretrained image classifiers.
 
-The public API is the handful of names below; each step of the pipeline
-(backbone -> trace -> placement -> branches -> training -> calibration -> bench) is also usable
-on its own from its module. Names are imported on first use, so ``pteenet.runtime._cascade`` (the
-deployment runner for exported cascades) works with numpy and onnxruntime alone, without torch.
+The public API is the handful of names below: the way in (``attach``, ``calibrate``, ``load``,
+``bench``, ``export``, ``inspect``, ``list_backbones``) and the values they hand back. Each step
+of the pipeline (backbone -> trace -> placement -> branches -> training -> calibration -> bench)
+is also usable on its own from the package of its stage (``pteenet.graph``, ``pteenet.cascade``,
+...). Names are imported on first use, so ``pteenet.runtime`` (the deployment runner for exported
+cascades) works with numpy and onnxruntime alone, without torch.
 """
 
 from __future__ import annotations
@@ -13,21 +15,19 @@ from pteenet._face import lazy_face
 __version__ = "0.1.0"
 
 _LAZY = {
-    "Backbone": "backbone._registry",
-    "create_backbone": "backbone._registry",
-    "trace_backbone": "graph._tracing",
-    "split_at": "graph._tracing",
-    "choose_cuts": "graph._placement",
-    "make_branch": "cascade._branches",
-    "EarlyExitModel": "cascade._model",
-    "EarlyExitResult": "cascade._exit_loop",
-    "build_early_exit": "cascade._build",
-    "load": "bundle._load",
-    "TrainConfig": "training._config",
     "attach": "jobs._attach",
     "calibrate": "calibration._calibrate",
+    "load": "bundle._load",
     "bench": "benchmark._bench",
-    "run_demo": "demo.run",
+    "export": "exporter._export",
+    "inspect": "jobs._inspect",
+    "list_backbones": "backbone._registry",
+    "create_backbone": "backbone._registry",
+    "Backbone": "backbone._registry",
+    "EarlyExitModel": "cascade._model",
+    "EarlyExitResult": "cascade._exit_loop",
+    "Cost": "cascade._cost",
+    "TrainConfig": "training._config",
     "PteenetError": "errors",
 }
 

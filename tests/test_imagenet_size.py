@@ -22,7 +22,7 @@ from pteenet.cascade import build_early_exit
 from pteenet.cascade._branches import Reduce, make_branch, reduction
 from pteenet.graph._placement import choose_cuts
 from pteenet.graph._tracing import trace_backbone
-from pteenet.jobs._inspect import inspect_backbone
+from pteenet.jobs._inspect import inspect
 from tests._helpers import tiny  # noqa: F401  (fixture)
 
 SEVEN = ("timm:resnet18", "timm:resnet50", "timm:mobilenetv3_large_100", "timm:efficientnet_b0",
@@ -85,7 +85,7 @@ def test_large_channels_last_maps_are_pooled_cell_by_cell_and_small_ones_adaptiv
 
 @pytest.mark.slow
 def test_default_resnet50_attach_caches_at_most_64_kb_per_image():
-    info = inspect_backbone("timm:resnet50", branches=10)
+    info = inspect("timm:resnet50", branches=10)
     chosen = [c for c in info["cuts"] if c["chosen"]]
     assert len(chosen) == 10
     assert info["cache_bytes"] == sum(c["cache_bytes"] for c in chosen) <= 64 * 1024

@@ -87,7 +87,7 @@ def test_latency_bundle_round_trips_and_bench_reports_ideal(timed):
     assert info.cost == "latency" and model.cost.kind == "latency"
     assert model.latency == info.latency
     assert model.cost.exits(model.active) != model.cost_in("flops").exits(model.active)
-    res = bench(timed, num_threads=2, **FAST)  # the module runs on one thread
+    res = bench(timed, threads=2, **FAST)  # the module runs on one thread
     assert res["timing"]["cpu_threads"] == 2 and torch.get_num_threads() == 1
     if platform.libc_ver()[0] == "glibc":  # both models timed with fixed malloc thresholds
         assert res["timing"]["allocator"] == "steady (mallopt)"

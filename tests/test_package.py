@@ -68,3 +68,24 @@ def test_every_subpackage_is_installed():
     found = {".".join(["pteenet", *p.parent.relative_to(ROOT).parts])
              for p in ROOT.rglob("__init__.py")}
     assert set(setup["packages"]) == found | {"pteenet_cli"}
+
+
+def test_the_way_in_is_public():
+    """The issue's API: every step a user takes is one name on the package root."""
+    assert {"attach", "calibrate", "load", "bench", "export", "inspect",
+            "list_backbones"} <= set(pteenet.__all__)
+
+
+def test_list_backbones_filters_by_pattern_and_source():
+    from pteenet.backbone import CIFAR_DEPTHS, resolve_name
+    from pteenet.errors import ModelNotFoundError
+
+    cifar = pteenet.list_backbones(source="cifar")
+    assert cifar == sorted(f"cifar:{n}" for n in CIFAR_DEPTHS)
+    mobile = pteenet.list_backbones("*mobilenetv3*")
+    assert mobile and all("mobilenetv3" in n for n in mobile)
+    assert {n.split(":")[0] for n in mobile} == {"timm"}
+    for name in (*cifar[:2], *mobile[:2], pteenet.list_backbones(source="torchvision")[0]):
+        assert ":".join(resolve_name(name)) == name
+    with pytest.raises(ModelNotFoundError, match="unknown model source"):
+        pteenet.list_backbones(source="hub")

@@ -17,6 +17,7 @@ _NAMES = {
     "SOURCES": "_registry",
     "create_backbone": "_registry",
     "label_names": "_registry",
+    "list_backbones": "_registry",
     "freeze": "_registry",
     "load_state_dict_file": "_registry",
     "resolve_name": "_registry",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import fnmatch
 import functools
 import io
 import math
@@ -40,6 +41,7 @@ __all__ = [
     "SOURCES",
     "create_backbone",
     "label_names",
+    "list_backbones",
     "freeze",
     "load_state_dict_file",
     "resolve_name",
@@ -115,6 +117,17 @@ def _known(source: str) -> frozenset[str]:
     if source == "cifar":
         return frozenset(CIFAR_DEPTHS)
     return _timm_names() if source == "timm" else _torchvision_names()
+
+
+def list_backbones(pattern: str = "*", source: str | None = None) -> list[str]:
+    """The backbone names ``create_backbone`` knows, as ``source:name``, matching the shell-style
+    ``pattern`` (``"*mobilenet*"``), sorted: the CIFAR ResNets, then timm's, then
+    torchvision's (the order names resolve in), like timm's ``list_models``."""
+    if source is not None and source not in SOURCES:
+        raise ModelNotFoundError(f"unknown model source '{source}': use one of "
+                                 f"{', '.join(SOURCES)}")
+    return [f"{src}:{n}" for src in (SOURCES if source is None else (source,))
+            for n in sorted(_known(src)) if fnmatch.fnmatchcase(n, pattern)]
 
 
 def resolve_name(name: str) -> tuple[str, str]:

@@ -45,7 +45,8 @@ from pteenet.bundle._schema import BundleInfo, ThresholdTable
 from pteenet.cascade._model import EarlyExitModel
 from pteenet.cascade._profile import device_name, steady_allocator
 from pteenet.errors import BundleError, OptionError
-from pteenet.machine import check_device, threads
+from pteenet.machine import check_device
+from pteenet.machine import threads as cpu_threads
 from pteenet.progress import single_bar
 from pteenet.storage._atomic import write_text, writes_into
 from pteenet.thresholds import json_rows
@@ -104,7 +105,7 @@ def bench(
     out_json: bool = True,
     progress: bool = False,
     max_samples: int | None = None,
-    num_threads: int | None = None,
+    threads: int | None = None,
     profile: bool = True,
 ) -> dict[str, Any]:
     """Measure a bundle's early exits against its untouched backbone (see the module docstring).
@@ -112,11 +113,11 @@ def bench(
     ``threshold`` replaces the bundle's table with one global value (0 = every sample leaves at
     the first exit; above 1 or inf = none leaves early). ``out_json`` writes ``bench.json`` into
     the bundle folder; ``sweep`` also writes ``sweep.png`` and ``sweep.csv`` there.
-    ``num_threads`` sets the CPU threads for the whole run; ``profile`` times every segment and
+    ``threads`` sets the CPU threads for the whole run; ``profile`` times every segment and
     branch (:func:`time_profile`). Returns the same JSON-serialisable dict.
     """
     _check_options(threshold, batch_size, latency_samples, repeats, max_samples)
-    with threads(num_threads):
+    with cpu_threads(threads):
         return _bench(bundle, data, split, threshold, batch_size, latency_samples, repeats,
                       sweep, device, checkpoint, force, out_json, progress, max_samples, profile)
 

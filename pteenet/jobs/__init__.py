@@ -7,7 +7,7 @@ _NAMES = {
     "STATE_FILE": "_attach",
     "WARN_SHARE": "_attach",
     "attach": "_attach",
-    "inspect_backbone": "_inspect",
+    "inspect": "_inspect",
 }
 __all__ = sorted(_NAMES)
 __getattr__, __dir__ = lazy_face(__name__, _NAMES)

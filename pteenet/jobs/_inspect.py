@@ -12,10 +12,10 @@ from pteenet.choices import DEFAULT_BRANCH, DEFAULT_BUDGET, DEFAULT_POLICY
 from pteenet.graph._placement import choose_cuts, useful_cuts
 from pteenet.graph._tracing import trace_backbone
 
-__all__ = ["inspect_backbone"]
+__all__ = ["inspect"]
 
 
-def inspect_backbone(
+def inspect(
     model: str,
     *,
     checkpoint: str | os.PathLike | None = None,
