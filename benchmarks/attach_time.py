@@ -58,7 +58,7 @@ def main() -> None:
         idx = list(range(min(args.max_samples, len(data))))
         _, t_backbone = timed(lambda: backbone_pass(bb, data, idx))
         res, t_attach = timed(lambda: attach(
-            "resnet44", tmp, backbone=bb, out=Path(tmp) / "bundle",
+            bb, tmp, out=Path(tmp) / "bundle",
             max_samples=args.max_samples, progress=False))
     report = {
         "samples": len(idx), "branches": len(res.info.cuts), "branch": res.info.branches[0]["type"],

@@ -58,7 +58,7 @@ def test_backbone_weights_and_bn_buffers_are_byte_identical(tiny, tmp_path):  # 
     data, ckpt = tiny
     bb = create_backbone("resnet20", checkpoint=ckpt, num_classes=3)
     before = {k: v.clone() for k, v in bb.model.state_dict().items()}
-    attach("resnet20", data, backbone=bb, branches=2, branch="conv1", out=tmp_path,
+    attach(bb, data, branches=2, branch="conv1", out=tmp_path,
            config=TrainConfig(epochs=2, batch_size=16), progress=False)
     after = bb.model.state_dict()
     assert before.keys() == after.keys()
@@ -247,11 +247,11 @@ def test_attach_warns_in_one_line_when_branches_cost_too_much(tiny, tmp_path,  #
 def test_labels_of_other_classes_are_not_targets(tiny, tmp_path):  # noqa: F811
     data, _ = tiny  # three colour classes; this backbone predicts four
     bb = create_backbone("resnet20", num_classes=4)
-    res = attach("resnet20", data, backbone=bb, branches=2, out=tmp_path / "auto",
+    res = attach(bb, data, branches=2, out=tmp_path / "auto",
                  config=TrainConfig(epochs=1, batch_size=16), progress=False)
     assert res.info.training["target"] == "soft"  # auto: the backbone's softmax, not labels
     with pytest.raises(OptionError, match="`target` mixed needs them to match"):
-        attach("resnet20", data, backbone=bb, branches=2, out=tmp_path / "mixed",
+        attach(bb, data, branches=2, out=tmp_path / "mixed",
                config=TrainConfig(epochs=1, target="mixed"), progress=False)
 
 

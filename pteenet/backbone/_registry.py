@@ -43,6 +43,7 @@ __all__ = [
     "label_names",
     "list_backbones",
     "freeze",
+    "head_size",
     "load_state_dict_file",
     "resolve_name",
     "sha256_file",
@@ -81,6 +82,7 @@ class Backbone:
     checkpoint_sha256: str | None = None
     pretrained: bool = False  # the registry's weights (False with a checkpoint, or random ones)
     notes: list[str] = field(default_factory=list)  # what was inferred, one line each
+    weights_sha256: str | None = None  # a user's own module: its weights' hash (see _custom)
 
     @property
     def full_name(self) -> str:
@@ -366,7 +368,8 @@ def _interpolation(name: str | None) -> str:
     return name if name in INTERPOLATIONS else "bilinear"
 
 
-def _head_size(model: nn.Module, preprocess: Preprocess) -> int:
+def head_size(model: nn.Module, preprocess: Preprocess) -> int:
+    """How many classes ``model`` (in eval mode) predicts: the width of its output."""
     with torch.no_grad():
         out = model(torch.zeros(1, 3, *preprocess.input_size))
     return int(out.shape[-1])
@@ -413,7 +416,7 @@ def create_backbone(
                   mean=tuple(mean) if mean else pre.mean, std=tuple(std) if std else pre.std)
     freeze(model)
     return Backbone(model=model, name=bare, source=source,
-                    num_classes=num_classes or _head_size(model, pre), preprocess=pre,
+                    num_classes=num_classes or head_size(model, pre), preprocess=pre,
                     checkpoint=str(checkpoint) if checkpoint is not None else None,
                     checkpoint_sha256=sha, pretrained=pretrained, notes=notes)
 

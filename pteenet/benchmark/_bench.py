@@ -21,10 +21,12 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from pteenet.benchmark._eval_set import EvalSet, select_data
 from pteenet.benchmark._quality import Pass, measure_pass, quality, simulation_check
@@ -107,6 +109,7 @@ def bench(
     max_samples: int | None = None,
     threads: int | None = None,
     profile: bool = True,
+    model: nn.Module | Callable[[], nn.Module] | None = None,
 ) -> dict[str, Any]:
     """Measure a bundle's early exits against its untouched backbone (see the module docstring).
 
@@ -114,12 +117,14 @@ def bench(
     the first exit; above 1 or inf = none leaves early). ``out_json`` writes ``bench.json`` into
     the bundle folder; ``sweep`` also writes ``sweep.png`` and ``sweep.csv`` there.
     ``threads`` sets the CPU threads for the whole run; ``profile`` times every segment and
-    branch (:func:`time_profile`). Returns the same JSON-serialisable dict.
+    branch (:func:`time_profile`). ``model``: the backbone module of a bundle attached to the
+    user's own (see :func:`pteenet.load`). Returns the same JSON-serialisable dict.
     """
     _check_options(threshold, batch_size, latency_samples, repeats, max_samples)
     with cpu_threads(threads):
         return _bench(bundle, data, split, threshold, batch_size, latency_samples, repeats,
-                      sweep, device, checkpoint, force, out_json, progress, max_samples, profile)
+                      sweep, device, checkpoint, force, out_json, progress, max_samples, profile,
+                      model)
 
 
 def _timed_shares(p: Pass, timing: dict[str, Any], branches: int) -> dict[str, list[float]]:
@@ -132,12 +137,13 @@ def _timed_shares(p: Pass, timing: dict[str, Any], branches: int) -> dict[str, l
 
 
 def _bench(bundle, data, split, threshold, batch_size, latency_samples, repeats, sweep, device,
-           checkpoint, force, out_json, progress, max_samples, profile) -> dict[str, Any]:
+           checkpoint, force, out_json, progress, max_samples, profile, module
+           ) -> dict[str, Any]:
     dev = check_device(device)
     b = read_bundle(bundle)  # read once: the model, the table and the info agree
     info, table = b.info, b.table
     ev = select_data(info, data, split, max_samples)
-    model = load(b, checkpoint=checkpoint, force=force, device=dev)
+    model = load(b, checkpoint=checkpoint, force=force, device=dev, model=module)
     if threshold is not None:
         model.set_thresholds(float(threshold))
     backbone = model.whole  # the eager backbone the segments were traced from (built once)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
+from pteenet.backbone._custom import CUSTOM, module_of, weights_sha256, wrap_module
 from pteenet.backbone._registry import Backbone, create_backbone, sha256_file
 from pteenet.bundle._fields import show
 from pteenet.bundle._read import empty_or_table, read_bundle
@@ -20,12 +23,15 @@ __all__ = ["load", "load_backbone"]
 
 
 def load_backbone(info: BundleInfo, checkpoint: str | os.PathLike | None = None,
-                  force: bool = False) -> Backbone:
+                  force: bool = False,
+                  model: nn.Module | Callable[[], nn.Module] | None = None) -> Backbone:
     """Rebuild the bundle's backbone and check its checkpoint is the one it was trained on.
 
     The hash is checked before the weights are loaded (and handed on, so the file is hashed
     once); a bundle that records a checkpoint but no hash (edited?) cannot be checked, so it
     needs ``force`` like a mismatch does."""
+    if model is not None or info.backbone["source"] == CUSTOM:
+        return _given_backbone(info, model, force)
     bb = info.backbone
     ckpt = checkpoint if checkpoint is not None else bb.get("checkpoint_path")
     if ckpt is not None and not Path(ckpt).is_file() and checkpoint is None:
@@ -48,19 +54,39 @@ def load_backbone(info: BundleInfo, checkpoint: str | os.PathLike | None = None,
     )
 
 
+def _given_backbone(info: BundleInfo, model: nn.Module | Callable[[], nn.Module] | None,
+                    force: bool) -> Backbone:
+    """The user's own module as the bundle's backbone, checked against the weights hash the
+    bundle recorded (a registry bundle records none: any module of the right shape will do)."""
+    name = info.backbone["name"]
+    if model is None:
+        raise BundleError(f"{info.path} was attached to your own module ({show(name)}); pass it "
+                          f"back: pteenet.load(path, model=...)")
+    module = module_of(model)
+    want = info.backbone.get("weights_sha256")
+    if want and not force and weights_sha256(module) != want:
+        raise BundleError(f"the module given has other weights than the one {info.path} was "
+                          f"attached to ({show(want)[:12]}); pass `force` to use it anyway")
+    return wrap_module(module, num_classes=info.num_classes, preprocess=info.preprocess,
+                       name=name)
+
+
 def load(path: str | os.PathLike | Bundle = "pteenet-out", *,
          checkpoint: str | os.PathLike | None = None, force: bool = False,
-         device: str | torch.device = "cpu", thresholds: bool = True) -> EarlyExitModel:
+         device: str | torch.device = "cpu", thresholds: bool = True,
+         model: nn.Module | Callable[[], nn.Module] | None = None) -> EarlyExitModel:
     """Rebuild the early-exit model of a bundle, with its threshold table, in eval mode.
 
     ``path`` is a bundle folder, read once (:func:`read_bundle`), or a :class:`Bundle` already
     read. The FLOPs come from the bundle (nothing is counted again). ``thresholds=False``
     uses no stored table (every exit off): what calibrate needs to replace a table that is
-    missing, corrupt or for another bundle."""
+    missing, corrupt or for another bundle. ``model`` is the backbone module itself (or a
+    function building it): required for a bundle attached to the user's own module, whose
+    weights must hash as recorded unless ``force``."""
     b = path if isinstance(path, Bundle) else read_bundle(path, thresholds)
     info = b.info
     table = b.table if thresholds else empty_or_table(None, "", info)
-    backbone = load_backbone(info, checkpoint, force)
+    backbone = load_backbone(info, checkpoint, force, model)
     try:
         trace = trace_backbone(backbone.model, info.preprocess.input_size,
                                cuts=info.cuts if info.module_cuts else None, with_thop=False,

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from pteenet.bundle._load import load
 from pteenet.bundle._read import read_bundle
@@ -274,6 +275,7 @@ def calibrate(
     write: bool = True,
     cost: str | None = None,
     progress: bool = False,
+    model: nn.Module | Callable[[], nn.Module] | None = None,
 ) -> CalibrationResult:
     """Choose the threshold table and write it into the bundle (thresholds.json + .csv).
 
@@ -284,20 +286,22 @@ def calibrate(
     ``"latency"``, measured times (the bundle's profile when it was measured on this device,
     else a fresh one). A bundle attached with a ZTW ensemble is calibrated on its ensembled
     exits (their scores and predictions; every branch the ensemble reads is counted), on the
-    held-out half its weights were not fitted on (the split the bundle records).
+    held-out half its weights were not fitted on (the split the bundle records). ``model``: the
+    backbone module of a bundle attached to the user's own (see :func:`pteenet.load`).
     """
     method = _method(threshold, cpm, max_drop, budget, risk, delta, bound, margin, min_support)
     check_device(device)
     b = read_bundle(bundle, thresholds=False)  # all checked before the backbone is built
-    model = load(b, checkpoint=checkpoint, force=force, device=device, thresholds=False)
-    model.set_thresholds(1.0, score="softmax" if uses_gate(method, cpm) else score)
-    use_cost(model, cost or model.cost.kind, b.info.preprocess.input_size, device)
-    out = collect(model, b, data, split=split, device=device, progress=progress)
-    table = choose_table(out, model.num_classes, method=method, threshold=threshold,
+    ee = load(b, checkpoint=checkpoint, force=force, device=device, thresholds=False,
+              model=model)
+    ee.set_thresholds(1.0, score="softmax" if uses_gate(method, cpm) else score)
+    use_cost(ee, cost or ee.cost.kind, b.info.preprocess.input_size, device)
+    out = collect(ee, b, data, split=split, device=device, progress=progress)
+    table = choose_table(out, ee.num_classes, method=method, threshold=threshold,
                          max_drop=max_drop, budget=budget, cpm=cpm, margin=margin,
                          min_support=min_support, delta=delta, bound=bound, score=score)
-    if model.cost.kind == "latency" and model.latency is not None:
-        table.params["cost_device"] = model.latency.device
+    if ee.cost.kind == "latency" and ee.latency is not None:
+        table.params["cost_device"] = ee.latency.device
     if write:
         write_thresholds(b.path, table)
     return CalibrationResult(table, out, table.summary, class_rows(out, table.thresholds),

@@ -31,9 +31,8 @@ def _attach(root: str, ckpt: str, out: Path, settings: DemoSettings, progress: b
                          input_size=settings.input_size)
     config = TrainConfig(epochs=settings.attach_epochs, batch_size=settings.attach_batch_size,
                          seed=settings.seed)
-    return attach(MODEL, root, checkpoint=ckpt, val_fraction=settings.val_fraction, out=out,
-                  config=config,
-                  max_samples=settings.attach_samples, progress=progress, backbone=bb)
+    return attach(bb, root, val_fraction=settings.val_fraction, out=out, config=config,
+                  max_samples=settings.attach_samples, progress=progress)
 
 
 def _pct(x: float | None) -> str:

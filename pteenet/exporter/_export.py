@@ -40,7 +40,7 @@ import functools
 import json
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -104,20 +104,22 @@ def export(
     opset: int = 17,
     checkpoint: str | os.PathLike | None = None,
     force: bool = False,
+    model: nn.Module | Callable[[], nn.Module] | None = None,
 ) -> Path:
-    """Write the bundle's segments, branches and manifest into ``out``; return that folder."""
+    """Write the bundle's segments, branches and manifest into ``out``; return that folder.
+    ``model``: the backbone module of a bundle attached to the user's own (see :func:`load`)."""
     _check_format(format, opset)
     b = read_bundle(bundle)  # fail fast on a bad bundle, before building the backbone
     folder = Path(out) if out is not None else b.path / f"export-{format}"
     if folder.exists() and not folder.is_dir():
         raise OptionError(f"`out` {folder} is a file; give a folder")
     with writer_lock(folder, create=True):  # also the writability check, before any work
-        model = load(b, checkpoint=checkpoint, force=force).eval()
+        ee = load(b, checkpoint=checkpoint, force=force, model=model).eval()
         size = b.info.preprocess.input_size
-        files = _write_graphs(model, size, folder, format, opset)
+        files = _write_graphs(ee, size, folder, format, opset)
         if format == "onnx":
-            files.update(_write_single(model, size, folder, files, opset))
-        manifest = manifest_for(model, b.info, format, files, b.sha256)
+            files.update(_write_single(ee, size, folder, files, opset))
+        manifest = manifest_for(ee, b.info, format, files, b.sha256)
         manifest["sha256"] = {f: sha256_file(folder / f)
                               for group in files.values() for f in group}
         write_text(folder / MANIFEST, json.dumps(manifest, indent=1))

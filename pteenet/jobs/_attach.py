@@ -14,8 +14,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from pteenet import __version__
+from pteenet.backbone._custom import wrap_module
 from pteenet.backbone._registry import Backbone, create_backbone, label_names
 from pteenet.bundle._derived import remove_stale
 from pteenet.bundle._schema import BundleInfo, ThresholdTable, calibration_digest
@@ -79,7 +81,7 @@ class AttachResult:
 
 @writes_into("out", create=True, when=launched_as_main)  # lock + writability, before any work
 def attach(
-    model: str,
+    model: str | nn.Module | Backbone,
     data: str | os.PathLike,
     *,
     checkpoint: str | os.PathLike | None = None,
@@ -98,13 +100,17 @@ def attach(
     std: tuple[float, float, float] | None = None,
     max_samples: int | None = None,
     progress: bool = True,
-    backbone: Backbone | None = None,
     resume: bool = False,
     cost: str = "flops",
     pretrained: bool = True,
     ensemble: str | None = None,
 ) -> AttachResult:
     """Place exits on a frozen backbone, train them on its pseudo-labels and write the bundle.
+
+    ``model`` is a registry name (``resnet20``, ``timm:resnet50``), a :class:`Backbone` already
+    built, or the user's own ``nn.Module`` (frozen, its weights never changed; ``input_size``,
+    ``mean`` and ``std`` describe its inputs, ImageNet's at 224x224 by default): its bundle
+    records the weights' hash and loads with ``pteenet.load(path, model=the_module)``.
 
     ``cuts`` names modules to split at (for models fx cannot trace whole); otherwise ``at`` or
     ``placement`` with ``branches`` (default: 10, or one per useful cut point where there are
@@ -132,9 +138,14 @@ def attach(
     if Path(out).exists() and not Path(out).is_dir():
         raise OptionError(f"`out` {out} is a file; the bundle needs a folder")
     start = time.perf_counter()
-    bb = backbone or create_backbone(model, checkpoint=checkpoint, pretrained=pretrained,
-                                     num_classes=num_classes, input_size=input_size, mean=mean,
-                                     std=std)
+    if isinstance(model, Backbone):
+        bb = model
+    elif isinstance(model, nn.Module):
+        bb = wrap_module(model, num_classes=num_classes, input_size=input_size, mean=mean,
+                         std=std)
+    else:
+        bb = create_backbone(model, checkpoint=checkpoint, pretrained=pretrained,
+                             num_classes=num_classes, input_size=input_size, mean=mean, std=std)
     dataset = open_data(data, bb.preprocess, split="train", label_names=label_names(bb))
     config.validate(dataset.has_labels)
     labeled = dataset.has_labels and len(dataset.classes or []) == bb.num_classes
@@ -298,8 +309,8 @@ def _cost_notes(ee: EarlyExitModel) -> list[str]:
 
 
 def _fingerprint(bb: Backbone, names, branch, config: TrainConfig, data, pool, cost) -> str:
-    parts = [bb.full_name, bb.checkpoint_sha256, names, branch, asdict(config), str(data),
-             cost,
+    parts = [bb.full_name, bb.checkpoint_sha256, bb.weights_sha256, names, branch,
+             asdict(config), str(data), cost,
              len(pool), hashlib.sha256(str(pool).encode()).hexdigest()]
     return hashlib.sha256(repr(parts).encode()).hexdigest()
 
@@ -314,7 +325,8 @@ def _bundle_info(bb: Backbone, ee: EarlyExitModel, trace: Trace, names, module_c
         backbone={"name": bb.name, "source": bb.source, "num_classes": bb.num_classes,
                   "checkpoint": Path(ckpt).name if ckpt else None,
                   "checkpoint_path": str(Path(ckpt).resolve()) if ckpt else None,
-                  "checkpoint_sha256": bb.checkpoint_sha256, "pretrained": bb.pretrained},
+                  "checkpoint_sha256": bb.checkpoint_sha256, "pretrained": bb.pretrained,
+                  **({"weights_sha256": bb.weights_sha256} if bb.weights_sha256 else {})},
         preprocess=bb.preprocess, cuts=list(names), module_cuts=module_cuts,
         branches=[{"type": branch, "flops": f, "width": int(b.classifier.in_features),
                    "reduce": {"grid": b.reduce.size, "channel_group": b.reduce.group},
