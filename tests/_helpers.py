@@ -140,7 +140,7 @@ def reseal(bundle: Path) -> None:
     import hashlib
     import json
 
-    from pteenet.storage._atomic import MANIFEST
+    from pteenet.storage import MANIFEST
 
     doc = json.loads((bundle / MANIFEST).read_text())
     for name in doc["files"]:

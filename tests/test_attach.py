@@ -95,16 +95,16 @@ def test_interrupted_attach_leaves_no_partial_bundle(tiny, tmp_path, monkeypatch
     """Ctrl-C while the bundle is being written (its branches file already on disk, not yet
     committed): no bundle appears, and nothing half-written is left in --out."""
     data, ckpt = tiny
-    import pteenet.storage._atomic as atomic
+    import pteenet.storage._commit as commit
 
-    real = atomic.pause_point
+    real = commit.pause_point
 
     def ctrl_c_after_branches(step: str) -> None:
         real(step)
         if step == f"wrote-{BRANCHES_FILE}":
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(atomic, "pause_point", ctrl_c_after_branches)
+    monkeypatch.setattr(commit, "pause_point", ctrl_c_after_branches)
     out = tmp_path / "b"
     result = runner.invoke(app, ["attach", "resnet20", "--data", str(data), "--checkpoint",
                                  str(ckpt), "--num-classes", "3", "-n", "1", "--out", str(out),

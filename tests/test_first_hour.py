@@ -227,7 +227,7 @@ def test_reattach_removes_what_the_old_bundle_left_and_nothing_else(shared, bund
 
 def test_an_export_of_a_recalibrated_bundle_is_refused(bundle):
     from pteenet.errors import BundleError
-    from pteenet.runtime._cascade import Cascade
+    from pteenet.runtime import Cascade
 
     assert runner.invoke(app, ["export", "--bundle", str(bundle), "--format",
                                "torchscript"]).exit_code == 0

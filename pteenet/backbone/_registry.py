@@ -33,7 +33,7 @@ from pteenet.backbone._preprocess import (
     Preprocess,
 )
 from pteenet.errors import CheckpointError, ModelNotFoundError, OfflineError, OptionError
-from pteenet.storage._atomic import sha256_file
+from pteenet.storage import sha256_file
 
 __all__ = [
     "Backbone",

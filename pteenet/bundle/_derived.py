@@ -5,7 +5,7 @@ Each records :func:`bundle_hash`, the SHA-256 of the bundle's ``bundle.json``: t
 of its branches *and* thresholds, so a re-attach and a re-calibration both change it. A derived
 file whose hash differs from its bundle's describes another model: ``attach`` removes such files
 from its ``--out`` after writing the new bundle (:func:`remove_stale`), and
-:meth:`pteenet.runtime._cascade.Cascade.open` refuses an ``export-*`` folder that is stale.
+:meth:`pteenet.runtime.Cascade.open` refuses an ``export-*`` folder that is stale.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pteenet.storage._atomic import MANIFEST
+from pteenet.storage import MANIFEST
 
 __all__ = ["BENCH_FILE", "BUNDLE_HASH_KEY", "SWEEP_CSV", "SWEEP_PNG", "bundle_hash", "remove_stale"]
 

@@ -33,7 +33,7 @@ from pteenet.errors import Interrupted, OptionError
 from pteenet.graph._placement import choose_cuts, useful_cuts
 from pteenet.graph._tracing import Trace, trace_backbone
 from pteenet.progress import bar as progress_bar
-from pteenet.storage._atomic import writes_into
+from pteenet.storage import writes_into
 from pteenet.training._config import TrainConfig, TrainReport
 from pteenet.training._distributed import (
     all_sum,

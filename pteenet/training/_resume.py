@@ -10,7 +10,7 @@ from torch import Tensor
 
 from pteenet.cascade._model import EarlyExitModel
 from pteenet.errors import OptionError, TrainingError
-from pteenet.storage._atomic import atomic_path
+from pteenet.storage import atomic_path
 from pteenet.training._config import TrainReport
 from pteenet.training._distributed import is_main
 
