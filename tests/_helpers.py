@@ -151,6 +151,20 @@ def reseal(bundle: Path) -> None:
     (bundle / MANIFEST).write_text(json.dumps(doc))
 
 
+def uncalibrate(bundle: Path) -> None:
+    """Remove the threshold table and its entries in bundle.json: a bundle that was never
+    calibrated (a deleted table that bundle.json still records is refused instead)."""
+    import json
+
+    from pteenet.storage import MANIFEST
+
+    doc = json.loads((bundle / MANIFEST).read_text())
+    for name in ("thresholds.json", "thresholds.csv"):
+        (bundle / name).unlink(missing_ok=True)
+        doc["files"].pop(name, None)
+    (bundle / MANIFEST).write_text(json.dumps(doc))
+
+
 def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], *, timeout: float = 120,
               poll: float = 0.002, meanwhile: Callable[[], None] | None = None) -> None:
     """SIGKILL ``proc`` the moment ``ready()`` holds (it must still be running then and get

@@ -162,7 +162,7 @@ def test_the_caching_pass_starts_on_a_small_batch_and_caches_every_image_in_orde
     assert seen[1:] == [8, 16, 32, 11] and feats.indices.tolist() == idx
     with torch.inference_mode():
         x = torch.stack([open_data(data, bb.preprocess)[i][0] for i in idx[-5:]])
-        assert torch.allclose(feats.final[-5:], run(x)[1], atol=1e-4)
+        assert torch.allclose(feats.final[-5:], run(x)[1], rtol=1e-4, atol=1e-4)
 
 
 def test_eenet_loss_is_finite_for_extreme_confidences():
@@ -184,7 +184,7 @@ def test_cache_and_no_cache_train_the_same_branches(tiny, tmp_path, branch):  # 
                      config=TrainConfig(epochs=2, batch_size=16, cache=cache))
         models.append(res.model.branches.state_dict())
     for k, v in models[0].items():
-        assert torch.allclose(v.float(), models[1][k].float(), atol=1e-4), k
+        assert torch.allclose(v.float(), models[1][k].float(), rtol=1e-4, atol=1e-4), k
 
 
 def test_resume_continues_to_the_same_bundle(tiny, tmp_path, monkeypatch):  # noqa: F811

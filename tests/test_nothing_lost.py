@@ -327,7 +327,7 @@ def test_nan_loss_is_one_line_exit_5_and_keeps_the_old_bundle(material, old_bund
 
 @pytest.mark.parametrize(("state", "code", "words"), [
     ({"key": "another attach", "epoch": 0}, 2, ["different attach", "drop --resume"]),
-    (b"PK\x03\x04 cut short", 5, ["unreadable", "delete it"]),
+    (b"PK\x03\x04 cut short", 3, ["unreadable", "delete it"]),  # an input file: exit 3
 ])
 def test_stale_or_broken_resume_state_is_refused_and_kept(material, tmp_path, state, code, words):
     data, ckpt = material

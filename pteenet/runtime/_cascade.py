@@ -59,7 +59,8 @@ class Cascade:
 
     ``thresholds`` is a float32 ``[B, K]`` array (inf = never) read from the manifest; assign
     another table to it (any real dtype; stored as float32, the model's own precision, so every
-    path compares alike) to try it without exporting again.
+    path compares alike; negatives and NaN are refused, and a value above 1 never fires) to
+    try it without exporting again.
     """
 
     def __init__(self, manifest: dict[str, Any], segments: Sequence[Graph],
@@ -83,11 +84,12 @@ class Cascade:
             table = np.array(value, dtype=np.float32)
         except (TypeError, ValueError):
             table = None
-        if table is None or table.shape != shape or np.isnan(table).any():
-            got = "NaN or non-numbers" if table is None or table.shape == shape else \
-                f"shape {list(table.shape)}"
-            raise OptionError(f"thresholds must be a {list(shape)} table of numbers (inf = "
-                              f"never), got {got}")
+        if table is None or table.shape != shape or np.isnan(table).any() or \
+                (table < 0).any():
+            got = "NaN, negatives or non-numbers" if table is None or table.shape == shape \
+                else f"shape {list(table.shape)}"
+            raise OptionError(f"thresholds must be a {list(shape)} table of numbers >= 0 (0 = "
+                              f"always exit, inf = never), got {got}")
         self._thresholds = table
 
     # -- loading --------------------------------------------------------------------------
@@ -199,11 +201,16 @@ class Cascade:
             runs.tolist() == self.manifest.get("single_runs")
 
     def _check_images(self, images: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(images, dtype=np.float32)
         h, w = self.input_size
-        if x.ndim != 4 or x.shape[1:] != (3, h, w):
+        try:
+            x = np.ascontiguousarray(images, dtype=np.float32)
+        except (TypeError, ValueError):  # strings, objects, ragged lists
+            x = None
+        if x is None or x.ndim != 4 or x.shape[1:] != (3, h, w):
+            got = f"shape {list(x.shape)}" if x is not None else \
+                f"{type(images).__name__} that is not numbers"
             raise OptionError(f"images must be a float32 array [N, 3, {h}, {w}] (normalised, "
-                              f"see Cascade.preprocess), got shape {list(x.shape)}")
+                              f"see Cascade.preprocess), got {got}")
         return x
 
     def preprocess(self, images: Sequence[Any]) -> np.ndarray:

@@ -36,8 +36,10 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
     """Read and check an exported folder's manifest (one clear line on anything wrong).
 
     Nothing in it is trusted: graph files must be plain names inside the folder (no ``..``,
-    no absolute paths, no links out) whose SHA-256 matches the manifest's, thresholds must lie
-    in [0, 1] or be null, and every count and FLOP figure must be a sane number."""
+    no absolute paths, no links out) whose SHA-256 the manifest records and matches,
+    thresholds must lie in [0, 1] or be null, the normalisation must be three finite numbers
+    (stds above 0), ``active`` one boolean per branch, and every count and FLOP figure a sane
+    number."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise BundleError(f"no exported cascade at {folder} ({MANIFEST} missing); "
@@ -98,7 +100,13 @@ def _check_manifest(doc: Any, path: Path) -> None:
               and all(_number(v) for v in doc["segment_flops"] + doc["branch_flops"])
               and doc.get("ensemble", False) in (True, False)
               and _single_ok(doc, b)
-              and all(isinstance(r, list) and len(r) == k for r in doc["thresholds"]))
+              and all(isinstance(r, list) and len(r) == k for r in doc["thresholds"])
+              and _hashes_ok(doc.get("sha256"))
+              and _normalisation_ok(doc["mean"], doc["std"])
+              and _flags_ok(doc.get("active", [True] * b), b)
+              and (doc.get("classes") is None or isinstance(doc["classes"], list)
+                   and len(doc["classes"]) == k
+                   and all(isinstance(c, str) for c in doc["classes"])))
     except (KeyError, TypeError, ValueError) as e:
         raise BundleError(bad) from e
     if not ok:
@@ -106,6 +114,25 @@ def _check_manifest(doc: Any, path: Path) -> None:
     if not all(v is None or _number(v, 0, 1) for r in doc["thresholds"] for v in r):
         raise BundleError(f"{path}: thresholds must be numbers in [0, 1] or null (never); "
                           f"run `pteenet export` again")
+
+
+def _hashes_ok(hashes: Any) -> bool:
+    """Every graph's SHA-256 is recorded: a manifest without them would switch the check of
+    each graph off (a swapped segment would run), so it is malformed, not unchecked."""
+    return isinstance(hashes, dict) and all(
+        isinstance(h, str) and len(h) == 64 and all(c in "0123456789abcdef" for c in h)
+        for h in hashes.values())
+
+
+def _normalisation_ok(mean: Any, std: Any) -> bool:
+    """Three finite means and three finite stds above 0: preprocess divides by them."""
+    return all(isinstance(v, list) and len(v) == 3 and all(_number(x, -math.inf) for x in v)
+               for v in (mean, std)) and min(std) > 0
+
+
+def _flags_ok(flags: Any, b: int) -> bool:
+    """One boolean per branch (``active``: calibration switched the exit on)."""
+    return isinstance(flags, list) and len(flags) == b and all(isinstance(f, bool) for f in flags)
 
 
 def _single_ok(doc: dict[str, Any], b: int) -> bool:
@@ -130,7 +157,7 @@ def _check_file(folder: Path, name: Any, hashes: Any, manifest: Path) -> None:
     if not f.is_file():
         raise BundleError(f"{f} is missing; run `pteenet export` again")
     want = hashes.get(name) if isinstance(hashes, dict) else None
-    if hashes is not None and (not isinstance(want, str) or _sha256(f) != want):
+    if not isinstance(want, str) or _sha256(f) != want:
         raise BundleError(f"{f} does not match {MANIFEST} (changed, or an export was "
                           f"interrupted); run `pteenet export` again")
 

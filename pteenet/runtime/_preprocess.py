@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from ._errors import DataError
+
 __all__ = ["preprocess"]
 
 
@@ -50,8 +52,18 @@ def _resize_crop(img: Any, short: int, size: tuple[int, int], interpolation: str
 
 
 def _rgb(item: Any, image_module: Any) -> Any:
-    """An RGB PIL image from a PIL image or a path (files are closed at once)."""
-    if isinstance(item, (str, os.PathLike)):
-        with image_module.open(item) as f:
-            return f.convert("RGB")
-    return item.convert("RGB")
+    """An RGB PIL image from a PIL image or a path (files are closed at once). Pillow's own
+    errors (a missing or unreadable file, not an image, a decompression bomb) and anything
+    that is neither become one :class:`DataError` line naming the item."""
+    if not isinstance(item, (str, os.PathLike)) and not hasattr(item, "convert"):
+        raise DataError(f"preprocess takes PIL images or image paths, got "
+                        f"{type(item).__name__}")
+    try:
+        if isinstance(item, (str, os.PathLike)):
+            with image_module.open(item) as f:
+                return f.convert("RGB")
+        return item.convert("RGB")
+    except (OSError, ValueError, image_module.DecompressionBombError) as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise DataError(f"cannot read image {str(item)[:120]} ({type(e).__name__}: {why})") \
+            from None

@@ -21,6 +21,7 @@ __all__ = ["INSTALL_HINT", "Graph", "OnFirstUse", "onnx_loader", "session_option
            "torchscript_loader"]
 
 INSTALL_HINT = "pip install pteenet[onnx]"
+_MAX_THREADS = 1024  # pteenet.choices.MAX_THREADS (this package must run alone)
 
 Graph = Callable[..., tuple[np.ndarray, ...]]  # arrays in, in the graph's input order
 
@@ -85,8 +86,8 @@ def session_options(threads: int | None = None, spin: bool = False) -> Any:
     made a CIFAR ResNet-44 twice as slow at batch 1.
     """
     import onnxruntime as ort
-    if threads is not None and threads < 1:
-        raise OptionError(f"threads must be at least 1, got {threads}")
+    if threads is not None and not 1 <= threads <= _MAX_THREADS:
+        raise OptionError(f"threads must lie in 1..{_MAX_THREADS}, got {str(threads)[:24]}")
     opts = ort.SessionOptions()
     if threads is not None:
         opts.intra_op_num_threads = threads

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from pteenet.errors import BundleError
-from pteenet.storage._files import atomic_path, follow_umask, fsync
-from pteenet.storage._lock import unwritable, writer_lock
+from pteenet.storage._files import atomic_path, follow_umask, fsync, os_error, unwritable
+from pteenet.storage._lock import writer_lock
 from pteenet.storage._manifest import MANIFEST, MANIFEST_VERSION, entry, pending, read_manifest
 from pteenet.storage._pause import pause_point
 
@@ -65,8 +65,9 @@ def commit_files(folder: str | os.PathLike, writers: Mapping[str, Callable[[Path
             if not _committed(folder, files):  # asked of the disk: the rename is the commit
                 for path in paths:
                     path.unlink(missing_ok=True)
-            if isinstance(e, OSError):  # a full disk, a folder turned read-only meanwhile
-                raise unwritable(folder, e) from e
+            cause = os_error(e)  # a full disk, a folder turned read-only meanwhile
+            if cause is not None:
+                raise unwritable(folder, cause) from e
             raise
 
 

@@ -9,6 +9,7 @@ killed writer (:mod:`pteenet.storage._recover`) never touches a user's file in a
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -16,10 +17,35 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "fsync", "follow_umask", "is_temp", "sha256_file", "temp_beside",
-           "write_text"]
+from pteenet.errors import BundleError
+
+__all__ = ["atomic_path", "fsync", "follow_umask", "is_temp", "os_error", "sha256_file",
+           "temp_beside", "unwritable", "write_text"]
 
 _TEMP = re.compile(r"^\..+\.pteenet-[a-z0-9_]{8}\.tmp$")  # what temp_beside names
+_OS_ERROR = re.compile(r"\(os error (\d{1,4})\)")  # how Rust's std::io::Error ends its text
+#: Errors that say the disk, not the data, failed a write: a full disk or quota, a file too
+#: large for it, a file system turned read-only.
+_NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+def unwritable(folder: Path, e: OSError) -> BundleError:
+    """The one line for a folder we cannot write into (permissions, a full disk)."""
+    return BundleError(f"cannot write into {folder} ({e.strerror or e}); check its permissions "
+                       f"and free space, or write somewhere else")
+
+
+def os_error(e: BaseException) -> OSError | None:
+    """The operating-system error behind ``e``: ``e`` itself, or the one a library reports in
+    its own type (safetensors raises ``SafetensorError("... No space left on device (os error
+    28)")``), so a full disk is one "cannot write" line whoever wrote the file; else None."""
+    if isinstance(e, OSError):
+        return e
+    found = _OS_ERROR.search(str(e))
+    if found is None:
+        return None
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code))
 
 
 def is_temp(name: str) -> bool:
@@ -67,6 +93,11 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         follow_umask(tmp)
         fsync(tmp)
         os.replace(tmp, target)
+    except Exception as e:
+        cause = os_error(e)
+        if cause is not None and cause.errno in _NO_ROOM:
+            raise unwritable(target.parent, cause) from e
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

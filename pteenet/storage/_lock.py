@@ -9,19 +9,21 @@ any work, and the moment the leftovers of killed writers are swept
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import functools
 import inspect
 import os
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 from pteenet.errors import BundleError
-from pteenet.storage._files import temp_beside
+from pteenet.storage._files import temp_beside, unwritable
 from pteenet.storage._recover import recover
 
-__all__ = ["LOCK_FILE", "unwritable", "writer_lock", "writes_into"]
+__all__ = ["LOCK_FILE", "writer_lock", "writes_into"]
 
 LOCK_FILE = ".pteenet.lock"
 _held: dict[Path, int] = {}  # folders whose lock this process holds, with the nesting depth
@@ -29,20 +31,34 @@ _held: dict[Path, int] = {}  # folders whose lock this process holds, with the n
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def unwritable(folder: Path, e: OSError) -> BundleError:
-    """The one line for a folder we cannot write into (permissions, a full disk)."""
-    return BundleError(f"cannot write into {folder} ({e.strerror or e}); check its permissions "
-                       f"and free space, or write somewhere else")
+def _open_lock(path: Path) -> int:
+    """Open (or create) the lock file, refusing anything but a plain file of ours: the lock is
+    truncated and written, so a link planted there (``ln -s ~/notes.txt .pteenet.lock``)
+    would have us overwrite whatever it points to. ``O_NOFOLLOW`` refuses a symbolic link at
+    the open itself; a hard link, a FIFO or a device is refused after it, before any write."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     0o666)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise unwritable(path.parent, e) from e
+        fd = None
+    st = os.fstat(fd) if fd is not None else None
+    if st is None or not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or \
+            st.st_uid != os.geteuid():
+        if fd is not None:
+            os.close(fd)
+        raise BundleError(f"{path} is not a plain file of this user's (a link, or someone "
+                          f"else's?), so pteenet will not write its lock into it; remove it "
+                          f"and run again")
+    return fd
 
 
 def _acquire(folder: Path) -> int:
     """Lock ``folder/.pteenet.lock`` and write our pid into it; fail at once if it is held."""
     path = folder / LOCK_FILE
     while True:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as e:
-            raise unwritable(folder, e) from e
+        fd = _open_lock(path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

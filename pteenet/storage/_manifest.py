@@ -87,11 +87,12 @@ def parse_manifest(data: bytes, f: Path) -> dict[str, dict[str, Any]]:
 
 def read_member(folder: str | os.PathLike, name: str, files: Mapping[str, Any],
                 fix: str) -> bytes | None:
-    """The bytes of member ``name`` as committed, or None when the group has no such file.
+    """The bytes of member ``name`` as committed, or None when the group has no such member.
 
     The bytes must match the manifest: taken from ``name`` or, when a writer was killed after
     its commit but before its renames, from its pending file. A file that matches neither was
-    changed after it was written: :class:`BundleError` naming it and ``fix``.
+    changed after it was written, and a member that is gone was deleted: :class:`BundleError`
+    naming it and ``fix``.
     """
     folder = Path(folder)
     final = folder / name
@@ -102,7 +103,8 @@ def read_member(folder: str | os.PathLike, name: str, files: Mapping[str, Any],
         data = matches(path, want)
         if data is not None:
             return data
-    if not final.exists():
-        return None
+    if not final.exists():  # committed, yet gone: a deleted table must not read as "none"
+        raise BundleError(f"{name} missing from {folder}, though {MANIFEST} records it "
+                          f"(deleted?); {fix}")
     raise BundleError(f"{final} has changed since pteenet wrote it (its SHA-256 or size differs "
                       f"from {MANIFEST}: edited or copied over?); {fix}")
