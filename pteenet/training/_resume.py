@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -37,7 +38,9 @@ class Resume:
         if not self.path.is_file():
             return None
         try:
-            state = torch.load(self.path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # "Detected pickle protocol 4": our line says
+                warnings.simplefilter("ignore")  # enough, on the one line stderr gets
+                state = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as e:  # an input file, like the bundle beside it: exit 3, not 5
             raise BundleError(f"resume state {self.path} is unreadable ({_reason(e)}); delete "
                               f"it and start again without `resume`") from e
