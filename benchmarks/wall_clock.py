@@ -8,7 +8,7 @@ One run, on the real weights and the shared CIFAR-10 test images (not run in CI)
    measured times and the exit shares imply (achieved / ideal shows the exit loop's overhead);
 3. the same bundle with every threshold above 1 (every exit off): its time against the
    backbone's, which should be equal;
-4. the exported ONNX cascade (``pteenet.runtime._cascade.Cascade``) against the backbone exported to
+4. the exported ONNX cascade (``pteenet.runtime.Cascade``) against the backbone exported to
    ONNX, both on onnxruntime, interleaved, batch 1 and batched.
 
     python benchmarks/wall_clock.py --model resnet44 --threads 2
@@ -69,7 +69,7 @@ def onnx_row(bundle: Path, root: Path, args) -> dict:
     image's median of three sweeps."""
     import onnxruntime as ort
 
-    from pteenet.runtime._cascade import Cascade, session_options
+    from pteenet.runtime import Cascade, session_options
     info = read_info(bundle)
     folder = export(bundle, format="onnx")
     cascade = Cascade.open(folder, threads=args.threads)

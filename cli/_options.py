@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -64,9 +65,10 @@ def triple(text: str | None, what: str) -> tuple[float, float, float] | None:
     values = floats(text, what)
     if values is None:
         return None
-    if len(values) != 3 or (what == "--std" and min(values) <= 0):
+    if len(values) != 3 or not all(math.isfinite(v) for v in values) or \
+            (what == "--std" and min(values) <= 0):
         rule = ", all > 0" if what == "--std" else ""
-        raise OptionError(f"{what} takes three numbers (R,G,B){rule}, got '{text}'")
+        raise OptionError(f"{what} takes three finite numbers (R,G,B){rule}, got '{text}'")
     return (values[0], values[1], values[2])
 
 

@@ -94,7 +94,7 @@ def attach(
         "--no-cache", help="Recompute backbone features every epoch instead of caching them.")]
     = False,
     max_samples: Annotated[int | None, typer.Option(
-        help="Use a seeded subset of this many images (quick runs).", min=2)] = None,
+        help="Use a seeded subset of this many images (quick runs).", min=3)] = None,
     amp: Annotated[bool, typer.Option(
         help="bf16 mixed precision for branch training (CUDA, or CPUs with bf16).")]
     = _CONFIG.amp,

@@ -76,7 +76,7 @@ def export(
 
     Run it without pteenet's model code (ONNX needs only numpy and onnxruntime):
 
-    from pteenet.runtime._cascade import Cascade
+    from pteenet.runtime import Cascade
 
     cascade = Cascade.open("pteenet-out/export-onnx")
 
@@ -98,7 +98,7 @@ def export(
                        f"{manifest['num_classes']} classes, input {manifest['input_size'][0]}x"
                        f"{manifest['input_size'][1]}, score {manifest['score']}"))
     output.note(escape(f"written to {folder}; run it with "
-                       f"pteenet.runtime._cascade.Cascade.open('{folder}')"))
+                       f"pteenet.runtime.Cascade.open('{folder}')"))
     sizes = {f: (folder / f).stat().st_size
              for f in [*(f for group in manifest["files"].values() for f in group), MANIFEST]}
     output.result({"folder": str(folder), "files": sizes, "manifest": manifest})

@@ -10,7 +10,8 @@ from __future__ import annotations
 __all__ = [
     "BOOSTED", "BOUNDS", "BRANCH_TYPES", "COSTS", "DEFAULT_BRANCH", "DEFAULT_BRANCHES",
     "DEFAULT_BUDGET", "DEFAULT_MARGIN", "DEFAULT_MAX_DROP", "DEFAULT_POLICY", "ENSEMBLES",
-    "FORMATS", "LOSSES", "METHODS", "POLICIES", "SCORES", "SPLITS", "TARGETS",
+    "FORMATS", "LOSSES", "MAX_SEED", "MAX_THREADS", "METHODS", "POLICIES", "SCORES", "SPLITS",
+    "TARGETS",
 ]
 
 # -- branches and placement (EENets placement policies; PTEEnet ConvX; BTS-EE conv1d) --------
@@ -38,3 +39,7 @@ DEFAULT_MAX_DROP = 0.01
 # -- data and export --------------------------------------------------------------------------
 SPLITS = ("train", "test", "val")  # "val" is an alias of "test"
 FORMATS = ("onnx", "torchscript")
+
+# -- bounds of numeric options ----------------------------------------------------------------
+MAX_THREADS = 1024  # more CPU threads than any machine has: OpenMP segfaulted at 100,000
+MAX_SEED = (1 << 63) - 1  # torch's generators take a 64-bit seed; larger ints overflow

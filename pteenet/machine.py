@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import torch
 
+from pteenet.choices import MAX_THREADS
 from pteenet.errors import OptionError
 
 __all__ = ["check_device", "threads"]
@@ -38,8 +39,8 @@ def threads(n: int | None) -> Iterator[None]:
     if n is None:
         yield
         return
-    if n < 1:
-        raise OptionError(f"`threads` must be at least 1, got {n}")
+    if not 1 <= n <= MAX_THREADS:
+        raise OptionError(f"`threads` must lie in 1..{MAX_THREADS}, got {str(n)[:24]}")
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:

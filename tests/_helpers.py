@@ -140,7 +140,7 @@ def reseal(bundle: Path) -> None:
     import hashlib
     import json
 
-    from pteenet.storage._atomic import MANIFEST
+    from pteenet.storage import MANIFEST
 
     doc = json.loads((bundle / MANIFEST).read_text())
     for name in doc["files"]:
@@ -148,6 +148,20 @@ def reseal(bundle: Path) -> None:
         if f.is_file():
             doc["files"][name] = {"sha256": hashlib.sha256(f.read_bytes()).hexdigest(),
                                   "size": f.stat().st_size}
+    (bundle / MANIFEST).write_text(json.dumps(doc))
+
+
+def uncalibrate(bundle: Path) -> None:
+    """Remove the threshold table and its entries in bundle.json: a bundle that was never
+    calibrated (a deleted table that bundle.json still records is refused instead)."""
+    import json
+
+    from pteenet.storage import MANIFEST
+
+    doc = json.loads((bundle / MANIFEST).read_text())
+    for name in ("thresholds.json", "thresholds.csv"):
+        (bundle / name).unlink(missing_ok=True)
+        doc["files"].pop(name, None)
     (bundle / MANIFEST).write_text(json.dumps(doc))
 
 

@@ -95,16 +95,16 @@ def test_interrupted_attach_leaves_no_partial_bundle(tiny, tmp_path, monkeypatch
     """Ctrl-C while the bundle is being written (its branches file already on disk, not yet
     committed): no bundle appears, and nothing half-written is left in --out."""
     data, ckpt = tiny
-    import pteenet.storage._atomic as atomic
+    import pteenet.storage._commit as commit
 
-    real = atomic.pause_point
+    real = commit.pause_point
 
     def ctrl_c_after_branches(step: str) -> None:
         real(step)
         if step == f"wrote-{BRANCHES_FILE}":
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(atomic, "pause_point", ctrl_c_after_branches)
+    monkeypatch.setattr(commit, "pause_point", ctrl_c_after_branches)
     out = tmp_path / "b"
     result = runner.invoke(app, ["attach", "resnet20", "--data", str(data), "--checkpoint",
                                  str(ckpt), "--num-classes", "3", "-n", "1", "--out", str(out),
@@ -162,7 +162,7 @@ def test_the_caching_pass_starts_on_a_small_batch_and_caches_every_image_in_orde
     assert seen[1:] == [8, 16, 32, 11] and feats.indices.tolist() == idx
     with torch.inference_mode():
         x = torch.stack([open_data(data, bb.preprocess)[i][0] for i in idx[-5:]])
-        assert torch.allclose(feats.final[-5:], run(x)[1], atol=1e-4)
+        assert torch.allclose(feats.final[-5:], run(x)[1], rtol=1e-4, atol=1e-4)
 
 
 def test_eenet_loss_is_finite_for_extreme_confidences():
@@ -184,7 +184,7 @@ def test_cache_and_no_cache_train_the_same_branches(tiny, tmp_path, branch):  # 
                      config=TrainConfig(epochs=2, batch_size=16, cache=cache))
         models.append(res.model.branches.state_dict())
     for k, v in models[0].items():
-        assert torch.allclose(v.float(), models[1][k].float(), atol=1e-4), k
+        assert torch.allclose(v.float(), models[1][k].float(), rtol=1e-4, atol=1e-4), k
 
 
 def test_resume_continues_to_the_same_bundle(tiny, tmp_path, monkeypatch):  # noqa: F811

@@ -15,7 +15,7 @@ import pteenet
 from pteenet.backbone import _registry as backbones
 from pteenet.bundle import BRANCHES_FILE, THRESHOLDS_FILE, read_bundle
 from pteenet.bundle import _load as bundle
-from pteenet.storage._atomic import MANIFEST
+from pteenet.storage import MANIFEST
 from tests._helpers import (  # noqa: F401  (one_thread: autouse)
     one_thread,
     shared_fixture,

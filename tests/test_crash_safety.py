@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import shutil
 import signal
@@ -46,7 +45,7 @@ from pteenet.bundle import (
 )
 from pteenet.errors import BundleError
 from pteenet.jobs._attach import attach
-from pteenet.storage._atomic import (
+from pteenet.storage import (
     CACHE_PREFIX,
     LOCK_FILE,
     MANIFEST,
@@ -207,21 +206,17 @@ def test_calibrate_killed_after_its_commit_then_calibrate_again(new, tmp_path):
     assert leftovers(out) == []
 
 
-def test_legacy_bundle_loads_and_calibrate_repairs_its_table(shared, tmp_path):
-    """A bundle from before bundle.json loads as it is; a table for another branch count (what
-    a killed write used to leave) is refused by readers and replaced by calibrate."""
-    out = Path(shutil.copytree(shared[2], tmp_path / "legacy"))
+def test_bundle_without_its_manifest_is_refused(shared, tmp_path):
+    """A bundle folder without bundle.json (from before manifests existed, or stripped of it)
+    is refused with one line that says to re-run attach, by every reader and by calibrate."""
+    out = Path(shutil.copytree(shared[2], tmp_path / "stripped"))
     (out / MANIFEST).unlink()
-    assert pteenet.load(out).num_branches == 2
-    doc = json.loads((out / THRESHOLDS_FILE).read_text())
-    doc["thresholds"] = [[0.5] * 3] * 3
-    (out / THRESHOLDS_FILE).write_text(json.dumps(doc))
-    with pytest.raises(BundleError, match="3 branches"):
+    with pytest.raises(BundleError, match="bundle.json missing.*pteenet attach"):
         pteenet.load(out)
     result = runner.invoke(app, ["calibrate", "-b", str(out), "-t", "0.3"])
-    assert result.exit_code == 0, result.output
-    assert (out / MANIFEST).is_file()
-    assert torch.equal(pteenet.load(out).thresholds, torch.full((2, 3), 0.3))
+    assert result.exit_code == 3, result.output
+    assert "bundle.json missing" in result.output and "Traceback" not in result.output
+    assert not (out / MANIFEST).exists()
 
 
 # --------------------------------------------------------------------------- two writers
@@ -332,10 +327,9 @@ def test_the_next_writer_sweeps_what_killed_ones_left(shared, tmp_path):
     before = files_of(out)
     dead = _dead_pid()
     junk = [".thresholds.json.pteenet-abcd1234.tmp", f".{BRANCHES_FILE}{PENDING_SUFFIX}",
-            ".branches.safetensors.q1w2e3r4.bak",  # as pteenet before bundle.json left them
             f"{CACHE_PREFIX}{dead}-x1y2z3.bin"]
     kept = [f"{CACHE_PREFIX}{os.getpid()}-alive.bin", "notes.tmp", "my.bak",  # the user's
-            ".notes.txt.abcd1234.tmp", ".config.new"]
+            ".notes.txt.abcd1234.tmp", ".config.new", ".branches.safetensors.q1w2e3r4.bak"]
     for name in junk + kept:
         (out / name).write_bytes(b"x" * 10)
     with writer_lock(out):

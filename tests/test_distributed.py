@@ -47,7 +47,7 @@ def test_two_gloo_processes_match_one(tiny, tmp_path, extra):  # noqa: F811
     a = load(tmp_path / "one").branches.state_dict()
     b = load(tmp_path / "two").branches.state_dict()
     for k, v in a.items():
-        assert torch.allclose(v, b[k], atol=1e-5), k
+        assert torch.allclose(v, b[k], rtol=1e-4, atol=1e-5), k
     ia, ib = read_info(tmp_path / "one"), read_info(tmp_path / "two")
     assert ia.calibration_indices == ib.calibration_indices
     assert ia.training["survivors"] == ib.training["survivors"]
@@ -85,6 +85,6 @@ def test_two_processes_resume_a_one_process_run(tiny, tmp_path, monkeypatch, ext
     a = load(tmp_path / "one").branches.state_dict()
     b = load(out).branches.state_dict()
     for k, v in a.items():
-        assert torch.allclose(v, b[k], atol=1e-5), k
+        assert torch.allclose(v, b[k], rtol=1e-4, atol=1e-5), k
     assert read_info(tmp_path / "one").training["losses"] == pytest.approx(
         read_info(out).training["losses"], rel=1e-5)

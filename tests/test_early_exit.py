@@ -98,7 +98,7 @@ def test_batch_size_does_not_change_per_sample_results(setup, t, batch):
         assert torch.equal(a, b)
     a = torch.cat([r.logits for r in ones])
     b = torch.cat([r.logits for r in chunks])
-    assert torch.allclose(a, b, atol=1e-4)
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_per_class_thresholds_apply_to_the_predicted_class(setup):

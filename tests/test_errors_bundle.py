@@ -40,6 +40,7 @@ from tests._helpers import (  # noqa: F401  (one_thread: autouse fixture)
     one_thread,
     reseal,
     shared_fixture,
+    uncalibrate,
     write_images,
 )
 
@@ -371,14 +372,12 @@ def test_threshold_file_is_a_folder(bundle):
     refused_everywhere(bundle, THRESHOLDS_FILE)
 
 
-def test_a_missing_threshold_table_is_not_an_error(bundle):
-    """The control: no thresholds.json at all means the default table, and calibrate writes
-    one; so the refusals above are about the files' contents."""
+def test_a_deleted_threshold_table_is_refused_and_calibrate_replaces_it(bundle):
+    """bundle.json records the table: once deleted it is not read as "never calibrated" (issue
+    29), and calibrate writes a new one."""
     (bundle / THRESHOLDS_FILE).unlink()
-    assert pteenet.load(bundle).num_branches == 2
-    result = invoke("calibrate", "-b", bundle, "-t", "0.5")
-    assert result.exit_code == 0, result.output
-    assert json.loads((bundle / THRESHOLDS_FILE).read_text())["method"] == "global"
+    refused_by_readers_replaced_by_calibrate(bundle, "thresholds.json missing", "deleted",
+                                             "pteenet calibrate")
 
 
 # --------------------------------------------------------------------------- issue 13
@@ -409,7 +408,7 @@ def test_a_table_edited_behind_the_manifest_is_refused_and_replaced(bundle):
 def test_size_fields_are_bounded_before_allocating(bundle, name, edit, words):
     """Item 4: without a thresholds file, num_classes 1e8 once allocated 25 GB for the default
     table; an 8192x8192 input size 4 GB for tracing. Both are refused first."""
-    (bundle / THRESHOLDS_FILE).unlink()
+    uncalibrate(bundle)  # a bundle with no table at all: the default one is made
     rewrite(bundle, edit)
     refused_everywhere(bundle, *words)
 

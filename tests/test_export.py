@@ -17,13 +17,14 @@ from hypothesis import strategies as st
 from pteenet_cli.app import app
 from typer.testing import CliRunner
 
-import pteenet.runtime._cascade as runtime
+import pteenet.runtime as runtime
+import pteenet.runtime._sessions as sessions
 from pteenet.bundle import ThresholdTable, load, write_thresholds
 from pteenet.data import open_data
 from pteenet.errors import BundleError, OptionError
 from pteenet.exporter._export import MANIFEST, ScoredBranch
 from pteenet.jobs._attach import attach
-from pteenet.runtime._cascade import Cascade
+from pteenet.runtime import Cascade
 from pteenet.training._config import TrainConfig
 from tests._helpers import PRE, tiny  # noqa: F401  (fixture)
 
@@ -171,9 +172,11 @@ def test_onnx_runtime_needs_neither_torch_nor_pteenet(onnx_export, bundle, refer
     np.save(tmp_path / "x.npy", bundle[1].numpy())
     code = (
         "import sys, importlib.util, numpy as np\n"
-        "sys.modules['torch'] = None\n"  # any `import torch` now fails
-        f"spec = importlib.util.spec_from_file_location('rt', {runtime.__file__!r})\n"
-        "rt = importlib.util.module_from_spec(spec); spec.loader.exec_module(rt)\n"
+        "sys.modules['torch'] = sys.modules['pteenet'] = None\n"  # importing either fails
+        f"spec = importlib.util.spec_from_file_location('rt', {runtime.__file__!r},\n"
+        f"    submodule_search_locations=[{str(Path(runtime.__file__).parent)!r}])\n"
+        "rt = importlib.util.module_from_spec(spec); sys.modules['rt'] = rt\n"
+        "spec.loader.exec_module(rt)\n"
         f"p, e = rt.Cascade.open({str(onnx_export)!r})(np.load({str(tmp_path / 'x.npy')!r}))\n"
         f"np.save({str(tmp_path / 'e.npy')!r}, e)\n"
     )
@@ -318,7 +321,7 @@ def test_the_pieces_do_not_spin_the_single_graph_does(exported, monkeypatch):
     with pytest.raises(OptionError):
         runtime.session_options(0)
     made = []
-    monkeypatch.setattr(runtime, "session_options",
+    monkeypatch.setattr(sessions, "session_options",
                         lambda threads=None, spin=False: made.append((threads, spin)) or opts)
     cascade = Cascade.open(exported, threads=1)
     assert made == ([(1, False), (1, True)] if cascade.manifest["format"] == "onnx" else [])

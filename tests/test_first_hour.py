@@ -88,8 +88,9 @@ def _bench(bundle: Path, *extra: str):
 
 
 def test_bench_warns_once_when_thresholds_were_never_calibrated(bundle):
-    (bundle / "thresholds.json").unlink()
-    (bundle / "thresholds.csv").unlink()
+    from tests._helpers import uncalibrate
+
+    uncalibrate(bundle)
     result = _bench(bundle)
     assert result.exit_code == 0, result.output
     warned = [ln for ln in result.stderr.splitlines() if ln.startswith("warning:")]
@@ -220,14 +221,14 @@ def test_reattach_removes_what_the_old_bundle_left_and_nothing_else(shared, bund
                                "torchscript"]).exit_code == 0
     from pteenet.bundle._derived import remove_stale
 
-    assert remove_stale(bundle) == []
+    assert remove_stale(bundle, old) == [] and remove_stale(bundle, bundle_hash(bundle)) == []
     assert (bundle / "bench.json").exists()
     assert (bundle / "export-torchscript" / "manifest.json").exists()
 
 
 def test_an_export_of_a_recalibrated_bundle_is_refused(bundle):
     from pteenet.errors import BundleError
-    from pteenet.runtime._cascade import Cascade
+    from pteenet.runtime import Cascade
 
     assert runner.invoke(app, ["export", "--bundle", str(bundle), "--format",
                                "torchscript"]).exit_code == 0

@@ -20,6 +20,7 @@ metadata and the threshold table.
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import os
 import shutil
@@ -45,7 +46,7 @@ from pteenet.bundle import (
 )
 from pteenet.errors import BundleError
 from pteenet.jobs._attach import STATE_FILE
-from pteenet.storage._atomic import MANIFEST
+from pteenet.storage import MANIFEST
 from tests._helpers import write_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -228,6 +229,16 @@ def write_bundle(folder: Path, meta: object = None, raw: str | None = None) -> P
                "calibration_indices": torch.tensor([0, 1])}
     text = raw if raw is not None else json.dumps(valid_meta() if meta is None else meta)
     save_file(tensors, str(folder / BRANCHES_FILE), metadata={"pteenet": text})
+    return seal(folder)
+
+
+def seal(folder: Path) -> Path:
+    """Record the folder's bundle files in a new bundle.json, as an attacker who knows the
+    format would: what the readers see behind the manifest must hold on its own."""
+    files = {name: {"sha256": hashlib.sha256((folder / name).read_bytes()).hexdigest(),
+                    "size": (folder / name).stat().st_size}
+             for name in (BRANCHES_FILE, THRESHOLDS_FILE) if (folder / name).is_file()}
+    (folder / MANIFEST).write_text(json.dumps({"format_version": 1, "files": files}))
     return folder
 
 
@@ -240,6 +251,7 @@ def fuzz_dir(tmp_path_factory) -> Path:
 def valid(fuzz_dir) -> tuple[Path, BundleInfo]:
     folder = write_bundle(fuzz_dir / "valid")
     (folder / THRESHOLDS_FILE).write_text(json.dumps(valid_table()))
+    seal(folder)
     info = read_info(folder)
     assert info.num_branches == 2 and info.num_classes == 3
     assert read_thresholds(folder, info).thresholds.shape == (2, 3)
@@ -260,6 +272,7 @@ def test_random_bytes_as_branches_file(fuzz_dir, blob):
     folder = fuzz_dir / "bytes"
     folder.mkdir(exist_ok=True)
     (folder / BRANCHES_FILE).write_bytes(blob)
+    seal(folder)
     only_bundle_errors(read_info, folder)
 
 
@@ -270,6 +283,7 @@ def test_random_header_behind_a_valid_length(fuzz_dir, header, body):
     folder = fuzz_dir / "header"
     folder.mkdir(exist_ok=True)
     (folder / BRANCHES_FILE).write_bytes(len(header).to_bytes(8, "little") + header + body)
+    seal(folder)
     only_bundle_errors(read_info, folder)
 
 
@@ -283,6 +297,7 @@ def test_valid_branches_file_with_flipped_bytes(valid, fuzz_dir, data):
     folder = fuzz_dir / "flipped"
     folder.mkdir(exist_ok=True)
     (folder / BRANCHES_FILE).write_bytes(bytes(raw))
+    seal(folder)
     only_bundle_errors(read_info, folder)
 
 

@@ -22,7 +22,7 @@ from pteenet_cli.app import app
 from typer.testing import CliRunner
 
 import pteenet
-import pteenet.storage._atomic as atomic
+import pteenet.storage._commit as commit
 import pteenet.training._train as training
 from pteenet.backbone._cifar_resnet import cifar_resnet
 from pteenet.backbone._registry import create_backbone
@@ -33,7 +33,7 @@ from pteenet.errors import TrainingError
 from pteenet.graph._placement import choose_cuts
 from pteenet.graph._tracing import trace_backbone
 from pteenet.jobs._attach import STATE_FILE, attach
-from pteenet.storage._atomic import LOCK_FILE, MANIFEST, PENDING_SUFFIX
+from pteenet.storage import LOCK_FILE, MANIFEST, PENDING_SUFFIX
 from pteenet.training._config import TrainConfig
 from pteenet.training._features import compute_features
 from pteenet.training._resume import Resume
@@ -71,7 +71,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def temp_files(folder: Path) -> list[str]:
-    """Temp, backup and not-yet-renamed files (pteenet.storage._atomic's)."""
+    """Temp, backup and not-yet-renamed files (pteenet.storage's)."""
     ends = (".tmp", ".bak", PENDING_SUFFIX)
     return sorted(p.name for p in folder.iterdir() if p.name.endswith(ends))
 
@@ -161,7 +161,7 @@ def _interrupt_nth_replace(monkeypatch, folder: Path, n: int) -> list[str]:
                 raise KeyboardInterrupt
         return real(src, dst, *args, **kwargs)
 
-    monkeypatch.setattr(atomic.os, "replace", replace)
+    monkeypatch.setattr(commit.os, "replace", replace)
     return seen
 
 
@@ -327,7 +327,7 @@ def test_nan_loss_is_one_line_exit_5_and_keeps_the_old_bundle(material, old_bund
 
 @pytest.mark.parametrize(("state", "code", "words"), [
     ({"key": "another attach", "epoch": 0}, 2, ["different attach", "drop --resume"]),
-    (b"PK\x03\x04 cut short", 5, ["unreadable", "delete it"]),
+    (b"PK\x03\x04 cut short", 3, ["unreadable", "delete it"]),  # an input file: exit 3
 ])
 def test_stale_or_broken_resume_state_is_refused_and_kept(material, tmp_path, state, code, words):
     data, ckpt = material

@@ -35,7 +35,7 @@ from pteenet.data import open_data, split_indices
 from pteenet.errors import BundleError, OptionError
 from pteenet.exporter._export import export
 from pteenet.jobs._attach import attach
-from pteenet.runtime._cascade import Cascade
+from pteenet.runtime import Cascade
 from pteenet.thresholds import exit_index
 from pteenet.training._config import TrainConfig
 from tests._helpers import PRE, fails_cleanly, one_thread, reseal, shared_bundle, tiny  # noqa: F401

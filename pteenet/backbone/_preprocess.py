@@ -12,9 +12,13 @@ already has the model's size).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "INTERPOLATIONS", "MAX_INPUT_SIDE", "Preprocess"]
+from pteenet.errors import OptionError
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "INTERPOLATIONS", "MAX_INPUT_SIDE", "Preprocess",
+           "check_normalisation"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -57,3 +61,18 @@ class Preprocess:
         scale = min(input_size) / min(self.input_size)
         return replace(self, input_size=tuple(input_size),
                        resize_size=math.floor(self.resize_size * scale))
+
+
+def check_normalisation(mean: Sequence[float] | None, std: Sequence[float] | None) -> None:
+    """A per-channel ``mean`` and ``std`` given by the user: three finite numbers each, every
+    std above 0. A NaN mean would otherwise surface epochs later as a training error ("the loss
+    became nan"), far from its cause."""
+    for key, values in (("mean", mean), ("std", std)):
+        if values is None:
+            continue
+        ok = len(values) == 3 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                      and math.isfinite(v) for v in values)
+        if not ok or (key == "std" and min(values) <= 0):
+            rule = ", each above 0" if key == "std" else ""
+            raise OptionError(f"`{key}` takes three finite numbers (R,G,B){rule}, got "
+                              f"{str(list(values))[:60]}")

@@ -31,9 +31,10 @@ from pteenet.backbone._preprocess import (
     INTERPOLATIONS,
     MAX_INPUT_SIDE,
     Preprocess,
+    check_normalisation,
 )
 from pteenet.errors import CheckpointError, ModelNotFoundError, OfflineError, OptionError
-from pteenet.storage._atomic import sha256_file
+from pteenet.storage import sha256_file
 
 __all__ = [
     "Backbone",
@@ -397,6 +398,7 @@ def create_backbone(
     if input_size and max(input_size) > MAX_INPUT_SIDE:
         raise OptionError(f"`input_size` {max(input_size)} is larger than pteenet supports "
                           f"({MAX_INPUT_SIDE} per side)")
+    check_normalisation(mean, std)
     source, bare = resolve_name(name)
     pretrained = pretrained and checkpoint is None
     model = _build(source, bare, num_classes, pretrained)

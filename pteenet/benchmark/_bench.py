@@ -50,7 +50,7 @@ from pteenet.errors import BundleError, OptionError
 from pteenet.machine import check_device
 from pteenet.machine import threads as cpu_threads
 from pteenet.progress import single_bar
-from pteenet.storage._atomic import write_text, writes_into
+from pteenet.storage import write_text, writes_into
 from pteenet.thresholds import json_rows
 
 __all__ = ["bench"]

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from pteenet.benchmark._quality import Pass
 from pteenet.bundle._derived import BUNDLE_HASH_KEY
-from pteenet.storage._atomic import atomic_path, write_text
+from pteenet.storage import atomic_path, write_text
 from pteenet.thresholds import global_candidates, scaled_candidates, summarize
 
 __all__ = ["SWEEP_STEPS", "plot_sweep", "sweep_points", "write_sweep_csv"]

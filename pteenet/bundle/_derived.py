@@ -3,9 +3,9 @@ bundle they were derived from.
 
 Each records :func:`bundle_hash`, the SHA-256 of the bundle's ``bundle.json``: the commit record
 of its branches *and* thresholds, so a re-attach and a re-calibration both change it. A derived
-file whose hash differs from its bundle's describes another model: ``attach`` removes such files
-from its ``--out`` after writing the new bundle (:func:`remove_stale`), and
-:meth:`pteenet.runtime._cascade.Cascade.open` refuses an ``export-*`` folder that is stale.
+file whose hash differs from its bundle's describes another model: ``attach`` removes those of
+the bundle it replaced from its ``--out`` after writing the new one (:func:`remove_stale`), and
+:meth:`pteenet.runtime.Cascade.open` refuses an ``export-*`` folder that is stale.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pteenet.storage._atomic import MANIFEST
+from pteenet.storage import MANIFEST
 
 __all__ = ["BENCH_FILE", "BUNDLE_HASH_KEY", "SWEEP_CSV", "SWEEP_PNG", "bundle_hash", "remove_stale"]
 
@@ -36,21 +36,26 @@ def bundle_hash(folder: str | os.PathLike) -> str | None:
         return None
 
 
-def remove_stale(folder: str | os.PathLike) -> list[str]:
-    """Remove the derived files in ``folder`` that do not record its bundle's hash now; return
-    their names. Only pteenet's own names are touched: ``bench.json`` and its sweep files, and
-    the files an ``export-*`` folder's manifest lists (the folder goes when that empties it)."""
+def remove_stale(folder: str | os.PathLike, replaced: str | None) -> list[str]:
+    """Remove the derived files in ``folder`` that record ``replaced``, the hash of the bundle
+    a new one has just replaced there; return their names.
+
+    Only files that name that bundle go: a ``bench.json``, ``sweep.*`` or ``export-*/`` that
+    records no hash, or another one, may be the user's own (an ``--out`` that held no bundle
+    holds nothing of ours), so it stays. Of an export, only the files its manifest lists go
+    (the folder too when that empties it)."""
     folder = Path(folder)
-    now = bundle_hash(folder)
+    if replaced is None or replaced == bundle_hash(folder):
+        return []
     removed = []
-    if _recorded(folder / BENCH_FILE, ("bundle", "sha256")) != now:
+    if _recorded(folder / BENCH_FILE, ("bundle", "sha256")) == replaced:
         for name in (BENCH_FILE, SWEEP_PNG, SWEEP_CSV):
             if (folder / name).is_file():
                 (folder / name).unlink()
                 removed.append(name)
     for export in sorted(folder.glob("export-*")):
         manifest = _read(export / _EXPORT_MANIFEST)
-        if manifest is not None and manifest.get(BUNDLE_HASH_KEY) != now:
+        if manifest is not None and manifest.get(BUNDLE_HASH_KEY) == replaced:
             _remove_export(export, manifest)
             removed.append(export.name)
     return removed

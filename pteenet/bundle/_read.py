@@ -36,7 +36,7 @@ from pteenet.cascade._ensemble import ZTWEnsemble
 from pteenet.cascade._profile import TimeProfile
 from pteenet.choices import COSTS, ENSEMBLES, SCORES
 from pteenet.errors import BundleError, OptionError
-from pteenet.storage._atomic import MANIFEST, parse_manifest, read_member
+from pteenet.storage import MANIFEST, parse_manifest, read_member
 from pteenet.thresholds import as_table
 
 __all__ = ["empty_or_table", "read_bundle", "read_info", "read_thresholds"]
@@ -54,12 +54,13 @@ class _Snapshot:
     digest: str | None  # SHA-256 of the bundle.json these files were read under
 
 
-def _manifest(folder: Path) -> tuple[dict[str, dict[str, Any]] | None, str | None]:
-    """The committed members and the SHA-256 of ``bundle.json``, from one read of it (None,
-    None: a bundle from before manifests existed)."""
+def _manifest(folder: Path) -> tuple[dict[str, dict[str, Any]], str]:
+    """The committed members and the SHA-256 of ``bundle.json``, from one read of it. A folder
+    without one holds no bundle (``attach`` commits every bundle with it)."""
     f = folder / MANIFEST
     if not f.exists():
-        return None, None
+        raise BundleError(f"no bundle at {folder} ({MANIFEST} missing); run `pteenet attach` "
+                          f"first")
     try:
         data = f.read_bytes()
     except OSError as e:
@@ -79,7 +80,8 @@ def _snapshot(path: str | os.PathLike, table: bool = False) -> _Snapshot:
         check_table_file(table_file)
     files, digest = _manifest(folder) if name == BRANCHES_FILE else (None, None)
     try:
-        raw = read_member(folder, name, files, "re-run `pteenet attach`")
+        raw = read_member(folder, name, files, "re-run `pteenet attach`") if files is not None \
+            else f.read_bytes() if f.is_file() else None
         doc = read_member(folder, THRESHOLDS_FILE, files, "re-run `pteenet calibrate`") \
             if table else None
     except OSError as e:

@@ -25,7 +25,7 @@ from pteenet.bundle._schema import (
     calibration_digest,
     check_table_file,
 )
-from pteenet.storage._atomic import commit_files
+from pteenet.storage import commit_files
 from pteenet.thresholds import json_rows
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ __all__ = ["save_bundle", "write_thresholds"]
 def save_bundle(out: str | os.PathLike, model: EarlyExitModel, info: BundleInfo,
                 table: ThresholdTable | None = None) -> Path:
     """Write ``branches.safetensors`` and the threshold table (default: the model's own) as one
-    commit (see :func:`pteenet.storage._atomic.commit_files`), holding the folder's writer lock."""
+    commit (see :func:`pteenet.storage.commit_files`), holding the folder's writer lock."""
     out = Path(out)
     tensors = {f"branches.{k}": v.detach().cpu().contiguous()
                for k, v in model.branches.state_dict().items()}

@@ -44,7 +44,7 @@ from pteenet.data._datasets import open_data
 from pteenet.errors import CalibrationError, OptionError
 from pteenet.machine import check_device
 from pteenet.progress import single_bar
-from pteenet.storage._atomic import writes_into
+from pteenet.storage import writes_into
 from pteenet.thresholds import (
     as_table,
     check_cpm_options,

@@ -193,12 +193,15 @@ class EarlyExitModel(nn.Module):
     def set_thresholds(self, value: object, score: str | None = None,
                        gamma: Sequence[float] | None = None) -> None:
         """Set the exit thresholds (float, per branch, or per branch and class), optionally the
-        score they apply to and the gate's per-exit powers."""
+        score they apply to and the gate's per-exit powers. Scores lie in [0, 1]: a threshold
+        above 1 never fires and is kept as inf (never); negative or NaN ones are refused."""
         if score is not None:
             if score not in SCORES:
                 raise OptionError(f"unknown score '{score}': use one of {', '.join(SCORES)}")
             self.score = score
         t = as_table(value, self.num_branches, self.num_classes).float()
+        t = t.masked_fill(t > 1, math.inf)  # no score reaches it: stored as what it means, so
+        # the bundle and the export (which record [0, 1] or null = never) can write the table
         self.thresholds = t.to(self.thresholds.device if self.thresholds.numel() else "cpu")
         if gamma is not None:
             g = torch.as_tensor(list(gamma), dtype=torch.float32)
@@ -353,8 +356,28 @@ class EarlyExitModel(nn.Module):
         outs = [b.head(r) for b, r in zip(self.branches, reduced)]
         return [o[0] for o in outs], [o[1] for o in outs]
 
+    def check_input(self, x: object) -> None:
+        """A batch the model can run: a 4-D ``[N, 3, H, W]`` floating tensor of the model's own
+        dtype on its device; anything else (a numpy array, uint8 pixels, a 3-D image, a meta
+        tensor) is one :class:`OptionError` line instead of torch's error from deep inside."""
+        p = next(self.parameters(), None)
+        want = f"a [N, 3, H, W] {str(p.dtype).removeprefix('torch.') if p is not None else ''}" \
+            f" tensor of normalised images"
+        if not isinstance(x, torch.Tensor):
+            raise OptionError(f"the model takes {want}, not a {type(x).__name__} (use "
+                              f"torch.from_numpy and the bundle's preprocess)")
+        if x.ndim != 4 or x.shape[1] != 3:
+            hint = " (add the batch dimension with x.unsqueeze(0) for one image)" \
+                if x.ndim == 3 else ""
+            raise OptionError(f"the model takes {want}, got shape {list(x.shape)}{hint}")
+        if p is not None and (x.dtype != p.dtype or x.device != p.device):
+            raise OptionError(f"the model takes {want} on {p.device}, got {x.dtype} on "
+                              f"{x.device} (use x.to(device, dtype); pixels scaled to [0, 1] "
+                              f"and normalised)")
+
     def forward(self, x: torch.Tensor) -> TrainOutputs | EarlyExitResult:
         if self.training:
+            self.check_input(x)
             reduced, final = self.reduced_features(x)
             logits, conf = self.branch_outputs(reduced)
             return TrainOutputs(logits, conf, final)
@@ -362,4 +385,5 @@ class EarlyExitModel(nn.Module):
 
     def early_exit(self, x: torch.Tensor) -> EarlyExitResult:
         """True early exit with batch compaction (:func:`pteenet.cascade._exit_loop.early_exit`)."""
+        self.check_input(x)
         return early_exit(self, x)

@@ -154,7 +154,9 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], li
     if not 0 < val_fraction < 1:
         raise OptionError(f"`val_fraction` must lie strictly between 0 and 1, got {val_fraction}")
     n_val = max(1, round(n * val_fraction))
-    if n - n_val < 1:
-        raise DataError(f"only {n} samples: too few to hold out a calibration split")
+    if n - n_val < 2:  # batch norm trains on two samples at least
+        raise DataError(f"only {n} samples: too few to hold out a calibration split and still "
+                        f"train on two; use more images (`max_samples`) or a smaller "
+                        f"`val_fraction`")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     return sorted(perm[n_val:]), sorted(perm[:n_val])

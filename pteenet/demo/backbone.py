@@ -23,7 +23,7 @@ from pteenet.data._datasets import open_data
 from pteenet.data._loading import make_loader
 from pteenet.demo.settings import DemoSettings, Log, to_stderr
 from pteenet.errors import DataError
-from pteenet.storage._atomic import atomic_path, write_text
+from pteenet.storage import atomic_path, write_text
 
 __all__ = ["MODEL", "train_backbone"]
 

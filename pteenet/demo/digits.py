@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from pteenet.demo.settings import DemoSettings
-from pteenet.storage._atomic import write_text
+from pteenet.storage import write_text
 
 __all__ = ["DATA_DIR", "DATA_MARKER", "prepare_digits"]
 

@@ -58,8 +58,8 @@ from pteenet.cascade._model import EarlyExitModel
 from pteenet.choices import FORMATS
 from pteenet.errors import BundleError, OptionError
 from pteenet.exporter._single_graph import MIN_OPSET, single_graph
-from pteenet.runtime._cascade import MANIFEST, MANIFEST_VERSION
-from pteenet.storage._atomic import atomic_path, write_text, writer_lock
+from pteenet.runtime import MANIFEST, MANIFEST_VERSION
+from pteenet.storage import atomic_path, write_text, writer_lock
 from pteenet.thresholds import json_rows
 
 __all__ = ["MANIFEST", "MANIFEST_VERSION", "export", "manifest_for"]

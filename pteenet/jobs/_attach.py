@@ -19,7 +19,7 @@ from torch import nn
 from pteenet import __version__
 from pteenet.backbone._custom import wrap_module
 from pteenet.backbone._registry import Backbone, create_backbone, label_names
-from pteenet.bundle._derived import remove_stale
+from pteenet.bundle._derived import bundle_hash, remove_stale
 from pteenet.bundle._schema import BundleInfo, ThresholdTable, calibration_digest
 from pteenet.bundle._write import save_bundle
 from pteenet.calibration._calibrate import choose_table, outputs_from_features
@@ -35,7 +35,7 @@ from pteenet.errors import Interrupted, OptionError
 from pteenet.graph._placement import choose_cuts, useful_cuts
 from pteenet.graph._tracing import Trace, trace_backbone
 from pteenet.progress import bar as progress_bar
-from pteenet.storage._atomic import writes_into
+from pteenet.storage import writes_into
 from pteenet.training._config import TrainConfig, TrainReport
 from pteenet.training._distributed import (
     all_sum,
@@ -167,6 +167,10 @@ def attach(
     if probe is not None:
         ee.use_cost("latency", ee.profile(probe))
     notes, said = _cost_notes(ee), list(bb.notes)
+    if dataset.has_labels and not labeled:  # not silently: the user may expect them used
+        said.append(f"the data has {len(dataset.classes or [])} class folders but the backbone "
+                    f"predicts {bb.num_classes} classes: the folders' labels are not used, the "
+                    f"branches learn the backbone's own predictions")
     n = len(dataset)
     pool = list(range(n))
     if max_samples is not None and max_samples < n:
@@ -184,9 +188,10 @@ def attach(
                             held, val_fraction, len(pool), data)
         info.ensemble = fitted
         if is_main():  # one writer; the other ranks hold the same branches
+            replaced = bundle_hash(out)
             save_bundle(out, ee, info, table)
             (Path(out) / STATE_FILE).unlink(missing_ok=True)
-            stale = remove_stale(out)
+            stale = remove_stale(out, replaced)
             if stale:
                 said.append(f"removed {', '.join(stale)} from {out}: derived from the bundle "
                             f"this one replaced")

@@ -1,11 +1,20 @@
 """Run an exported cascade with true early exit: numpy and onnxruntime, no torch."""
 
-from pteenet._face import lazy_face
-
 _NAMES = {
     "Cascade": "_cascade",
     "CascadeResult": "_cascade",
-    "MANIFEST": "_cascade",
+    "MANIFEST": "_manifest",
+    "MANIFEST_VERSION": "_manifest",
+    "read_manifest": "_manifest",
+    "session_options": "_sessions",
 }
-__all__ = sorted(_NAMES)
-__getattr__, __dir__ = lazy_face(__name__, _NAMES)
+__all__ = ["MANIFEST", "MANIFEST_VERSION", "Cascade", "CascadeResult", "read_manifest",
+           "session_options"]  # = sorted(_NAMES), spelled out for the eager branch
+try:
+    from pteenet._face import lazy_face
+except ImportError:  # this folder copied alone beside an export, outside pteenet: eager names
+    from ._cascade import Cascade, CascadeResult
+    from ._manifest import MANIFEST, MANIFEST_VERSION, read_manifest
+    from ._sessions import session_options
+else:
+    __getattr__, __dir__ = lazy_face(__name__, _NAMES)

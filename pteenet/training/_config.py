@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from pteenet.choices import BOOSTED, LOSSES, TARGETS
+from pteenet.choices import BOOSTED, LOSSES, MAX_SEED, TARGETS
 from pteenet.errors import OptionError
 
 if TYPE_CHECKING:
@@ -43,6 +43,10 @@ class TrainConfig:
         from pteenet.thresholds import check_cpm_options
 
         check_device(self.device)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or \
+                not 0 <= self.seed <= MAX_SEED:
+            raise OptionError(f"`seed` must be an integer in 0..{MAX_SEED} (64-bit), got "
+                              f"{str(self.seed)[:24]}")
         if self.epochs < 1:
             raise OptionError(f"`epochs` must be at least 1, got {self.epochs}")
         if self.batch_size < 1:

@@ -24,7 +24,7 @@ from pteenet.cascade._profile import steady_allocator
 from pteenet.data._items import ImageData
 from pteenet.data._loading import collate_skip, default_workers, make_loader, prefetched
 from pteenet.errors import DataError
-from pteenet.storage._atomic import CACHE_PREFIX
+from pteenet.storage import CACHE_PREFIX
 
 __all__ = ["FeatureSet", "LiveFeatures", "agreement", "branch_logits", "branch_scores",
            "compute_features", "scores_and_preds"]

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from pteenet.cascade._model import EarlyExitModel
-from pteenet.errors import OptionError, TrainingError
-from pteenet.storage._atomic import atomic_path
+from pteenet.errors import BundleError, OptionError
+from pteenet.storage import atomic_path
 from pteenet.training._config import TrainReport
 from pteenet.training._distributed import is_main
 
@@ -36,10 +38,12 @@ class Resume:
         if not self.path.is_file():
             return None
         try:
-            state = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise TrainingError(f"resume state {self.path} is unreadable ({e}); delete it and "
-                                f"start again without `resume`") from e
+            with warnings.catch_warnings():  # "Detected pickle protocol 4": our line says
+                warnings.simplefilter("ignore")  # enough, on the one line stderr gets
+                state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as e:  # an input file, like the bundle beside it: exit 3, not 5
+            raise BundleError(f"resume state {self.path} is unreadable ({_reason(e)}); delete "
+                              f"it and start again without `resume`") from e
         if not isinstance(state, dict) or state.get("key") != self.key:
             raise OptionError(f"resume state {self.path} belongs to a different attach (other "
                               f"model, data or settings); delete it or drop `resume`")
@@ -92,3 +96,14 @@ class Resume:
                      "gen": gen.get_state(), "losses": report.losses,
                      "survivors": report.survivors, "thr": thr, "w_train": w_train,
                      "w_held": w_held}, f"branch {stage + 1}")
+
+
+def _reason(e: Exception) -> str:
+    """Why torch could not load the state, without torch's advice to load it with
+    ``weights_only=False``: that is the unsafe path, which pteenet never takes."""
+    text = str(e)
+    found = re.search(r"WeightsUnpickler error: \s*(\S[^\n]*)", text)
+    first = found.group(1) if found else (text.strip().splitlines() or [type(e).__name__])[0]
+    if "weights_only" in first:
+        first = "it holds more than tensors and plain values"
+    return first.split(". ")[0][:160]  # the cause, not what follows it
