@@ -30,6 +30,7 @@ among them included, since the later exits read it.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
