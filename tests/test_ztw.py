@@ -267,7 +267,7 @@ def test_a_corrupt_ensemble_is_one_bundle_error(ztw, tmp_path, name, edit):
 def test_calibrate_and_bench_use_the_ensembled_exits(ztw, tmp_path):
     bundle = _copy(ztw[0], tmp_path / "cal")
     res = calibrate(bundle, max_drop=0.05)
-    assert res.outputs.chained and res.table.score == "gate"
+    assert res.outputs.cost.chained and res.table.score == "gate"
     assert res.outputs.scores.shape[0] == len(read_bundle(bundle).info.calibration_indices)
     model = load(bundle)
     report = bench(bundle, out_json=False, profile=False, latency_samples=4, repeats=1)
