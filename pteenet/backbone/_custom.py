@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from pteenet.backbone._preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
@@ -29,7 +30,7 @@ def weights_sha256(module: nn.Module) -> str:
     for key, t in sorted(module.state_dict().items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(-1).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -46,14 +47,16 @@ def wrap_module(module: nn.Module, *, num_classes: int | None = None,
                 input_size: tuple[int, int] | None = None,
                 mean: tuple[float, float, float] | None = None,
                 std: tuple[float, float, float] | None = None,
-                preprocess: Preprocess | None = None, name: str | None = None) -> Backbone:
+                preprocess: Preprocess | None = None, name: str | None = None,
+                known_sha256: str | None = None) -> Backbone:
     """``module`` as a frozen backbone (eval mode, no gradients; its weights are never
     changed). Preprocessing is ``preprocess``, else ImageNet's statistics at ``input_size``
     (default 224x224) with images resized straight to it; the class count is read from the
-    output when not given."""
+    output when not given. ``known_sha256``: the weights' hash when the caller has just
+    computed it, so a large module is hashed once."""
     pre = preprocess or Preprocess(tuple(input_size or (224, 224)),
                                    tuple(mean or IMAGENET_MEAN), tuple(std or IMAGENET_STD))
     freeze(module)
     return Backbone(model=module, name=name or type(module).__name__, source=CUSTOM,
                     num_classes=num_classes or head_size(module, pre), preprocess=pre,
-                    weights_sha256=weights_sha256(module))
+                    weights_sha256=known_sha256 or weights_sha256(module))

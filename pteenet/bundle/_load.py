@@ -63,12 +63,12 @@ def _given_backbone(info: BundleInfo, model: nn.Module | Callable[[], nn.Module]
         raise BundleError(f"{info.path} was attached to your own module ({show(name)}); pass it "
                           f"back: pteenet.load(path, model=...)")
     module = module_of(model)
-    want = info.backbone.get("weights_sha256")
-    if want and not force and weights_sha256(module) != want:
+    want, have = info.backbone.get("weights_sha256"), weights_sha256(module)
+    if want and not force and have != want:
         raise BundleError(f"the module given has other weights than the one {info.path} was "
                           f"attached to ({show(want)[:12]}); pass `force` to use it anyway")
     return wrap_module(module, num_classes=info.num_classes, preprocess=info.preprocess,
-                       name=name)
+                       name=name, known_sha256=have)
 
 
 def load(path: str | os.PathLike | Bundle = "pteenet-out", *,
