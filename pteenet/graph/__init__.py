@@ -3,6 +3,8 @@
 from pteenet._face import lazy_face
 
 _NAMES = {
+    "LAYOUTS": "_layout",
+    "layout_of": "_layout",
     "TAIL": "_placement",
     "choose_cuts": "_placement",
     "target_fractions": "_placement",

@@ -317,7 +317,8 @@ def _bundle_info(bb: Backbone, ee: EarlyExitModel, trace: Trace, names, module_c
                   "checkpoint_sha256": bb.checkpoint_sha256, "pretrained": bb.pretrained},
         preprocess=bb.preprocess, cuts=list(names), module_cuts=module_cuts,
         branches=[{"type": branch, "flops": f, "width": int(b.classifier.in_features),
-                   "reduce": {"grid": b.reduce.size, "channel_group": b.reduce.group},
+                   "reduce": {"grid": b.reduce.size, "channel_group": b.reduce.group,
+                              "layout": b.reduce.layout},
                    "cache_bytes": cache_bytes(b.reduce, trace.cut(c).shape)}
                   for b, f, c in zip(ee.branches, ee.branch_flops, names)],
         segment_flops=ee.segment_flops,

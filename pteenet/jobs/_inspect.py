@@ -66,7 +66,7 @@ def inspect(
         "chosen": chosen,
         "cache_bytes": sum(cache.values()),
         "cuts": [
-            {"name": c.name, "shape": list(c.shape), "flops": c.flops,
+            {"name": c.name, "shape": list(c.shape), "layout": c.layout, "flops": c.flops,
              "fraction": c.flops / total if total else 0.0, "params": c.params,
              "chosen": c.name in chosen, "useful": c.name in useful,
              "branch_flops": costs[c.name][0] if c.name in costs else None,
@@ -84,6 +84,6 @@ def _branch_costs(trace, chosen: Sequence[str], num_classes: int, branch: str,
     out = {}
     for name in chosen:
         shape = trace.cut(name).shape
-        b = make_branch(branch, shape, num_classes, cap)
+        b = make_branch(branch, shape, num_classes, cap, layout=trace.cut(name).layout)
         out[name] = branch_flops(b, shape), cache_bytes(b.reduce, shape)
     return out
