@@ -7,6 +7,8 @@ _NAMES = {
     "layout_of": "_layout",
     "TAIL": "_placement",
     "choose_cuts": "_placement",
+    "SPREAD": "_placement",
+    "spread_note": "_placement",
     "target_fractions": "_placement",
     "useful_cuts": "_placement",
     "Cut": "_tracing",

@@ -30,7 +30,7 @@ from pteenet.choices import COSTS, DEFAULT_BRANCH, DEFAULT_BUDGET, DEFAULT_POLIC
 from pteenet.data._datasets import available_splits, open_data
 from pteenet.data._loading import split_indices
 from pteenet.errors import Interrupted, OptionError
-from pteenet.graph._placement import choose_cuts, useful_cuts
+from pteenet.graph._placement import choose_cuts, spread_note, useful_cuts
 from pteenet.graph._tracing import Trace, trace_backbone
 from pteenet.progress import bar as progress_bar
 from pteenet.storage._atomic import writes_into
@@ -156,6 +156,8 @@ def attach(
     if probe is not None:
         ee.use_cost("latency", ee.profile(probe))
     notes, said = _cost_notes(ee), list(bb.notes)
+    spread = None if cuts or fractions else spread_note(trace, names, placement, at)
+    notes += [spread] if spread else []
     n = len(dataset)
     pool = list(range(n))
     if max_samples is not None and max_samples < n:

@@ -9,7 +9,7 @@ from typing import Any
 from pteenet.backbone._registry import create_backbone
 from pteenet.cascade._branches import branch_flops, cache_bytes, make_branch
 from pteenet.choices import DEFAULT_BRANCH, DEFAULT_BUDGET, DEFAULT_POLICY
-from pteenet.graph._placement import choose_cuts, useful_cuts
+from pteenet.graph._placement import choose_cuts, spread_note, useful_cuts
 from pteenet.graph._tracing import trace_backbone
 
 __all__ = ["inspect"]
@@ -58,6 +58,7 @@ def inspect(
         "std": list(bb.preprocess.std),
         "num_classes": bb.num_classes,
         "inferred": bb.notes,
+        "notes": [n for n in [None if cuts else spread_note(trace, chosen, placement, at)] if n],
         "total_flops": total,
         "total_macs": total // 2,
         "total_params": trace.total_params,
