@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from pteenet.cascade import Reduce
-from pteenet.graph import Cut, Trace, choose_cuts, spread_note, split_at, trace_backbone
+from pteenet.graph import Cut, Trace, choose_cuts, split_at, spread_note, trace_backbone
 
 timm = pytest.importorskip("timm")
 torchvision = pytest.importorskip("torchvision")

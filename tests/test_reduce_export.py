@@ -61,16 +61,17 @@ def test_the_export_path_is_taken_only_while_exporting(monkeypatch):
 
 def test_an_export_failure_is_an_export_error(monkeypatch, tmp_path):
     """Not "bad option": the message names the graph and the other format; exit code 6."""
-    from pteenet.exporter import _export
     from pteenet_cli._errors import describe
+
+    from pteenet.exporter import _export
 
     def broken(*args, **kwargs):
         raise RuntimeError("Unsupported: ONNX export of operator frobnicate")
 
     monkeypatch.setattr(torch.onnx, "export", broken)
-    with pytest.raises(ExportError, match="cannot export branch 0 as onnx") as info:
-        with _export._writing(tmp_path / "branch_0.onnx", "onnx", "branch 0"):
-            torch.onnx.export()
+    with pytest.raises(ExportError, match="cannot export branch 0 as onnx") as info, \
+            _export._writing(tmp_path / "branch_0.onnx", "onnx", "branch 0"):
+        torch.onnx.export()
     line, code = describe(info.value)
     assert line.startswith("error (export): cannot export branch 0") and code == 6
     assert not (tmp_path / "branch_0.onnx").exists()

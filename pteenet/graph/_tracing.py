@@ -36,9 +36,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from pteenet.errors import TraceError
+from pteenet.graph._flops import flop_counter
 from pteenet.graph._free import BATCH, free_values, rebuild
 from pteenet.graph._layout import layout_of
 
@@ -221,7 +221,7 @@ class _Profiler(fx.Interpreter):
         if not self.count:
             out = super().run_node(n)
         else:
-            with FlopCounterMode(display=False) as counter:
+            with flop_counter() as counter:
                 out = super().run_node(n)
             self.flops[n.name] = counter.get_total_flops()
         self.shapes[n.name] = tuple(out.shape) if isinstance(out, torch.Tensor) else None
@@ -301,7 +301,7 @@ def thop_macs(model: nn.Module, input_size: tuple[int, int]) -> int | None:
 
 def count_flops(module: nn.Module, *inputs: torch.Tensor) -> int:
     """FLOPs of one forward pass, counted like the backbone's (aten-level FlopCounterMode)."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), flop_counter() as counter:
         module(*inputs)
     return int(counter.get_total_flops())
 
