@@ -170,7 +170,7 @@ class Cascade:
         """True early exit with batch compaction: later segments see only samples in flight.
         A single image runs through the one-graph cascade when it holds the current exits."""
         x = self._check_images(images)
-        active, runs, flops, fits = self.plan()
+        active, runs, flops, fits = self._plan()
         if x.shape[0] == 1 and fits:
             logits, exit_index = self.single(x, self.thresholds)
             exit_index = exit_index.astype(np.int64, copy=False)
