@@ -13,6 +13,7 @@ from pteenet.errors import (
     CalibrationError,
     CheckpointError,
     DataError,
+    ExportError,
     Interrupted,
     ModelNotFoundError,
     OfflineError,
@@ -24,7 +25,7 @@ from pteenet.errors import (
 )
 
 # exception type -> (label, exit code). Codes: 2 bad usage/options, 3 input files, 4 network,
-# 5 training, 1 anything else of ours.
+# 5 training, 6 export, 1 anything else of ours.
 ERROR_TABLE: dict[type[PteenetError], tuple[str, int]] = {
     OptionError: ("bad option", 2),
     ModelNotFoundError: ("unknown model", 2),
@@ -36,6 +37,7 @@ ERROR_TABLE: dict[type[PteenetError], tuple[str, int]] = {
     OfflineError: ("offline", 4),
     TrainingError: ("training", 5),
     CalibrationError: ("calibration", 5),
+    ExportError: ("export", 6),
 }
 
 

@@ -59,7 +59,8 @@ def inspect(
              f"input {info['input_size'][0]}x{info['input_size'][1]}, "
              f"{info['num_classes']} classes")
     total = info["total_flops"]
-    rows = [[c["name"], "x".join(map(str, c["shape"])), human(c["flops"]), pct(c["fraction"]),
+    rows = [[c["name"], "x".join(map(str, c["shape"])) + _layout(c["layout"]), human(c["flops"]),
+             pct(c["fraction"]),
              human(c["params"]), "" if c["useful"] else "no",
              f"<-- exit ({pct(c['branch_flops'] / total, 2)})" if c["chosen"] else ""]
             for c in info["cuts"]]
@@ -74,4 +75,11 @@ def inspect(
         out.note(f"placement {info['placement']}: {', '.join(info['chosen'])}")
         per_cut = ", ".join(kb(c["cache_bytes"]) for c in info["cuts"] if c["chosen"])
         out.note(f"feature cache: {kb(info['cache_bytes'])} per image ({per_cut} per cut)")
+    for line in info["notes"]:
+        out.warn(as_shown(line))
     out.result(info)
+
+
+def _layout(layout: str) -> str:
+    """A cut's layout beside its shape, where it is not the convolutional [C, H, W]."""
+    return {"hwc": " (HWC)", "tc": " (tokens)"}.get(layout, "")

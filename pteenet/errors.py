@@ -13,6 +13,7 @@ __all__ = [
     "CalibrationError",
     "CheckpointError",
     "DataError",
+    "ExportError",
     "Interrupted",
     "ModelNotFoundError",
     "OfflineError",
@@ -62,6 +63,10 @@ class TrainingError(PteenetError):
 
 class CalibrationError(PteenetError):
     """Thresholds cannot be calibrated as asked."""
+
+
+class ExportError(PteenetError):
+    """A graph the exporter could not write, or one that does not reproduce the model."""
 
 
 class OptionError(PteenetError):

@@ -29,9 +29,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from pteenet.cascade._pooling import grid_pool, token_cells, token_pool
 from pteenet.choices import BRANCH_TYPES
 from pteenet.errors import OptionError
 from pteenet.graph._tracing import count_flops
@@ -54,25 +54,37 @@ class Reduce(nn.Module):
     mixed pooling, Kaya et al. 2019). ``group`` > 1 then averages each run of ``group``
     adjacent channels (C' = C / group): the last resort of :func:`reduction` for maps so wide
     that even one cell per channel is more than a branch may cache.
+
+    ``layout`` is how the cut holds its map (:data:`pteenet.graph.LAYOUTS`): ``chw`` [N, C, H,
+    W]; ``hwc`` [N, H, W, C] (Swin, MaxViT, PVT), read as the same map permuted; ``tc``
+    [N, T, C] tokens, reduced to [N, 2C', cells, 1] by :func:`~pteenet.cascade._pooling.
+    token_pool` (the class token beside the pooled patches; ``size`` 0 keeps the head cell
+    alone).
     """
 
-    def __init__(self, size: int, group: int = 1) -> None:
+    def __init__(self, size: int, group: int = 1, layout: str = "chw") -> None:
         super().__init__()
-        self.size, self.group = size, group
+        self.size, self.group, self.layout = size, group, layout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = min(self.size, x.shape[-2], x.shape[-1])
-        if _whole_cells(x, s):
-            y = _cell_pool(x, s)
+        if self.layout == "tc":
+            y = torch.cat(token_pool(x, self.size), 1)
         else:
-            y = torch.cat([F.adaptive_avg_pool2d(x, s), F.adaptive_max_pool2d(x, s)], 1)
+            if self.layout == "hwc":
+                x = x.permute(0, 3, 1, 2)
+            s = min(self.size, x.shape[-2], x.shape[-1])
+            y = _cell_pool(x, s) if _whole_cells(x, s) else torch.cat(grid_pool(x, s, s), 1)
         if self.group > 1:
             y = y.unflatten(1, (-1, self.group)).mean(2)
         return y
 
     def out_shape(self, shape: tuple[int, ...]) -> tuple[int, int, int]:
-        """The reduced map's per-image shape for a (C, H, W) input."""
-        c, h, w = shape
+        """The reduced map's per-image shape for an input of per-image ``shape`` (in its
+        layout)."""
+        if self.layout == "tc":
+            t, c = shape
+            return 2 * c // self.group, token_cells(t, self.size), 1
+        c, h, w = (shape[2], shape[0], shape[1]) if self.layout == "hwc" else shape
         return 2 * c // self.group, min(self.size, h), min(self.size, w)
 
 
@@ -100,22 +112,30 @@ def _cell_pool(x: torch.Tensor, s: int) -> torch.Tensor:
     return torch.cat([avg, top], -1).permute(0, 3, 1, 2).contiguous()
 
 
-def reduction(shape: tuple[int, ...], grid: int) -> Reduce:
-    """The fixed reduction of a (C, H, W) map: at most ``MAX_VALUES`` numbers per image.
+def reduction(shape: tuple[int, ...], grid: int, layout: str = "chw") -> Reduce:
+    """The fixed reduction of a map of ``shape`` in ``layout``: at most ``MAX_VALUES`` numbers
+    per image.
 
-    The grid halves (4, 2, 1) until avg+max of every channel fits; past one cell per channel,
-    adjacent channels are averaged in the smallest group that divides C and fits. A CIFAR ResNet
-    (16-64 channels) keeps its full 4x4 grid; ResNet-50's 2048-channel stage caches 2048 numbers
-    instead of 65,536, so a default attach caches under 64 KB per image over ten cuts.
+    The grid halves (4, 2, 1; for tokens on to 0, the head cell alone) until avg+max of every
+    channel fits; past that, adjacent channels are averaged in the smallest group that divides
+    C and fits. A CIFAR ResNet (16-64 channels) keeps its full 4x4 grid; ResNet-50's
+    2048-channel stage caches 2048 numbers instead of 65,536, so a default attach caches under
+    64 KB per image over ten cuts.
     """
-    c, h, w = shape
-    s = grid
-    while s > 1 and 2 * c * min(s, h) * min(s, w) > MAX_VALUES:
-        s //= 2
+    if layout == "tc":
+        t, c = shape
+        s = grid if grid > 1 else 0
+        while s > 0 and 2 * c * token_cells(t, s) > MAX_VALUES:
+            s //= 2
+    else:
+        c, h, w = (shape[2], shape[0], shape[1]) if layout == "hwc" else shape
+        s = grid
+        while s > 1 and 2 * c * min(s, h) * min(s, w) > MAX_VALUES:
+            s //= 2
     group = 1
     while 2 * c // group > MAX_VALUES or c % group:
         group += 1
-    return Reduce(s, group)
+    return Reduce(s, group, layout)
 
 
 def cache_bytes(reduce: Reduce, shape: tuple[int, ...]) -> int:
@@ -211,8 +231,8 @@ def _width(per_unit: float, fixed: float, budget: float | None, cap: int) -> int
 
 
 def _parts(kind: str, shape: tuple[int, ...], k: int, budget: float | None,
-           width: int | None) -> tuple[Reduce, nn.Module, int]:
-    reduce = reduction(shape, 1 if kind in ("conv1d", "pool") else GRID)
+           width: int | None, layout: str = "chw") -> tuple[Reduce, nn.Module, int]:
+    reduce = reduction(shape, 1 if kind in ("conv1d", "pool") else GRID, layout)
     c2, h, w = reduce.out_shape(shape)  # c2: avg and max channels together
     cells = h * w
     if kind == "mlp":
@@ -236,19 +256,20 @@ def _parts(kind: str, shape: tuple[int, ...], k: int, budget: float | None,
 
 
 def make_branch(kind: str, shape: tuple[int, ...] | int, num_classes: int,
-                budget: float | None = None, *, width: int | None = None) -> Branch:
+                budget: float | None = None, *, width: int | None = None,
+                layout: str = "chw") -> Branch:
     """Build an untrained branch of ``kind`` for a feature map of ``shape`` (C, H, W).
 
     ``budget`` is the most FLOPs the branch may cost per image; ``mlp`` and ConvX widths shrink
     to fit it (never below 16). ``width`` fixes the hidden width instead (a saved bundle's). A
-    bare channel count stands for a 4x4 map.
+    bare channel count stands for a 4x4 map; ``layout`` is the cut's (:class:`Reduce`).
     """
     if kind not in BRANCH_TYPES:
         raise OptionError(f"unknown branch type '{kind}': use one of {', '.join(BRANCH_TYPES)}")
     if isinstance(shape, int):
         shape = (shape, GRID, GRID)
     macs = None if budget is None else budget / 2
-    reduce, body, width = _parts(kind, tuple(shape), num_classes, macs, width)
+    reduce, body, width = _parts(kind, tuple(shape), num_classes, macs, width, layout)
     return Branch(reduce, body, width, num_classes)
 
 

@@ -42,7 +42,7 @@ def build_early_exit(
     cuts = [trace.cut(c) for c in cut_names]
     cap = None if budget is None else budget * trace.total_flops
     widths = list(widths) if widths is not None else [None] * len(cuts)
-    branches = [make_branch(k, c.shape, num_classes, cap, width=w)
+    branches = [make_branch(k, c.shape, num_classes, cap, width=w, layout=c.layout)
                 for k, c, w in zip(kinds, cuts, widths)]
     seg_flops, br_flops = flops or (_segment_flops(trace, cuts),
                                     [branch_flops(b, c.shape) for b, c in zip(branches, cuts)])

@@ -56,7 +56,7 @@ from pteenet.bundle._read import read_bundle
 from pteenet.bundle._schema import BundleInfo
 from pteenet.cascade._model import EarlyExitModel
 from pteenet.choices import FORMATS
-from pteenet.errors import BundleError, OptionError
+from pteenet.errors import BundleError, ExportError, OptionError
 from pteenet.exporter._single_graph import MIN_OPSET, single_graph
 from pteenet.runtime import MANIFEST, MANIFEST_VERSION
 from pteenet.storage import atomic_path, write_text, writer_lock
@@ -245,7 +245,7 @@ def _writing(path: Path, format: str, what: str) -> Iterator[Path]:
     try:
         with atomic_path(path) as tmp, _quiet():
             yield tmp
-    except OptionError:
+    except (OptionError, ExportError):
         raise
     except OSError as e:  # the folder, not the format: another --format would not help
         raise BundleError(f"cannot write {path} ({e.strerror or e}); check the folder's "
@@ -253,7 +253,7 @@ def _writing(path: Path, format: str, what: str) -> Iterator[Path]:
     except Exception as e:  # exporters raise many types; the user needs one line and a way out
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         other = "torchscript" if format == "onnx" else "onnx"
-        raise OptionError(f"cannot export {what} as {format} ({type(e).__name__}: {first}); "
+        raise ExportError(f"cannot export {what} as {format} ({type(e).__name__}: {first}); "
                           f"try `format` {other}") from e
 
 
@@ -313,7 +313,7 @@ def _verify_single(model: Any, size: tuple[int, int], path: Path) -> None:
         tol = 1e-3 * (1 + float(want.abs().max()))
         if int(exit_index[0]) != want_exit or float((torch.from_numpy(logits) - want).abs()
                                                      .max()) > tol:
-            raise OptionError(f"the exported batch-1 cascade answers at exit "
+            raise ExportError(f"the exported batch-1 cascade answers at exit "
                               f"{int(exit_index[0])} where the model answers at {want_exit}, or "
                               f"with other logits; export with `opset` below {MIN_OPSET} to "
                               f"leave it out")
@@ -334,10 +334,10 @@ def _verify(module: nn.Module, xs: tuple[torch.Tensor, ...], path: Path, format:
     ref = list(ref) if isinstance(ref, tuple) else [ref]
     got = _run_saved(path, format, xs)
     if len(got) != len(ref):
-        raise OptionError(f"the exported {what} returns {len(got)} outputs, not {len(ref)}")
+        raise ExportError(f"the exported {what} returns {len(got)} outputs, not {len(ref)}")
     for r, g in zip(ref, got):
         tol = 1e-3 * (1 + float(r.abs().max()))
         if tuple(r.shape) != tuple(g.shape) or float((r - g).abs().max()) > tol:
-            raise OptionError(f"the exported {what} does not reproduce the model on a batch of "
+            raise ExportError(f"the exported {what} does not reproduce the model on a batch of "
                               f"{xs[0].shape[0]} (fixed batch size or unsupported op); try the "
                               f"other `format`")

@@ -3,8 +3,12 @@
 from pteenet._face import lazy_face
 
 _NAMES = {
+    "LAYOUTS": "_layout",
+    "layout_of": "_layout",
     "TAIL": "_placement",
     "choose_cuts": "_placement",
+    "SPREAD": "_placement",
+    "spread_note": "_placement",
     "target_fractions": "_placement",
     "useful_cuts": "_placement",
     "Cut": "_tracing",

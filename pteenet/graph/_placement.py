@@ -18,11 +18,12 @@ from pteenet.choices import DEFAULT_BRANCHES, DEFAULT_POLICY, POLICIES
 from pteenet.errors import PlacementError
 from pteenet.graph._tracing import Cut, Trace
 
-__all__ = ["TAIL", "choose_cuts",
+__all__ = ["SPREAD", "TAIL", "choose_cuts", "spread_note",
            "target_fractions", "useful_cuts"]
 
 _SPLIT_RATIO = {"pareto": 0.2, "golden": 0.618, "fine": 0.05}
 TAIL = 0.05
+SPREAD = 0.2  # an exit this far (in FLOP fraction) from its target: the exits cannot spread
 
 
 def target_fractions(policy: str, n: int) -> list[float]:
@@ -98,3 +99,22 @@ def choose_cuts(
         best = min(range(lo, hi + 1), key=lambda j: (abs(fracs[j] - t), j))
         chosen.append(best)
     return [cuts[j].name for j in chosen]
+
+
+def spread_note(trace: Trace, names: Sequence[str], policy: str = DEFAULT_POLICY,
+                at: Sequence[float] | None = None) -> str | None:
+    """One line when the exits at ``names`` sit far (more than :data:`SPREAD`) from the
+    targets ``policy`` or ``at`` asked for, because the useful cuts do not reach them (LeViT
+    before token cuts: every cut in its convolutional stem, so every exit at 2-16 % of the
+    FLOPs); ``None`` when they spread as asked."""
+    if not names:
+        return None
+    total = max(trace.total_flops, 1)
+    got = [trace.cut(n).flops / total for n in names]
+    want = list(at) if at is not None else target_fractions(policy, len(names))
+    if max(abs(g - w) for g, w in zip(got, want)) <= SPREAD:
+        return None
+    span = [c.flops / total for c in useful_cuts(trace)] or got
+    return (f"the exits cannot spread over the FLOPs: this backbone's useful cut points lie "
+            f"between {min(span):.0%} and {max(span):.0%} of them, so the exits sit at "
+            f"{', '.join(f'{g:.0%}' for g in got)}")

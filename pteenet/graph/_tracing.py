@@ -2,8 +2,14 @@
 
 The backbone is traced with ``torch.fx``. A *cut point* is a node after which the only live value
 is that node's output, so the network can be split there and resumed from that tensor alone
-(parameters fetched with ``get_attr`` do not count: they can be fetched again). Only cuts whose
-output is a 4-D feature map are kept; those are where exit branches can read.
+(parameters fetched with ``get_attr``, anything computed from them alone -- EVA's rotary
+tables -- and sizes read from shapes do not count: a later segment rebuilds them,
+:mod:`pteenet.graph._free`). Only cuts whose
+output is a feature map an exit can read are kept, each with its layout (:mod:`pteenet.graph.
+_layout`): a convolutional [N, C, H, W] map, a channels-last [N, H, W, C] one (Swin, MaxViT,
+PVT) or a transformer's token stream [N, T, C] (ViT, Mixer, PiT's stages); window-partitioned
+tensors are refused. Forward arguments after the image that have defaults (timm ViT's
+``attn_mask=None``) are traced at those defaults, so they never cross a cut.
 
 FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` at the aten level, so every
 model is counted the same way whatever modules it is built from. thop's module-hook count is
@@ -20,6 +26,8 @@ outputs then become the cut points (the modules are kept whole as fx leaves).
 from __future__ import annotations
 
 import copy
+import inspect
+import operator
 import re
 import sys
 import warnings
@@ -28,9 +36,11 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from pteenet.errors import TraceError
+from pteenet.graph._flops import flop_counter
+from pteenet.graph._free import BATCH, free_values, rebuild
+from pteenet.graph._layout import layout_of
 
 __all__ = ["Cut", "Trace", "count_flops", "split_at", "thop_macs", "trace_backbone"]
 
@@ -44,10 +54,11 @@ class Cut:
     (``relu_14``), what bundles before module-path names recorded, still accepted."""
 
     name: str
-    shape: tuple[int, ...]  # per-sample output shape (C, H, W)
+    shape: tuple[int, ...]  # per-sample output shape in ``layout``: (C, H, W), (H, W, C), (T, C)
     flops: int  # cumulative FLOPs per image up to and including this node
     params: int  # cumulative parameters up to and including this node
     node: str = ""  # the fx node's name ("" : the same as ``name``)
+    layout: str = "chw"  # one of pteenet.graph.LAYOUTS
 
 
 @dataclass
@@ -62,6 +73,7 @@ class Trace:
     thop_macs: int | None = None
     _index: dict[str, int] = field(default_factory=dict, repr=False)
     model: nn.Module | None = field(default=None, repr=False)  # the eager backbone traced
+    free: dict[str, object] = field(default_factory=dict, repr=False)  # node name -> rebuild
 
     def cut(self, name: str) -> Cut:
         """The cut called ``name``: its module-path name, or its fx node name (old bundles)."""
@@ -146,8 +158,9 @@ def _symbolic_trace(model: nn.Module, leaves: Sequence[str]) -> fx.GraphModule:
     if unknown:
         raise TraceError(f"`cuts` names unknown modules: {', '.join(unknown)}")
     tracer = _LeafTracer(leaves)
+    defaults = _defaults(model)
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=defaults or None)
     except Exception as e:  # fx raises many types; each becomes one line naming the module
         where = tracer.stack[-1] if tracer.stack else type(model).__name__
         first = (str(e).splitlines() or [type(e).__name__])[0][:160]
@@ -155,7 +168,42 @@ def _symbolic_trace(model: nn.Module, leaves: Sequence[str]) -> fx.GraphModule:
             f"torch.fx cannot trace module '{where}' ({first}); pass `cuts` with module names "
             f"around it (e.g. layer1,layer2) to keep it whole"
         ) from e
+    _drop_default_checks(graph, len(defaults))
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+_CHECKS = (torch._assert, fx._symbolic_trace._assert_is_none, operator.eq)
+
+
+def _drop_default_checks(graph: fx.Graph, count: int) -> None:
+    """Remove the placeholders of the last ``count`` (defaulted) arguments with the checks fx
+    adds on them (``_assert_is_none``, ``_assert(x == default)``), so the traced module takes
+    the image alone; a placeholder that anything else reads is kept, with its default."""
+    extra = [n for n in graph.nodes if n.op == "placeholder"][1:][-count:] if count else []
+    for p in extra:
+        closure, todo = [], [p]
+        while todo:
+            for u in todo.pop().users:
+                if u not in closure:
+                    closure.append(u)
+                    todo.append(u)
+        if not all(u.op == "call_function" and u.target in _CHECKS for u in closure):
+            continue
+        for u in sorted(closure, key=lambda u: -list(graph.nodes).index(u)):
+            graph.erase_node(u)
+        graph.erase_node(p)
+
+
+def _defaults(model: nn.Module) -> dict[str, object]:
+    """The forward arguments after the image that have a default (timm ViT's ``attn_mask``,
+    ``is_causal``): traced as constants, so no later block reads a placeholder across a cut."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: p.default for p in params[1:]
+            if p.default is not inspect.Parameter.empty
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
 class _Profiler(fx.Interpreter):
@@ -167,20 +215,24 @@ class _Profiler(fx.Interpreter):
         self.count = count
         self.flops: dict[str, int] = {}
         self.shapes: dict[str, tuple[int, ...] | None] = {}
+        self.values: dict[str, int] = {}  # the int-valued nodes' values (sizes)
 
     def run_node(self, n: fx.Node):
         if not self.count:
             out = super().run_node(n)
         else:
-            with FlopCounterMode(display=False) as counter:
+            with flop_counter() as counter:
                 out = super().run_node(n)
             self.flops[n.name] = counter.get_total_flops()
         self.shapes[n.name] = tuple(out.shape) if isinstance(out, torch.Tensor) else None
+        if isinstance(out, int):
+            self.values[n.name] = out
         return out
 
 
-def _cut_nodes(graph: fx.Graph) -> list[fx.Node]:
-    """Nodes after which the only live (non-parameter) value is their own output."""
+def _cut_nodes(graph: fx.Graph, free: dict[fx.Node, object]) -> list[fx.Node]:
+    """Nodes after which the only live value (none of ``free``, :mod:`pteenet.graph._free`)
+    is their own output."""
     nodes = list(graph.nodes)
     pos = {n: i for i, n in enumerate(nodes)}
     last_use = {n: max((pos[u] for u in n.users), default=-1) for n in nodes}
@@ -188,12 +240,13 @@ def _cut_nodes(graph: fx.Graph) -> list[fx.Node]:
     dying: dict[int, list[fx.Node]] = {}
     cuts = []
     for i, n in enumerate(nodes):
-        if n.op not in ("get_attr", "output") and last_use[n] > i:
+        if n.op != "output" and n not in free and last_use[n] > i:
             live.add(n)
             dying.setdefault(last_use[n], []).append(n)
         for d in dying.pop(i, []):
             live.discard(d)
-        if n.op in ("call_module", "call_function", "call_method") and live == {n}:
+        if n.op in ("call_module", "call_function", "call_method") and live == {n} \
+                and n not in free:
             cuts.append(n)
     return cuts
 
@@ -248,7 +301,7 @@ def thop_macs(model: nn.Module, input_size: tuple[int, int]) -> int | None:
 
 def count_flops(module: nn.Module, *inputs: torch.Tensor) -> int:
     """FLOPs of one forward pass, counted like the backbone's (aten-level FlopCounterMode)."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), flop_counter() as counter:
         module(*inputs)
     return int(counter.get_total_flops())
 
@@ -279,14 +332,17 @@ def trace_backbone(
         cumulative[n.name] = running
     found: list[Cut] = []
     wanted = {str(c) for c in cuts or ()}
-    for n in _cut_nodes(gm.graph):
-        shape = prof.shapes.get(n.name)
-        if shape is None or len(shape) != 4:
+    modules = dict(gm.named_modules())
+    free = free_values(gm.graph, prof.values)
+    for n in _cut_nodes(gm.graph, free):
+        layout = layout_of(n, prof.shapes, modules)
+        if layout is None:
             continue
         if wanted and not (n.op == "call_module" and n.target in wanted):
             continue
         name = str(n.target) if wanted else _cut_name(n, {c.name for c in found})
-        found.append(Cut(name, tuple(shape[1:]), cumulative[n.name], params[n.name], n.name))
+        found.append(Cut(name, tuple(prof.shapes[n.name][1:]), cumulative[n.name],
+                         params[n.name], n.name, layout))
     if wanted and len(found) < len(wanted):
         missing = wanted - {c.name for c in found}
         raise TraceError(
@@ -296,7 +352,8 @@ def trace_backbone(
     total_params = sum(p.numel() for p in model.parameters())
     return Trace(gm, found, running, total_params, tuple(input_size),
                  thop_macs(model, input_size) if with_thop else None,
-                 {c.name: i for i, c in enumerate(found)}, model)
+                 {c.name: i for i, c in enumerate(found)}, model,
+                 {n.name: how for n, how in free.items()})
 
 
 def _node_of(gm: fx.GraphModule, cut: str) -> fx.Node:
@@ -320,11 +377,11 @@ def split_at(trace: Trace, cut_names: Sequence[str]) -> list[fx.GraphModule]:
         raise TraceError("cut points must be distinct and ordered from input to output")
     starts = [None, *bounds]
     ends = [*bounds, nodes[-1]]
-    return [_segment(gm, nodes, pos, s, e) for s, e in zip(starts, ends)]
+    return [_segment(gm, nodes, pos, s, e, trace.free) for s, e in zip(starts, ends)]
 
 
 def _segment(gm: fx.GraphModule, nodes: list[fx.Node], pos: dict[fx.Node, int],
-             start: fx.Node | None, end: fx.Node) -> fx.GraphModule:
+             start: fx.Node | None, end: fx.Node, free: dict[str, object]) -> fx.GraphModule:
     g = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     first = 0
@@ -332,11 +389,11 @@ def _segment(gm: fx.GraphModule, nodes: list[fx.Node], pos: dict[fx.Node, int],
         env[start] = g.placeholder("x")
         first = pos[start] + 1
 
-    def lookup(a: fx.Node) -> fx.Node:
-        if a not in env:  # a parameter fetched before the cut: fetch it again here
-            if a.op != "get_attr":
+    def lookup(a: fx.Node) -> object:
+        if a not in env:  # a parameter, a value of parameters alone, a size: rebuilt here
+            if a.name not in free or (free[a.name] == BATCH and start is None):
                 raise TraceError(f"node '{a.name}' crosses the cut; this is not a valid split")
-            env[a] = g.node_copy(a)
+            env[a] = rebuild(a, free[a.name], g, env.get(start), lookup)
         return env[a]
 
     for n in nodes[first: pos[end] + 1]:

@@ -7,6 +7,7 @@ _NAMES = {
     "STATE_FILE": "_attach",
     "WARN_SHARE": "_attach",
     "attach": "_attach",
+    "compat_row": "_compat",
     "inspect": "_inspect",
 }
 __all__ = sorted(_NAMES)

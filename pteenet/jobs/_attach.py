@@ -32,7 +32,7 @@ from pteenet.choices import COSTS, DEFAULT_BRANCH, DEFAULT_BUDGET, DEFAULT_POLIC
 from pteenet.data._datasets import available_splits, open_data
 from pteenet.data._loading import split_indices
 from pteenet.errors import Interrupted, OptionError
-from pteenet.graph._placement import choose_cuts, useful_cuts
+from pteenet.graph._placement import choose_cuts, spread_note, useful_cuts
 from pteenet.graph._tracing import Trace, trace_backbone
 from pteenet.progress import bar as progress_bar
 from pteenet.storage import writes_into
@@ -171,6 +171,8 @@ def attach(
         said.append(f"the data has {len(dataset.classes or [])} class folders but the backbone "
                     f"predicts {bb.num_classes} classes: the folders' labels are not used, the "
                     f"branches learn the backbone's own predictions")
+    spread = None if cuts or fractions else spread_note(trace, names, placement, at)
+    notes += [spread] if spread else []
     n = len(dataset)
     pool = list(range(n))
     if max_samples is not None and max_samples < n:
@@ -334,7 +336,8 @@ def _bundle_info(bb: Backbone, ee: EarlyExitModel, trace: Trace, names, module_c
                   **({"weights_sha256": bb.weights_sha256} if bb.weights_sha256 else {})},
         preprocess=bb.preprocess, cuts=list(names), module_cuts=module_cuts,
         branches=[{"type": branch, "flops": f, "width": int(b.classifier.in_features),
-                   "reduce": {"grid": b.reduce.size, "channel_group": b.reduce.group},
+                   "reduce": {"grid": b.reduce.size, "channel_group": b.reduce.group,
+                              "layout": b.reduce.layout},
                    "cache_bytes": cache_bytes(b.reduce, trace.cut(c).shape)}
                   for b, f, c in zip(ee.branches, ee.branch_flops, names)],
         segment_flops=ee.segment_flops,

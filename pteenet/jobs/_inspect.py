@@ -9,7 +9,7 @@ from typing import Any
 from pteenet.backbone._registry import create_backbone
 from pteenet.cascade._branches import branch_flops, cache_bytes, make_branch
 from pteenet.choices import DEFAULT_BRANCH, DEFAULT_BUDGET, DEFAULT_POLICY
-from pteenet.graph._placement import choose_cuts, useful_cuts
+from pteenet.graph._placement import choose_cuts, spread_note, useful_cuts
 from pteenet.graph._tracing import trace_backbone
 
 __all__ = ["inspect"]
@@ -58,6 +58,7 @@ def inspect(
         "std": list(bb.preprocess.std),
         "num_classes": bb.num_classes,
         "inferred": bb.notes,
+        "notes": [n for n in [None if cuts else spread_note(trace, chosen, placement, at)] if n],
         "total_flops": total,
         "total_macs": total // 2,
         "total_params": trace.total_params,
@@ -66,7 +67,7 @@ def inspect(
         "chosen": chosen,
         "cache_bytes": sum(cache.values()),
         "cuts": [
-            {"name": c.name, "shape": list(c.shape), "flops": c.flops,
+            {"name": c.name, "shape": list(c.shape), "layout": c.layout, "flops": c.flops,
              "fraction": c.flops / total if total else 0.0, "params": c.params,
              "chosen": c.name in chosen, "useful": c.name in useful,
              "branch_flops": costs[c.name][0] if c.name in costs else None,
@@ -84,6 +85,6 @@ def _branch_costs(trace, chosen: Sequence[str], num_classes: int, branch: str,
     out = {}
     for name in chosen:
         shape = trace.cut(name).shape
-        b = make_branch(branch, shape, num_classes, cap)
+        b = make_branch(branch, shape, num_classes, cap, layout=trace.cut(name).layout)
         out[name] = branch_flops(b, shape), cache_bytes(b.reduce, shape)
     return out

@@ -84,8 +84,15 @@ class LiveFeatures:
         if batch.images is None:
             raise DataError(f"a whole batch of images in {self.data.name} could not be read")
         feats, final = self.model.reduced_features(batch.images.to(self.device))
-        return FeatureSet([f.half().to(device, torch.float32) for f in feats], final.to(device),
+        return FeatureSet([_fp16(f).to(device, torch.float32) for f in feats], final.to(device),
                           batch.labels.to(device), batch.indices)
+
+
+def _fp16(f: Tensor) -> Tensor:
+    """``f`` in fp16, clamped to its range: a value past 65504 would become inf and every loss
+    NaN (random-weight Inception-v3 and MobileOne reach 1e14 at their late cuts)."""
+    big = torch.finfo(torch.float16).max
+    return f.clamp(-big, big).half()
 
 
 def _storage(shape: tuple[int, ...], dtype: torch.dtype, on_disk: bool,
@@ -142,7 +149,7 @@ def compute_features(model: EarlyExitModel, data: ImageData, indices: Sequence[i
                 feats, logits = model.reduced_features(batch.images.to(device, non_blocking=True))
             m = len(batch)
             for s, f in zip(store, feats):
-                s[pos:pos + m] = f.to("cpu", torch.float16)
+                s[pos:pos + m] = _fp16(f.cpu())
             final[pos:pos + m] = logits.float().cpu()
             labels[pos:pos + m] = batch.labels
             idx[pos:pos + m] = batch.indices
