@@ -9,14 +9,17 @@ from __future__ import annotations
 
 __all__ = [
     "BOOSTED", "BOUNDS", "BRANCH_TYPES", "COSTS", "DEFAULT_BRANCH", "DEFAULT_BRANCHES",
-    "DEFAULT_BUDGET", "DEFAULT_MARGIN", "DEFAULT_MAX_DROP", "DEFAULT_POLICY", "ENSEMBLES",
-    "FORMATS", "LOSSES", "MAX_SEED", "MAX_THREADS", "METHODS", "POLICIES", "SCORES", "SPLITS",
-    "TARGETS",
+    "DEFAULT_BUDGET", "DEFAULT_MARGIN", "DEFAULT_MAX_DROP", "DEFAULT_POLICY", "DISTILL_MIN_CLASSES",
+    "ENSEMBLES", "FORMATS", "LOSSES", "MAX_SEED", "MAX_THREADS", "METHODS", "POLICIES", "SCORES",
+    "SPLITS", "TARGETS",
 ]
 
 # -- branches and placement (EENets placement policies; PTEEnet ConvX; BTS-EE conv1d) --------
-BRANCH_TYPES = ("mlp", "conv1", "conv2", "conv3", "conv1d", "pool", "sdn")
-DEFAULT_BRANCH = "mlp"
+# auto: distill where the backbone ends in a linear classifier over at least DISTILL_MIN_CLASSES
+# classes (ImageNet heads), mlp elsewhere -- by measurement (benchmarks/results/imagenet-real.md)
+BRANCH_TYPES = ("auto", "mlp", "conv1", "conv2", "conv3", "conv1d", "pool", "sdn", "distill")
+DEFAULT_BRANCH = "auto"
+DISTILL_MIN_CLASSES = 100
 DEFAULT_BUDGET = 0.01  # each branch costs at most 1 % of the backbone by default
 POLICIES = ("pareto", "golden", "fine", "linear", "quadratic")
 DEFAULT_POLICY = "linear"

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pteenet.benchmark._drift import drift_warning
 from pteenet.benchmark._eval_set import EvalSet, select_data
 from pteenet.benchmark._quality import Pass, measure_pass, quality, simulation_check
 from pteenet.benchmark._sweep import plot_sweep, sweep_points, write_sweep_csv
@@ -155,6 +156,10 @@ def _bench(bundle, data, split, threshold, batch_size, latency_samples, repeats,
         result["warnings"].append("the bundle's thresholds were never calibrated (no "
                                   "thresholds.json): every exit is off and this measures the "
                                   "backbone; run `pteenet calibrate` or pass `threshold`")
+    elif threshold is None:
+        drift = drift_warning(table.summary, result["early_exit"]["agreement"], len(p))
+        if drift:
+            result["warnings"].append(drift)
     steady = dev.type == "cpu" and steady_allocator()  # both models alike: see its docstring
     result["timing"] = wall_clock(backbone, model, p.images, latency_samples=latency_samples,
                                   batch_size=batch_size, repeats=repeats, device=dev)

@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,10 +125,12 @@ def _preprocess(d: dict, where: str) -> Preprocess:
 
 
 def _check_sizes(tensors: dict[str, torch.Tensor], cuts: list, num_classes: int,
-                 where: str) -> None:
+                 where: str, types: Sequence[str] = ()) -> None:
     """Every size-like field must agree with the tensors actually present (before anything is
     allocated from it): one classifier per cut, each with ``num_classes`` rows."""
     for i in range(len(cuts)):
+        if i < len(types) and types[i] == "distill":  # answers through the backbone's own
+            continue  # classifier, which it does not store (rebound on load)
         w = tensors.get(f"branches.{i}.classifier.weight")
         if w is None or w.ndim != 2:
             raise BundleError(f"{where}: branch tensors do not match the metadata (no classifier "
@@ -176,7 +179,8 @@ def _info(snap: _Snapshot) -> BundleInfo:
         need(b, "type", str, where)
         if need(b, "flops", int, where) < 0:
             raise BundleError(f"{where}: field 'flops' is malformed; re-run `pteenet attach`")
-    _check_sizes(snap.tensors, cuts, backbone["num_classes"], where)
+    _check_sizes(snap.tensors, cuts, backbone["num_classes"], where,
+                 [b["type"] for b in branches])
     seg = int_list(meta.get("segment_flops"), "segment_flops", where)
     if len(seg) != len(cuts) + 1:
         raise BundleError(f"{where}: segment_flops has the wrong length")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pteenet.cascade._branches import branch_flops, make_branch
+from pteenet.cascade._branches import FrozenHead, branch_flops, make_branch
 from pteenet.cascade._model import EarlyExitModel
 from pteenet.choices import DEFAULT_BRANCH, DEFAULT_BUDGET
 from pteenet.errors import OptionError
+from pteenet.graph._head import find_head, pre_logit_segment
 from pteenet.graph._tracing import Cut, Trace, split_at
 
 __all__ = ["build_early_exit"]
@@ -42,15 +43,20 @@ def build_early_exit(
     cuts = [trace.cut(c) for c in cut_names]
     cap = None if budget is None else budget * trace.total_flops
     widths = list(widths) if widths is not None else [None] * len(cuts)
-    branches = [make_branch(k, c.shape, num_classes, cap, width=w, layout=c.layout)
+    head = find_head(trace) if {"distill", "auto"} & set(kinds) else None
+    shared = None if head is None else (head.weight, head.bias)
+    branches = [make_branch(k, c.shape, num_classes, cap, width=w, layout=c.layout, head=shared)
                 for k, c, w in zip(kinds, cuts, widths)]
     seg_flops, br_flops = flops or (_segment_flops(trace, cuts),
                                     [branch_flops(b, c.shape) for b, c in zip(branches, cuts)])
-    return EarlyExitModel(
+    model = EarlyExitModel(
         segments, branches, segment_flops=seg_flops, branch_flops=br_flops,
         num_classes=num_classes, thresholds=thresholds, score=score, gamma=gamma,
         whole=trace.model,
     )
+    if any(isinstance(b.classifier, FrozenHead) for b in branches):
+        model.use_pre_logits(pre_logit_segment(trace, cut_names[-1], head), head)
+    return model
 
 
 def _segment_flops(trace: Trace, cuts: Sequence[Cut]) -> list[int]:

@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pteenet.cascade._cost import Cost, reach
@@ -46,6 +47,7 @@ from pteenet.cascade._score import exit_score
 from pteenet.cascade._traced import Answer, Graphs, Scored
 from pteenet.choices import COSTS, SCORES
 from pteenet.errors import OptionError
+from pteenet.graph._head import LinearHead
 from pteenet.thresholds import as_table
 
 __all__ = ["EarlyExitModel", "TrainOutputs"]
@@ -107,6 +109,19 @@ class EarlyExitModel(nn.Module):
         self.set_thresholds(thresholds, gamma=gamma)
         self.ensemble: ZTWEnsemble | None = None
         self.set_ensemble(ensemble)
+        # (the last cut's map -> pre-logits, the classifier): distill branches' targets. Kept
+        # out of the module tree: it shares the segments' modules, which are registered there
+        self.__dict__["_pre"] = None
+
+    def use_pre_logits(self, tail: nn.Module, head: LinearHead) -> None:
+        """Compute the backbone's pre-logits while caching features (``tail`` runs from the last
+        cut's map to them, ``head`` is its classifier): the targets of ``distill`` branches."""
+        self.__dict__["_pre"] = (tail.requires_grad_(False).eval(), head)
+
+    @property
+    def pre_logits(self) -> bool:
+        """Whether :meth:`distill_features` yields the pre-logits (some branch distills them)."""
+        return self._pre is not None
 
     # -- configuration --------------------------------------------------------------------
     @property
@@ -351,6 +366,20 @@ class EarlyExitModel(nn.Module):
         """
         feats, final = self.features(x)
         return [b.reduce(f) for b, f in zip(self.branches, feats)], final
+
+    @torch.no_grad()
+    def distill_features(self, x: torch.Tensor
+                         ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """:meth:`reduced_features` and the backbone's pre-logits (what ``distill`` branches
+        learn to reproduce); the logits are its classifier on them, so nothing runs twice."""
+        tail, head = self._pre
+        feats, h = [], x
+        for seg in self.pieces(x)[:-1]:
+            h = seg(h)
+            feats.append(h)
+        pre = tail(h).float()
+        final = F.linear(pre, head.weight.float(), None if head.bias is None else head.bias.float())
+        return [b.reduce(f) for b, f in zip(self.branches, feats)], final, pre
 
     def branch_outputs(self, reduced: Sequence[torch.Tensor]) -> tuple[list, list]:
         """Every branch's logits and confidence logit from its reduced map."""

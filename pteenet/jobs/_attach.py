@@ -23,7 +23,7 @@ from pteenet.bundle._derived import bundle_hash, remove_stale
 from pteenet.bundle._schema import BundleInfo, ThresholdTable, calibration_digest
 from pteenet.bundle._write import save_bundle
 from pteenet.calibration._calibrate import choose_table, outputs_from_features
-from pteenet.cascade._branches import cache_bytes
+from pteenet.cascade._branches import cache_bytes, resolve_kind
 from pteenet.cascade._build import build_early_exit
 from pteenet.cascade._ensemble import fit_split, fit_ztw
 from pteenet.cascade._model import EarlyExitModel
@@ -32,6 +32,7 @@ from pteenet.choices import COSTS, DEFAULT_BRANCH, DEFAULT_BUDGET, DEFAULT_POLIC
 from pteenet.data._datasets import available_splits, open_data
 from pteenet.data._loading import split_indices
 from pteenet.errors import Interrupted, OptionError
+from pteenet.graph._head import find_head
 from pteenet.graph._placement import choose_cuts, spread_note, useful_cuts
 from pteenet.graph._tracing import Trace, trace_backbone
 from pteenet.progress import bar as progress_bar
@@ -161,6 +162,8 @@ def attach(
     if probe is not None and not cuts:
         fractions = cut_time_fractions(trace, [c.name for c in useful_cuts(trace)], probe)
     names = list(cuts) if cuts else choose_cuts(trace, branches, placement, at, fractions)
+    head = find_head(trace)
+    branch = resolve_kind(branch, None if head is None else (head.weight, head.bias))
     torch.manual_seed(config.seed)
     ee = build_early_exit(trace, names, bb.num_classes, branch,
                           budget=branch_budget).to(config.device)
@@ -341,8 +344,8 @@ def _bundle_info(bb: Backbone, ee: EarlyExitModel, trace: Trace, names, module_c
                    "cache_bytes": cache_bytes(b.reduce, trace.cut(c).shape)}
                   for b, f, c in zip(ee.branches, ee.branch_flops, names)],
         segment_flops=ee.segment_flops,
-        classes=list(dataset.classes) if dataset.classes and
-        len(dataset.classes) == bb.num_classes else None,
+        classes=list(dataset.classes) if dataset.classes and  # else the backbone's own names,
+        len(dataset.classes) == bb.num_classes else label_names(bb),  # so bench maps wnid folders
         training={**asdict(config), "mode": f"boosted-{config.boosted}" if config.boosted
                   else config.loss, "losses": report.losses, "agreement": report.agreement,
                   "survivors": report.survivors, "skipped_images": report.skipped,

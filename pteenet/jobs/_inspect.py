@@ -9,6 +9,7 @@ from typing import Any
 from pteenet.backbone._registry import create_backbone
 from pteenet.cascade._branches import branch_flops, cache_bytes, make_branch
 from pteenet.choices import DEFAULT_BRANCH, DEFAULT_BUDGET, DEFAULT_POLICY
+from pteenet.graph._head import find_head
 from pteenet.graph._placement import choose_cuts, spread_note, useful_cuts
 from pteenet.graph._tracing import trace_backbone
 
@@ -82,9 +83,11 @@ def _branch_costs(trace, chosen: Sequence[str], num_classes: int, branch: str,
     """FLOPs of the branch attach would put at each chosen cut, and the bytes per image its
     reduced map takes in the training cache."""
     cap = None if budget is None else budget * trace.total_flops
+    head = find_head(trace) if branch in ("distill", "auto") else None
     out = {}
     for name in chosen:
         shape = trace.cut(name).shape
-        b = make_branch(branch, shape, num_classes, cap, layout=trace.cut(name).layout)
+        b = make_branch(branch, shape, num_classes, cap, layout=trace.cut(name).layout,
+                        head=None if head is None else (head.weight, head.bias))
         out[name] = branch_flops(b, shape), cache_bytes(b.reduce, shape)
     return out

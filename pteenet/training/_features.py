@@ -39,6 +39,7 @@ class FeatureSet:
     labels: Tensor  # [N], -1 when unlabeled
     indices: Tensor  # [N] dataset indices
     skipped: int = 0
+    pre: Tensor | None = None  # the backbone's pre-logits [N, D], where a branch distills them
 
     def __len__(self) -> int:
         return int(self.indices.numel())
@@ -46,13 +47,17 @@ class FeatureSet:
     def take(self, pos: Tensor, device: str | torch.device = "cpu") -> FeatureSet:
         return FeatureSet([f.index_select(0, pos).to(device, torch.float32) for f in self.feats],
                           self.final.index_select(0, pos).to(device), self.labels[pos].to(device),
-                          self.indices[pos])
+                          self.indices[pos], pre=_rows(self.pre, pos, device))
 
     def subset(self, pos: Sequence[int]) -> FeatureSet:
         """The samples at positions ``pos``, kept as stored (fp16, on the CPU)."""
         p = torch.as_tensor(list(pos), dtype=torch.long)
         return FeatureSet([f.index_select(0, p) for f in self.feats], self.final.index_select(0, p),
-                          self.labels[p], self.indices[p])
+                          self.labels[p], self.indices[p], pre=_rows(self.pre, p))
+
+
+def _rows(t: Tensor | None, pos: Tensor, device: str | torch.device = "cpu") -> Tensor | None:
+    return None if t is None else t.index_select(0, pos).to(device, torch.float32)
 
 
 class LiveFeatures:
@@ -83,9 +88,17 @@ class LiveFeatures:
             self._unreadable |= set(wanted) - set(batch.indices.tolist())
         if batch.images is None:
             raise DataError(f"a whole batch of images in {self.data.name} could not be read")
-        feats, final = self.model.reduced_features(batch.images.to(self.device))
+        feats, final, pre = _features(self.model, batch.images.to(self.device))
         return FeatureSet([_fp16(f).to(device, torch.float32) for f in feats], final.to(device),
-                          batch.labels.to(device), batch.indices)
+                          batch.labels.to(device), batch.indices, pre=_rows(
+                              pre, torch.arange(len(final), device=final.device), device))
+
+
+def _features(model: EarlyExitModel, x: Tensor) -> tuple[list[Tensor], Tensor, Tensor | None]:
+    """The reduced maps, the logits and (where a branch distills them) the pre-logits."""
+    if model.pre_logits:
+        return model.distill_features(x)
+    return (*model.reduced_features(x), None)
 
 
 def _fp16(f: Tensor) -> Tensor:
@@ -139,6 +152,7 @@ def compute_features(model: EarlyExitModel, data: ImageData, indices: Sequence[i
     store = [_storage((n, *s), torch.float16, on_disk, stack, cache_dir)  # type: ignore[arg-type]
              for s in shapes]
     final = torch.empty(n, model.num_classes)
+    pre_all: Tensor | None = None
     labels = torch.empty(n, dtype=torch.long)
     idx = torch.empty(n, dtype=torch.long)
     pos, skipped = 0, 0
@@ -146,11 +160,14 @@ def compute_features(model: EarlyExitModel, data: ImageData, indices: Sequence[i
         skipped += batch.skipped
         if batch.images is not None:
             with torch.inference_mode():  # no autograd bookkeeping: the backbone's own speed
-                feats, logits = model.reduced_features(batch.images.to(device, non_blocking=True))
+                feats, logits, pre = _features(model, batch.images.to(device, non_blocking=True))
             m = len(batch)
             for s, f in zip(store, feats):
                 s[pos:pos + m] = _fp16(f.cpu())
             final[pos:pos + m] = logits.float().cpu()
+            if pre is not None:
+                pre_all = torch.empty(n, pre.shape[1]) if pre_all is None else pre_all
+                pre_all[pos:pos + m] = pre.float().cpu()
             labels[pos:pos + m] = batch.labels
             idx[pos:pos + m] = batch.indices
             pos += m
@@ -158,7 +175,8 @@ def compute_features(model: EarlyExitModel, data: ImageData, indices: Sequence[i
             progress(len(batch) + batch.skipped)
     if pos == 0:
         raise DataError(f"none of the {n} images in {data.name} could be read")
-    return FeatureSet([s[:pos] for s in store], final[:pos], labels[:pos], idx[:pos], skipped)
+    return FeatureSet([s[:pos] for s in store], final[:pos], labels[:pos], idx[:pos], skipped,
+                      None if pre_all is None else pre_all[:pos])
 
 
 def _cut_shapes(model: EarlyExitModel, data: ImageData) -> list[torch.Size]:

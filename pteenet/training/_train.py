@@ -40,7 +40,12 @@ from pteenet.training._boosted import train_boosted
 from pteenet.training._config import TrainConfig, TrainReport
 from pteenet.training._distributed import Shard
 from pteenet.training._features import FeatureSet, LiveFeatures, agreement
-from pteenet.training._losses import distill_per_sample, eenet_per_sample, make_targets
+from pteenet.training._losses import (
+    distill_per_sample,
+    eenet_per_sample,
+    feature_per_sample,
+    make_targets,
+)
 from pteenet.training._resume import Resume
 from pteenet.training._steps import Guard, adam, autocast, batches, lr_at, set_lr, step
 
@@ -101,6 +106,8 @@ def _train_joint(model, train, held, config, on_epoch, resume: Resume | None,
                 per_sample = eenet_per_sample(logits, conf, part.final, target, costs, config.lam)
             else:
                 per_sample = distill_per_sample(logits, conf, target)
+            with autocast(config):
+                per_sample = per_sample + feature_per_sample(model.branches, part.feats, part.pre)
             total += step(opt, per_sample, None, len(pos), shard, params, guard, epoch)
             if on_batch:
                 on_batch(len(pos))
