@@ -11,7 +11,7 @@ from rich.markup import escape
 from . import _choices
 from ._choices import value
 from ._errors import as_shown
-from ._options import Bundle, BundleCheckpoint, Device, Force, Json
+from ._options import Bundle, BundleCheckpoint, Device, Force, Json, Labels, Quiet
 from ._output import Output, pct
 
 BAR_WIDTH = 24
@@ -135,7 +135,8 @@ def bench(
         help="Time every segment and branch (batch 1 and batched) and report the ideal speedup "
         "those times and the exit shares imply, beside the achieved one.")] = True,
     json: Json = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    labels: Labels = None,
+    quiet: Quiet = False,
 ) -> None:
     """Measure what the early exits save against the untouched backbone, and what they cost.
 
@@ -167,7 +168,8 @@ def bench(
                     batch_size=batch_size,
                     latency_samples=latency_samples, repeats=repeats, sweep=sweep, device=device,
                     checkpoint=checkpoint, force=force, max_samples=max_samples,
-                    progress=not (quiet or json), num_threads=threads, profile=profile)
+                    progress=not (quiet or json), num_threads=threads, profile=profile,
+                    labels=value(labels))
     out.table("early exit vs backbone", ["metric", "early exit", "backbone", "speedup"],
               comparison_rows(res))
     out.table("where samples left", EXIT_COLUMNS, exit_rows(res))

@@ -10,7 +10,7 @@ from __future__ import annotations
 __all__ = [
     "BOOSTED", "BOUNDS", "BRANCH_TYPES", "COSTS", "DEFAULT_BRANCH", "DEFAULT_BRANCHES",
     "DEFAULT_BUDGET", "DEFAULT_MARGIN", "DEFAULT_MAX_DROP", "DEFAULT_POLICY", "ENSEMBLES",
-    "FORMATS", "LOSSES", "METHODS", "POLICIES", "SCORES", "SPLITS", "TARGETS",
+    "FORMATS", "LABELS", "LOSSES", "METHODS", "POLICIES", "SCORES", "SPLITS", "TARGETS",
 ]
 
 # -- branches and placement (EENets placement policies; PTEEnet ConvX; BTS-EE conv1d) --------
@@ -36,5 +36,6 @@ DEFAULT_MARGIN = 0.02
 DEFAULT_MAX_DROP = 0.01
 
 # -- data and export --------------------------------------------------------------------------
+LABELS = ("auto", "none")  # auto: class folders' labels (by the backbone's names); none: ignored
 SPLITS = ("train", "test", "val")  # "val" is an alias of "test"
 FORMATS = ("onnx", "torchscript")

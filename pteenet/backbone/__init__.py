@@ -17,6 +17,8 @@ _NAMES = {
     "SOURCES": "_registry",
     "create_backbone": "_registry",
     "label_names": "_registry",
+    "backbone_classes": "_classes",
+    "read_checkpoint": "_registry",
     "freeze": "_registry",
     "load_state_dict_file": "_registry",
     "resolve_name": "_registry",

@@ -104,6 +104,7 @@ def bench(
     max_samples: int | None = None,
     num_threads: int | None = None,
     profile: bool = True,
+    labels: str | None = None,
 ) -> dict[str, Any]:
     """Measure a bundle's early exits against its untouched backbone (see the module docstring).
 
@@ -111,12 +112,14 @@ def bench(
     the first exit; above 1 or inf = none leaves early). ``out_json`` writes ``bench.json`` into
     the bundle folder; ``sweep`` also writes ``sweep.png`` and ``sweep.csv`` there.
     ``num_threads`` sets the CPU threads for the whole run; ``profile`` times every segment and
-    branch (:func:`time_profile`). Returns the same JSON-serialisable dict.
+    branch (:func:`time_profile`); ``labels`` "none" ignores the data's labels (default: as the
+    bundle was attached). Returns the same JSON-serialisable dict.
     """
     _check_options(threshold, batch_size, latency_samples, repeats, max_samples)
     with threads(num_threads):
         return _bench(bundle, data, split, threshold, batch_size, latency_samples, repeats,
-                      sweep, device, checkpoint, force, out_json, progress, max_samples, profile)
+                      sweep, device, checkpoint, force, out_json, progress, max_samples, profile,
+                      labels)
 
 
 def _timed_shares(p: Pass, timing: dict[str, Any], branches: int) -> dict[str, list[float]]:
@@ -129,11 +132,12 @@ def _timed_shares(p: Pass, timing: dict[str, Any], branches: int) -> dict[str, l
 
 
 def _bench(bundle, data, split, threshold, batch_size, latency_samples, repeats, sweep, device,
-           checkpoint, force, out_json, progress, max_samples, profile) -> dict[str, Any]:
+           checkpoint, force, out_json, progress, max_samples, profile, labels
+           ) -> dict[str, Any]:
     dev = check_device(device)
     b = read_bundle(bundle)  # read once: the model, the table and the info agree
     info, table = b.info, b.table
-    ev = select_data(info, data, split, max_samples)
+    ev = select_data(info, data, split, max_samples, labels)
     model = load(b, checkpoint=checkpoint, force=force, device=dev)
     if threshold is not None:
         model.set_thresholds(float(threshold))
