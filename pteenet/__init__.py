@@ -25,6 +25,8 @@ _LAZY = {
     "load": "bundle._bundle",
     "TrainConfig": "training._config",
     "attach": "jobs._attach",
+    "predict": "jobs._predict",
+    "PredictResult": "jobs._predict",
     "calibrate": "calibration._calibrate",
     "bench": "benchmark._bench",
     "run_demo": "demo.run",

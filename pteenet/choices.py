@@ -10,7 +10,8 @@ from __future__ import annotations
 __all__ = [
     "BOOSTED", "BOUNDS", "BRANCH_TYPES", "COSTS", "DEFAULT_BRANCH", "DEFAULT_BRANCHES",
     "DEFAULT_BUDGET", "DEFAULT_MARGIN", "DEFAULT_MAX_DROP", "DEFAULT_POLICY", "ENSEMBLES",
-    "FORMATS", "LABELS", "LOSSES", "METHODS", "POLICIES", "SCORES", "SPLITS", "TARGETS",
+    "FORMATS", "IMAGE_EXTENSIONS", "LABELS", "LOSSES", "METHODS", "POLICIES", "PREDICT_SUFFIXES",
+    "SCORES", "SPLITS", "TARGETS",
 ]
 
 # -- branches and placement (EENets placement policies; PTEEnet ConvX; BTS-EE conv1d) --------
@@ -39,3 +40,5 @@ DEFAULT_MAX_DROP = 0.01
 LABELS = ("auto", "none")  # auto: class folders' labels (by the backbone's names); none: ignored
 SPLITS = ("train", "test", "val")  # "val" is an alias of "test"
 FORMATS = ("onnx", "torchscript")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+PREDICT_SUFFIXES = (".csv", ".jsonl")  # what `pteenet predict --out` writes

@@ -78,11 +78,10 @@ def test_labels_none_ignores_folders_that_match_nothing(tmp_path):
 def test_the_bundle_records_the_backbones_names(tmp_path):
     """A checkpoint that names its classes (in another language than the folders): the bundle
     keeps the backbone's names, and calibrate shows them."""
-    from tests._helpers import write_images
-
     from pteenet import attach, calibrate
     from pteenet.bundle._bundle import read_info
     from pteenet.training._config import TrainConfig
+    from tests._helpers import write_images
 
     data = write_images(tmp_path / "data", per_class=6, splits=("train",))
     torch.manual_seed(0)

@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from pteenet.backbone._preprocess import Preprocess
-from pteenet.choices import LABELS
+from pteenet.choices import IMAGE_EXTENSIONS, LABELS
 from pteenet.errors import DataError, OfflineError, OptionError
 
 __all__ = [
@@ -44,7 +44,6 @@ __all__ = [
 ]
 
 DATASET_NAMES = ("cifar10", "cifar100", "svhn", "mnist", "fashion-mnist")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 LAYOUT_HINT = "expected <folder>/<class>/<image>.jpg (or images directly in <folder>)"
 
 # name -> (torchvision class name, how the split is passed)
