@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from pteenet.benchmark._by_class import by_class
 from pteenet.benchmark._eval_set import EvalSet, select_data
 from pteenet.benchmark._quality import Pass, measure_pass, quality, simulation_check
 from pteenet.benchmark._sweep import plot_sweep, sweep_points, write_sweep_csv
@@ -188,6 +189,9 @@ def _assemble(info: BundleInfo, ev: EvalSet, table: ThresholdTable, threshold: f
         "exit_costs": [float(c) for c in model.exit_costs(kind="flops")],
         **quality(p, model),
         "simulation": simulation_check(p, model),
+        "by_class": by_class(p.ee_exit, p.final if p.labels is None else p.labels,
+                             model.num_branches, info.classes,
+                             "backbone prediction" if p.labels is None else "label"),
         "notes": list(ev.notes),
         "warnings": [],
     }
