@@ -43,7 +43,7 @@ from pteenet.bundle._bundle import BundleInfo, ThresholdTable, load, read_bundle
 from pteenet.bundle._derived import BENCH_FILE, SWEEP_CSV, SWEEP_PNG
 from pteenet.cascade._model import EarlyExitModel
 from pteenet.cascade._profile import device_name, steady_allocator
-from pteenet.errors import BundleError, OptionError
+from pteenet.errors import BundleError, OptionError, need_extra
 from pteenet.machine import check_device, threads
 from pteenet.progress import single_bar
 from pteenet.storage._atomic import write_text, writes_into
@@ -117,6 +117,8 @@ def bench(
     bundle was attached). Returns the same JSON-serialisable dict.
     """
     _check_options(threshold, batch_size, latency_samples, repeats, max_samples)
+    if sweep:
+        need_extra("matplotlib", "matplotlib", "plot", "the sweep plot (`sweep`)")
     with threads(num_threads):
         return _bench(bundle, data, split, threshold, batch_size, latency_samples, repeats,
                       sweep, device, checkpoint, force, out_json, progress, max_samples, profile,
