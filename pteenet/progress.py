@@ -6,8 +6,8 @@ Bars go to stderr, so ``--json`` output on stdout stays parseable.
 
 Off a terminal (``pteenet attach ... > attach.log 2>&1``, CI, ``nohup``, a notebook) rich draws
 nothing live, so a 16-minute attach used to log nothing until it ended. There each step prints a
-plain line instead, as tqdm does in a log: at every further 10 % and at least every 30 s, with
-done/total, the rate and the ETA (:class:`LogProgress`).
+plain line instead, as tqdm does in a log: once a step has run 5 s, at every further 10 % and
+at least every 30 s, with done/total, the rate and the ETA (:class:`LogProgress`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ from rich.text import Text
 __all__ = ["LogProgress", "bar", "single_bar"]
 
 LOG_EVERY_SHARE = 0.10  # a plain line at every further 10 % ...
-LOG_EVERY_SECONDS = 30.0  # ... and at least this often while a step runs
+LOG_EVERY_SECONDS = 30.0  # ... and at least this often while a step runs,
+LOG_DELAY_SECONDS = 5.0  # once it has run this long (tqdm's ``delay``): a quick step prints
+# nothing, so a command that fails after one keeps its one-line error
 
 
 class _Rate(ProgressColumn):
@@ -87,21 +89,23 @@ class _LogTask:
     def __init__(self, description: str, total: float, now: float) -> None:
         self.description, self.total, self.completed = description, total, 0.0
         self.start = self.shown_at = now
-        self.shown_share, self.info, self.done = 0.0, "", False
+        self.shown_share, self.info, self.done, self.shown = 0.0, "", False, False
 
 
 class LogProgress:
     """The calls of rich's Progress that pteenet makes (``add_task``, ``advance``, ``update``),
     printed as plain lines for a log: ``training: 4,500/45,000 (10%), 380 img/s, ETA 1:47``.
 
-    A line comes when a step passes another ``every_share`` of its total or ``every_seconds``
-    since its last line, and once when it completes; nothing repeats itself, so a log of an
-    hour-long run stays a few dozen lines per step."""
+    Once a step has run ``delay`` seconds, a line comes at once, then whenever it passes another
+    ``every_share`` of its total or ``every_seconds`` since its last line, and when it
+    completes; nothing repeats itself, so a log of an hour-long run stays a few dozen lines per
+    step, and a step done within ``delay`` prints nothing."""
 
     def __init__(self, stream: TextIO, every_share: float = LOG_EVERY_SHARE,
-                 every_seconds: float = LOG_EVERY_SECONDS,
+                 every_seconds: float = LOG_EVERY_SECONDS, delay: float | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.stream, self.every_share, self.every_seconds = stream, every_share, every_seconds
+        self.delay = LOG_DELAY_SECONDS if delay is None else delay  # read when made: patchable
         self.clock = clock
         self.tasks: list[_LogTask] = []
 
@@ -137,10 +141,12 @@ class LogProgress:
             return
         now, share = self.clock(), min(1.0, t.completed / t.total)
         finished = share >= 1.0
-        if not (finished or share - t.shown_share >= self.every_share
-                or now - t.shown_at >= self.every_seconds):
+        if now - t.start < self.delay:
             return
-        t.shown_at, t.shown_share, t.done = now, share, finished
+        if t.shown and not (finished or share - t.shown_share >= self.every_share
+                            or now - t.shown_at >= self.every_seconds):
+            return
+        t.shown_at, t.shown_share, t.done, t.shown = now, share, finished, True
         elapsed = now - t.start
         rate = t.completed / elapsed if elapsed > 0 else 0.0
         when = f"in {_duration(elapsed)}" if finished else \

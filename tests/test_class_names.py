@@ -104,3 +104,18 @@ def test_checkpoint_path_kept(tmp_path):
     path = tmp_path / "r.pt"
     torch.save({"state_dict": {"w": torch.ones(1)}, "classes": ["a"]}, path)
     assert list(load_state_dict_file(Path(path))) == ["w"]
+
+
+def test_a_test_split_may_hold_classes_the_train_split_lacks(tmp_path):
+    """Named by the backbone's classes, each split's folders map on their own (ImageNet's val
+    images in classes the training pool does not cover)."""
+    from PIL import Image
+
+    for split, c in (("train", "n01440764"), ("val", "n01484850")):
+        (tmp_path / split / c).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / split / c / "a.png")
+    names = ["n01440764, tench", "n01443537, goldfish", "n01484850, shark"]
+    data = open_data(tmp_path, PRE, split="test", label_names=names)
+    assert data.targets == [2]
+    with pytest.raises(DataError, match="lacks"):  # the user's own classes must agree
+        open_data(tmp_path, PRE, split="test")

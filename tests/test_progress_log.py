@@ -24,7 +24,7 @@ class _Clock:
 
 def test_a_line_every_tenth_and_at_the_end():
     out, clock = io.StringIO(), _Clock()
-    with LogProgress(out, clock=clock) as p:
+    with LogProgress(out, delay=5, clock=clock) as p:
         task = p.add_task("backbone features", total=1000)
         for _ in range(100):
             clock.now += 0.5
@@ -38,7 +38,7 @@ def test_a_line_every_tenth_and_at_the_end():
 
 def test_a_line_every_30_seconds_of_a_slow_step_with_its_info():
     out, clock = io.StringIO(), _Clock()
-    p = LogProgress(out, clock=clock)
+    p = LogProgress(out, delay=0, clock=clock)
     task = p.add_task("training", total=10_000)
     for _ in range(4):
         clock.now += 31
@@ -46,6 +46,22 @@ def test_a_line_every_30_seconds_of_a_slow_step_with_its_info():
     lines = out.getvalue().splitlines()
     assert len(lines) == 4 and lines[0].startswith("training: 1/10,000 (0%), 0 img/s, ETA ")
     assert lines[0].endswith(", loss 0.512")
+
+
+def test_a_step_done_within_the_delay_prints_nothing():
+    """So a command that fails after a quick step still ends in its one-line error."""
+    out, clock = io.StringIO(), _Clock()
+    p = LogProgress(out, delay=5, clock=clock)
+    quick = p.add_task("calibration features", total=6)
+    clock.now += 1
+    p.advance(quick, 6)
+    slow = p.add_task("training", total=100)
+    for _ in range(10):
+        clock.now += 1
+        p.advance(slow, 1)
+    lines = out.getvalue().splitlines()
+    assert [ln.split(":")[0] for ln in lines] == ["training"]  # from 5 s on, at once
+    assert lines[0].startswith("training: 5/100 (5%)")
 
 
 def test_off_a_terminal_the_bar_is_the_log_one(monkeypatch):
@@ -63,11 +79,15 @@ def test_a_piped_bench_logs_its_progress(shared, tmp_path, quiet):
     bundle = Path(shutil.copytree(bundle, tmp_path / "b"))
     more = write_images(tmp_path / "more", per_class=20, splits=("test",))
     log = tmp_path / "bench.log"
-    args = [sys.executable, "-m", "pteenet", "bench", "--bundle", str(bundle), "--data",
-            str(more), "--batch-size", "4", "--latency-samples", "0", "--repeats", "1",
-            "--no-profile", *(["--quiet"] if quiet else [])]
+    args = ["bench", "--bundle", str(bundle), "--data", str(more), "--batch-size", "4",
+            "--latency-samples", "0", "--repeats", "1", "--no-profile",
+            *(["--quiet"] if quiet else [])]
+    code = ("import pteenet.progress as p\np.LOG_DELAY_SECONDS = 0  # this step is quick\n"
+            f"from pteenet_cli.app import main\nimport sys\nsys.argv = ['pteenet', *{args!r}]\n"
+            "main()\n")
     with log.open("w") as f:
-        r = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, timeout=600)
+        r = subprocess.run([sys.executable, "-c", code], stdout=f, stderr=subprocess.STDOUT,
+                           timeout=600)
     text = log.read_text()
     assert r.returncode == 0, text
     lines = [ln for ln in text.splitlines() if ln.startswith("measuring: ")]

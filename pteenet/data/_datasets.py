@@ -209,7 +209,8 @@ def open_data(
 
     ``label_names`` are the backbone's own classes in index order (each may list synonyms,
     e.g. "n01440764, tench, Tinca tinca"): class folders named by them are labelled with the
-    backbone's indices, so a folder holding a subset of the classes keeps the right labels.
+    backbone's indices, so a folder holding a subset of the classes keeps the right labels (and
+    the test split may hold classes the train split lacks).
     Folders of which fewer than half match are the user's own classes, labelled by sorted
     position as before; otherwise a folder that matches none is refused in one line.
 
@@ -227,11 +228,15 @@ def open_data(
     else:
         root = Path(spec).expanduser()
         split_dir, train_dir = _split_dir(root, key)
+        data = _open_folder(root, split_dir, None, preprocess)
+        if labels == "none":
+            return _Unlabeled(data)
+        # named by the backbone's classes, a split needs none of the other's folders
+        mapped = data if label_names is None else _by_label_names(data, list(label_names))
+        if mapped is not data or train_dir in (None, split_dir):
+            return mapped
         data = _open_folder(root, split_dir, train_dir, preprocess)
-    if labels == "none":
-        return _Unlabeled(data)
-    return data if label_names is None or name is not None else \
-        _by_label_names(data, list(label_names))
+    return _Unlabeled(data) if labels == "none" else data
 
 
 class _Unlabeled(ImageData):
