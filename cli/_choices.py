@@ -13,6 +13,7 @@ from pteenet.choices import (
     COSTS,
     ENSEMBLES,
     FORMATS,
+    LABELS,
     LOSSES,
     POLICIES,
     SCORES,
@@ -36,6 +37,7 @@ Bound = choice("Bound", BOUNDS)
 Format = choice("Format", FORMATS)
 Cost = choice("Cost", COSTS)
 Split = choice("Split", SPLITS)
+Labels = choice("Labels", LABELS)
 Ensemble = choice("Ensemble", ENSEMBLES)
 
 

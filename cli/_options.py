@@ -44,6 +44,14 @@ Force = Annotated[bool, typer.Option(
 Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
 Bundle = Annotated[Path, typer.Option("--bundle", "-b", help="Bundle folder written by attach.")]
 Device = Annotated[str, typer.Option("--device", help="cpu or cuda.")]
+Labels = Annotated[_choices.Labels | None, typer.Option(
+    "--labels", help="auto: class folders named as the backbone's classes (ImageNet wnids or "
+    "names) get its indices, other folders their sorted position; none: ignore the folders' "
+    "labels (every image unlabeled, which pseudo-labels need no more than). Default: auto, or "
+    "what attach recorded.")]
+Quiet = Annotated[bool, typer.Option(
+    "--quiet", "-q", help="No progress (bars on a terminal, a line every 10 % or 30 s in a "
+    "log).")]
 
 
 def floats(text: str | None, what: str) -> list[float] | None:

@@ -12,7 +12,7 @@ from rich.table import Table
 
 __all__ = ["Output"]
 
-_LEFT = ("cut", "name", "class", "exit", "metric")
+_LEFT = ("cut", "name", "class", "classes", "exit", "metric", "path")
 
 
 class Output:

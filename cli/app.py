@@ -20,6 +20,7 @@ from .calibrate_cmd import calibrate
 from .demo_cmd import demo
 from .export_cmd import export
 from .inspect_cmd import inspect
+from .predict_cmd import predict
 
 
 def _base(cls: type, name: str) -> type:
@@ -112,9 +113,9 @@ def _root(
 
 def _register() -> None:
     """One command per file, in the order ``--help`` lists them (help text unwrapped)."""
-    for command in (inspect, attach, calibrate, bench, demo, export):
+    for command in (inspect, attach, calibrate, bench, predict, export, demo):
         command.__doc__ = unwrap_help(command.__doc__)
-        app.command(no_args_is_help=command is inspect)(command)
+        app.command(no_args_is_help=command in (inspect, predict))(command)
 
 
 _register()

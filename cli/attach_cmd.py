@@ -20,10 +20,12 @@ from ._options import (
     Cuts,
     Device,
     InputSize,
+    Labels,
     Mean,
     NumClasses,
     Placement,
     Pretrained,
+    Quiet,
     Std,
     floats,
     names,
@@ -109,7 +111,8 @@ def attach(
         "so far (Zero Time Waste), fitted on half of the held-out split (the other half "
         "calibrates); every branch up to the last exit on then runs. Default: each exit alone.")]
     = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    labels: Labels = None,
+    quiet: Quiet = False,
 ) -> None:
     """Attach N exit branches to MODEL and train them on the backbone's own predictions.
 
@@ -133,7 +136,7 @@ def attach(
                      **preprocess_options(input_size, mean, std),
                      max_samples=max_samples, progress=not quiet, resume=resume,
                      pretrained=pretrained, cost=value(cost) or "flops",
-                     ensemble=value(ensemble))
+                     ensemble=value(ensemble), labels=value(labels) or "auto")
     if not res.reports:  # another rank of a torchrun launch: rank 0 reports
         return
     for line in res.said:

@@ -11,7 +11,7 @@ from rich.markup import escape
 from . import _choices
 from ._choices import value
 from ._errors import as_shown
-from ._options import Bundle, BundleCheckpoint, Device, Force, Json
+from ._options import Bundle, BundleCheckpoint, Device, Force, Json, Labels, Quiet
 from ._output import Output, pct
 
 BAR_WIDTH = 24
@@ -38,7 +38,9 @@ def comparison_rows(res: dict[str, Any]) -> list[list[Any]]:
     ]
     for key, label, ratio in (("mean_ms", "batch-1 mean (ms)", sp["latency"]),
                               ("median_ms", "batch-1 median (ms)", sp["latency_median"]),
-                              ("p90_ms", "batch-1 p90 (ms)", None)):
+                              ("p90_ms", "batch-1 p90 (ms)", None),
+                              ("p95_ms", "batch-1 p95 (ms)", None),
+                              ("p99_ms", "batch-1 p99 (ms)", None)):
         rows.append([label, _num(lat["early_exit"].get(key), ".2f"),
                      _num(lat["backbone"].get(key), ".2f"), _times(ratio)])
     rows.append([f"throughput @ {t['batch_size']} (img/s)",
@@ -81,6 +83,28 @@ def exit_rows(res: dict[str, Any]) -> list[list[Any]]:
              pct(e["relative_flops"]) if e["on"] else "off", pct(e["share"]), _bar(e["share"]),
              pct(e["agreement"]), pct(e["top1"]), pct(e["oracle_share"])]
             for e in res["early_exit"]["exits"]]
+
+
+CLASS_COLUMNS = ["exit", "classes"]
+NEVER_SHOWN = 8  # classes named in the "never leave early" line
+
+
+def class_rows(res: dict[str, Any]) -> list[list[Any]]:
+    """Per exit that took any image, its top classes."""
+    return [[e["name"], ", ".join(f"{c['class']} {c['count']} ({c['share_of_class']:.0%})"
+                                  for c in e["top"])]
+            for e in res["by_class"]["per_exit"] if e["top"]]
+
+
+def never_early_line(res: dict[str, Any]) -> str:
+    bc = res["by_class"]
+    never = bc["never_early"]
+    if not never:
+        return f"every one of the {bc['classes_seen']} classes seen leaves early at least once"
+    named = ", ".join(f"{c['class']} ({c['count']})" for c in never[:NEVER_SHOWN])
+    more = f", and {len(never) - NEVER_SHOWN} more" if len(never) > NEVER_SHOWN else ""
+    return (f"{len(never)} of {bc['classes_seen']} classes never leave early: {named}{more} "
+            f"(classes by {bc['by']}; all in bench.json)")
 
 
 def _notes(out: Output, res: dict[str, Any]) -> None:
@@ -135,7 +159,8 @@ def bench(
         help="Time every segment and branch (batch 1 and batched) and report the ideal speedup "
         "those times and the exit shares imply, beside the achieved one.")] = True,
     json: Json = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    labels: Labels = None,
+    quiet: Quiet = False,
 ) -> None:
     """Measure what the early exits save against the untouched backbone, and what they cost.
 
@@ -147,10 +172,12 @@ def bench(
     never leaves costs more than 100 % (exits switched off are never run and cost nothing).
     Oracle: the FLOPs if each sample left at the first branch
     that already agrees with the backbone, the floor no threshold table gets below at 100 %
-    agreement with these branches. Exit shares: where samples left, with the oracle's beside.
+    agreement with these branches. Exit shares: where samples left, with the oracle's beside;
+    then which classes leave at each exit, and the classes that never leave early.
 
     Wall clock: backbone and early-exit model timed alternately in this process after warm-up,
-    on real images: batch-1 latency (mean, median, p90) and throughput at --batch-size.
+    on real images: batch-1 latency (mean, median, p90, p95, p99) and throughput at
+    --batch-size.
     Speedup = backbone time / early-exit time (above 1 is faster); the batch-1 speedup is that
     of the mean, the time per image of a one-by-one stream (early exit makes latency bimodal,
     so the median flatters it). FLOPs saved turn into time saved only
@@ -167,10 +194,14 @@ def bench(
                     batch_size=batch_size,
                     latency_samples=latency_samples, repeats=repeats, sweep=sweep, device=device,
                     checkpoint=checkpoint, force=force, max_samples=max_samples,
-                    progress=not (quiet or json), threads=threads, profile=profile)
+                    progress=not (quiet or json), threads=threads, profile=profile,
+                    labels=value(labels))
     out.table("early exit vs backbone", ["metric", "early exit", "backbone", "speedup"],
               comparison_rows(res))
     out.table("where samples left", EXIT_COLUMNS, exit_rows(res))
+    out.table(f"which classes leave where (by {res['by_class']['by']}): the most frequent, "
+              f"images and share of the class", CLASS_COLUMNS, class_rows(res))
+    out.note(escape(never_early_line(res)))
     if res["profile"]:
         out.table(f"time profile ({res['profile']['device']}, batched at "
                   f"{res['profile']['batch_size']})", PROFILE_COLUMNS, profile_rows(res))

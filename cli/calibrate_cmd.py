@@ -11,7 +11,7 @@ from pteenet.choices import DEFAULT_MARGIN
 
 from . import _choices
 from ._choices import value
-from ._options import Bundle, Checkpoint, Cost, Device, Json
+from ._options import Bundle, Checkpoint, Cost, Device, Json, Labels, Quiet
 from ._output import Output, pct
 
 if TYPE_CHECKING:
@@ -59,7 +59,9 @@ def calibrate(
         "--verbose", "-v", help="Show every (exit, class) row, with class names, instead of "
         "one row per exit.")]
     = False,
+    labels: Labels = None,
     json: Json = False,
+    quiet: Quiet = False,
 ) -> None:
     """Calibrate exit thresholds on the bundle's held-out split and write thresholds.json/.csv.
 
@@ -77,7 +79,7 @@ def calibrate(
                         min_support=min_support, max_drop=max_drop, budget=budget, risk=risk,
                         delta=delta, bound=value(bound), score=value(score), data=data,
                         checkpoint=checkpoint, force=force, device=device, cost=value(cost),
-                        progress=not json)
+                        progress=not (json or quiet), labels=value(labels))
     t = res.table
     if verbose:
         out.table(f"thresholds per exit and class ({t.method}, score={t.score})",

@@ -16,6 +16,8 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "attach": "jobs._attach",
+    "predict": "jobs._predict",
+    "PredictResult": "jobs._predict",
     "calibrate": "calibration._calibrate",
     "load": "bundle._load",
     "bench": "benchmark._bench",

@@ -10,8 +10,8 @@ from __future__ import annotations
 __all__ = [
     "BOOSTED", "BOUNDS", "BRANCH_TYPES", "COSTS", "DEFAULT_BRANCH", "DEFAULT_BRANCHES",
     "DEFAULT_BUDGET", "DEFAULT_MARGIN", "DEFAULT_MAX_DROP", "DEFAULT_POLICY", "DISTILL_MIN_CLASSES",
-    "ENSEMBLES", "FORMATS", "LOSSES", "MAX_SEED", "MAX_THREADS", "METHODS", "POLICIES", "SCORES",
-    "SPLITS", "TARGETS",
+    "ENSEMBLES", "FORMATS", "IMAGE_EXTENSIONS", "LABELS", "LOSSES", "MAX_SEED", "MAX_THREADS",
+    "METHODS", "POLICIES", "PREDICT_SUFFIXES", "SCORES", "SPLITS", "TARGETS",
 ]
 
 # -- branches and placement (EENets placement policies; PTEEnet ConvX; BTS-EE conv1d) --------
@@ -40,8 +40,11 @@ DEFAULT_MARGIN = 0.02
 DEFAULT_MAX_DROP = 0.01
 
 # -- data and export --------------------------------------------------------------------------
+LABELS = ("auto", "none")  # auto: class folders' labels (by the backbone's names); none: ignored
 SPLITS = ("train", "test", "val")  # "val" is an alias of "test"
 FORMATS = ("onnx", "torchscript")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+PREDICT_SUFFIXES = (".csv", ".jsonl")  # what `pteenet predict --out` writes
 
 # -- bounds of numeric options ----------------------------------------------------------------
 MAX_THREADS = 1024  # more CPU threads than any machine has: OpenMP segfaulted at 100,000

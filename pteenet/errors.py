@@ -22,6 +22,7 @@ __all__ = [
     "PteenetError",
     "TraceError",
     "TrainingError",
+    "need_extra",
 ]
 
 
@@ -81,3 +82,14 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, message: str, resumable: bool = False) -> None:
         super().__init__(message)
         self.resumable = resumable
+
+
+def need_extra(module: str, package: str, extra: str, what: str) -> None:
+    """Refuse in one line, before any work, when ``what`` needs an optional dependency that is
+    not installed: scikit-learn (the demo's digits) and matplotlib (the sweep plot) are extras,
+    not requirements, since the pipeline itself never uses them."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise OptionError(f"{what} needs {package}, which is not installed: "
+                          f"pip install \"pteenet[{extra}]\" (or pip install {package})")

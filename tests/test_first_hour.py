@@ -286,6 +286,7 @@ def recorded_bars(monkeypatch) -> dict[str, list[float]]:
             super().advance(task_id, advance)
 
     monkeypatch.setattr(progress, "Progress", Recording)
+    monkeypatch.setenv("FORCE_COLOR", "1")  # rich's bars; off a terminal: test_progress_log.py
     return seen
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "pteenet"
 #: Lowest first. ``runtime`` is torch-free, so it may only use the leaves before it.
-ORDER = ["_face", "errors", "choices", "progress", "machine", "storage", "thresholds", "runtime",
-         "backbone", "data", "graph", "cascade", "training", "bundle", "calibration", "benchmark",
-         "exporter", "jobs", "demo"]
+ORDER = ["_face", "errors", "choices", "labels", "progress", "machine", "storage", "thresholds",
+         "runtime", "backbone", "data", "graph", "cascade", "training", "bundle", "calibration",
+         "benchmark", "exporter", "jobs", "demo"]
 
 
 def _stage(module: str) -> str | None:

@@ -18,6 +18,8 @@ _NAMES = {
     "create_backbone": "_registry",
     "label_names": "_registry",
     "list_backbones": "_registry",
+    "backbone_classes": "_classes",
+    "read_checkpoint": "_registry",
     "freeze": "_registry",
     "load_state_dict_file": "_registry",
     "resolve_name": "_registry",

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from pteenet.backbone._cifar_resnet import CIFAR_DEPTHS, cifar_resnet
+from pteenet.backbone._classes import backbone_classes, checkpoint_classes
 from pteenet.backbone._preprocess import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -41,11 +42,12 @@ __all__ = [
     "CIFAR_URLS",
     "SOURCES",
     "create_backbone",
-    "label_names",
-    "list_backbones",
     "freeze",
     "head_size",
+    "label_names",
+    "list_backbones",
     "load_state_dict_file",
+    "read_checkpoint",
     "resolve_name",
     "sha256_file",
 ]
@@ -84,6 +86,7 @@ class Backbone:
     pretrained: bool = False  # the registry's weights (False with a checkpoint, or random ones)
     notes: list[str] = field(default_factory=list)  # what was inferred, one line each
     weights_sha256: str | None = None  # a user's own module: its weights' hash (see _custom)
+    classes: list[str] | None = None  # in index order (pteenet.backbone._classes), if known
 
     @property
     def full_name(self) -> str:
@@ -91,15 +94,10 @@ class Backbone:
 
 
 def label_names(backbone: Backbone) -> list[str] | None:
-    """The backbone's classes in index order, as class folders may name them: for an
-    ImageNet-1k model (timm or torchvision, 1,000 outputs) each entry is its wnid and its names
-    ("n01440764, tench, Tinca tinca", from timm's ``ImageNetInfo``); None when unknown."""
-    if backbone.num_classes != 1000 or backbone.source not in ("timm", "torchvision"):
-        return None
-    from timm.data import ImageNetInfo
-
-    info = ImageNetInfo()
-    return [f"{w}, {d}" for w, d in zip(info.label_names(), info.label_descriptions())]
+    """The backbone's classes in index order, as class folders may name them (each entry may
+    list comma-separated synonyms: "n01440764, tench, Tinca tinca"); None when no source
+    knows them (:mod:`pteenet.backbone._classes`)."""
+    return backbone.classes
 
 
 @functools.cache
@@ -172,6 +170,11 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     Accepts a bare state dict or one nested under ``state_dict``/``model`` and strips the
     ``module.`` (DataParallel) and ``_orig_mod.`` (torch.compile) prefixes.
     """
+    return read_checkpoint(path)[0]
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], list[str] | None]:
+    """:func:`load_state_dict_file`, and the class list the checkpoint saved, if any."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -181,7 +184,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raw = _read_raw(path)
     except Exception as e:  # torch and safetensors raise many types; each becomes one line
         raise CheckpointError(_unreadable(path, e)) from e
-    return _flatten(raw, path)
+    return _flatten(raw, path), checkpoint_classes(raw)
 
 
 def _raw_pickle(path: Path) -> bool:
@@ -402,10 +405,10 @@ def create_backbone(
     source, bare = resolve_name(name)
     pretrained = pretrained and checkpoint is None
     model = _build(source, bare, num_classes, pretrained)
-    sha, notes = None, []
+    sha, notes, own = None, [], None
     if checkpoint is not None:
         path = Path(checkpoint)
-        sd = load_state_dict_file(path)
+        sd, own = read_checkpoint(path)
         if num_classes is None and (found := _head_classes(model, sd)) is not None:
             num_classes, key = found
             model = _build(source, bare, num_classes, False)
@@ -417,10 +420,11 @@ def create_backbone(
     pre = replace(pre.resized(tuple(input_size)) if input_size else pre,
                   mean=tuple(mean) if mean else pre.mean, std=tuple(std) if std else pre.std)
     freeze(model)
-    return Backbone(model=model, name=bare, source=source,
-                    num_classes=num_classes or head_size(model, pre), preprocess=pre,
-                    checkpoint=str(checkpoint) if checkpoint is not None else None,
-                    checkpoint_sha256=sha, pretrained=pretrained, notes=notes)
+    num_classes = num_classes or head_size(model, pre)
+    return Backbone(model=model, name=bare, source=source, num_classes=num_classes,
+                    preprocess=pre, checkpoint=str(checkpoint) if checkpoint is not None else None,
+                    checkpoint_sha256=sha, pretrained=pretrained, notes=notes,
+                    classes=backbone_classes(source, bare, num_classes, own))
 
 
 def _head_classes(model: nn.Module, sd: dict[str, torch.Tensor]) -> tuple[int, str] | None:

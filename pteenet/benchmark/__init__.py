@@ -4,6 +4,8 @@ from pteenet._face import lazy_face
 
 _NAMES = {
     "bench": "_bench",
+    "TOP_CLASSES": "_by_class",
+    "by_class": "_by_class",
     "EvalSet": "_eval_set",
     "select_data": "_eval_set",
     "Pass": "_quality",

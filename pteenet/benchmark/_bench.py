@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pteenet.benchmark._by_class import by_class
 from pteenet.benchmark._drift import drift_warning
 from pteenet.benchmark._eval_set import EvalSet, select_data
 from pteenet.benchmark._quality import Pass, measure_pass, quality, simulation_check
@@ -47,7 +48,7 @@ from pteenet.bundle._read import read_bundle
 from pteenet.bundle._schema import BundleInfo, ThresholdTable
 from pteenet.cascade._model import EarlyExitModel
 from pteenet.cascade._profile import device_name, steady_allocator
-from pteenet.errors import BundleError, OptionError
+from pteenet.errors import BundleError, OptionError, need_extra
 from pteenet.machine import check_device
 from pteenet.machine import threads as cpu_threads
 from pteenet.progress import single_bar
@@ -111,6 +112,7 @@ def bench(
     threads: int | None = None,
     profile: bool = True,
     model: nn.Module | Callable[[], nn.Module] | None = None,
+    labels: str | None = None,
 ) -> dict[str, Any]:
     """Measure a bundle's early exits against its untouched backbone (see the module docstring).
 
@@ -119,13 +121,16 @@ def bench(
     the bundle folder; ``sweep`` also writes ``sweep.png`` and ``sweep.csv`` there.
     ``threads`` sets the CPU threads for the whole run; ``profile`` times every segment and
     branch (:func:`time_profile`). ``model``: the backbone module of a bundle attached to the
-    user's own (see :func:`pteenet.load`). Returns the same JSON-serialisable dict.
+    user's own (see :func:`pteenet.load`); ``labels`` "none" ignores the data's labels (default:
+    as the bundle was attached). Returns the same JSON-serialisable dict.
     """
     _check_options(threshold, batch_size, latency_samples, repeats, max_samples)
+    if sweep:
+        need_extra("matplotlib", "matplotlib", "plot", "the sweep plot (`sweep`)")
     with cpu_threads(threads):
         return _bench(bundle, data, split, threshold, batch_size, latency_samples, repeats,
                       sweep, device, checkpoint, force, out_json, progress, max_samples, profile,
-                      model)
+                      model, labels)
 
 
 def _timed_shares(p: Pass, timing: dict[str, Any], branches: int) -> dict[str, list[float]]:
@@ -138,12 +143,12 @@ def _timed_shares(p: Pass, timing: dict[str, Any], branches: int) -> dict[str, l
 
 
 def _bench(bundle, data, split, threshold, batch_size, latency_samples, repeats, sweep, device,
-           checkpoint, force, out_json, progress, max_samples, profile, module
+           checkpoint, force, out_json, progress, max_samples, profile, module, labels
            ) -> dict[str, Any]:
     dev = check_device(device)
     b = read_bundle(bundle)  # read once: the model, the table and the info agree
     info, table = b.info, b.table
-    ev = select_data(info, data, split, max_samples)
+    ev = select_data(info, data, split, max_samples, labels)
     model = load(b, checkpoint=checkpoint, force=force, device=dev, model=module)
     if threshold is not None:
         model.set_thresholds(float(threshold))
@@ -198,6 +203,9 @@ def _assemble(info: BundleInfo, ev: EvalSet, table: ThresholdTable, threshold: f
         "exit_costs": [float(c) for c in model.cost_in("flops").exits(model.active)],
         **quality(p, model),
         "simulation": simulation_check(p, model),
+        "by_class": by_class(p.ee_exit, p.final if p.labels is None else p.labels,
+                             model.num_branches, info.classes,
+                             "backbone prediction" if p.labels is None else "label"),
         "notes": list(ev.notes),
         "warnings": [],
     }

@@ -50,14 +50,17 @@ def _labels_usable(info: BundleInfo, data: ImageData) -> bool:
 
 
 def select_data(info: BundleInfo, data: str | os.PathLike | None = None,
-                split: str | None = None, max_samples: int | None = None) -> EvalSet:
-    """Pick the benchmark samples: the test split, else the bundle's held-out calibration set."""
+                split: str | None = None, max_samples: int | None = None,
+                labels: str | None = None) -> EvalSet:
+    """Pick the benchmark samples: the test split, else the bundle's held-out calibration set.
+    ``labels`` (default: as the bundle was attached) "none" ignores the data's labels."""
     spec = str(data) if data is not None else info.data.get("spec")
     if not spec:
         raise BundleError(f"{info.path}: the bundle does not record its data; pass `data`")
     if split is None:
         split = "test" if "test" in available_splits(spec) else "train"
-    dataset = open_data(spec, info.preprocess, split=split, label_names=info.classes)
+    dataset = open_data(spec, info.preprocess, split=split, label_names=info.classes,
+                        labels=labels or info.data.get("labels", "auto"))
     key = "test" if str(split).lower() in ("test", "val") else "train"
     own = _same_data(spec, str(info.data.get("spec", ""))) and info.data.get("split") == key
     notes: list[str] = []

@@ -6,7 +6,7 @@ and throughput at a batch size over real batches (median of repeats). The batch-
 the ratio of *mean* latencies, the time per image of a stream served one at a time: early exit
 makes latency bimodal (most images leave early, the rest pay every branch on the way), so the
 median flatters it and cannot be held against the ideal, which is an expectation too. The median
-and p10/p90 are reported beside it. CUDA is timed with CUDA events.
+and p10/p90/p95/p99 are reported beside it. CUDA is timed with CUDA events.
 
 A third model is timed with them: the backbone as the early-exit model runs it, every segment
 in a row with no branch (on a CPU, frozen graphs: :mod:`pteenet.cascade`). The speedup over the
@@ -86,8 +86,9 @@ def _interleaved(models: dict[str, Callable], rounds: int) -> Iterator[tuple[int
 
 def _latency(models: dict[str, Callable], images: Tensor, samples: int,
              clock: Callable[[Callable, Tensor], float]) -> dict[str, dict[str, float]]:
-    """Batch-1 latency over ``samples`` real images (cycled if fewer): mean, median, p10 and
-    p90 over images, in ms.
+    """Batch-1 latency over ``samples`` real images (cycled if fewer): mean, median, p10, p90,
+    p95 and p99 over images, in ms (the tail a serving engineer sizes for: early exit makes
+    latency bimodal, so the p99 is a sample that ran the whole cascade).
 
     The models take turns in blocks of LATENCY_BLOCK images, the order rotating from block to
     block, so drift hits them alike while each runs as a one-by-one stream does, on caches
@@ -112,8 +113,8 @@ def _latency(models: dict[str, Callable], images: Tensor, samples: int,
                     calls[name][i].append(clock(fn, images[j:j + 1]) * 1000.0)
     per_image = {k: [statistics.median(c) for c in v] for k, v in calls.items()}
     return {k: {"mean_ms": statistics.fmean(v), "median_ms": statistics.median(v),
-                "p10_ms": float(np.percentile(v, 10)),
-                "p90_ms": float(np.percentile(v, 90))} for k, v in per_image.items()}
+                **{f"p{q}_ms": float(np.percentile(v, q)) for q in (10, 90, 95, 99)}}
+            for k, v in per_image.items()}
 
 
 def _throughput(models: dict[str, Callable], batches: list[Tensor], repeats: int,

@@ -42,6 +42,7 @@ from pteenet.cascade._score import gate_power
 from pteenet.choices import BOUNDS, DEFAULT_MARGIN, DEFAULT_MAX_DROP
 from pteenet.data._datasets import open_data
 from pteenet.errors import CalibrationError, OptionError
+from pteenet.labels import class_name
 from pteenet.machine import check_device
 from pteenet.progress import single_bar
 from pteenet.storage import writes_into
@@ -90,8 +91,8 @@ class CalibrationResult:
     classes: list[str] | None = None  # the bundle's class names, for showing rows
 
     def class_name(self, c: int) -> str:
-        """A class's name where the bundle knows it (attach on labeled data), else its index."""
-        return self.classes[c] if self.classes else str(c)
+        """A class's short name where the bundle knows it ("tench"), else its index."""
+        return class_name(self.classes, c)
 
     def named_rows(self) -> list[dict[str, Any]]:
         """:attr:`rows`, each with its class's name."""
@@ -117,7 +118,7 @@ def _uniform(row: Tensor) -> float | None:
 def collect(model: EarlyExitModel, bundle: Bundle | str | os.PathLike,
             data: str | os.PathLike | None = None, *, split: str = "train",
             device: str = "cpu", max_samples: int | None = None,
-            progress: bool = False) -> Outputs:
+            progress: bool = False, labels: str | None = None) -> Outputs:
     """Run the model's branches and backbone on the calibration samples, once.
 
     ``bundle`` (read, or its folder) is where ``model`` was loaded from: it says how to
@@ -130,7 +131,8 @@ def collect(model: EarlyExitModel, bundle: Bundle | str | os.PathLike,
         raise CalibrationError("the bundle records no data; pass `data`")
     if data is None:  # the recorded indices belong to the split attach trained on
         split = info.data.get("split", "train")
-    dataset = open_data(spec, info.preprocess, split=split, label_names=info.classes)
+    dataset = open_data(spec, info.preprocess, split=split, label_names=info.classes,
+                        labels=labels or info.data.get("labels", "auto"))
     indices = list(range(len(dataset))) if data is not None else list(info.calibration_indices)
     if not indices:
         raise CalibrationError("no calibration samples: the bundle records no held-out split")
@@ -276,6 +278,7 @@ def calibrate(
     cost: str | None = None,
     progress: bool = False,
     model: nn.Module | Callable[[], nn.Module] | None = None,
+    labels: str | None = None,
 ) -> CalibrationResult:
     """Choose the threshold table and write it into the bundle (thresholds.json + .csv).
 
@@ -288,6 +291,7 @@ def calibrate(
     exits (their scores and predictions; every branch the ensemble reads is counted), on the
     held-out half its weights were not fitted on (the split the bundle records). ``model``: the
     backbone module of a bundle attached to the user's own (see :func:`pteenet.load`).
+    ``labels`` "none" ignores the data's labels (default: as the bundle was attached).
     """
     method = _method(threshold, cpm, max_drop, budget, risk, delta, bound, margin, min_support)
     check_device(device)
@@ -296,7 +300,7 @@ def calibrate(
               model=model)
     ee.set_thresholds(1.0, score="softmax" if uses_gate(method, cpm) else score)
     use_cost(ee, cost or ee.cost.kind, b.info.preprocess.input_size, device)
-    out = collect(ee, b, data, split=split, device=device, progress=progress)
+    out = collect(ee, b, data, split=split, device=device, progress=progress, labels=labels)
     table = choose_table(out, ee.num_classes, method=method, threshold=threshold,
                          max_drop=max_drop, budget=budget, cpm=cpm, margin=margin,
                          min_support=min_support, delta=delta, bound=bound, score=score)

@@ -13,13 +13,13 @@ from pathlib import Path
 from PIL import Image
 
 from pteenet.backbone._preprocess import Preprocess
+from pteenet.choices import IMAGE_EXTENSIONS, LABELS
 from pteenet.data._items import ImageData
 from pteenet.data._torchvision import DATASET_NAMES, open_torchvision
-from pteenet.errors import DataError
+from pteenet.errors import DataError, OptionError
 
 __all__ = ["IMAGE_EXTENSIONS", "FolderData", "available_splits", "open_data"]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 LAYOUT_HINT = "expected <folder>/<class>/<image>.jpg (or images directly in <folder>)"
 _SPLIT_ALIASES = {"train": "train", "test": "test", "val": "test"}
 
@@ -61,12 +61,17 @@ def open_data(
     split: str = "train",
     cache_dir: str | os.PathLike | None = None,
     label_names: Sequence[str] | None = None,
+    labels: str = "auto",
 ) -> ImageData:
     """Open a folder of images or a torchvision dataset by name.
 
+    ``labels="none"`` ignores the data's labels (class folders or a dataset's): every image
+    is unlabeled, which is all pseudo-labels need, whatever its folders are called.
+
     ``label_names`` are the backbone's own classes in index order (each may list synonyms,
     e.g. "n01440764, tench, Tinca tinca"): class folders named by them are labelled with the
-    backbone's indices, so a folder holding a subset of the classes keeps the right labels.
+    backbone's indices, so a folder holding a subset of the classes keeps the right labels (and
+    the test split may hold classes the train split lacks).
     Folders of which fewer than half match are the user's own classes, labelled by sorted
     position as before; otherwise a folder that matches none is refused in one line.
 
@@ -75,14 +80,41 @@ def open_data(
     happens to share a dataset's name). ``split`` is ``"train"`` or ``"test"`` (``"val"`` is an
     alias of ``"test"``).
     """
+    if labels not in LABELS:
+        raise OptionError(f"`labels` must be one of {', '.join(LABELS)}, got {labels!r}")
     name = _dataset_name(spec)
     key = _split_key(split)
     if name is not None:
-        return open_torchvision(name, key, preprocess, cache_dir)
-    root = Path(spec).expanduser()
-    split_dir, train_dir = _split_dir(root, key)
-    data = _open_folder(root, split_dir, train_dir, preprocess)
-    return data if label_names is None else _by_label_names(data, list(label_names))
+        data: ImageData = open_torchvision(name, key, preprocess, cache_dir)
+    else:
+        root = Path(spec).expanduser()
+        split_dir, train_dir = _split_dir(root, key)
+        data = _open_folder(root, split_dir, None, preprocess)
+        if labels == "none":
+            return _Unlabeled(data)
+        # named by the backbone's classes, a split needs none of the other's folders
+        mapped = data if label_names is None else _by_label_names(data, list(label_names))
+        if mapped is not data or train_dir in (None, split_dir):
+            return mapped
+        data = _open_folder(root, split_dir, train_dir, preprocess)
+    return _Unlabeled(data) if labels == "none" else data
+
+
+class _Unlabeled(ImageData):
+    """Another dataset's images without its labels (``labels="none"``)."""
+
+    def __init__(self, base: ImageData) -> None:
+        super().__init__(base.name, None, base.preprocess)
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def _label(self, index: int) -> int:
+        return -1
+
+    def _image(self, index: int) -> Image.Image:
+        return self.base._image(index)
 
 
 def _key(name: str) -> str:
@@ -105,7 +137,8 @@ def _by_label_names(data: FolderData, label_names: list[str]) -> FolderData:
     missing = [c for c in data.classes if _key(c) not in index]
     if missing:
         raise DataError(f"{data.name}: class folder {missing[0]!r} is not one of the backbone's "
-                        f"classes (others, e.g. {matched[0]!r}, are): rename it, or remove it")
+                        f"classes (others, e.g. {matched[0]!r}, are): rename it, remove it, or "
+                        f"pass `labels` none to ignore the folders' labels")
     to = [index[_key(c)] for c in data.classes]
     samples = [(p, to[y]) for p, y in data.samples]
     return FolderData(data.name, samples, label_names, data.preprocess)

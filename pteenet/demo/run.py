@@ -16,6 +16,7 @@ from pteenet.choices import DEFAULT_BRANCH, DEFAULT_POLICY
 from pteenet.demo.backbone import MODEL, train_backbone
 from pteenet.demo.digits import prepare_digits
 from pteenet.demo.settings import DemoSettings, Log, default_workdir, to_stderr
+from pteenet.errors import need_extra
 from pteenet.jobs._attach import attach
 from pteenet.machine import threads as threads_for
 from pteenet.training._config import TrainConfig
@@ -58,6 +59,8 @@ def run_demo(out: str | os.PathLike = "pteenet-demo", *,
     2 cores); ``log`` gets one line per step (default: stderr) and ``progress``
     shows attach's progress bars.
     """
+    need_extra("sklearn", "scikit-learn", "demo", "the demo (its digits)")
+    need_extra("matplotlib", "matplotlib", "demo", "the demo (its sweep plot)")
     log = log or to_stderr
     settings = DemoSettings.for_mode(quick)
     workdir = Path(workdir).expanduser() if workdir is not None else default_workdir()

@@ -1,4 +1,4 @@
-"""The jobs the commands run: inspect a backbone, attach exits to it."""
+"""The jobs the commands run: inspect a backbone, attach exits to it, predict with them."""
 
 from pteenet._face import lazy_face
 
@@ -9,6 +9,10 @@ _NAMES = {
     "attach": "_attach",
     "compat_row": "_compat",
     "inspect": "_inspect",
+    "Prediction": "_predict",
+    "PredictResult": "_predict",
+    "find_images": "_predict",
+    "predict": "_predict",
 }
 __all__ = sorted(_NAMES)
 __getattr__, __dir__ = lazy_face(__name__, _NAMES)

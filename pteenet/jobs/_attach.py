@@ -105,6 +105,7 @@ def attach(
     cost: str = "flops",
     pretrained: bool = True,
     ensemble: str | None = None,
+    labels: str = "auto",
 ) -> AttachResult:
     """Place exits on a frozen backbone, train them on its pseudo-labels and write the bundle.
 
@@ -125,6 +126,8 @@ def attach(
     Ctrl-C raises :class:`~pteenet.errors.Interrupted`, saying what was kept. After writing,
     derived files of the bundle it replaced are removed (:func:`pteenet.bundle.remove_stale`).
     ``pretrained=False`` without a checkpoint starts from seeded random weights.
+    ``labels="none"`` ignores the data's class folders (pseudo-labels only); the bundle records
+    it, so calibrate and bench read the data alike.
     ``cost="latency"`` measures each piece's time on this machine and uses it instead of FLOPs
     for placement, L_v2's cost term and calibration (:mod:`pteenet.cascade._profile`).
     ``ensemble="ztw"`` makes each exit answer with a geometric ensemble of the exits so far
@@ -147,7 +150,8 @@ def attach(
     else:
         bb = create_backbone(model, checkpoint=checkpoint, pretrained=pretrained,
                              num_classes=num_classes, input_size=input_size, mean=mean, std=std)
-    dataset = open_data(data, bb.preprocess, split="train", label_names=label_names(bb))
+    dataset = open_data(data, bb.preprocess, split="train", label_names=label_names(bb),
+                        labels=labels)
     config.validate(dataset.has_labels)
     labeled = dataset.has_labels and len(dataset.classes or []) == bb.num_classes
     if dataset.has_labels and not labeled and config.target in ("labels", "mixed"):
@@ -191,7 +195,7 @@ def attach(
         ee.set_thresholds(table.thresholds, score=table.score, gamma=table.gamma)
         info = _bundle_info(bb, ee, trace, names, bool(cuts), branch, dataset, config, report,
                             held, val_fraction, len(pool), data)
-        info.ensemble = fitted
+        info.ensemble, info.data["labels"] = fitted, labels
         if is_main():  # one writer; the other ranks hold the same branches
             replaced = bundle_hash(out)
             save_bundle(out, ee, info, table)
@@ -344,8 +348,8 @@ def _bundle_info(bb: Backbone, ee: EarlyExitModel, trace: Trace, names, module_c
                    "cache_bytes": cache_bytes(b.reduce, trace.cut(c).shape)}
                   for b, f, c in zip(ee.branches, ee.branch_flops, names)],
         segment_flops=ee.segment_flops,
-        classes=list(dataset.classes) if dataset.classes and  # else the backbone's own names,
-        len(dataset.classes) == bb.num_classes else label_names(bb),  # so bench maps wnid folders
+        classes=bb.classes or (list(dataset.classes) if dataset.classes and
+                               len(dataset.classes) == bb.num_classes else None),
         training={**asdict(config), "mode": f"boosted-{config.boosted}" if config.boosted
                   else config.loss, "losses": report.losses, "agreement": report.agreement,
                   "survivors": report.survivors, "skipped_images": report.skipped,
