@@ -267,9 +267,16 @@ def _save_onnx(module: nn.Module, example: tuple[torch.Tensor, ...], path: Path,
     if isinstance(module, ScoredBranch) and module.ensemble is not None:
         outputs.append("history_out")
     axes = {name: {0: "batch"} for name in [*inputs, *outputs]}
-    torch.onnx.export(module, example, str(path), input_names=inputs,
-                      output_names=outputs, dynamic_axes=axes, opset_version=opset,
-                      dynamo=False, do_constant_folding=True)
+    # nn.MultiheadAttention's inference fast path is one fused op ONNX has no symbol for
+    # (torchvision vit_b_16 failed); the unfused path computes the same attention
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        torch.onnx.export(module, example, str(path), input_names=inputs,
+                          output_names=outputs, dynamic_axes=axes, opset_version=opset,
+                          dynamo=False, do_constant_folding=True)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
     onnx.checker.check_model(onnx.load(str(path)))
 
 
