@@ -303,16 +303,20 @@ def _parts(kind: str, shape: tuple[int, ...], k: int, budget: float | None,
     raise ValueError(kind)
 
 
-def resolve_kind(kind: str, head: tuple[torch.Tensor, torch.Tensor | None] | None) -> str:
+def resolve_kind(kind: str, head: tuple[torch.Tensor, torch.Tensor | None] | None,
+                 budget: float | None = None) -> str:
     """The branch type ``auto`` stands for on a backbone whose classifier is ``head`` (None: it
-    has no linear one): ``distill`` over at least ``DISTILL_MIN_CLASSES`` classes, where a few
-    thousand images cannot teach a head every class (tf_efficientnet_lite0: 81 % agreement
-    against 75 % for ``mlp`` at blocks.6.0), else ``mlp`` (CIFAR ResNet-44, ten classes: ``mlp``
-    reached 0.45 of the FLOPs within one point on test images, ``distill`` 0.83)."""
+    has no linear one) under a branch ``budget`` (FLOPs per image; None: no cap): ``distill``
+    over at least ``DISTILL_MIN_CLASSES`` classes, where a few thousand images cannot teach a
+    head every class (tf_efficientnet_lite0: 81 % agreement against 75 % for ``mlp`` at
+    blocks.6.0), if the backbone's classifier it reuses fits the budget (on a 41-MFLOP
+    ShuffleNet it alone is 5 %); else ``mlp`` (CIFAR ResNet-44, ten classes: ``mlp`` reached
+    0.45 of the FLOPs within one point on test images, ``distill`` 0.83)."""
     if kind != "auto":
         return kind
     many = head is not None and head[0].shape[0] >= DISTILL_MIN_CLASSES
-    return "distill" if many else "mlp"
+    fits = head is None or budget is None or 2 * head[0].numel() <= budget
+    return "distill" if many and fits else "mlp"
 
 
 def make_branch(kind: str, shape: tuple[int, ...] | int, num_classes: int,
@@ -331,7 +335,7 @@ def make_branch(kind: str, shape: tuple[int, ...] | int, num_classes: int,
         raise OptionError(f"unknown branch type '{kind}': use one of {', '.join(BRANCH_TYPES)}")
     if isinstance(shape, int):
         shape = (shape, GRID, GRID)
-    kind = resolve_kind(kind, head)
+    kind = resolve_kind(kind, head, budget)
     classifier = None
     if kind == "distill":
         if head is None:

@@ -167,7 +167,8 @@ def attach(
         fractions = cut_time_fractions(trace, [c.name for c in useful_cuts(trace)], probe)
     names = list(cuts) if cuts else choose_cuts(trace, branches, placement, at, fractions)
     head = find_head(trace)
-    branch = resolve_kind(branch, None if head is None else (head.weight, head.bias))
+    branch = resolve_kind(branch, None if head is None else (head.weight, head.bias),
+                          None if branch_budget is None else branch_budget * trace.total_flops)
     torch.manual_seed(config.seed)
     ee = build_early_exit(trace, names, bb.num_classes, branch,
                           budget=branch_budget).to(config.device)
