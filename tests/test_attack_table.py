@@ -26,6 +26,7 @@ import pytest
 from pteenet.storage import LOCK_FILE
 from tests._helpers import (  # noqa: F401  (fixtures)
     one_thread,
+    reseal,
     shared_fixture,
     write_images,
 )
@@ -126,6 +127,46 @@ def extra_class_folders(ws, shared):
             "-n", "2", "--branch", "pool", "--epochs", "1", "--quiet", "--out", str(ws / "out")]
 
 
+def _edited_meta(ws, shared, edit: Callable[[dict], None]) -> Path:
+    """The bundle with its metadata edited by ``edit`` and re-hashed, as one who knows the
+    format would: only the checks on each field can refuse it."""
+    import json
+
+    import safetensors.torch
+
+    from pteenet.bundle._schema import META_KEY
+
+    b = _bundle(ws, shared)
+    f = b / "branches.safetensors"
+    tensors = safetensors.torch.load_file(str(f))
+    with safetensors.safe_open(str(f), "pt") as g:
+        meta = g.metadata()
+    doc = json.loads(meta[META_KEY])
+    edit(doc)
+    safetensors.torch.save_file(tensors, str(f), {**meta, META_KEY: json.dumps(doc)})
+    reseal(b)
+    return b
+
+
+def wide_width(ws, shared):
+    def edit(doc):
+        doc["branches"][0]["width"] = "wide"
+    return ["bench", "-b", str(_edited_meta(ws, shared, edit)), *FAST_BENCH]
+
+
+def flops_past_int64(ws, shared):
+    def edit(doc):
+        doc["segment_flops"][0] = 2 ** 63
+    return ["bench", "-b", str(_edited_meta(ws, shared, edit)), *FAST_BENCH]
+
+
+def edited_csv(ws, shared):
+    b = _bundle(ws, shared)
+    with open(b / "thresholds.csv", "a") as f:
+        f.write("0,0.0\n")
+    return ["bench", "-b", str(b), *FAST_BENCH]
+
+
 ATTACKS = [
     Attack("1-symlinked-lock", symlinked_lock, 3, ["not a plain file"]),
     Attack("2-attach-into-a-fresh-out-keeps-the-users-files", fresh_out_with_user_files, 0,
@@ -140,6 +181,9 @@ ATTACKS = [
            stdin_closed=True),
     Attack("8-deleted-committed-table", deleted_table, 3, ["thresholds.json missing",
                                                            "pteenet calibrate"]),
+    Attack("6-width-wide", wide_width, 3, ["'width'", "pteenet attach"]),
+    Attack("6-segment-flops-past-int64", flops_past_int64, 3, ["segment_flops"]),
+    Attack("8-edited-threshold-csv", edited_csv, 3, ["thresholds.csv", "pteenet calibrate"]),
     Attack("bundle-without-bundle-json", no_manifest, 3, ["bundle.json missing",
                                                           "pteenet attach"]),
     Attack("11-resume-state-that-runs-code", evil_resume_state, 3, ["unreadable", "delete it"]),

@@ -11,9 +11,10 @@ from typing import Any
 
 from pteenet.errors import BundleError
 
-__all__ = ["int_list", "need", "parse_json", "show"]
+__all__ = ["INT64_MAX", "count", "int_list", "need", "parse_json", "show"]
 
 _MAX_DIGITS = 19  # no integer of ours needs more (int64)
+INT64_MAX = (1 << 63) - 1  # FLOPs, widths and sizes become torch int64 tensors
 _SHOW = 60  # longest value echoed in an error message
 _MAX_DEPTH = 32  # pteenet's own JSON nests a few levels; deeper is an edit, refused the same way
 
@@ -72,7 +73,21 @@ def need(d: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
     return d[key]
 
 
+def count(d: Any, key: str, where: str, low: int = 0, optional: bool = False) -> int | None:
+    """Field ``key`` of ``d`` as an integer in [``low``, int64's largest] (None when it is
+    ``optional`` and absent): a width of "wide" or FLOPs past int64 would otherwise fail deep
+    inside torch as a TypeError or an OverflowError."""
+    if optional and (not isinstance(d, dict) or d.get(key) is None):
+        return None
+    v = need(d, key, int, where)
+    if not low <= v <= INT64_MAX:
+        raise BundleError(f"{where}: field '{key}' is out of range ({show(v)}); re-run "
+                          f"`pteenet attach`")
+    return v
+
+
 def int_list(v: Any, key: str, where: str) -> list[int]:
-    if not isinstance(v, list) or not all(isinstance(x, int) and x >= 0 for x in v):
+    if not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool)
+                                          and 0 <= x <= INT64_MAX for x in v):
         raise BundleError(f"{where}: field '{key}' is malformed; re-run `pteenet attach`")
     return v

@@ -20,12 +20,13 @@ import torch
 from safetensors import SafetensorError
 
 from pteenet.backbone._preprocess import INTERPOLATIONS, MAX_INPUT_SIDE, Preprocess
-from pteenet.bundle._fields import int_list, need, parse_json, show
+from pteenet.bundle._fields import count, int_list, need, parse_json, show
 from pteenet.bundle._schema import (
     BRANCHES_FILE,
     ENSEMBLE_TENSORS,
     FORMAT_VERSION,
     META_KEY,
+    THRESHOLDS_CSV,
     THRESHOLDS_FILE,
     Bundle,
     BundleInfo,
@@ -35,7 +36,7 @@ from pteenet.bundle._schema import (
 )
 from pteenet.cascade._ensemble import ZTWEnsemble
 from pteenet.cascade._profile import TimeProfile
-from pteenet.choices import COSTS, ENSEMBLES, SCORES
+from pteenet.choices import BRANCH_TYPES, COSTS, ENSEMBLES, SCORES
 from pteenet.errors import BundleError, OptionError
 from pteenet.storage import MANIFEST, parse_manifest, read_member
 from pteenet.thresholds import as_table
@@ -85,6 +86,8 @@ def _snapshot(path: str | os.PathLike, table: bool = False) -> _Snapshot:
             else f.read_bytes() if f.is_file() else None
         doc = read_member(folder, THRESHOLDS_FILE, files, "re-run `pteenet calibrate`") \
             if table else None
+        if table and files is not None:  # the CSV a person reads must be the table that runs
+            read_member(folder, THRESHOLDS_CSV, files, "re-run `pteenet calibrate`")
     except OSError as e:
         raise BundleError(f"{f} is unreadable ({e.strerror or e})") from e
     if raw is None:
@@ -166,8 +169,9 @@ def _info(snap: _Snapshot) -> BundleInfo:
         raise BundleError(f"{where} has format version {show(version)}, from a pre-release "
                           f"pteenet; re-run `pteenet attach`")
     backbone = need(meta, "backbone", dict, where)
-    for key, kind in (("name", str), ("source", str), ("num_classes", int)):
-        need(backbone, key, kind, where)
+    for key in ("name", "source"):
+        need(backbone, key, str, where)
+    count(backbone, "num_classes", where, low=1)
     for key in ("checkpoint_path", "checkpoint_sha256"):
         if backbone.get(key) is not None and not isinstance(backbone[key], str):
             raise BundleError(f"{where}: field '{key}' is malformed; re-run `pteenet attach`")
@@ -176,9 +180,12 @@ def _info(snap: _Snapshot) -> BundleInfo:
     if not cuts or len(cuts) != len(branches) or not all(isinstance(c, str) for c in cuts):
         raise BundleError(f"{where}: cuts and branches disagree; re-run `pteenet attach`")
     for b in branches:
-        need(b, "type", str, where)
-        if need(b, "flops", int, where) < 0:
-            raise BundleError(f"{where}: field 'flops' is malformed; re-run `pteenet attach`")
+        if need(b, "type", str, where) not in BRANCH_TYPES or b["type"] == "auto":
+            raise BundleError(f"{where}: branch type {show(b['type'])} is unknown; re-run "
+                              f"`pteenet attach`")
+        count(b, "flops", where)
+        count(b, "width", where, low=1, optional=True)
+        count(b, "cache_bytes", where, optional=True)
     _check_sizes(snap.tensors, cuts, backbone["num_classes"], where,
                  [b["type"] for b in branches])
     seg = int_list(meta.get("segment_flops"), "segment_flops", where)
