@@ -152,7 +152,7 @@ def test_no_source_file_can_unpickle_code():
     assert found == [], "\n".join(found)
     # Not vacuous: the loads that do exist are seen (and pass because of weights_only=True).
     loads = [p for p in SOURCES if "torch.load(" in p.read_text(encoding="utf-8")]
-    assert {p.name for p in loads} >= {"_registry.py", "_resume.py"}
+    assert {p.name for p in loads} >= {"_checkpoint.py", "_resume.py"}
 
 
 # --------------------------------------------------------------------------- a poisoned state

@@ -19,9 +19,9 @@ _NAMES = {
     "label_names": "_registry",
     "list_backbones": "_registry",
     "backbone_classes": "_classes",
-    "read_checkpoint": "_registry",
+    "read_checkpoint": "_checkpoint",
     "freeze": "_registry",
-    "load_state_dict_file": "_registry",
+    "load_state_dict_file": "_checkpoint",
     "resolve_name": "_registry",
     "sha256_file": "_registry",
 }
