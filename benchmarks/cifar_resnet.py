@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 import pteenet
-from pteenet.calibration._calibrate import collect
+from pteenet.calibration import collect
 from pteenet.thresholds import as_table, summarize
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

@@ -156,7 +156,7 @@ def test_the_caching_pass_starts_on_a_small_batch_and_caches_every_image_in_orde
     trace = trace_backbone(bb.model, (32, 32), with_thop=False)
     model = build_early_exit(trace, choose_cuts(trace, 2), 3, "pool").eval()
     seen, run = [], model.reduced_features  # the first call probes the cut shapes
-    model.reduced_features = lambda x: seen.append(len(x)) or run(x)
+    model.reduced_features = lambda x, *rest: seen.append(len(x)) or run(x, *rest)
     idx = list(range(3, 70))
     feats = compute_features(model, open_data(data, bb.preprocess), idx, batch_size=32)
     assert seen[1:] == [8, 16, 32, 11] and feats.indices.tolist() == idx

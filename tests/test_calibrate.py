@@ -11,7 +11,7 @@ from pteenet_cli.app import app
 from typer.testing import CliRunner
 
 from pteenet.bundle import THRESHOLDS_FILE, load, read_info, read_thresholds
-from pteenet.calibration._calibrate import calibrate, collect
+from pteenet.calibration import calibrate, collect
 from pteenet.cascade import Cost
 from pteenet.jobs._attach import attach
 from pteenet.thresholds import exit_index
@@ -105,7 +105,7 @@ def test_missing_bundle_is_one_line(tmp_path):
 def _calibrated_outputs(n: int, b: int, seed: int):
     """``b`` exits whose top softmax is calibrated (a sample is right with probability = score),
     sharper with depth, at evenly spaced depths; the backbone is right on 90 %."""
-    from pteenet.calibration._calibrate import Outputs
+    from pteenet.calibration import Outputs
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, 10, (n,), generator=g)
     final = torch.where(torch.rand(n, generator=g) < 0.9, labels, (labels + 2) % 10)

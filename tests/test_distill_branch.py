@@ -58,7 +58,7 @@ def test_branches_answer_through_the_frozen_classifier_and_train_only_their_own_
         assert not any(n.startswith("classifier") for n, _ in b.named_parameters())
         assert not any(k.startswith("classifier") for k in b.state_dict())
     x = torch.randn(4, 3, 32, 32)
-    feats, final, pre = ee.distill_features(x)
+    feats, final, pre = ee.reduced_features(x, pre_logits=True)
     with torch.no_grad():
         assert torch.allclose(final, bb.model.eval()(x), atol=1e-5)
     assert pre.shape == (4, 64)

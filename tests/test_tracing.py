@@ -11,7 +11,7 @@ from torch import nn
 
 from pteenet.backbone._cifar_resnet import cifar_resnet
 from pteenet.errors import PteenetError, TraceError
-from pteenet.graph._tracing import split_at, trace_backbone
+from pteenet.graph import split_at, trace_backbone
 
 # name -> (factory, input size). Random init; ImageNet models at 64x64 to stay fast.
 MODELS = {

@@ -5,12 +5,12 @@ from pteenet._face import lazy_face
 
 _NAMES = {
     "CalibrationResult": "_calibrate",
-    "Outputs": "_calibrate",
+    "Outputs": "_collect",
     "calibrate": "_calibrate",
     "choose_table": "_calibrate",
     "class_rows": "_calibrate",
-    "collect": "_calibrate",
-    "outputs_from_features": "_calibrate",
+    "collect": "_collect",
+    "outputs_from_features": "_collect",
     "uses_gate": "_calibrate",
     "CostSearch": "_cost_search",
     "min_cost_thresholds": "_cost_search",

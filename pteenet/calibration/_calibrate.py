@@ -32,19 +32,17 @@ from torch import Tensor, nn
 
 from pteenet.bundle._load import load
 from pteenet.bundle._read import read_bundle
-from pteenet.bundle._schema import Bundle, ThresholdTable
+from pteenet.bundle._schema import ThresholdTable
 from pteenet.bundle._write import write_thresholds
+from pteenet.calibration._collect import Outputs, collect
 from pteenet.calibration._cost_search import min_cost_thresholds
-from pteenet.cascade._cost import Cost
 from pteenet.cascade._model import EarlyExitModel
 from pteenet.cascade._profile import device_name, probe_images
 from pteenet.cascade._score import gate_power
 from pteenet.choices import BOUNDS, DEFAULT_MARGIN, DEFAULT_MAX_DROP
-from pteenet.data._datasets import open_data
 from pteenet.errors import CalibrationError, OptionError
 from pteenet.labels import class_name
 from pteenet.machine import check_device
-from pteenet.progress import single_bar
 from pteenet.storage import writes_into
 from pteenet.thresholds import (
     as_table,
@@ -57,27 +55,9 @@ from pteenet.thresholds import (
     scaled_candidates,
     summarize,
 )
-from pteenet.training._features import FeatureSet, branch_scores, compute_features
 
-__all__ = ["CalibrationResult", "Outputs",
-           "calibrate", "choose_table", "class_rows", "collect", "outputs_from_features",
-           "uses_gate"]
+__all__ = ["CalibrationResult", "calibrate", "choose_table", "class_rows", "uses_gate"]
 
-
-
-@dataclass
-class Outputs:
-    """Every exit's score and prediction on a set of samples, and the backbone's prediction."""
-
-    scores: Tensor  # [N, B]
-    preds: Tensor  # [N, B]
-    final_pred: Tensor  # [N]
-    labels: Tensor | None  # [N] or None when the data has no (matching) labels
-    cost: Cost  # the model's cost model when these were collected
-
-    def exit_costs(self, thr: Tensor) -> list[float]:
-        """Relative cost of each exit when ``thr`` decides which exits are on."""
-        return self.cost.exits(thr.amin(1) <= 1)
 
 
 @dataclass
@@ -113,49 +93,6 @@ class CalibrationResult:
 def _uniform(row: Tensor) -> float | None:
     """A branch's one threshold for every class, or None where they differ."""
     return float(row[0]) if bool((row == row[0]).all()) else None
-
-
-def collect(model: EarlyExitModel, bundle: Bundle | str | os.PathLike,
-            data: str | os.PathLike | None = None, *, split: str = "train",
-            device: str = "cpu", max_samples: int | None = None,
-            progress: bool = False, labels: str | None = None) -> Outputs:
-    """Run the model's branches and backbone on the calibration samples, once.
-
-    ``bundle`` (read, or its folder) is where ``model`` was loaded from: it says how to
-    preprocess and, without ``data``, which samples form its held-out split (exactly those
-    recorded at attach). The model itself holds no bundle metadata, so data flows one way.
-    """
-    info = (bundle if isinstance(bundle, Bundle) else read_bundle(bundle, thresholds=False)).info
-    spec = data if data is not None else info.data.get("spec")
-    if spec is None:
-        raise CalibrationError("the bundle records no data; pass `data`")
-    if data is None:  # the recorded indices belong to the split attach trained on
-        split = info.data.get("split", "train")
-    dataset = open_data(spec, info.preprocess, split=split, label_names=info.classes,
-                        labels=labels or info.data.get("labels", "auto"))
-    indices = list(range(len(dataset))) if data is not None else list(info.calibration_indices)
-    if not indices:
-        raise CalibrationError("no calibration samples: the bundle records no held-out split")
-    if max(indices) >= len(dataset):
-        raise CalibrationError(f"{spec} has fewer images than when the bundle was made; the "
-                               f"held-out split no longer exists: pass `data`")
-    if max_samples is not None:
-        indices = indices[:max_samples]
-    with single_bar(progress, "calibration features", len(indices)) as tick:
-        feats = compute_features(model, dataset, indices, device=device, progress=tick)
-    usable = dataset.has_labels and len(dataset.classes or []) == model.num_classes
-    return outputs_from_features(model, feats, usable, device)
-
-
-def outputs_from_features(model, feats: FeatureSet, labels_usable: bool = True,
-                          device: str = "cpu") -> Outputs:
-    """Exit scores and predictions from already computed features (no backbone pass); with a
-    ZTW ensemble they are the ensembled exits' and the costs count every branch it reads."""
-    scores, preds = branch_scores(model, feats, device)
-    labels = feats.labels
-    usable = labels_usable and len(labels) > 0 and bool((labels >= 0).all())
-    return Outputs(scores, preds, feats.final.argmax(1), labels if usable else None,
-                   model.cost)
 
 
 def _method(threshold: float | None, cpm: bool, max_drop: float | None, budget: float | None,

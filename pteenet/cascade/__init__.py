@@ -22,7 +22,7 @@ _NAMES = {
     "frozen_applies": "_frozen",
     "trace_exact": "_frozen",
     "EarlyExitModel": "_model",
-    "TrainOutputs": "_model",
+    "TrainOutputs": "_exit_loop",
     "EarlyExitResult": "_exit_loop",
     "build_early_exit": "_build",
     "Cost": "_cost",

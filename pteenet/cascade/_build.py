@@ -9,7 +9,8 @@ from pteenet.cascade._model import EarlyExitModel
 from pteenet.choices import DEFAULT_BRANCH, DEFAULT_BUDGET
 from pteenet.errors import OptionError
 from pteenet.graph._head import find_head, pre_logit_segment
-from pteenet.graph._tracing import Cut, Trace, split_at
+from pteenet.graph._split import split_at
+from pteenet.graph._tracing import Cut, Trace
 
 __all__ = ["build_early_exit"]
 

@@ -17,8 +17,17 @@ from torch import nn
 from pteenet.cascade._frozen import direct
 from pteenet.cascade._score import exit_score
 
-__all__ = ["Answers", "EarlyExitResult", "Plan", "Route", "answered", "early_exit",
+__all__ = ["Answers", "EarlyExitResult", "Plan", "Route", "TrainOutputs", "answered", "early_exit",
            "keep_rows", "tensor_version"]
+
+
+@dataclass
+class TrainOutputs:
+    """Every branch's outputs on the whole batch (training mode)."""
+
+    logits: list[torch.Tensor]  # per branch, [N, K]
+    confidence: list[torch.Tensor]  # per branch, [N] (logits; sigmoid gives the score)
+    final_logits: torch.Tensor  # the backbone's own head, [N, K]
 
 
 @dataclass

@@ -32,7 +32,6 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +39,13 @@ from torch import nn
 
 from pteenet.cascade._cost import Cost, reach
 from pteenet.cascade._ensemble import ZTWEnsemble
-from pteenet.cascade._exit_loop import EarlyExitResult, Plan, early_exit, tensor_version
+from pteenet.cascade._exit_loop import (
+    EarlyExitResult,
+    Plan,
+    TrainOutputs,
+    early_exit,
+    tensor_version,
+)
 from pteenet.cascade._frozen import freeze_all, frozen_applies, trace_exact
 from pteenet.cascade._profile import PROBE_BATCH, TimeProfile, profile_cascade
 from pteenet.cascade._score import exit_score
@@ -50,16 +55,7 @@ from pteenet.errors import OptionError
 from pteenet.graph._head import LinearHead
 from pteenet.thresholds import as_table
 
-__all__ = ["EarlyExitModel", "TrainOutputs"]
-
-
-@dataclass
-class TrainOutputs:
-    """Every branch's outputs on the whole batch (training mode)."""
-
-    logits: list[torch.Tensor]  # per branch, [N, K]
-    confidence: list[torch.Tensor]  # per branch, [N] (logits; sigmoid gives the score)
-    final_logits: torch.Tensor  # the backbone's own head, [N, K]
+__all__ = ["EarlyExitModel"]
 
 
 class EarlyExitModel(nn.Module):
@@ -120,7 +116,7 @@ class EarlyExitModel(nn.Module):
 
     @property
     def pre_logits(self) -> bool:
-        """Whether :meth:`distill_features` yields the pre-logits (some branch distills them)."""
+        """Whether :meth:`features` can yield the pre-logits (some branch distills them)."""
         return self._pre is not None
 
     # -- configuration --------------------------------------------------------------------
@@ -272,8 +268,8 @@ class EarlyExitModel(nn.Module):
         powers = tuple(plan.gamma) if self.score == "gate" else ()
         return self._traced(
             x, ("scored", self.score, powers),
-            lambda k, b: Scored(Answer(b, head), functools.partial(self._score,
-                                                                     gamma=plan.gamma[k])),
+            lambda k, b: Scored(Answer(b, head), functools.partial(
+                exit_score, self.score, gamma=plan.gamma[k])),
             lambda run: run)
 
     def _traced(self, x: torch.Tensor, what: tuple, make: Callable[[int, nn.Module], nn.Module],
@@ -309,21 +305,13 @@ class EarlyExitModel(nn.Module):
     def exit_score(self, logits: torch.Tensor, confidence: torch.Tensor | None, k: int
                    ) -> torch.Tensor:
         """Exit ``k``'s score of each sample (see the module docstring for the three kinds)."""
-        return self._score(logits, confidence, float(self.gamma[k]))
-
-    def _score(self, logits: torch.Tensor, confidence: torch.Tensor | None, gamma: float
-               ) -> torch.Tensor:
-        return exit_score(self.score, logits, confidence, gamma)
-
-    def exit_logits(self, logits: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Each exit's answer from the branches' own logits: those logits, or the ensemble's."""
-        return list(logits) if self.ensemble is None else self.ensemble.exit_logits(logits)
+        return exit_score(self.score, logits, confidence, float(self.gamma[k]))
 
     def exit_outputs(self, logits: Sequence[torch.Tensor], conf: Sequence[torch.Tensor]
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """Every exit's score and prediction from the branches' outputs, two [N, B] tensors
         (what calibration and bench record), from the ensembled logits when there is one."""
-        z = self.exit_logits(logits)
+        z = list(logits) if self.ensemble is None else self.ensemble.exit_logits(logits)
         scores = torch.stack([self.exit_score(lg, c, k)
                               for k, (lg, c) in enumerate(zip(z, conf))], 1)
         return scores, torch.stack([lg.argmax(1) for lg in z], 1)
@@ -349,37 +337,28 @@ class EarlyExitModel(nn.Module):
         return self.ensemble.combine(history, k), conf, history
 
     @torch.no_grad()
-    def features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """The frozen backbone's feature maps at every cut, and its final logits."""
+    def features(self, x: torch.Tensor, pre_logits: bool = False) -> tuple[torch.Tensor, ...]:
+        """The frozen backbone's feature maps at every cut, and its final logits; with
+        ``pre_logits`` also its pre-logits (what ``distill`` branches learn to reproduce), the
+        logits then being its classifier on them, so nothing runs twice."""
         feats, segments = [], self.pieces(x)
         for seg in segments[:-1]:
             x = seg(x)
             feats.append(x)
-        return feats, segments[-1](x)
-
-    @torch.no_grad()
-    def reduced_features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Each branch's fixed reduction of its cut's map (what training caches), and the logits.
-
-        The reductions are small (a 4x4 grid at most), so caching them costs a fraction of
-        caching whole maps, and every epoch runs only the branches' learned parts.
-        """
-        feats, final = self.features(x)
-        return [b.reduce(f) for b, f in zip(self.branches, feats)], final
-
-    @torch.no_grad()
-    def distill_features(self, x: torch.Tensor
-                         ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-        """:meth:`reduced_features` and the backbone's pre-logits (what ``distill`` branches
-        learn to reproduce); the logits are its classifier on them, so nothing runs twice."""
+        if not pre_logits:
+            return feats, segments[-1](x)
         tail, head = self._pre
-        feats, h = [], x
-        for seg in self.pieces(x)[:-1]:
-            h = seg(h)
-            feats.append(h)
-        pre = tail(h).float()
-        final = F.linear(pre, head.weight.float(), None if head.bias is None else head.bias.float())
-        return [b.reduce(f) for b, f in zip(self.branches, feats)], final, pre
+        pre = tail(x).float()
+        bias = None if head.bias is None else head.bias.float()
+        return feats, F.linear(pre, head.weight.float(), bias), pre
+
+    @torch.no_grad()
+    def reduced_features(self, x: torch.Tensor, pre_logits: bool = False
+                         ) -> tuple[torch.Tensor, ...]:
+        """:meth:`features` with each map replaced by its branch's fixed reduction (what
+        training caches: a 4x4 grid at most, so every epoch runs only the learned parts)."""
+        feats, *rest = self.features(x, pre_logits)
+        return [b.reduce(f) for b, f in zip(self.branches, feats)], *rest
 
     def branch_outputs(self, reduced: Sequence[torch.Tensor]) -> tuple[list, list]:
         """Every branch's logits and confidence logit from its reduced map."""

@@ -27,7 +27,8 @@ from torch import Tensor
 
 from pteenet.cascade._frozen import freeze_all, frozen_applies
 from pteenet.errors import OptionError
-from pteenet.graph._tracing import Trace, split_at
+from pteenet.graph._split import split_at
+from pteenet.graph._tracing import Trace
 
 __all__ = ["TimeProfile", "batched_repeats", "chain_times", "cut_time_fractions",
            "device_name", "exit_times", "probe_batch", "probe_images", "profile_cascade",

@@ -14,7 +14,7 @@ _NAMES = {
     "Cut": "_tracing",
     "Trace": "_tracing",
     "count_flops": "_tracing",
-    "split_at": "_tracing",
+    "split_at": "_split",
     "thop_macs": "_tracing",
     "trace_backbone": "_tracing",
 }

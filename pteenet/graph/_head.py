@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from pteenet.graph._tracing import Trace, _node_of, _segment
+from pteenet.graph._split import node_of, segment
+from pteenet.graph._tracing import Trace
 
 __all__ = ["LinearHead", "find_head", "pre_logit_segment"]
 
@@ -92,6 +93,6 @@ def pre_logit_segment(trace: Trace, last_cut: str, head: LinearHead) -> fx.Graph
     gm = trace.graph_module
     nodes = list(gm.graph.nodes)
     pos = {n: i for i, n in enumerate(nodes)}
-    start = _node_of(gm, trace.cut(last_cut).node or last_cut)
-    end = _node_of(gm, head.pre_node)
-    return _segment(gm, nodes, pos, start, end, trace.free)
+    start = node_of(gm, trace.cut(last_cut).node or last_cut)
+    end = node_of(gm, head.pre_node)
+    return segment(gm, nodes, pos, start, end, trace.free)

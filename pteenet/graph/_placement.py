@@ -83,7 +83,8 @@ def choose_cuts(
     cuts = useful_cuts(trace)
     if not cuts:
         raise PlacementError(f"this backbone has no cut point before the last {TAIL:.0%} of "
-                             f"its FLOPs")
+                             f"its FLOPs: nowhere does one image-sized tensor carry all the "
+                             f"later layers need (CrossViT runs two token streams side by side)")
     if at is None and n is None:
         n = min(DEFAULT_BRANCHES, len(cuts))
     targets = _check_fractions(at) if at is not None else target_fractions(policy, n or 0)

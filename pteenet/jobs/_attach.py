@@ -22,7 +22,8 @@ from pteenet.backbone._registry import Backbone, create_backbone, label_names
 from pteenet.bundle._derived import bundle_hash, remove_stale
 from pteenet.bundle._schema import BundleInfo, ThresholdTable, calibration_digest
 from pteenet.bundle._write import save_bundle
-from pteenet.calibration._calibrate import choose_table, outputs_from_features
+from pteenet.calibration._calibrate import choose_table
+from pteenet.calibration._collect import outputs_from_features
 from pteenet.cascade._branches import cache_bytes, resolve_kind
 from pteenet.cascade._build import build_early_exit
 from pteenet.cascade._ensemble import fit_split, fit_ztw

@@ -96,9 +96,8 @@ class LiveFeatures:
 
 def _features(model: EarlyExitModel, x: Tensor) -> tuple[list[Tensor], Tensor, Tensor | None]:
     """The reduced maps, the logits and (where a branch distills them) the pre-logits."""
-    if model.pre_logits:
-        return model.distill_features(x)
-    return (*model.reduced_features(x), None)
+    feats, final, *pre = model.reduced_features(x, model.pre_logits)
+    return feats, final, pre[0] if pre else None
 
 
 def _fp16(f: Tensor) -> Tensor:
