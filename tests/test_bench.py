@@ -115,6 +115,7 @@ def test_sweep_writes_png_and_csv(bundle: Path) -> None:
     png, table = bundle / "sweep.png", bundle / "sweep.csv"
     with Image.open(png) as img:
         img.verify()
+        assert img.size[0] > 1000  # the curve, and beside it where each class leaves
     rows = list(csv.DictReader(table.open()))
     assert len(rows) >= 2 and len(rows) == len(r["sweep"]["points"])
     assert {"threshold", "relative_flops", "agreement", "top1", "share_exit_0"} <= set(rows[0])

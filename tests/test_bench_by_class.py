@@ -24,6 +24,9 @@ def test_top_classes_per_exit_and_the_ones_that_never_leave():
     assert res["per_exit"][2]["name"] == "backbone"
     assert res["never_early"] == [{"class": "shark", "index": 2, "count": 2}]
     assert res["classes_seen"] == 4 and res["by"] == "label"
+    panel = {row["class"]: row["shares"] for row in res["exit_shares"]}
+    assert panel == {"tench": [0.5, 0.5, 0.0], "goldfish": [1.0, 0.0, 0.0],
+                     "shark": [0.0, 0.0, 1.0], "eel": [0.5, 0.0, 0.5]}
 
 
 def test_bench_reports_classes_and_tail_latency(shared, tmp_path, invoke):

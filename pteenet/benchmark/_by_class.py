@@ -17,16 +17,19 @@ from torch import Tensor
 
 from pteenet.labels import class_name
 
-__all__ = ["TOP_CLASSES", "by_class"]
+__all__ = ["PANEL_CLASSES", "TOP_CLASSES", "by_class"]
 
 TOP_CLASSES = 5  # classes listed per exit
+PANEL_CLASSES = 12  # classes whose whole exit profile is kept (the sweep plot's panel)
 
 
 def by_class(exits: Tensor, classes_of: Tensor, num_branches: int,
              names: Sequence[str] | None, by: str, top: int = TOP_CLASSES) -> dict[str, Any]:
     """Per exit, the classes that most often leave there (count, and the share of the class's
     images that leave there); and the classes none of whose images leave early, most images
-    first. ``exits`` and ``classes_of`` are per image; ``by`` says what ``classes_of`` holds."""
+    first; and for the ``PANEL_CLASSES`` classes with the most images, the share of their
+    images leaving at every exit (``exit_shares``). ``exits`` and ``classes_of`` are per image;
+    ``by`` says what ``classes_of`` holds."""
     k = int(classes_of.max()) + 1 if classes_of.numel() else 0
     counts = torch.zeros(num_branches + 1, max(k, 1), dtype=torch.long)
     counts.index_put_((exits.long(), classes_of.long()), torch.ones_like(exits, dtype=torch.long),
@@ -46,7 +49,11 @@ def by_class(exits: Tensor, classes_of: Tensor, num_branches: int,
     early = counts[:num_branches].sum(0)
     never = sorted((c for c in range(counts.shape[1]) if per_class[c] and not early[c]),
                    key=lambda c: (-int(per_class[c]), c))
-    return {"by": by, "per_exit": per_exit,
+    biggest = sorted((c for c in range(counts.shape[1]) if per_class[c]),
+                     key=lambda c: (-int(per_class[c]), c))[:PANEL_CLASSES]
+    shares = [{"class": class_name(names, c), "index": c, "count": int(per_class[c]),
+               "shares": (counts[:, c].double() / per_class[c]).tolist()} for c in biggest]
+    return {"by": by, "per_exit": per_exit, "exit_shares": shares,
             "never_early": [{"class": class_name(names, c), "index": c,
                              "count": int(per_class[c])} for c in never],
             "classes_seen": int((per_class > 0).sum())}

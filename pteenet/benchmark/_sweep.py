@@ -71,8 +71,9 @@ def plot_sweep(path: Path, sweep: dict[str, Any], result: dict[str, Any]) -> Non
 
     metric = sweep["metric"]
     label = "top-1 (%)" if metric == "top1" else "agreement with backbone (%)"
-    fig = Figure(figsize=(6, 4.2), dpi=120)
-    ax = fig.add_subplot()
+    panel = (result.get("by_class") or {}).get("exit_shares") or []
+    fig = Figure(figsize=(11 if len(panel) > 1 else 6, 4.2), dpi=120)
+    ax = fig.add_subplot(1, 2, 1) if len(panel) > 1 else fig.add_subplot()
     pts = sweep["points"]
     ax.plot([q["relative_flops"] for q in pts], [100 * q[metric] for q in pts], "-o",
             ms=3, label=_sweep_rule(sweep, result["thresholds"]))
@@ -91,10 +92,30 @@ def plot_sweep(path: Path, sweep: dict[str, Any], result: dict[str, Any]) -> Non
                  f"({d['split']})", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="best")
+    if len(panel) > 1:  # for whom the exits save: one class hardly leaves early, another always
+        _class_panel(fig.add_subplot(1, 2, 2), panel, result["by_class"]["by"])
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", metadata={  # which bundle it shows (pteenet.bundle._derived)
             "Description": f"pteenet sweep; {BUNDLE_HASH_KEY} {result['bundle']['sha256']}"})
+
+
+def _class_panel(ax: Any, panel: list[dict[str, Any]], by: str) -> None:
+    """Stacked bars: per class (the most frequent ones), the share of its images that leave at
+    each exit, at the current thresholds."""
+    exits = len(panel[0]["shares"])
+    left = [0.0] * len(panel)
+    for e in range(exits):
+        widths = [100 * row["shares"][e] for row in panel]
+        ax.barh(range(len(panel)), widths, left=left,
+                label="backbone" if e == exits - 1 else f"branch {e}")
+        left = [a + b for a, b in zip(left, widths)]
+    ax.set_yticks(range(len(panel)), [f"{row['class']} ({row['count']})" for row in panel],
+                  fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("images leaving at each exit (%)")
+    ax.set_title(f"where each class leaves (by {by})", fontsize=10)
+    ax.legend(loc="lower right", fontsize=6, ncol=2)
 
 
 def _sweep_rule(sweep: dict[str, Any], thresholds: dict[str, Any]) -> str:
