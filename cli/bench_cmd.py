@@ -51,6 +51,15 @@ def comparison_rows(res: dict[str, Any]) -> list[list[Any]]:
               _times(sp["latency_vs_segments"])],
              ["throughput vs segments in a row", _num(t["throughput"]["early_exit"], ".1f"),
               _num(t["throughput"]["segments"], ".1f"), _times(sp["throughput_vs_segments"])]]
+    if sp.get("fastest_latency"):
+        quick = sp["fastest_latency"]
+        rows.append([f"batch-1 mean vs fastest plain: {sp['fastest_latency_runtime']} (ms)",
+                     _num(lat["early_exit"].get("mean_ms"), ".2f"),
+                     _num(lat[quick].get("mean_ms"), ".2f"), _times(sp["latency_vs_fastest"])])
+    most = sp["fastest_throughput"]
+    rows.append([f"throughput vs fastest plain: {sp['fastest_throughput_runtime']}",
+                 _num(t["throughput"]["early_exit"], ".1f"), _num(t["throughput"][most], ".1f"),
+                 _times(sp["throughput_vs_fastest"])])
     if "ideal_latency" in sp:
         for key, label in (("latency", "batch-1"), ("throughput", "batched")):
             got = sp[f"{key}_of_ideal"]
@@ -158,6 +167,10 @@ def bench(
     profile: Annotated[bool, typer.Option(
         help="Time every segment and branch (batch 1 and batched) and report the ideal speedup "
         "those times and the exit shares imply, beside the achieved one.")] = True,
+    onnx_baseline: Annotated[bool, typer.Option(
+        help="Also time the plain backbone exported to ONNX on onnxruntime (CPU; needs "
+        "[onnx]), often the fastest way to run it, and hold early exit against the fastest "
+        "plain runtime timed.")] = True,
     json: Json = False,
     labels: Labels = None,
     quiet: Quiet = False,
@@ -182,7 +195,9 @@ def bench(
     of the mean, the time per image of a one-by-one stream (early exit makes latency bimodal,
     so the median flatters it). FLOPs saved turn into time saved only
     when the skipped layers outweigh the branches and the bookkeeping: less so for small models
-    and large GPU batches.
+    and large GPU batches. On a CPU the plain backbone also runs on onnxruntime (the fastest
+    plain runtime there, often), and the "vs fastest plain runtime" rows hold early exit
+    against whichever of eager torch, the frozen segments in a row and onnxruntime was fastest.
 
     Data: the bundle's test split, else its held-out calibration samples (never the training
     ones). Results go to bench.json in the bundle; --sweep adds sweep.png and sweep.csv.
@@ -195,7 +210,7 @@ def bench(
                     latency_samples=latency_samples, repeats=repeats, sweep=sweep, device=device,
                     checkpoint=checkpoint, force=force, max_samples=max_samples,
                     progress=not (quiet or json), threads=threads, profile=profile,
-                    labels=value(labels))
+                    labels=value(labels), onnx_baseline=onnx_baseline)
     out.table("early exit vs backbone", ["metric", "early exit", "backbone", "speedup"],
               comparison_rows(res))
     out.table("where samples left", EXIT_COLUMNS, exit_rows(res))

@@ -181,3 +181,38 @@ def test_timing_images_are_drawn_from_the_whole_set(bundle: Path) -> None:
     assert torch.equal(p.images, want)
     classes = {ev.data[ev.indices[int(i)]][1] for i in wanted}
     assert len(classes) > 1
+
+
+def test_the_plain_backbone_on_onnxruntime_is_the_bar_when_fastest(bundle: Path) -> None:
+    """Issue 28: on a CPU the backbone also runs on onnxruntime, and early exit is held against
+    the fastest plain runtime timed (eager torch, the frozen segments, onnxruntime)."""
+    pytest.importorskip("onnxruntime")
+    r = _bench(bundle, "--no-profile")
+    t, sp = r["timing"], r["speedup"]
+    plain = {k: t["latency"][k]["mean_ms"] for k in ("backbone", "segments", "backbone_onnx")}
+    assert sp["fastest_latency"] == min(plain, key=plain.get)
+    assert sp["latency_vs_fastest"] == pytest.approx(
+        plain[sp["fastest_latency"]] / t["latency"]["early_exit"]["mean_ms"])
+    rates = {k: t["throughput"][k] for k in plain}
+    assert sp["fastest_throughput"] == max(rates, key=rates.get)
+    assert sp["fastest_throughput_runtime"] in ("eager torch", "TorchScript (frozen segments)",
+                                                "onnxruntime")
+    off = _bench(bundle, "--no-profile", "--no-onnx-baseline")
+    assert "backbone_onnx" not in off["timing"]["throughput"]
+    assert off["speedup"]["fastest_throughput"] in ("backbone", "segments")
+
+
+def test_without_onnxruntime_bench_says_so_and_times_the_rest(bundle, monkeypatch) -> None:
+    import builtins
+
+    real = builtins.__import__
+
+    def no_ort(name, *args, **kwargs):
+        if name == "onnxruntime":
+            raise ImportError(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ort)
+    r = _bench(bundle, "--no-profile")
+    assert "backbone_onnx" not in r["timing"]["throughput"]
+    assert any("onnxruntime is not installed" in n for n in r["notes"])

@@ -31,6 +31,7 @@ from torch import nn
 from pteenet.benchmark._by_class import by_class
 from pteenet.benchmark._drift import drift_warning
 from pteenet.benchmark._eval_set import EvalSet, select_data
+from pteenet.benchmark._onnx_baseline import onnx_backbone
 from pteenet.benchmark._quality import Pass, measure_pass, quality, simulation_check
 from pteenet.benchmark._sweep import plot_sweep, sweep_points, write_sweep_csv
 from pteenet.benchmark._wall_clock import (
@@ -113,6 +114,7 @@ def bench(
     profile: bool = True,
     model: nn.Module | Callable[[], nn.Module] | None = None,
     labels: str | None = None,
+    onnx_baseline: bool = True,
 ) -> dict[str, Any]:
     """Measure a bundle's early exits against its untouched backbone (see the module docstring).
 
@@ -130,7 +132,7 @@ def bench(
     with cpu_threads(threads):
         return _bench(bundle, data, split, threshold, batch_size, latency_samples, repeats,
                       sweep, device, checkpoint, force, out_json, progress, max_samples, profile,
-                      model, labels)
+                      model, labels, onnx_baseline)
 
 
 def _timed_shares(p: Pass, timing: dict[str, Any], branches: int) -> dict[str, list[float]]:
@@ -143,7 +145,8 @@ def _timed_shares(p: Pass, timing: dict[str, Any], branches: int) -> dict[str, l
 
 
 def _bench(bundle, data, split, threshold, batch_size, latency_samples, repeats, sweep, device,
-           checkpoint, force, out_json, progress, max_samples, profile, module, labels
+           checkpoint, force, out_json, progress, max_samples, profile, module, labels,
+           onnx_baseline
            ) -> dict[str, Any]:
     dev = check_device(device)
     b = read_bundle(bundle)  # read once: the model, the table and the info agree
@@ -166,8 +169,16 @@ def _bench(bundle, data, split, threshold, batch_size, latency_samples, repeats,
         if drift:
             result["warnings"].append(drift)
     steady = dev.type == "cpu" and steady_allocator()  # both models alike: see its docstring
+    extra = {}
+    if onnx_baseline and dev.type == "cpu":  # on a CPU, often the fastest plain runtime
+        run, note = onnx_backbone(backbone, info.preprocess.input_size, torch.get_num_threads())
+        if run is not None:
+            extra["backbone_onnx"] = run
+        if note:
+            result["notes"].append(note)
     result["timing"] = wall_clock(backbone, model, p.images, latency_samples=latency_samples,
-                                  batch_size=batch_size, repeats=repeats, device=dev)
+                                  batch_size=batch_size, repeats=repeats, device=dev,
+                                  extra=extra)
     result["timing"]["allocator"] = "steady (mallopt)" if steady else "default"
     result["speedup"] = speedups(result["timing"], result["early_exit"]["relative_flops"])
     result["profile"] = time_profile(model, p.images.to(dev), result["timing"]["batch_size"],

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from pteenet.benchmark._onnx_baseline import PLAIN_RUNTIMES
 from pteenet.bundle._schema import BundleInfo
 from pteenet.cascade._frozen import direct
 from pteenet.cascade._model import EarlyExitModel
@@ -150,11 +151,13 @@ def segments_in_a_row(model: EarlyExitModel) -> Callable[[Tensor], Tensor]:
 
 def wall_clock(backbone: nn.Module, model: EarlyExitModel, images: Tensor, *,
                latency_samples: int, batch_size: int, repeats: int,
-               device: torch.device) -> dict[str, Any]:
+               device: torch.device, extra: dict[str, Callable] | None = None
+               ) -> dict[str, Any]:
     """Time the untouched backbone, the early-exit model and its segments in a row side by
-    side on the same images."""
+    side on the same images, with ``extra`` models by name (the backbone on onnxruntime)."""
     images = images.to(device)
-    models = {"backbone": backbone, "early_exit": model, "segments": segments_in_a_row(model)}
+    models = {"backbone": backbone, "early_exit": model, "segments": segments_in_a_row(model),
+              **(extra or {})}
     clock = Clock(device)
     batches = _timing_batches(images, batch_size)
     with torch.inference_mode():
@@ -190,17 +193,27 @@ def speedups(timing: dict[str, Any], flops: float) -> dict[str, float | None]:
     """Backbone over early exit: FLOPs, mean batch-1 latency (``latency``), median batch-1
     latency (``latency_median``) and batched throughput; and the early exits' own share, the
     segments in a row over early exit (``latency_vs_segments``, ``throughput_vs_segments``:
-    what is held against the ideal)."""
+    what is held against the ideal); and early exit against the fastest plain runtime timed
+    (``fastest_latency`` / ``fastest_throughput`` name it, :data:`PLAIN_RUNTIMES`), the bar a
+    user who wants speed compares with."""
     lat, tput = timing["latency"], timing["throughput"]
 
     def ratio(key: str, base: str = "backbone") -> float | None:
         return None if lat is None else lat[base][key] / lat["early_exit"][key]
 
+    plain = [k for k in PLAIN_RUNTIMES if k in tput]
+    quick = None if lat is None else min(plain, key=lambda k: lat[k]["mean_ms"])
+    most = max(plain, key=lambda k: tput[k])
     return {"flops": 1.0 / flops, "latency": ratio("mean_ms"),
             "latency_median": ratio("median_ms"),
             "throughput": tput["early_exit"] / tput["backbone"],
             "latency_vs_segments": ratio("mean_ms", "segments"),
-            "throughput_vs_segments": tput["early_exit"] / tput["segments"]}
+            "throughput_vs_segments": tput["early_exit"] / tput["segments"],
+            "fastest_latency": quick, "fastest_throughput": most,
+            "fastest_latency_runtime": PLAIN_RUNTIMES.get(quick),
+            "fastest_throughput_runtime": PLAIN_RUNTIMES[most],
+            "latency_vs_fastest": None if quick is None else ratio("mean_ms", quick),
+            "throughput_vs_fastest": tput["early_exit"] / tput[most]}
 
 
 def time_profile(model: EarlyExitModel, images: Tensor, batch_size: int,

@@ -55,6 +55,7 @@ from pteenet.bundle._load import load
 from pteenet.bundle._read import read_bundle
 from pteenet.bundle._schema import BundleInfo
 from pteenet.cascade._model import EarlyExitModel
+from pteenet.cascade._onnx import save_onnx
 from pteenet.choices import FORMATS
 from pteenet.errors import BundleError, ExportError, OptionError
 from pteenet.exporter._single_graph import MIN_OPSET, single_graph
@@ -266,17 +267,7 @@ def _save_onnx(module: nn.Module, example: tuple[torch.Tensor, ...], path: Path,
     outputs = ["output"] if not isinstance(module, ScoredBranch) else ["logits", "score"]
     if isinstance(module, ScoredBranch) and module.ensemble is not None:
         outputs.append("history_out")
-    axes = {name: {0: "batch"} for name in [*inputs, *outputs]}
-    # nn.MultiheadAttention's inference fast path is one fused op ONNX has no symbol for
-    # (torchvision vit_b_16 failed); the unfused path computes the same attention
-    fast = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        torch.onnx.export(module, example, str(path), input_names=inputs,
-                          output_names=outputs, dynamic_axes=axes, opset_version=opset,
-                          dynamo=False, do_constant_folding=True)
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fast)
+    save_onnx(module, example, path, inputs, outputs, opset)
     onnx.checker.check_model(onnx.load(str(path)))
 
 
