@@ -1,7 +1,7 @@
 """How long ``pteenet --help`` and every ``pteenet CMD --help`` take, in a fresh process each.
 
 The target (issue 31): under 1 s on an idle 2-core machine, which needs the CLI to print its help
-without importing torch (``tests/test_cli_help.py`` checks that part; the times are measured
+without importing torch (``tests/e2e/test_cli_help.py`` checks that part; the times are measured
 here, never asserted). Each command runs ``--repeats`` times as ``python -m pteenet ...`` and
 the median wall time counts; the load average is recorded beside it, since a busy machine makes
 every start slower.

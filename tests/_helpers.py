@@ -80,20 +80,10 @@ def fails_cleanly(result, code: int = 2) -> str:
     return lines[0]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Torch's two threads stall each other when other jobs share the cores; tests that time
-    nothing run faster and steadier on one. Autouse in every module that imports it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def shared_bundle(tmp_path_factory) -> tuple[Path, Path, Path]:
     """(data, checkpoint, bundle): real images, a real untrained resnet20 3-class checkpoint and
     a 2-branch bundle trained on them for one epoch. Made once per session and shared by the
-    tests/test_errors_*.py files; never modified: copy it first."""
+    error and attack tests; never modified: copy it first."""
     from pteenet.jobs._attach import attach
     from pteenet.training._config import TrainConfig
 
@@ -110,28 +100,6 @@ def shared_bundle(tmp_path_factory) -> tuple[Path, Path, Path]:
                config=TrainConfig(epochs=1, batch_size=16), progress=False)
         (root / "done").touch()
     return root / "data", root / "resnet20-3.pt", root / "bundle"
-
-
-@pytest.fixture(scope="module", name="shared")
-def shared_fixture(tmp_path_factory) -> tuple[Path, Path, Path]:
-    """:func:`shared_bundle` as the ``shared`` fixture (import this name to use it)."""
-    return shared_bundle(tmp_path_factory)
-
-
-@pytest.fixture(name="bundle")
-def bundle_copy(shared, tmp_path) -> Path:
-    """A private copy of the shared bundle, to spoil (the ``bundle`` fixture)."""
-    import shutil
-
-    return Path(shutil.copytree(shared[2], tmp_path / "bundle"))
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory) -> tuple[Path, Path]:
-    """(data folder with train/ and test/, trained resnet20 checkpoint)."""
-    root = tmp_path_factory.mktemp("tiny")
-    data = write_images(root / "data")
-    return data, train_backbone(data, root / "resnet20-tiny.pt")
 
 
 def reseal(bundle: Path) -> None:
@@ -185,3 +153,12 @@ def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], *, timeout: flo
             proc.kill()
             proc.wait()
         proc.stderr.close()
+
+
+def cli(*args: object):
+    """Run the ``pteenet`` app in-process with ``args``; returns click's ``Result`` (the
+    :func:`invoke` fixture, for module-level helpers and property tests)."""
+    from pteenet_cli.app import app
+    from typer.testing import CliRunner
+
+    return CliRunner().invoke(app, [str(a) for a in args])

@@ -1,4 +1,5 @@
-"""Shared fixtures: the ../shared test material (skipped cleanly when absent) and the CLI runner."""
+"""Shared fixtures: the ../shared test material (skipped cleanly when absent), the CLI runner,
+one torch thread per test module, and the small real bundles most tests start from."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
+
+from tests._helpers import cli, shared_bundle, train_backbone, write_images
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 CIFAR_TEST_TAR = SHARED / "data" / "cifar10-jpeg" / "test.tar.gz"
@@ -45,11 +49,38 @@ def cli_runner() -> CliRunner:
 
 
 @pytest.fixture
-def invoke(cli_runner: CliRunner):
+def invoke():
     """Run the ``pteenet`` app with a list of arguments; returns click's ``Result``."""
-    from pteenet_cli.app import app
+    return cli
 
-    def run(*args: str):
-        return cli_runner.invoke(app, [str(a) for a in args])
 
-    return run
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Torch's two threads stall each other when other jobs share the cores; tests that time
+    nothing run faster and steadier on one (tests that time things set their own)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", name="shared")
+def shared_fixture(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """:func:`tests._helpers.shared_bundle`: (data, checkpoint, bundle), never modified."""
+    return shared_bundle(tmp_path_factory)
+
+
+@pytest.fixture(name="bundle")
+def bundle_copy(shared, tmp_path) -> Path:
+    """A private copy of the shared bundle, to spoil (the ``bundle`` fixture)."""
+    import shutil
+
+    return Path(shutil.copytree(shared[2], tmp_path / "bundle"))
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> tuple[Path, Path]:
+    """(data folder with train/ and test/, trained resnet20 checkpoint)."""
+    root = tmp_path_factory.mktemp("tiny")
+    data = write_images(root / "data")
+    return data, train_backbone(data, root / "resnet20-tiny.pt")

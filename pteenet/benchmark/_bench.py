@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from pteenet.benchmark._by_class import by_class
-from pteenet.benchmark._drift import drift_warning
+from pteenet.benchmark._drift import drift_warning, promise_warning
 from pteenet.benchmark._eval_set import EvalSet, select_data
 from pteenet.benchmark._onnx_baseline import onnx_backbone
 from pteenet.benchmark._quality import Pass, measure_pass, quality, simulation_check
@@ -165,9 +165,12 @@ def _bench(bundle, data, split, threshold, batch_size, latency_samples, repeats,
                                   "thresholds.json): every exit is off and this measures the "
                                   "backbone; run `pteenet calibrate` or pass `threshold`")
     elif threshold is None:
-        drift = drift_warning(table.summary, result["early_exit"]["agreement"], len(p))
-        if drift:
-            result["warnings"].append(drift)
+        ee, bb = result["early_exit"], result["backbone"]
+        drop = None if ee.get("top1") is None else bb["top1"] - ee["top1"]
+        line = drift_warning(table.summary, ee["agreement"], len(p)) or \
+            promise_warning(table.params, ee["agreement"], drop, len(p))
+        if line:
+            result["warnings"].append(line)
     steady = dev.type == "cpu" and steady_allocator()  # both models alike: see its docstring
     extra = {}
     if onnx_baseline and dev.type == "cpu":  # on a CPU, often the fastest plain runtime

@@ -1,6 +1,6 @@
 """The fault-injection hook: a writer announces each step of a commit and waits there.
 
-With ``$PTEENET_PAUSE_DIR`` set, a test (tests/test_crash_safety.py) can stop a writer between
+With ``$PTEENET_PAUSE_DIR`` set, a test (tests/e2e/test_crash_safety.py) can stop a writer between
 any two steps and kill it at exactly that step; unset, a step costs one environment lookup.
 """
 
