@@ -54,10 +54,10 @@ def attach(
     at: At = None,
     cuts: Cuts = None,
     branch: Annotated[_choices.Branch, typer.Option(
-        "--branch", help="Branch type: auto (the default: distill on a linear classifier over "
-        "100 or more classes, else mlp), distill (the pooled map mapped into the backbone's "
-        "pre-logits, answered by its own frozen classifier), mlp (pooled map, 4x4 or smaller "
-        "for wide maps, one hidden layer), "
+        "--branch", help="Branch type: mlp (the default: pooled map, 4x4 or smaller for wide "
+        "maps, one hidden layer), distill (2x2 cell averages mapped through a hidden layer into "
+        "the backbone's pre-logits, answered by its own frozen classifier), auto (distill on a "
+        "linear classifier over 100 or more classes, else mlp), "
         "conv1/conv2/conv3 (PTEEnet ConvX on the pooled map), conv1d (BTS-EE, lightweight), "
         "pool (EENets Bnpool) or sdn.")] = _choices.Branch(DEFAULT_BRANCH),
     branch_budget: Annotated[float, typer.Option(

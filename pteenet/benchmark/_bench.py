@@ -181,7 +181,7 @@ def _bench(bundle, data, split, threshold, batch_size, latency_samples, repeats,
             result["notes"].append(note)
     result["timing"] = wall_clock(backbone, model, p.images, latency_samples=latency_samples,
                                   batch_size=batch_size, repeats=repeats, device=dev,
-                                  extra=extra)
+                                  extra=extra, progress=progress)
     result["timing"]["allocator"] = "steady (mallopt)" if steady else "default"
     result["speedup"] = speedups(result["timing"], result["early_exit"]["relative_flops"])
     result["profile"] = time_profile(model, p.images.to(dev), result["timing"]["batch_size"],

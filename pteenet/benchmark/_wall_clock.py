@@ -32,6 +32,7 @@ from pteenet.bundle._schema import BundleInfo
 from pteenet.cascade._frozen import direct
 from pteenet.cascade._model import EarlyExitModel
 from pteenet.cascade._profile import REPEATS, batched_repeats, exit_times, probe_batch
+from pteenet.progress import single_bar
 
 __all__ = ["Clock", "busy_note", "efficiency", "images_to_keep", "profile_note",
            "segments_in_a_row", "speedups", "time_profile", "wall_clock"]
@@ -86,7 +87,8 @@ def _interleaved(models: dict[str, Callable], rounds: int) -> Iterator[tuple[int
 
 
 def _latency(models: dict[str, Callable], images: Tensor, samples: int,
-             clock: Callable[[Callable, Tensor], float]) -> dict[str, dict[str, float]]:
+             clock: Callable[[Callable, Tensor], float],
+             tick: Callable[[int], None] | None = None) -> dict[str, dict[str, float]]:
     """Batch-1 latency over ``samples`` real images (cycled if fewer): mean, median, p10, p90,
     p95 and p99 over images, in ms (the tail a serving engineer sizes for: early exit makes
     latency bimodal, so the p99 is a sample that ran the whole cascade).
@@ -112,6 +114,8 @@ def _latency(models: dict[str, Callable], images: Tensor, samples: int,
                 for i in range(start, min(start + LATENCY_BLOCK, samples)):
                     j = i % len(images)
                     calls[name][i].append(clock(fn, images[j:j + 1]) * 1000.0)
+                if tick:
+                    tick(min(start + LATENCY_BLOCK, samples) - start)
     per_image = {k: [statistics.median(c) for c in v] for k, v in calls.items()}
     return {k: {"mean_ms": statistics.fmean(v), "median_ms": statistics.median(v),
                 **{f"p{q}_ms": float(np.percentile(v, q)) for q in (10, 90, 95, 99)}}
@@ -119,7 +123,8 @@ def _latency(models: dict[str, Callable], images: Tensor, samples: int,
 
 
 def _throughput(models: dict[str, Callable], batches: list[Tensor], repeats: int,
-               clock: Clock) -> dict[str, list[float]]:
+                clock: Clock, tick: Callable[[int], None] | None = None
+                ) -> dict[str, list[float]]:
     """Images per second over real batches: each repeat runs every batch; every repeat's rate."""
     n = sum(len(b) for b in batches)
     for fn in models.values():
@@ -127,6 +132,8 @@ def _throughput(models: dict[str, Callable], batches: list[Tensor], repeats: int
     rates: dict[str, list[float]] = {k: [] for k in models}
     for _, name, fn in _interleaved(models, repeats):
         rates[name].append(n / sum(clock(fn, b) for b in batches))
+        if tick:
+            tick(n)
     return rates
 
 
@@ -151,18 +158,22 @@ def segments_in_a_row(model: EarlyExitModel) -> Callable[[Tensor], Tensor]:
 
 def wall_clock(backbone: nn.Module, model: EarlyExitModel, images: Tensor, *,
                latency_samples: int, batch_size: int, repeats: int,
-               device: torch.device, extra: dict[str, Callable] | None = None
-               ) -> dict[str, Any]:
+               device: torch.device, extra: dict[str, Callable] | None = None,
+               progress: bool = False) -> dict[str, Any]:
     """Time the untouched backbone, the early-exit model and its segments in a row side by
-    side on the same images, with ``extra`` models by name (the backbone on onnxruntime)."""
+    side on the same images, with ``extra`` models by name (the backbone on onnxruntime);
+    ``progress`` shows a bar of the timed images (a plain line in a log)."""
     images = images.to(device)
     models = {"backbone": backbone, "early_exit": model, "segments": segments_in_a_row(model),
               **(extra or {})}
     clock = Clock(device)
     batches = _timing_batches(images, batch_size)
-    with torch.inference_mode():
-        lat = _latency(models, images, latency_samples, clock) if latency_samples else None
-        rates = _throughput(models, batches, repeats, clock)
+    total = len(models) * (LATENCY_REPEATS * latency_samples
+                           + repeats * sum(len(b) for b in batches))
+    with torch.inference_mode(), single_bar(progress, "timing", total) as tick:
+        lat = _latency(models, images, latency_samples, clock, tick) if latency_samples \
+            else None
+        rates = _throughput(models, batches, repeats, clock, tick)
     return {"latency": lat, "throughput": {k: statistics.median(v) for k, v in rates.items()},
             "throughput_range": {k: [min(v), max(v)] for k, v in rates.items()},
             "batch_size": len(batches[0]),

@@ -184,7 +184,7 @@ def _info(snap: _Snapshot) -> BundleInfo:
             raise BundleError(f"{where}: branch type {show(b['type'])} is unknown; re-run "
                               f"`pteenet attach`")
         count(b, "flops", where)
-        count(b, "width", where, low=1, optional=True)
+        count(b, "width", where, optional=True)
         count(b, "cache_bytes", where, optional=True)
     _check_sizes(snap.tensors, cuts, backbone["num_classes"], where,
                  [b["type"] for b in branches])

@@ -18,8 +18,10 @@ def gate(top: torch.Tensor, gamma: float) -> torch.Tensor:
     """The gate score ``top ** gamma``; 0 where ``gamma`` is inf (an exit switched off).
 
     ``gamma`` is a Python number: one op instead of six, at batch 1 a large share of each
-    exit's decision (see design-timings.md)."""
-    return torch.zeros_like(top) if math.isinf(gamma) else top.clamp_min(0) ** gamma
+    exit's decision (see design-timings.md). The off case is ``top * 0``, not ``zeros_like``,
+    which the ONNX exporter folds into a constant of the traced batch size (an exported branch
+    of an exit switched off then failed on any other batch size)."""
+    return top * 0 if math.isinf(gamma) else top.clamp_min(0) ** gamma
 
 
 def gate_power(threshold: float) -> float:

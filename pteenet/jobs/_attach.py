@@ -344,7 +344,7 @@ def _bundle_info(bb: Backbone, ee: EarlyExitModel, trace: Trace, names, module_c
                   "checkpoint_sha256": bb.checkpoint_sha256, "pretrained": bb.pretrained,
                   **({"weights_sha256": bb.weights_sha256} if bb.weights_sha256 else {})},
         preprocess=bb.preprocess, cuts=list(names), module_cuts=module_cuts,
-        branches=[{"type": branch, "flops": f, "width": int(b.classifier.in_features),
+        branches=[{"type": branch, "flops": f, "width": _recorded_width(b),
                    "reduce": {"grid": b.reduce.size, "channel_group": b.reduce.group,
                               "layout": b.reduce.layout},
                    "cache_bytes": cache_bytes(b.reduce, trace.cut(c).shape)}
@@ -363,3 +363,11 @@ def _bundle_info(bb: Backbone, ee: EarlyExitModel, trace: Trace, names, module_c
         extra={"calibration_sha256": digest},
         cost=ee.cost.kind, latency=ee.latency,
     )
+
+
+def _recorded_width(b: nn.Module) -> int:
+    """What rebuilds a branch at its trained size: the hidden width (a distill branch's body
+    records it; its classifier is the backbone's), else the classifier's input width."""
+    hidden = getattr(b.body, "hidden", None)
+    return int(hidden) if hidden is not None else int(b.classifier.in_features)
+

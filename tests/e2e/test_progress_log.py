@@ -71,8 +71,8 @@ def test_off_a_terminal_the_bar_is_the_log_one(monkeypatch):
 
 @pytest.mark.parametrize("quiet", [False, True])
 def test_a_piped_bench_logs_its_progress(shared, tmp_path, quiet):
-    """``pteenet bench ... > log 2>&1`` in a real subprocess: the measuring step's lines are in
-    the file (none with --quiet)."""
+    """``pteenet bench ... > log 2>&1`` in a real subprocess: the measuring and timing steps'
+    lines are in the file (none with --quiet)."""
     import shutil
 
     data, _, bundle = shared
@@ -80,7 +80,7 @@ def test_a_piped_bench_logs_its_progress(shared, tmp_path, quiet):
     more = write_images(tmp_path / "more", per_class=20, splits=("test",))
     log = tmp_path / "bench.log"
     args = ["bench", "--bundle", str(bundle), "--data", str(more), "--batch-size", "4",
-            "--latency-samples", "0", "--repeats", "1", "--no-profile",
+            "--latency-samples", "4", "--repeats", "1", "--no-profile",
             *(["--quiet"] if quiet else [])]
     code = ("import pteenet.progress as p\np.LOG_DELAY_SECONDS = 0  # this step is quick\n"
             f"from pteenet_cli.app import main\nimport sys\nsys.argv = ['pteenet', *{args!r}]\n"
@@ -91,9 +91,11 @@ def test_a_piped_bench_logs_its_progress(shared, tmp_path, quiet):
     text = log.read_text()
     assert r.returncode == 0, text
     lines = [ln for ln in text.splitlines() if ln.startswith("measuring: ")]
+    timing = [ln for ln in text.splitlines() if ln.startswith("timing: ")]
     if quiet:
-        assert lines == []
+        assert lines == [] and timing == []
         return
+    assert timing and "(100%)" in timing[-1], text
     assert len(lines) >= 5, text
     assert lines[-1].startswith("measuring: 60/60 (100%)") and "img/s, in " in lines[-1]
     assert "ETA" in lines[0] and "/60 (" in lines[0]
