@@ -111,6 +111,6 @@ def test_auto_is_distill_on_an_imagenet_sized_head_and_mlp_on_a_small_one(tiny):
     wide = create_backbone("resnet20", num_classes=100, pretrained=False)
     for bb, kind in ((small, "mlp"), (wide, "distill")):
         trace = trace_backbone(bb.model, (32, 32), with_thop=False)
-        ee = build_early_exit(trace, ["layer2.0"], bb.num_classes)  # the default: auto
+        ee = build_early_exit(trace, ["layer2.0"], bb.num_classes, "auto")
         assert isinstance(ee.branches[0].classifier, FrozenHead) == (kind == "distill")
         assert ee.pre_logits == (kind == "distill")
