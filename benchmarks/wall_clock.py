@@ -33,6 +33,7 @@ import torch
 import pteenet
 from pteenet.benchmark._quality import timing_positions
 from pteenet.bundle import load_backbone, read_info
+from pteenet.cascade._onnx import save_onnx
 from pteenet.data import make_loader, open_data
 from pteenet.exporter._export import export
 
@@ -76,10 +77,7 @@ def onnx_row(bundle: Path, root: Path, args) -> dict:
     backbone = load_backbone(info, None, False).model.eval()
     h, w = info.preprocess.input_size
     path = folder / "backbone.onnx"
-    torch.onnx.export(backbone, (torch.zeros(1, 3, h, w),), str(path), input_names=["input"],
-                      output_names=["output"], dynamic_axes={"input": {0: "batch"},
-                                                             "output": {0: "batch"}},
-                      opset_version=17, dynamo=False)
+    save_onnx(backbone, (torch.zeros(1, 3, h, w),), path, ["input"], ["output"])
     sess = ort.InferenceSession(str(path), session_options(args.threads, spin=True),
                                 providers=["CPUExecutionProvider"])
     images = test_images(root, info, args.batch)

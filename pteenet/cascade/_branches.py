@@ -157,7 +157,7 @@ def reduction(shape: tuple[int, ...], grid: int, layout: str = "chw") -> Reduce:
 
 
 def _grid(kind: str) -> int:
-    return 1 if kind in ("conv1d", "pool", "distill") else GRID
+    return 1 if kind in ("conv1d", "pool") else GRID
 
 
 def cache_bytes(reduce: Reduce, shape: tuple[int, ...]) -> int:
@@ -271,14 +271,8 @@ def _width(per_unit: float, fixed: float, budget: float | None, cap: int) -> int
 
 def _parts(kind: str, shape: tuple[int, ...], k: int | tuple[int, int], budget: float | None,
            width: int | None, layout: str = "chw") -> tuple[Reduce, nn.Module, int]:
-    reduce = reduction(shape, _grid(kind), layout)
-    if kind == "distill":
-        reduce = Reduce(DISTILL_GRID, 1, layout, avg_only=True)
-        c, cells = reduce.out_shape(shape)[0], math.prod(reduce.out_shape(shape)[1:])
-        group = 1
-        while c * cells // group > MAX_VALUES or c % group:
-            group += 1
-        reduce.group = group
+    reduce = _distill_reduce(shape, layout) if kind == "distill" else \
+        reduction(shape, _grid(kind), layout)
     c2, h, w = reduce.out_shape(shape)  # c2: avg and max channels together
     cells = h * w
     if kind == "mlp":
@@ -301,6 +295,16 @@ def _parts(kind: str, shape: tuple[int, ...], k: int | tuple[int, int], budget: 
     if kind == "distill":  # width: the hidden layer's (0: none); the output is the pre-logits'
         return (reduce, *_distill_body(c2 * cells, k, budget, width))
     raise ValueError(kind)
+
+
+def _distill_reduce(shape: tuple[int, ...], layout: str) -> Reduce:
+    """The distill branch's reduction: cell averages on a ``DISTILL_GRID`` grid, adjacent
+    channels averaged until at most ``MAX_VALUES`` numbers remain."""
+    reduce = Reduce(DISTILL_GRID, 1, layout, avg_only=True)
+    c, h, w = reduce.out_shape(shape)
+    while c * h * w // reduce.group > MAX_VALUES or c % reduce.group:
+        reduce.group += 1
+    return reduce
 
 
 def _distill_body(n: int, pre: tuple[int, int], budget: float | None, hidden: int | None
