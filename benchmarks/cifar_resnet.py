@@ -55,16 +55,15 @@ def scored(bundle: Path, root: Path, args, timed: bool = False, **kw) -> dict:
     r = pteenet.bench(bundle, data=root, split="test", out_json=False, batch_size=256,
                       latency_samples=args.latency_samples if timed else 0,
                       repeats=args.repeats if timed else 1, **kw)
-    ee, bb = r["early_exit"], r["backbone"]
-    row = {"top1": ee["top1"], "backbone_top1": bb["top1"], "drop": bb["top1"] - ee["top1"],
-           "relative_flops": ee["relative_flops"], "oracle_flops": r["oracle"]["relative_flops"],
-           "exit_shares": [e["share"] for e in ee["exits"]],
-           "active_exits": sum(1 for e in ee["exits"][:-1] if e["on"])}
+    ee, bb = r.early_exit, r.backbone
+    row = {"top1": ee.top1, "backbone_top1": bb.top1, "drop": bb.top1 - ee.top1,
+           "relative_flops": ee.relative_flops, "oracle_flops": r.oracle.relative_flops,
+           "exit_shares": [e["share"] for e in r.exits],
+           "active_exits": sum(1 for e in r.exits[:-1] if e["on"])}
     if timed:
-        row["timing"] = {"latency": r["timing"]["latency"],
-                         "throughput": r["timing"]["throughput"],
-                         "speedup": r["speedup"], "threads": r["timing"]["cpu_threads"],
-                         "load_average": r["timing"]["load_average"]}
+        row["timing"] = {"latency": r.timing["latency"], "throughput": r.timing["throughput"],
+                         "speedup": r.speedup, "threads": r.timing["cpu_threads"],
+                         "load_average": r.timing["load_average"]}
     return row
 
 
@@ -160,14 +159,17 @@ def write_report(rows: list[dict], args) -> None:
     for r in rows:
         if "timing" in r:
             t = r["timing"]
-            lat = t["latency"]
+            lat, sp = t["latency"], t["speedup"]
             lines.append(
                 f"- {r['backbone']}: batch 1 (mean) {lat['backbone']['mean_ms']:.2f} ms vs "
                 f"{lat['early_exit']['mean_ms']:.2f} ms (x{t['speedup']['latency']:.2f}); "
                 f"batched {t['throughput']['backbone']:.0f} vs "
                 f"{t['throughput']['early_exit']:.0f} img/s (x{t['speedup']['throughput']:.2f}); "
-                f"FLOPs x{t['speedup']['flops']:.2f}; over the segments in a row (the early "
-                f"exits' own gain) x{t['speedup']['latency_vs_segments']:.2f} / "
+                f"FLOPs x{t['speedup']['flops']:.2f}; **against the fastest plain runtime** "
+                f"({sp.get('fastest_latency_runtime')} / {sp.get('fastest_throughput_runtime')}) "
+                f"x{sp.get('latency_vs_fastest') or 0:.2f} / "
+                f"x{sp.get('throughput_vs_fastest') or 0:.2f}; over the segments in a row "
+                f"(the early exits' own gain) x{t['speedup']['latency_vs_segments']:.2f} / "
                 f"x{t['speedup']['throughput_vs_segments']:.2f}, "
                 f"{t['speedup']['latency_of_ideal']:.2f} / "
                 f"{t['speedup']['throughput_of_ideal']:.2f} of the ideal; "

@@ -98,18 +98,18 @@ def scored(bundle: Path, data: Path, args, timed: bool = False) -> dict:
     r = pteenet.bench(bundle, data=data, out_json=False, batch_size=64,
                       latency_samples=args.latency_samples if timed else 0,
                       repeats=args.repeats if timed else 1, profile=False)
-    ee, bb = r["early_exit"], r["backbone"]
-    row = {"images": r["data"]["num_samples"], "top1": ee["top1"],
-           "backbone_top1": bb["top1"], "drop": bb["top1"] - ee["top1"],
-           "agreement": ee["agreement"], "relative_flops": ee["relative_flops"],
-           "oracle_flops": r["oracle"]["relative_flops"],
-           "exit_shares": [e["share"] for e in ee["exits"]],
-           "active_exits": sum(1 for e in ee["exits"][:-1] if e["on"]),
-           "warnings": r["warnings"]}
+    ee, bb = r.early_exit, r.backbone
+    row = {"images": r.data["num_samples"], "top1": ee.top1,
+           "backbone_top1": bb.top1, "drop": bb.top1 - ee.top1,
+           "agreement": ee.agreement, "relative_flops": ee.relative_flops,
+           "oracle_flops": r.oracle.relative_flops,
+           "exit_shares": [e["share"] for e in r.exits],
+           "active_exits": sum(1 for e in r.exits[:-1] if e["on"]),
+           "warnings": r.warnings}
     if timed:
-        t = r["timing"]
+        t = r.timing
         row["timing"] = {"batch1_ms": {k: v["mean_ms"] for k, v in t["latency"].items()},
-                         "throughput": t["throughput"], "speedup": r["speedup"],
+                         "throughput": t["throughput"], "speedup": r.speedup,
                          "threads": t["cpu_threads"], "load_average": t["load_average"]}
     return row
 

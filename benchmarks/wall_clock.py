@@ -45,15 +45,15 @@ def bench_row(bundle: Path, root: Path, args, **kw) -> dict:
     r = pteenet.bench(bundle, data=root, split="test", out_json=False, batch_size=args.batch,
                       latency_samples=args.latency_samples, repeats=args.repeats,
                       threads=args.threads, **kw)
-    lat, t = r["timing"]["latency"], r["timing"]
-    return {"top1": r["early_exit"]["top1"], "backbone_top1": r["backbone"]["top1"],
-            "relative_flops": r["early_exit"]["relative_flops"],
+    lat, t = r.timing["latency"], r.timing
+    return {"top1": r.early_exit.top1, "backbone_top1": r.backbone.top1,
+            "relative_flops": r.early_exit.relative_flops,
             "batch1_ms": {k: v["mean_ms"] for k, v in lat.items()},
             "batch1_median_ms": {k: v["median_ms"] for k, v in lat.items()},
             "batch1_p10_p90_ms": {k: [v["p10_ms"], v["p90_ms"]] for k, v in lat.items()},
             "throughput": t["throughput"], "throughput_range": t["throughput_range"],
-            "speedup": r["speedup"], "profile": r["profile"], "threads": t["cpu_threads"],
-            "load_average": t["load_average"], "notes": r["notes"]}
+            "speedup": r.speedup, "profile": r.profile, "threads": t["cpu_threads"],
+            "load_average": t["load_average"], "notes": r.notes}
 
 
 SETTLE_S = 0.05  # pause before each timed block: spinning workers of the last session go idle

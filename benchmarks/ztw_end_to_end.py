@@ -49,9 +49,9 @@ def main() -> None:
                                                           {"threshold": 0.5})):
             r = pteenet.bench(bundle, data=root, split="test", out_json=False, batch_size=256,
                               latency_samples=0, repeats=1, **kw)
-            ee, bb = r["early_exit"], r["backbone"]
-            rows.append({"rule": rule, "test_drop_pt": round(100 * (bb["top1"] - ee["top1"]), 2),
-                         "relative_flops": round(ee["relative_flops"], 3)})
+            ee, bb = r.early_exit, r.backbone
+            rows.append({"rule": rule, "test_drop_pt": round(100 * (bb.top1 - ee.top1), 2),
+                         "relative_flops": round(ee.relative_flops, 3)})
             print(json.dumps(rows[-1]), flush=True)
     doc = {"model": args.model, "ensemble": "ztw", "attach_s": round(attach_s, 1), "rows": rows,
            "command": "python benchmarks/ztw_end_to_end.py " + " ".join(sys.argv[1:])}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -13,6 +13,9 @@ from ._choices import value
 from ._errors import as_shown
 from ._options import Bundle, BundleCheckpoint, Device, Force, Json, Labels, Quiet
 from ._output import Output, pct
+
+if TYPE_CHECKING:  # torch-free at import: --help stays instant
+    from pteenet.benchmark import BenchResult
 
 BAR_WIDTH = 24
 
@@ -25,16 +28,16 @@ def _times(x: float | None) -> str:
     return "" if x is None else f"{x:.2f}x"
 
 
-def comparison_rows(res: dict[str, Any]) -> list[list[Any]]:
-    ee, bb, orc = res["early_exit"], res["backbone"], res["oracle"]
-    t, sp = res["timing"], res["speedup"]
+def comparison_rows(res: BenchResult) -> list[list[Any]]:
+    ee, bb, orc = res.early_exit, res.backbone, res.oracle
+    t, sp = res.timing, res.speedup
     lat = t["latency"] or {"early_exit": {}, "backbone": {}, "segments": {}}
     rows = [
-        ["top-1", pct(ee["top1"]), pct(bb["top1"]), ""],
-        ["agreement with backbone", pct(ee["agreement"]), pct(bb["agreement"]), ""],
-        ["mean FLOPs / sample", pct(ee["relative_flops"]), pct(bb["relative_flops"]),
+        ["top-1", pct(ee.top1), pct(bb.top1), ""],
+        ["agreement with backbone", pct(ee.agreement), pct(bb.agreement), ""],
+        ["mean FLOPs / sample", pct(ee.relative_flops), pct(bb.relative_flops),
          _times(sp["flops"])],
-        ["oracle FLOPs (floor)", pct(orc["relative_flops"]), "", _times(1 / orc["relative_flops"])],
+        ["oracle FLOPs (floor)", pct(orc.relative_flops), "", _times(1 / orc.relative_flops)],
     ]
     for key, label, ratio in (("mean_ms", "batch-1 mean (ms)", sp["latency"]),
                               ("median_ms", "batch-1 median (ms)", sp["latency_median"]),
@@ -72,10 +75,10 @@ def comparison_rows(res: dict[str, Any]) -> list[list[Any]]:
 PROFILE_COLUMNS = ["piece", "FLOPs", "batch-1 ms", "batched ms / image"]
 
 
-def profile_rows(res: dict[str, Any]) -> list[list[Any]]:
+def profile_rows(res: BenchResult) -> list[list[Any]]:
     """Each segment and branch: FLOPs share beside measured time (off branches marked)."""
     return [[p["piece"] + ("" if p.get("on", True) else " (off)"), pct(p["flops_share"], 2),
-             f"{p['ms']:.3f}", f"{p['ms_batched']:.4f}"] for p in res["profile"]["pieces"]]
+             f"{p['ms']:.3f}", f"{p['ms_batched']:.4f}"] for p in res.profile["pieces"]]
 
 
 def _bar(share: float) -> str:
@@ -87,26 +90,26 @@ EXIT_COLUMNS = ["exit", "branch cost", "FLOPs at exit", "share", "", "agrees", "
                 "oracle share"]
 
 
-def exit_rows(res: dict[str, Any]) -> list[list[Any]]:
+def exit_rows(res: BenchResult) -> list[list[Any]]:
     return [[e["name"], "" if e["branch_cost"] is None else pct(e["branch_cost"], 2),
              pct(e["relative_flops"]) if e["on"] else "off", pct(e["share"]), _bar(e["share"]),
              pct(e["agreement"]), pct(e["top1"]), pct(e["oracle_share"])]
-            for e in res["early_exit"]["exits"]]
+            for e in res.exits]
 
 
 CLASS_COLUMNS = ["exit", "classes"]
 NEVER_SHOWN = 8  # classes named in the "never leave early" line
 
 
-def class_rows(res: dict[str, Any]) -> list[list[Any]]:
+def class_rows(res: BenchResult) -> list[list[Any]]:
     """Per exit that took any image, its top classes."""
     return [[e["name"], ", ".join(f"{c['class']} {c['count']} ({c['share_of_class']:.0%})"
                                   for c in e["top"])]
-            for e in res["by_class"]["per_exit"] if e["top"]]
+            for e in res.by_class["per_exit"] if e["top"]]
 
 
-def never_early_line(res: dict[str, Any]) -> str:
-    bc = res["by_class"]
+def never_early_line(res: BenchResult) -> str:
+    bc = res.by_class
     never = bc["never_early"]
     if not never:
         return f"every one of the {bc['classes_seen']} classes seen leaves early at least once"
@@ -116,18 +119,18 @@ def never_early_line(res: dict[str, Any]) -> str:
             f"(classes by {bc['by']}; all in bench.json)")
 
 
-def _notes(out: Output, res: dict[str, Any]) -> None:
-    d, th = res["data"], res["thresholds"]
+def _notes(out: Output, res: BenchResult) -> None:
+    d, th = res.data, res.thresholds
     how = f"the bundle's table ({th['method']})" if th["source"] == "bundle" else \
         f"--threshold {'never' if th['value'] is None else th['value']}"
     skipped = f", {d['skipped']} unreadable skipped" if d["skipped"] else ""
-    out.note(escape(f"{res['bundle']['backbone']} on {d['spec']} ({d['split']} split, "
+    out.note(escape(f"{res.bundle['backbone']} on {d['spec']} ({d['split']} split, "
                     f"{d['subset']}: {d['num_samples']} images{skipped}); thresholds: {how}"))
-    for n in res["notes"]:
+    for n in res.notes:
         out.note(escape(f"note: {as_shown(n)}"))
-    for w in res["warnings"]:
+    for w in res.warnings:
         out.warn(escape(as_shown(w)))
-    for name, path in res["files"].items():
+    for name, path in res.files.items():
         out.note(escape(f"{name.replace('_', '.', 1)} -> {path}"))
 
 
@@ -214,11 +217,11 @@ def bench(
     out.table("early exit vs backbone", ["metric", "early exit", "backbone", "speedup"],
               comparison_rows(res))
     out.table("where samples left", EXIT_COLUMNS, exit_rows(res))
-    out.table(f"which classes leave where (by {res['by_class']['by']}): the most frequent, "
+    out.table(f"which classes leave where (by {res.by_class['by']}): the most frequent, "
               f"images and share of the class", CLASS_COLUMNS, class_rows(res))
     out.note(escape(never_early_line(res)))
-    if res["profile"]:
-        out.table(f"time profile ({res['profile']['device']}, batched at "
-                  f"{res['profile']['batch_size']})", PROFILE_COLUMNS, profile_rows(res))
+    if res.profile:
+        out.table(f"time profile ({res.profile['device']}, batched at "
+                  f"{res.profile['batch_size']})", PROFILE_COLUMNS, profile_rows(res))
     _notes(out, res)
-    out.result(res)
+    out.result(res.to_json())

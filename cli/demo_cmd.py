@@ -55,9 +55,12 @@ def demo(
 
 def _report(o: Output, res: dict[str, Any]) -> None:
     """The bench tables and a one-line verdict, the numbers the demo exists to show."""
+    from pteenet.benchmark import BenchResult  # plain dataclasses: no torch
+
+    bench = BenchResult.from_json(res["bench"])
     o.table("early exit vs backbone (test split)", ["metric", "early exit", "backbone",
-                                                    "speedup"], comparison_rows(res["bench"]))
-    o.table("where samples left", EXIT_COLUMNS, exit_rows(res["bench"]))
+                                                    "speedup"], comparison_rows(bench))
+    o.table("where samples left", EXIT_COLUMNS, exit_rows(bench))
     h = res["headline"]
     o.note(escape(f"backbone top-1 {pct(h['backbone_top1'])} -> with early exits "
                   f"{pct(h['early_exit_top1'])} at {pct(h['relative_flops'])} of its FLOPs "

@@ -53,31 +53,31 @@ def inspect(
                             branches=branches, placement=value(placement), at=floats(at, "--at"),
                             cuts=names(cuts), **preprocess_options(input_size, mean, std),
                             pretrained=pretrained)
-    for line in info["inferred"]:
+    for line in info.inferred:
         out.note(as_shown(line))
-    out.note(f"[bold]{info['model']}[/] (resolved from '{model}' via {info['source']}), "
-             f"input {info['input_size'][0]}x{info['input_size'][1]}, "
-             f"{info['num_classes']} classes")
-    total = info["total_flops"]
-    rows = [[c["name"], "x".join(map(str, c["shape"])) + _layout(c["layout"]), human(c["flops"]),
-             pct(c["fraction"]),
-             human(c["params"]), "" if c["useful"] else "no",
-             f"<-- exit ({pct(c['branch_flops'] / total, 2)})" if c["chosen"] else ""]
-            for c in info["cuts"]]
-    out.table(f"{len(info['cuts'])} cut points", ["cut", "shape", "FLOPs", "FLOPs %", "params",
+    out.note(f"[bold]{info.model}[/] (resolved from '{model}' via {info.source}), "
+             f"input {info.input_size[0]}x{info.input_size[1]}, "
+             f"{info.num_classes} classes")
+    total = info.total_flops
+    rows = [[c.name, "x".join(map(str, c.shape)) + _layout(c.layout), human(c.flops),
+             pct(c.fraction),
+             human(c.params), "" if c.useful else "no",
+             f"<-- exit ({pct(c.branch_flops / total, 2)})" if c.chosen else ""]
+            for c in info.cuts]
+    out.table(f"{len(info.cuts)} cut points", ["cut", "shape", "FLOPs", "FLOPs %", "params",
                                                    "useful", "exit (branch cost)"], rows)
-    thop = human(info["thop_macs"]) if info["thop_macs"] else "n/a"
-    out.note(f"total: {human(info['total_flops'])}FLOPs = {human(info['total_macs'])}MACs "
-             f"(aten-level FlopCounterMode), {human(info['total_params'])} params; "
+    thop = human(info.thop_macs) if info.thop_macs else "n/a"
+    out.note(f"total: {human(info.total_flops)}FLOPs = {human(info.total_macs)}MACs "
+             f"(aten-level FlopCounterMode), {human(info.total_params)} params; "
              f"thop: {thop}MACs (module hooks: adds BatchNorm and pooling, misses functional "
              f"ops and module subclasses such as timm's)")
-    if info["chosen"]:
-        out.note(f"placement {info['placement']}: {', '.join(info['chosen'])}")
-        per_cut = ", ".join(kb(c["cache_bytes"]) for c in info["cuts"] if c["chosen"])
-        out.note(f"feature cache: {kb(info['cache_bytes'])} per image ({per_cut} per cut)")
-    for line in info["notes"]:
+    if info.chosen:
+        out.note(f"placement {info.placement}: {', '.join(info.chosen)}")
+        per_cut = ", ".join(kb(c.cache_bytes) for c in info.cuts if c.chosen)
+        out.note(f"feature cache: {kb(info.cache_bytes)} per image ({per_cut} per cut)")
+    for line in info.notes:
         out.warn(as_shown(line))
-    out.result(info)
+    out.result(info.to_json())
 
 
 def _layout(layout: str) -> str:

@@ -13,8 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pteenet.backbone._cifar_resnet import cifar_resnet
-from pteenet.backbone._preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from pteenet.backbone import IMAGENET_MEAN, IMAGENET_STD, Preprocess, cifar_resnet
 from pteenet.data import make_loader, open_data
 
 CLASSES = ("blue", "green", "red")
@@ -84,8 +83,8 @@ def shared_bundle(tmp_path_factory) -> tuple[Path, Path, Path]:
     """(data, checkpoint, bundle): real images, a real untrained resnet20 3-class checkpoint and
     a 2-branch bundle trained on them for one epoch. Made once per session and shared by the
     error and attack tests; never modified: copy it first."""
-    from pteenet.jobs._attach import attach
-    from pteenet.training._config import TrainConfig
+    from pteenet.jobs import attach
+    from pteenet.training import TrainConfig
 
     root = tmp_path_factory.getbasetemp() / "errors-shared"
     if not (root / "done").exists():

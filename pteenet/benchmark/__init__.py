@@ -4,6 +4,8 @@ from pteenet._face import lazy_face
 
 _NAMES = {
     "bench": "_bench",
+    "BenchResult": "_result",
+    "Quality": "_result",
     "TOP_CLASSES": "_by_class",
     "by_class": "_by_class",
     "drift_warning": "_drift",

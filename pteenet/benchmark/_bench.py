@@ -33,6 +33,7 @@ from pteenet.benchmark._drift import drift_warning, promise_warning
 from pteenet.benchmark._eval_set import EvalSet, select_data
 from pteenet.benchmark._onnx_baseline import onnx_backbone
 from pteenet.benchmark._quality import Pass, measure_pass, quality, simulation_check
+from pteenet.benchmark._result import BenchResult
 from pteenet.benchmark._sweep import plot_sweep, sweep_points, write_sweep_csv
 from pteenet.benchmark._wall_clock import (
     busy_note,
@@ -115,7 +116,7 @@ def bench(
     model: nn.Module | Callable[[], nn.Module] | None = None,
     labels: str | None = None,
     onnx_baseline: bool = True,
-) -> dict[str, Any]:
+) -> BenchResult:
     """Measure a bundle's early exits against its untouched backbone (see the module docstring).
 
     ``threshold`` replaces the bundle's table with one global value (0 = every sample leaves at
@@ -124,7 +125,7 @@ def bench(
     ``threads`` sets the CPU threads for the whole run; ``profile`` times every segment and
     branch (:func:`time_profile`). ``model``: the backbone module of a bundle attached to the
     user's own (see :func:`pteenet.load`); ``labels`` "none" ignores the data's labels (default:
-    as the bundle was attached). Returns the same JSON-serialisable dict.
+    as the bundle was attached). Returns a :class:`BenchResult` (``to_json()`` is bench.json).
     """
     _check_options(threshold, batch_size, latency_samples, repeats, max_samples)
     if sweep:
@@ -147,7 +148,7 @@ def _timed_shares(p: Pass, timing: dict[str, Any], branches: int) -> dict[str, l
 def _bench(bundle, data, split, threshold, batch_size, latency_samples, repeats, sweep, device,
            checkpoint, force, out_json, progress, max_samples, profile, module, labels,
            onnx_baseline
-           ) -> dict[str, Any]:
+           ) -> BenchResult:
     dev = check_device(device)
     b = read_bundle(bundle)  # read once: the model, the table and the info agree
     info, table = b.info, b.table
@@ -195,7 +196,7 @@ def _bench(bundle, data, split, threshold, batch_size, latency_samples, repeats,
     costs = model.cost_in("flops").exits(model.active)
     result["sweep"] = sweep_points(p, model.thresholds.cpu(), costs) if sweep else None
     _write_outputs(info.path, result, sweep, out_json)
-    return result
+    return BenchResult.from_json(result)
 
 
 def _assemble(info: BundleInfo, ev: EvalSet, table: ThresholdTable, threshold: float | None,

@@ -86,7 +86,7 @@ def _interleaved(models: dict[str, Callable], rounds: int) -> Iterator[tuple[int
             yield r, name, fn
 
 
-def _latency(models: dict[str, Callable], images: Tensor, samples: int,
+def batch1_latency(models: dict[str, Callable], images: Tensor, samples: int,
              clock: Callable[[Callable, Tensor], float],
              tick: Callable[[int], None] | None = None) -> dict[str, dict[str, float]]:
     """Batch-1 latency over ``samples`` real images (cycled if fewer): mean, median, p10, p90,
@@ -171,7 +171,7 @@ def wall_clock(backbone: nn.Module, model: EarlyExitModel, images: Tensor, *,
     total = len(models) * (LATENCY_REPEATS * latency_samples
                            + repeats * sum(len(b) for b in batches))
     with torch.inference_mode(), single_bar(progress, "timing", total) as tick:
-        lat = _latency(models, images, latency_samples, clock, tick) if latency_samples \
+        lat = batch1_latency(models, images, latency_samples, clock, tick) if latency_samples \
             else None
         rates = _throughput(models, batches, repeats, clock, tick)
     return {"latency": lat, "throughput": {k: statistics.median(v) for k, v in rates.items()},

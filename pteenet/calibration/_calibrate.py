@@ -311,7 +311,7 @@ def _mincost_family(out: Outputs, max_drop: float) -> list[Tensor]:
     ``3 * max_drop``, ordered by cost: the greedy's own path is myopic and ranks tables by luck
     on few samples, so certifying along it stopped at 0.61-0.67 of ResNet-44's FLOPs where these
     optima reach 0.52-0.56. Before the first optimum its thresholds ramp up from 1.0, and
-    between consecutive optima the thresholds move in steps (:func:`_blend`), so that the walk
+    between consecutive optima the thresholds move in steps (:func:`blend_tables`), so that the walk
     can stop close to where the bound gives out instead of at the last optimum before it.
     """
     limits = torch.linspace(0.0, min(3 * max_drop, 0.99), FAMILY_STEPS).tolist()
@@ -320,11 +320,12 @@ def _mincost_family(out: Outputs, max_drop: float) -> list[Tensor]:
     ramp = [t[:, 0] for t in scaled_candidates(optima[0][:, None], RAMP_STEPS + 1)[:-1]]
     family = [torch.full_like(optima[0], math.inf), *ramp, optima[0]]
     for a, b in zip(optima, optima[1:]):
-        family += [_blend(a, b, s) for s in torch.linspace(0, 1, BLEND_STEPS + 1)[1:].tolist()]
+        steps = torch.linspace(0, 1, BLEND_STEPS + 1)[1:].tolist()
+        family += [blend_tables(a, b, s) for s in steps]
     return family
 
 
-def _blend(a: Tensor, b: Tensor, s: float) -> Tensor:
+def blend_tables(a: Tensor, b: Tensor, s: float) -> Tensor:
     """A fraction ``s`` of the way from table ``a`` to table ``b``: thresholds of exits on in
     both move linearly; an exit ``b`` switches on starts at 1.0; one ``b`` switches off stays
     as in ``a`` until ``s`` = 1."""

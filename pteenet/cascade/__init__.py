@@ -28,6 +28,7 @@ _NAMES = {
     "Cost": "_cost",
     "cascade_cost": "_cost",
     "reach": "_cost",
+    "exit_score": "_score",
     "gate": "_score",
     "gate_power": "_score",
     "TimeProfile": "_profile",

@@ -63,12 +63,19 @@ class ZTWEnsemble(nn.Module):
         w = self.weight[k, : k + 1]
         return (w[None, :, None] * history).sum(1) + self.bias[k]
 
+    def step(self, history: Tensor | None, logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Exit ``k``'s ensembled logits from branch ``k``'s own and the log-softmaxes of the
+        exits before (``history``, None at the first), and that history extended: one exit of
+        the cascade as inference and the exported graphs run it."""
+        history = self.extend(history, logits)
+        return self.combine(history, k), history
+
     def exit_logits(self, logits: Sequence[Tensor]) -> list[Tensor]:
         """Every exit's ensembled logits from the branches' own (first ``len(logits)`` exits)."""
         history, out = None, []
         for k, z in enumerate(logits):
-            history = self.extend(history, z)
-            out.append(self.combine(history, k))
+            z, history = self.step(history, z, k)
+            out.append(z)
         return out
 
 

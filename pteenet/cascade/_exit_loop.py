@@ -65,6 +65,7 @@ def early_exit(model: nn.Module, x: torch.Tensor) -> EarlyExitResult:
     if n == 1 and scored is not None:  # batch 1 on a CPU: the route, every lookup done
         return Route.of(plan, model, segments, scored).run(x)
     answers = model.answers(x) if scored is None else None
+    ensemble = model.ensemble
     cheap_checks = dev.type == "cpu"
     single = cheap_checks and n == 1  # one number against another: no tensor ops to test
     spent = 0
@@ -79,7 +80,9 @@ def early_exit(model: nn.Module, x: torch.Tensor) -> EarlyExitResult:
             out = scored[k](h)
             logits, score = out[0], out[-1]
         else:
-            logits, conf, history = model.branch_step(k, h, history, answers[k])
+            logits, conf = answers[k](h)
+            if ensemble is not None:
+                logits, history = ensemble.step(history, logits, k)
             score = exit_score(model.score, logits, conf, plan.gamma[k]) if on else None
         if not on:
             continue

@@ -248,14 +248,17 @@ class EarlyExitModel(nn.Module):
         return self._graphs[key]
 
     def answers(self, x: torch.Tensor) -> Sequence[Callable[[torch.Tensor], tuple]]:
-        """Each branch's :meth:`answer` as inference runs it on the maps of input ``x``: where
-        frozen segments serve ``x``, traced graphs that compute exactly the same (built on the
-        first input of each image shape, :func:`pteenet.cascade.trace_exact`), else eager."""
-        if not (self.frozen and frozen_applies(x)):
-            return [functools.partial(self.answer, k) for k in range(self.num_branches)]
+        """Each branch as inference runs it on its cut's map of input ``x``: ``(logits,
+        confidence logit)``, the confidence None where the score does not read it (inference
+        leaves the head out). Where frozen segments serve ``x``, traced graphs that compute
+        exactly what the eager branches do (built on the first input of each image shape,
+        :func:`pteenet.cascade.trace_exact`). The one way inference, the time profile and the
+        exported graphs get a branch's answer."""
         head = self.score == "head"
-        return self._traced(x, ("answers", head), lambda k, b: Answer(b, head),
-                            lambda run: run if head else lambda h: (run(h), None))
+        both = (lambda run: run) if head else (lambda run: lambda h: (run(h), None))
+        if not (self.frozen and frozen_applies(x)):
+            return [both(Answer(b, head)) for b in self.branches]
+        return self._traced(x, ("answers", head), lambda k, b: Answer(b, head), both)
 
     def _scored(self, x: torch.Tensor, plan: Plan) -> Sequence[Callable] | None:
         """Each exit's logits, confidence logit (only where the score reads it) and score from
@@ -302,39 +305,14 @@ class EarlyExitModel(nn.Module):
         return self
 
     # -- computation ----------------------------------------------------------------------
-    def exit_score(self, logits: torch.Tensor, confidence: torch.Tensor | None, k: int
-                   ) -> torch.Tensor:
-        """Exit ``k``'s score of each sample (see the module docstring for the three kinds)."""
-        return exit_score(self.score, logits, confidence, float(self.gamma[k]))
-
     def exit_outputs(self, logits: Sequence[torch.Tensor], conf: Sequence[torch.Tensor]
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """Every exit's score and prediction from the branches' outputs, two [N, B] tensors
         (what calibration and bench record), from the ensembled logits when there is one."""
         z = list(logits) if self.ensemble is None else self.ensemble.exit_logits(logits)
-        scores = torch.stack([self.exit_score(lg, c, k)
+        scores = torch.stack([exit_score(self.score, lg, c, float(self.gamma[k]))
                               for k, (lg, c) in enumerate(zip(z, conf))], 1)
         return scores, torch.stack([lg.argmax(1) for lg in z], 1)
-
-    def answer(self, k: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Branch ``k``'s logits on its cut's map, and its confidence logit when the score reads
-        it (None otherwise: inference leaves the head out, a third of a CIFAR branch's batch-1
-        time). What inference, the time profile and the exported graphs all run."""
-        branch = self.branches[k]
-        return branch(h) if self.score == "head" else (branch.classify(h), None)
-
-    def branch_step(self, k: int, h: torch.Tensor, history: torch.Tensor | None,
-                    answer: Callable[[torch.Tensor], tuple] | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Branch ``k`` on cut ``k``'s map ``h``: exit ``k``'s logits, the confidence logit (None
-        when the score does not read it: it is not computed) and the log-softmaxes of exits
-        0..k (``history`` holds 0..k-1; None without an ensemble). ``answer``: what computes
-        :meth:`answer` (one of :meth:`answers`; default: the eager branch)."""
-        logits, conf = answer(h) if answer is not None else self.answer(k, h)
-        if self.ensemble is None:
-            return logits, conf, None
-        history = self.ensemble.extend(history, logits)
-        return self.ensemble.combine(history, k), conf, history
 
     @torch.no_grad()
     def features(self, x: torch.Tensor, pre_logits: bool = False) -> tuple[torch.Tensor, ...]:

@@ -29,7 +29,7 @@ def _bins(n: int, s: int) -> list[tuple[int, int]]:
     return [((i * n) // s, -((-(i + 1) * n) // s)) for i in range(s)]
 
 
-def _sliced(x: torch.Tensor, sh: int, sw: int, op: str) -> torch.Tensor:
+def sliced_pool(x: torch.Tensor, sh: int, sw: int, op: str) -> torch.Tensor:
     """Adaptive pooling of ``x`` [N, C, H, W] to ``sh`` x ``sw`` by fixed slices (``op``:
     ``mean`` or ``amax``), rows then columns."""
     h, w = int(x.shape[-2]), int(x.shape[-1])
@@ -43,7 +43,7 @@ def grid_pool(x: torch.Tensor, sh: int, sw: int) -> tuple[torch.Tensor, torch.Te
     adaptive pooling where a size is not a multiple of its cells, and wherever the input's
     size is lost to it, as after a reshape with a dynamic batch)."""
     if torch.onnx.is_in_onnx_export():
-        return _sliced(x, sh, sw, "mean"), _sliced(x, sh, sw, "amax")
+        return sliced_pool(x, sh, sw, "mean"), sliced_pool(x, sh, sw, "amax")
     return F.adaptive_avg_pool2d(x, (sh, sw)), F.adaptive_max_pool2d(x, (sh, sw))
 
 

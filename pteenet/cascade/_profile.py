@@ -192,8 +192,8 @@ def exit_times(segments: Sequence[Callable[[Tensor], Tensor]],
     summed up as the speedup it is held against: the median over all passes (batched: the
     median throughput), or with ``per_image`` the mean over groups of that many passes of each
     group's median (batch 1: the mean over images of each image's median over its sweeps), so
-    stalls count alike in the ideal and in what is held against it (in a stream of ResNet-44
-    images the pieces' plain mean ran 4-6 % above their median)."""
+    stalls count alike in the ideal and in what is held against it (a plain mean runs above
+    the median by the stalls, ``design-timings.md``)."""
     for _ in range(WARMUP):
         _walk(segments, x, ())
         _walk(segments, x, branches)

@@ -17,7 +17,7 @@ __all__ = ["Answer", "Graphs", "Scored"]
 
 class Answer(nn.Module):
     """A branch's answer as a module to trace: the whole branch (logits, confidence logit) when
-    the score reads the head, the classifier path alone otherwise (see EarlyExitModel.answer)."""
+    the score reads the head, the classifier path alone otherwise (see EarlyExitModel.answers)."""
 
     def __init__(self, branch: nn.Module, head: bool) -> None:
         super().__init__()

@@ -11,6 +11,7 @@ from typing import Any
 
 from pteenet.backbone._registry import create_backbone
 from pteenet.benchmark._bench import bench
+from pteenet.benchmark._result import BenchResult
 from pteenet.calibration._calibrate import calibrate
 from pteenet.choices import DEFAULT_BRANCH, DEFAULT_POLICY
 from pteenet.demo.backbone import MODEL, train_backbone
@@ -120,27 +121,27 @@ def _stage_calibrate(out: Path, settings: DemoSettings, log: Log) -> Any:
     return cal
 
 
-def _stage_bench(out: Path, settings: DemoSettings, log: Log) -> dict:
+def _stage_bench(out: Path, settings: DemoSettings, log: Log) -> BenchResult:
     log(f"[5/{STAGES}] bench: early exits vs the untouched backbone on the test split")
     result = bench(out, latency_samples=settings.latency_samples, repeats=settings.repeats,
                    max_samples=settings.bench_samples, sweep=True, progress=False)
-    ee, bb, sp = result["early_exit"], result["backbone"], result["speedup"]
-    log(f"      top-1 {_pct(ee['top1'])} vs backbone {_pct(bb['top1'])}, agreement "
-        f"{_pct(ee['agreement'])}, relative FLOPs {ee['relative_flops']:.2f} "
-        f"(oracle {result['oracle']['relative_flops']:.2f}); speedup: FLOPs "
+    ee, bb, sp = result.early_exit, result.backbone, result.speedup
+    log(f"      top-1 {_pct(ee.top1)} vs backbone {_pct(bb.top1)}, agreement "
+        f"{_pct(ee.agreement)}, relative FLOPs {ee.relative_flops:.2f} "
+        f"(oracle {result.oracle.relative_flops:.2f}); speedup: FLOPs "
         f"{_times(sp['flops'])}, latency {_times(sp['latency'])}, throughput "
         f"{_times(sp['throughput'])}")
-    for note in result["notes"]:
+    for note in result.notes:
         log(f"      note: {note}")
-    files = ", ".join(Path(f).name for f in result["files"].values())
+    files = ", ".join(Path(f).name for f in result.files.values())
     log(f"      wrote {files} in {out}/")
     return result
 
 
 def _summary(out: Path, workdir: Path, data: dict, backbone: dict, res: Any, cal: Any,
-             result: dict, settings: DemoSettings, quick: bool) -> dict[str, Any]:
+             result: BenchResult, settings: DemoSettings, quick: bool) -> dict[str, Any]:
     """Everything worth keeping from the run; ``headline`` holds the numbers the demo is about."""
-    ee, sp = result["early_exit"], result["speedup"]
+    ee, sp = result.early_exit, result.speedup
     return {
         "out": str(out), "workdir": str(workdir), "quick": quick, "settings": asdict(settings),
         "data": {k: data[k] for k in ("root", "train", "test", "cached")},
@@ -148,12 +149,12 @@ def _summary(out: Path, workdir: Path, data: dict, backbone: dict, res: Any, cal
                      "test_accuracy": backbone["test_accuracy"], "cached": backbone["cached"]},
         "attach": {"cuts": res.info.cuts, "exits": res.rows(), "seconds": res.seconds},
         "calibration": cal.summary,
-        "bench": result,
-        "headline": {"backbone_top1": result["backbone"]["top1"], "early_exit_top1": ee["top1"],
-                     "agreement": ee["agreement"], "relative_flops": ee["relative_flops"],
-                     "oracle_relative_flops": result["oracle"]["relative_flops"],
+        "bench": result.to_json(),
+        "headline": {"backbone_top1": result.backbone.top1, "early_exit_top1": ee.top1,
+                     "agreement": ee.agreement, "relative_flops": ee.relative_flops,
+                     "oracle_relative_flops": result.oracle.relative_flops,
                      "flops_speedup": sp["flops"], "latency_speedup": sp["latency"],
                      "throughput_speedup": sp["throughput"],
-                     "exit_shares": [r["share"] for r in ee["exits"]]},
-        "files": {"bundle": str(out), **result["files"]},
+                     "exit_shares": [r["share"] for r in result.exits]},
+        "files": {"bundle": str(out), **result.files},
     }

@@ -56,6 +56,7 @@ from pteenet.bundle._read import read_bundle
 from pteenet.bundle._schema import BundleInfo
 from pteenet.cascade._model import EarlyExitModel
 from pteenet.cascade._onnx import save_onnx
+from pteenet.cascade._score import exit_score
 from pteenet.choices import FORMATS
 from pteenet.errors import BundleError, ExportError, OptionError
 from pteenet.exporter._single_graph import MIN_OPSET, single_graph
@@ -75,8 +76,8 @@ INSTALL_HINT = "pip install pteenet[onnx]"
 
 class ScoredBranch(nn.Module):
     """Branch ``k`` of ``model`` whose second output is already its exit score, so runtimes need
-    no torch math. The score is the model's own :meth:`~pteenet.cascade._model.EarlyExitModel.
-    exit_score`, so the exported graph and the Python model cannot compute it differently.
+    no torch math. The score is :func:`~pteenet.cascade._score.exit_score`, the one the model
+    runs, so the exported graph and the Python model cannot compute it differently.
     With an ensemble it takes the earlier exits' log-softmaxes too and returns them extended,
     combined by the model's own :class:`~pteenet.cascade._ensemble.ZTWEnsemble`."""
 
@@ -85,15 +86,14 @@ class ScoredBranch(nn.Module):
         self.k = k
         self.branch = model.branches[k]
         self.ensemble = model.ensemble
-        self._score = functools.partial(model.exit_score, k=k)  # a function, not a submodule
-        self._answer = functools.partial(model.answer, k)  # without the head unless read
+        self.head = model.score == "head"  # without the head unless the score reads it
+        self._score = functools.partial(exit_score, model.score, gamma=float(model.gamma[k]))
 
     def forward(self, x: torch.Tensor, *history: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        logits, confidence = self._answer(x)
+        logits, confidence = self.branch(x) if self.head else (self.branch.classify(x), None)
         if self.ensemble is None:
             return logits, self._score(logits, confidence)
-        seen = self.ensemble.extend(history[0] if history else None, logits)
-        logits = self.ensemble.combine(seen, self.k)
+        logits, seen = self.ensemble.step(history[0] if history else None, logits, self.k)
         return logits, self._score(logits, confidence), seen
 
 
@@ -214,9 +214,10 @@ def _example_inputs(model: Any, size: tuple[int, int], n: int
     x = torch.randn(n, 3, h, w, generator=torch.Generator().manual_seed(n))
     feats, _ = model.features(x)
     branch, history = [], None
-    for k, f in enumerate(feats):
+    for k, (f, answer) in enumerate(zip(feats, model.answers(x))):
         branch.append((f,) if history is None else (f, history))
-        history = model.branch_step(k, f, history)[2]
+        if model.ensemble is not None:
+            history = model.ensemble.step(history, answer(f)[0], k)[1]
     return {"segment": [(x,), *((f,) for f in feats)], "branch": branch}
 
 
@@ -298,6 +299,7 @@ def _verify_single(model: Any, size: tuple[int, int], path: Path) -> None:
     h, w = size
     x = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(1))
     feats, final = model.features(x)
+    answers = model.answers(x)  # no ensemble here: each exit answers with its own logits
     table = model.thresholds.numpy().astype(np.float32)
     res = model.early_exit(x)
     cases = [(table, int(res.exit_index[0]), res.logits),
@@ -305,7 +307,7 @@ def _verify_single(model: Any, size: tuple[int, int], path: Path) -> None:
     for k in (k for k, on in enumerate(model.evaluated) if on):
         only = np.full_like(table, np.inf)
         only[k] = 0
-        cases.append((only, k, model.branch_step(k, feats[k], None)[0]))
+        cases.append((only, k, answers[k](feats[k])[0]))
     for thresholds, want_exit, want in cases:
         logits, exit_index = sess.run(None, {"input": x.numpy(), "thresholds": thresholds})
         tol = 1e-3 * (1 + float(want.abs().max()))

@@ -9,6 +9,8 @@ _NAMES = {
     "attach": "_attach",
     "compat_row": "_compat",
     "inspect": "_inspect",
+    "InspectResult": "_inspect",
+    "CutInfo": "_inspect",
     "Prediction": "_predict",
     "PredictResult": "_predict",
     "find_images": "_predict",

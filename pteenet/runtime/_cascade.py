@@ -185,8 +185,9 @@ class Cascade:
 
     def _plan(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
         """(:meth:`runs`, each exit's FLOPs, whether the one-graph cascade fits) for the current
-        table, worked out once per table (its bytes, so an in-place edit counts): worked out on
-        every call they were 8 us of ResNet-44's 390 us batch-1 cascade call."""
+        table, worked out once per table (its bytes, so an in-place edit counts), not on every
+        call, where they were a visible share of a small model's batch-1 call
+        (``design-timings.md``)."""
         key = self._thresholds.tobytes()
         if self._planned is None or self._planned[0] != key:
             active, runs = self.runs()

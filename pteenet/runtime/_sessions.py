@@ -80,10 +80,9 @@ def session_options(threads: int | None = None, spin: bool = False) -> Any:
 
     Spinning is off for the pieces: a cascade runs one session per segment and branch, and
     each session's idle workers would otherwise spin after their run and take the cores from
-    the next session (on 2 cores this made the cascade 0.6x of the whole backbone's speed
-    batched). A graph run alone, such as the batch-1 cascade, keeps onnxruntime's default
-    (``spin``): without it every parallel operator waits for a sleeping worker to wake, which
-    made a CIFAR ResNet-44 twice as slow at batch 1.
+    the next session. A graph run alone, such as the batch-1 cascade, keeps onnxruntime's
+    default (``spin``): without it every parallel operator waits for a sleeping worker to wake
+    (both measured in ``benchmarks/results/design-timings.md``).
     """
     import onnxruntime as ort
     if threads is not None and not 1 <= threads <= _MAX_THREADS:

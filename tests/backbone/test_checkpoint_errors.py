@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pteenet.backbone._cifar_resnet import cifar_resnet
+from pteenet.backbone import cifar_resnet
 from tests._helpers import cli, fails_cleanly, write_images
 
 MARKER = "pwned"

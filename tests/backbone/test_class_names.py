@@ -8,9 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pteenet.backbone import create_backbone
-from pteenet.backbone._cifar_resnet import cifar_resnet
-from pteenet.backbone._preprocess import Preprocess
+from pteenet.backbone import Preprocess, cifar_resnet, create_backbone
 from pteenet.data import open_data
 from pteenet.errors import DataError
 from pteenet.labels import class_name, short_name
@@ -79,8 +77,8 @@ def test_the_bundle_records_the_backbones_names(tmp_path):
     """A checkpoint that names its classes (in another language than the folders): the bundle
     keeps the backbone's names, and calibrate shows them."""
     from pteenet import attach, calibrate
-    from pteenet.bundle._read import read_info
-    from pteenet.training._config import TrainConfig
+    from pteenet.bundle import read_info
+    from pteenet.training import TrainConfig
     from tests._helpers import write_images
 
     data = write_images(tmp_path / "data", per_class=6, splits=("train",))

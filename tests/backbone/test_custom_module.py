@@ -76,7 +76,7 @@ def test_calibrate_bench_and_export_take_the_module(attached, tmp_path):
     res = pteenet.calibrate(out, model=net, max_drop=0.05)
     assert res.table.thresholds.shape == (2, 3)
     report = pteenet.bench(out, model=net, latency_samples=2, repeats=1, profile=False)
-    assert report["backbone"]["agreement"] == 1.0
+    assert report.backbone.agreement == 1.0
     folder = pteenet.export(out, model=net)
     assert (folder / "manifest.json").is_file()
     with pytest.raises(BundleError, match="your own module"):

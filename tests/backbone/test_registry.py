@@ -12,11 +12,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pteenet.backbone import create_backbone, load_state_dict_file, resolve_name
-from pteenet.backbone._cifar_resnet import cifar_resnet
+from pteenet.backbone import cifar_resnet, create_backbone, load_state_dict_file, resolve_name
 from pteenet.backbone._registry import CIFAR_PREPROCESS
 from pteenet.errors import CheckpointError, ModelNotFoundError, OfflineError, PteenetError
-from pteenet.graph._tracing import trace_backbone
+from pteenet.graph import trace_backbone
 from tests._helpers import block_network
 
 

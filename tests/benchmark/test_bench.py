@@ -18,12 +18,12 @@ from PIL import Image
 from pteenet_cli.app import app
 from typer.testing import CliRunner
 
-from pteenet.benchmark._eval_set import select_data
-from pteenet.benchmark._quality import oracle_flops
+import pteenet
+from pteenet.benchmark import Quality, oracle_flops, select_data
 from pteenet.bundle import load, read_info
-from pteenet.calibration._calibrate import calibrate
-from pteenet.jobs._attach import attach
-from pteenet.training._config import TrainConfig
+from pteenet.calibration import calibrate
+from pteenet.jobs import attach
+from pteenet.training import TrainConfig
 
 FAST = ["--latency-samples", "3", "--batch-size", "16", "--repeats", "1", "--quiet"]
 
@@ -89,6 +89,19 @@ def test_bench_json_is_consistent(bundle: Path, costs: list[float]) -> None:
         assert sp[f"{key}_of_ideal"] == pytest.approx(sp[f"{key}_vs_segments"] / sp[f"ideal_{key}"])
     written = json.loads((bundle / "bench.json").read_text())
     assert written["early_exit"] == ee and r["files"]["bench_json"] == str(bundle / "bench.json")
+
+
+def test_bench_returns_typed_values_that_are_bench_json(bundle: Path) -> None:
+    """The library hands back a BenchResult; its JSON is bench.json, and reads back equal."""
+    r = pteenet.bench(bundle, batch_size=16, latency_samples=2, repeats=1, profile=False,
+                      onnx_baseline=False)
+    assert isinstance(r, pteenet.BenchResult) and isinstance(r.early_exit, Quality)
+    written = json.loads((bundle / "bench.json").read_text())
+    assert r.to_json() == written and pteenet.BenchResult.from_json(written) == r
+    assert r.early_exit.agreement == written["early_exit"]["agreement"]
+    assert r.exits == written["early_exit"]["exits"] and r.oracle_shares == written["oracle"][
+        "shares"]
+    assert r.backbone == Quality(r.backbone.top1, 1.0, 1.0)
 
 
 def test_threshold_above_one_never_exits(bundle: Path, costs: list[float]) -> None:
@@ -168,7 +181,7 @@ def test_missing_bundle_is_one_line(tmp_path: Path) -> None:
 def test_timing_images_are_drawn_from_the_whole_set(bundle: Path) -> None:
     """An image folder lists its files class by class: timing the first images would time one
     class only, and the early-exit model's speed depends on the class."""
-    from pteenet.benchmark._quality import measure_pass, timing_positions
+    from pteenet.benchmark import measure_pass, timing_positions
 
     wanted = timing_positions(72, 9)
     assert torch.equal(wanted, timing_positions(72, 9)) and wanted.unique().numel() == 9

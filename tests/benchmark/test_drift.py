@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pteenet.benchmark import drift_warning, promise_warning
-from pteenet.benchmark._bench import bench
-from pteenet.calibration._calibrate import calibrate
-from pteenet.jobs._attach import attach
-from pteenet.training._config import TrainConfig
+from pteenet.benchmark import bench, drift_warning, promise_warning
+from pteenet.calibration import calibrate
+from pteenet.jobs import attach
+from pteenet.training import TrainConfig
 from tests._helpers import CLASSES
 
 
@@ -63,7 +62,7 @@ def _unlike(root, n: int = 300):
 def test_bench_warns_on_unlike_images_only(bundle, tiny, tmp_path):
     kw = dict(out_json=False, latency_samples=0, repeats=1, profile=False)
     like = bench(bundle, data=tiny[0], split="test", **kw)
-    assert not any("unlike" in w for w in like["warnings"])
+    assert not any("unlike" in w for w in like.warnings)
     other = bench(bundle, data=_unlike(tmp_path / "other"), split="test", **kw)
-    assert other["early_exit"]["agreement"] < like["early_exit"]["agreement"]
-    assert [w for w in other["warnings"] if "look unlike the calibration split" in w]
+    assert other.early_exit.agreement < like.early_exit.agreement
+    assert [w for w in other.warnings if "look unlike the calibration split" in w]

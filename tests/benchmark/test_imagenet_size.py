@@ -15,14 +15,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from pteenet.backbone._registry import create_backbone
+from pteenet.backbone import create_backbone
 from pteenet.bundle import read_info
+from pteenet.cascade import Reduce, build_early_exit, make_branch, reduction
 from pteenet.cascade import _branches as branches
-from pteenet.cascade import build_early_exit
-from pteenet.cascade._branches import Reduce, make_branch, reduction
-from pteenet.graph._placement import choose_cuts
-from pteenet.graph._tracing import trace_backbone
-from pteenet.jobs._inspect import inspect
+from pteenet.graph import choose_cuts, trace_backbone
+from pteenet.jobs import inspect
 
 SEVEN = ("timm:resnet18", "timm:resnet50", "timm:mobilenetv3_large_100", "timm:efficientnet_b0",
          "timm:convnext_tiny", "torchvision:resnet50", "torchvision:mobilenet_v3_large")
@@ -85,9 +83,9 @@ def test_large_channels_last_maps_are_pooled_cell_by_cell_and_small_ones_adaptiv
 @pytest.mark.slow
 def test_default_resnet50_attach_caches_at_most_64_kb_per_image():
     info = inspect("timm:resnet50", branches=10)
-    chosen = [c for c in info["cuts"] if c["chosen"]]
+    chosen = [c for c in info.cuts if c.chosen]
     assert len(chosen) == 10
-    assert info["cache_bytes"] == sum(c["cache_bytes"] for c in chosen) <= 64 * 1024
+    assert info.cache_bytes == sum(c.cache_bytes for c in chosen) <= 64 * 1024
 
 
 @pytest.mark.slow
@@ -171,9 +169,9 @@ def test_attach_calibrate_bench_on_a_224_folder(model, layout, tmp_path, invoke)
 
 def test_every_image_is_decoded_once_however_many_epochs(tiny, tmp_path, monkeypatch):
     from pteenet.data._datasets import FolderData
-    from pteenet.jobs._attach import attach
+    from pteenet.jobs import attach
+    from pteenet.training import TrainConfig
     from pteenet.training import _features as feature_cache
-    from pteenet.training._config import TrainConfig
 
     data, ckpt = tiny
     decoded: list[int] = []
@@ -194,7 +192,7 @@ def test_every_image_is_decoded_once_however_many_epochs(tiny, tmp_path, monkeyp
 
 def test_loader_workers_by_default_only_for_image_files_with_cores_to_spare(tmp_path,
                                                                            monkeypatch):
-    from pteenet.backbone._preprocess import Preprocess
+    from pteenet.backbone import Preprocess
     from pteenet.data import ImageData, default_workers, open_data
 
     folder = _imagenet_folders(tmp_path, per_class=2) / "unlabeled"

@@ -12,18 +12,22 @@ import torch
 from pteenet_cli.app import app
 from typer.testing import CliRunner
 
-from pteenet.backbone._cifar_resnet import cifar_resnet
-from pteenet.benchmark._bench import bench
+from pteenet.backbone import cifar_resnet
+from pteenet.benchmark import bench
 from pteenet.bundle import load, read_info
-from pteenet.calibration._calibrate import calibrate
+from pteenet.calibration import calibrate
 from pteenet.cascade import _profile as latency
-from pteenet.cascade import build_early_exit
-from pteenet.cascade._profile import cut_time_fractions, exit_times, probe_images, relative_costs
+from pteenet.cascade import (
+    build_early_exit,
+    cut_time_fractions,
+    exit_times,
+    probe_images,
+    relative_costs,
+)
 from pteenet.errors import BundleError, OptionError
-from pteenet.graph._placement import choose_cuts, useful_cuts
-from pteenet.graph._tracing import trace_backbone
-from pteenet.jobs._attach import attach
-from pteenet.training._config import TrainConfig
+from pteenet.graph import choose_cuts, trace_backbone, useful_cuts
+from pteenet.jobs import attach
+from pteenet.training import TrainConfig
 from tests._helpers import reseal
 
 FAST = dict(latency_samples=3, batch_size=8, repeats=1, out_json=False)
@@ -88,14 +92,14 @@ def test_latency_bundle_round_trips_and_bench_reports_ideal(timed):
     assert model.latency == info.latency
     assert model.cost.exits(model.active) != model.cost_in("flops").exits(model.active)
     res = bench(timed, threads=2, **FAST)  # the module runs on one thread
-    assert res["timing"]["cpu_threads"] == 2 and torch.get_num_threads() == 1
+    assert res.timing["cpu_threads"] == 2 and torch.get_num_threads() == 1
     if platform.libc_ver()[0] == "glibc":  # both models timed with fixed malloc thresholds
-        assert res["timing"]["allocator"] == "steady (mallopt)"
-    prof = res["profile"]
+        assert res.timing["allocator"] == "steady (mallopt)"
+    prof = res.profile
     assert len(prof["pieces"]) == 2 * model.num_branches + 1
-    assert res["speedup"]["ideal_latency"] > 0 and res["speedup"]["throughput_of_ideal"] > 0
-    assert any("x1 threads; this run is on cpu: " in n for n in res["notes"])
-    assert not any("measured on" in n for n in bench(timed, **FAST)["notes"])
+    assert res.speedup["ideal_latency"] > 0 and res.speedup["throughput_of_ideal"] > 0
+    assert any("x1 threads; this run is on cpu: " in n for n in res.notes)
+    assert not any("measured on" in n for n in bench(timed, **FAST).notes)
 
 
 def test_bench_notes_a_profile_from_another_machine(timed, tmp_path):
@@ -116,7 +120,7 @@ def test_bench_notes_a_profile_from_another_machine(timed, tmp_path):
     save_file(load_file(str(f)), str(f), metadata={**meta, META_KEY: json.dumps(doc)})
     reseal(copy)
     res = bench(copy, **FAST)
-    assert any("measured on cpu: some other machine" in n for n in res["notes"])
+    assert any("measured on cpu: some other machine" in n for n in res.notes)
     doc["latency"]["segment_ms"] = [1.0]
     save_file(load_file(str(f)), str(f), metadata={**meta, META_KEY: json.dumps(doc)})
     reseal(copy)

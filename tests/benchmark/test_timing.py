@@ -6,7 +6,7 @@ import itertools
 
 import torch
 
-from pteenet.benchmark._wall_clock import LATENCY_BLOCK, LATENCY_REPEATS, _latency
+from pteenet.benchmark._wall_clock import LATENCY_BLOCK, LATENCY_REPEATS, batch1_latency
 
 
 class _Clock:
@@ -25,7 +25,7 @@ def test_one_stalled_call_does_not_move_the_mean() -> None:
     images = torch.zeros(20, 3, 4, 4)
     ran: list[int] = []
     clock = _Clock(stall=10)
-    lat = _latency({"model": lambda x: ran.append(len(x))}, images, 20, clock)
+    lat = batch1_latency({"model": lambda x: ran.append(len(x))}, images, 20, clock)
     # + three warm-up calls, and one untimed call as each block of images starts
     assert clock.calls == 20 * LATENCY_REPEATS and len(ran) == 3 + clock.calls + LATENCY_REPEATS
     # a plain mean over the 60 calls would be 6 ms; each image's median drops the stall
@@ -37,7 +37,7 @@ def test_models_take_turns_in_blocks_of_images_in_rotating_order() -> None:
     images = torch.zeros(LATENCY_BLOCK + 5, 3, 4, 4)
     ran: list[str] = []
     models = {name: (lambda x, n=name: ran.append(n)) for name in ("a", "b", "c")}
-    _latency(models, images, len(images), lambda fn, x: fn(x) or 0.001)
+    batch1_latency(models, images, len(images), lambda fn, x: fn(x) or 0.001)
     timed = ran[3 * 3:]  # after each model's three warm-up calls
     runs = [(name, len(list(group))) for name, group in itertools.groupby(timed)]
     # each model streams a block of images (not one call each, the first untimed), and who

@@ -63,7 +63,7 @@ def test_bench_reads_builds_and_hashes_once(watch):
     report = pteenet.bench(folder, batch_size=16, latency_samples=2, repeats=1,
                            out_json=False, profile=False)
     assert seen == ONCE
-    assert report["bundle"]["sha256"] == read_bundle(folder).sha256  # the generation measured
+    assert report.bundle["sha256"] == read_bundle(folder).sha256  # the generation measured
 
 
 def test_load_counts_no_flops(watch, monkeypatch):

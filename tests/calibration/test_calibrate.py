@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 from pteenet.bundle import THRESHOLDS_FILE, load, read_info, read_thresholds
 from pteenet.calibration import calibrate, collect
 from pteenet.cascade import Cost
-from pteenet.jobs._attach import attach
+from pteenet.jobs import attach
 from pteenet.thresholds import exit_index
-from pteenet.training._config import TrainConfig
+from pteenet.training import TrainConfig
 
 runner = CliRunner()
 
@@ -119,7 +119,7 @@ def _calibrated_outputs(n: int, b: int, seed: int):
 def test_risk_control_costs_little_more_than_the_uncertified_search(seed):
     """Certifying a 1 pt drop on 4,500 samples gives up little of the uncertified saving: the
     family walked is made of cost-search optima (the greedy's own path cost up to 0.47 more)."""
-    from pteenet.calibration._calibrate import choose_table
+    from pteenet.calibration import choose_table
     out = _calibrated_outputs(4500, 6, seed)
     free = choose_table(out, 10, method="mincost").summary["mean_relative_flops"]
     table = choose_table(out, 10, method="risk")
@@ -128,9 +128,10 @@ def test_risk_control_costs_little_more_than_the_uncertified_search(seed):
 
 
 def test_blend_moves_from_one_table_to_the_next():
-    from pteenet.calibration._calibrate import _blend
+    from pteenet.calibration._calibrate import blend_tables
     a = torch.tensor([0.9, math.inf, 0.5])
     b = torch.tensor([0.7, 0.6, math.inf])
-    half = _blend(a, b, 0.5)
+    half = blend_tables(a, b, 0.5)
     assert half.tolist() == pytest.approx([0.8, 0.8, 0.5])  # on-both, switched on, switched off
-    assert torch.equal(_blend(a, b, 1.0), b) and torch.equal(_blend(a, b, 0.0)[:1], a[:1])
+    assert torch.equal(blend_tables(a, b, 1.0), b)
+    assert torch.equal(blend_tables(a, b, 0.0)[:1], a[:1])

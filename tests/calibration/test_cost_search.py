@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pteenet.calibration._cost_search import min_cost_thresholds
+from pteenet.calibration import min_cost_thresholds
 from pteenet.cascade import Cost, cascade_cost
 from pteenet.errors import OptionError
 

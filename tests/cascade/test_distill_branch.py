@@ -7,15 +7,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pteenet.backbone._registry import create_backbone
+from pteenet.backbone import create_backbone
 from pteenet.bundle import BRANCHES_FILE, load, read_info
+from pteenet.cascade import build_early_exit
 from pteenet.cascade._branches import FrozenHead
-from pteenet.cascade._build import build_early_exit
 from pteenet.errors import OptionError
+from pteenet.graph import trace_backbone
 from pteenet.graph._head import find_head
-from pteenet.graph._tracing import trace_backbone
-from pteenet.jobs._attach import attach
-from pteenet.training._config import TrainConfig
+from pteenet.jobs import attach
+from pteenet.training import TrainConfig
 from pteenet.training._losses import feature_per_sample
 
 

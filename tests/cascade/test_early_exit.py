@@ -10,12 +10,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pteenet.backbone._cifar_resnet import cifar_resnet
-from pteenet.backbone._registry import freeze
+from pteenet.backbone import cifar_resnet, freeze
 from pteenet.cascade import EarlyExitModel, build_early_exit, gate, gate_power
 from pteenet.errors import OptionError
-from pteenet.graph._placement import choose_cuts
-from pteenet.graph._tracing import trace_backbone
+from pteenet.graph import choose_cuts, trace_backbone
 from pteenet.thresholds import exit_index
 
 K = 4
@@ -218,7 +216,7 @@ def test_batch_one_route_follows_the_thresholds_branches_and_graphs(setup):
         model.branches[0].classifier.bias.add_(5.0)
     got = model(one)
     with torch.inference_mode():
-        want = model.answer(0, model.pieces(one)[0](one))[0]
+        want = model.branches[0].classify(model.pieces(one)[0](one))
     assert torch.equal(got.logits, want)  # the new branch answers, not the old graph
     model.branches[0] = old
     model.double().float()  # moved: new graphs, so a new route

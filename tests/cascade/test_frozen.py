@@ -11,12 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from pteenet.backbone._cifar_resnet import cifar_resnet
-from pteenet.backbone._registry import freeze as freeze_backbone
-from pteenet.cascade import EarlyExitModel, build_early_exit
-from pteenet.cascade._frozen import freeze
-from pteenet.graph._placement import choose_cuts
-from pteenet.graph._tracing import trace_backbone
+from pteenet.backbone import cifar_resnet
+from pteenet.backbone import freeze as freeze_backbone
+from pteenet.cascade import EarlyExitModel, build_early_exit, exit_score, freeze
+from pteenet.graph import choose_cuts, trace_backbone
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +90,8 @@ def test_inference_runs_each_exit_as_a_traced_graph_equal_bit_for_bit(model, sco
         answers, scored, h = model.answers(x), model._scored(x, plan), x
         for k, seg in enumerate(model.pieces(x)[:-1]):
             h = seg(h)
-            want, want_conf = model.answer(k, h)  # the eager branch, and its score
-            want_score = model.exit_score(want, want_conf, k)
+            want, want_conf = _eager(model, k, h)  # the eager branch, and its score
+            want_score = exit_score(model.score, want, want_conf, float(model.gamma[k]))
             logits, conf = answers[k](h)  # what the time profile runs
             out = scored[k](h)  # what the exit loop runs
             got, got_score = out[0], out[-1]
@@ -107,7 +105,13 @@ def test_inference_runs_each_exit_as_a_traced_graph_equal_bit_for_bit(model, sco
         model.branches[0].classifier.bias.add_(1.0)
     with torch.inference_mode():
         h0 = model.pieces(x)[0](x)
-        assert torch.equal(model.answers(x)[0](h0)[0], model.answer(0, h0)[0])
+        assert torch.equal(model.answers(x)[0](h0)[0], _eager(model, 0, h0)[0])
+
+
+def _eager(model, k: int, h: torch.Tensor):
+    """Branch k run by hand: (logits, confidence logit), the head only where the score reads it."""
+    branch = model.branches[k]
+    return branch(h) if model.score == "head" else (branch.classify(h), None)
 
 
 def _traced(answer) -> bool:

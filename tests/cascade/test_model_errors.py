@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pteenet.backbone._cifar_resnet import cifar_resnet
+from pteenet.backbone import cifar_resnet
 from tests._helpers import cli, fails_cleanly, write_images
 
 

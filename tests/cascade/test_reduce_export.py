@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from pteenet.cascade import Reduce
-from pteenet.cascade._pooling import _sliced, grid_pool
+from pteenet.cascade._pooling import grid_pool, sliced_pool
 from pteenet.errors import ExportError
 
 ort = pytest.importorskip("onnxruntime")
@@ -22,9 +22,10 @@ ort = pytest.importorskip("onnxruntime")
 def test_sliced_pooling_is_adaptive_pooling(h, w, s):
     x = torch.randn(2, 5, h, w, generator=torch.Generator().manual_seed(h * w + s))
     sh, sw = min(s, h), min(s, w)
-    torch.testing.assert_close(_sliced(x, sh, sw, "mean"), nn.functional.adaptive_avg_pool2d(
+    torch.testing.assert_close(sliced_pool(x, sh, sw, "mean"), nn.functional.adaptive_avg_pool2d(
         x, (sh, sw)), rtol=1e-6, atol=1e-6)
-    assert torch.equal(_sliced(x, sh, sw, "amax"), nn.functional.adaptive_max_pool2d(x, (sh, sw)))
+    want = nn.functional.adaptive_max_pool2d(x, (sh, sw))
+    assert torch.equal(sliced_pool(x, sh, sw, "amax"), want)
 
 
 def _onnx(module: nn.Module, x: torch.Tensor) -> np.ndarray:

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from pteenet_cli.app import app
 from typer.testing import CliRunner
 
-from pteenet.benchmark._bench import bench
+from pteenet.benchmark import bench
 from pteenet.bundle import (
     BRANCHES_FILE,
     ThresholdTable,
@@ -27,17 +27,24 @@ from pteenet.bundle import (
     read_bundle,
     write_thresholds,
 )
-from pteenet.calibration._calibrate import calibrate
-from pteenet.calibration._cost_search import min_cost_thresholds
-from pteenet.cascade import Cost, EarlyExitModel, cascade_cost, gate_power
-from pteenet.cascade._ensemble import ZTWEnsemble, fit_split, fit_ztw
+from pteenet.calibration import calibrate, min_cost_thresholds
+from pteenet.cascade import (
+    Cost,
+    EarlyExitModel,
+    ZTWEnsemble,
+    cascade_cost,
+    exit_score,
+    fit_split,
+    fit_ztw,
+    gate_power,
+)
 from pteenet.data import open_data, split_indices
 from pteenet.errors import BundleError, OptionError
-from pteenet.exporter._export import export
-from pteenet.jobs._attach import attach
+from pteenet.exporter import export
+from pteenet.jobs import attach
 from pteenet.runtime import Cascade
 from pteenet.thresholds import exit_index
-from pteenet.training._config import TrainConfig
+from pteenet.training import TrainConfig
 from tests._helpers import PRE, fails_cleanly, reseal, shared_bundle
 
 runner = CliRunner()
@@ -91,7 +98,7 @@ def hand_cascade(model: EarlyExitModel, x: torch.Tensor):
     w, b = model.ensemble.weight, model.ensemble.bias
     logp = [z.float().log_softmax(1) for z in logits]
     ens = [sum(w[k, j] * logp[j] for j in range(k + 1)) + b[k] for k in range(len(logits))]
-    scores = torch.stack([model.exit_score(z, c, k) for k, (z, c) in
+    scores = torch.stack([exit_score(model.score, z, c, float(model.gamma[k])) for k, (z, c) in
                           enumerate(zip(ens, conf))], 1)
     preds = torch.stack([z.argmax(1) for z in ens], 1)
     exits = exit_index(scores, preds, model.thresholds)
@@ -271,8 +278,8 @@ def test_calibrate_and_bench_use_the_ensembled_exits(ztw, tmp_path):
     assert res.outputs.scores.shape[0] == len(read_bundle(bundle).info.calibration_indices)
     model = load(bundle)
     report = bench(bundle, out_json=False, profile=False, latency_samples=4, repeats=1)
-    assert report["simulation"]["exit_match"] == 1.0  # the recorded scores are the model's
-    assert report["exit_costs"] == pytest.approx(model.cost_in("flops").exits(model.active))
+    assert report.simulation["exit_match"] == 1.0  # the recorded scores are the model's
+    assert report.exit_costs == pytest.approx(model.cost_in("flops").exits(model.active))
 
 
 # -- export -----------------------------------------------------------------------------------

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pteenet.backbone import create_backbone, label_names
-from pteenet.backbone._preprocess import Preprocess
+from pteenet.backbone import Preprocess, create_backbone, label_names
 from pteenet.data import open_data
 from pteenet.errors import DataError
 

@@ -16,7 +16,7 @@ from PIL import Image
 from pteenet_cli.app import app
 from typer.testing import CliRunner
 
-from pteenet.backbone._cifar_resnet import cifar_resnet
+from pteenet.backbone import cifar_resnet
 from pteenet.bundle import BRANCHES_FILE, read_info
 from tests._helpers import block_network, fails_cleanly
 

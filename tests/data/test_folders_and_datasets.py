@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from pteenet.backbone._preprocess import Preprocess
+from pteenet.backbone import Preprocess
 from pteenet.data import (
     Batch,
     ImageData,

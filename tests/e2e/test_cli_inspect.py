@@ -13,7 +13,7 @@ import pytest
 import torch
 from pteenet_cli.app import app
 
-from pteenet.backbone._cifar_resnet import cifar_resnet
+from pteenet.backbone import cifar_resnet
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -8,7 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 import pteenet
-from pteenet.calibration._calibrate import calibrate
+from pteenet.calibration import calibrate
 from pteenet.choices import BOUNDS, BRANCH_TYPES, COSTS, FORMATS, LOSSES, POLICIES, TARGETS
 from pteenet.errors import OptionError, PlacementError
 from tests._helpers import (

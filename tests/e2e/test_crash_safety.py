@@ -44,7 +44,7 @@ from pteenet.bundle import (
     write_thresholds,
 )
 from pteenet.errors import BundleError
-from pteenet.jobs._attach import attach
+from pteenet.jobs import attach
 from pteenet.storage import (
     CACHE_PREFIX,
     LOCK_FILE,
@@ -54,7 +54,7 @@ from pteenet.storage import (
     commit_files,
     writer_lock,
 )
-from pteenet.training._config import TrainConfig
+from pteenet.training import TrainConfig
 from tests._helpers import (
     fails_cleanly,
     kill_when,

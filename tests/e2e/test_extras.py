@@ -49,7 +49,7 @@ def test_the_demo_without_scikit_learn_is_one_line(monkeypatch, invoke, tmp_path
 
 
 def test_a_sweep_without_matplotlib_is_refused_before_measuring(monkeypatch, shared):
-    from pteenet.benchmark._bench import bench
+    from pteenet.benchmark import bench
 
     _missing(monkeypatch, "matplotlib")
     with pytest.raises(OptionError, match=r'pteenet\[plot\]'):

@@ -24,20 +24,15 @@ from typer.testing import CliRunner
 import pteenet
 import pteenet.storage._commit as commit
 import pteenet.training._train as training
-from pteenet.backbone._cifar_resnet import cifar_resnet
-from pteenet.backbone._registry import create_backbone
+from pteenet.backbone import cifar_resnet, create_backbone
 from pteenet.bundle import THRESHOLDS_FILE, ThresholdTable, read_info, save_bundle, write_thresholds
 from pteenet.cascade import build_early_exit
 from pteenet.data import open_data, split_indices
 from pteenet.errors import TrainingError
-from pteenet.graph._placement import choose_cuts
-from pteenet.graph._tracing import trace_backbone
-from pteenet.jobs._attach import STATE_FILE, attach
+from pteenet.graph import choose_cuts, trace_backbone
+from pteenet.jobs import STATE_FILE, attach
 from pteenet.storage import LOCK_FILE, MANIFEST, PENDING_SUFFIX
-from pteenet.training._config import TrainConfig
-from pteenet.training._features import compute_features
-from pteenet.training._resume import Resume
-from pteenet.training._train import train_branches
+from pteenet.training import Resume, TrainConfig, compute_features, train_branches
 from tests._helpers import kill_when, write_images
 
 runner = CliRunner()

@@ -34,8 +34,7 @@ from pteenet_cli.app import app
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from pteenet.backbone._cifar_resnet import cifar_resnet
-from pteenet.backbone._preprocess import MAX_INPUT_SIDE, Preprocess
+from pteenet.backbone import MAX_INPUT_SIDE, Preprocess, cifar_resnet
 from pteenet.bundle import (
     BRANCHES_FILE,
     THRESHOLDS_FILE,
@@ -45,7 +44,7 @@ from pteenet.bundle import (
     read_thresholds,
 )
 from pteenet.errors import BundleError
-from pteenet.jobs._attach import STATE_FILE
+from pteenet.jobs import STATE_FILE
 from pteenet.storage import MANIFEST
 from tests._helpers import write_images
 

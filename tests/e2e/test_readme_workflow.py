@@ -57,7 +57,7 @@ def test_attach_infers_the_class_count_and_the_bundle_loads(shared, tmp_path):
 
 
 def test_no_pretrained_backbone_is_random_seeded_and_loads_again(shared, tmp_path):
-    from pteenet.backbone._registry import create_backbone
+    from pteenet.backbone import create_backbone
     from pteenet.bundle import load_backbone, read_info
 
     data, _, _ = shared
@@ -107,7 +107,7 @@ def test_bench_on_a_calibrated_bundle_does_not_warn(bundle):
 
 
 def _stop_after_first_save(monkeypatch) -> None:
-    from pteenet.training._resume import Resume
+    from pteenet.training import Resume
 
     real = Resume._write
 
@@ -167,7 +167,7 @@ def test_boosted_resume_continues_to_the_uninterrupted_result(shared, tmp_path, 
     cut = runner.invoke(app, _attach(data, ckpt, out, *extra))
     assert cut.exit_code == 130 and "after branch 1" in cut.stderr, cut.output
     monkeypatch.undo()
-    from pteenet.training._resume import Resume
+    from pteenet.training import Resume
 
     starts: list[int] = []
     real = Resume.load_stage
@@ -192,7 +192,7 @@ def test_boosted_resume_continues_to_the_uninterrupted_result(shared, tmp_path, 
 
 
 def test_reattach_removes_what_the_old_bundle_left_and_nothing_else(shared, bundle):
-    from pteenet.bundle._derived import BUNDLE_HASH_KEY, bundle_hash
+    from pteenet.bundle import BUNDLE_HASH_KEY, bundle_hash
 
     data, ckpt, _ = shared
     assert _bench(bundle, "--sweep").exit_code == 0
@@ -216,7 +216,7 @@ def test_reattach_removes_what_the_old_bundle_left_and_nothing_else(shared, bund
     assert _bench(bundle).exit_code == 0
     assert runner.invoke(app, ["export", "--bundle", str(bundle), "--format",
                                "torchscript"]).exit_code == 0
-    from pteenet.bundle._derived import remove_stale
+    from pteenet.bundle import remove_stale
 
     assert remove_stale(bundle, old) == [] and remove_stale(bundle, bundle_hash(bundle)) == []
     assert (bundle / "bench.json").exists()

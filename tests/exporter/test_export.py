@@ -20,12 +20,14 @@ from typer.testing import CliRunner
 import pteenet.runtime as runtime
 import pteenet.runtime._sessions as sessions
 from pteenet.bundle import ThresholdTable, load, write_thresholds
+from pteenet.cascade import exit_score
 from pteenet.data import open_data
 from pteenet.errors import BundleError, OptionError
-from pteenet.exporter._export import MANIFEST, ScoredBranch
-from pteenet.jobs._attach import attach
-from pteenet.runtime import Cascade
-from pteenet.training._config import TrainConfig
+from pteenet.exporter import MANIFEST
+from pteenet.exporter._export import ScoredBranch
+from pteenet.jobs import attach
+from pteenet.runtime import Cascade, preprocess
+from pteenet.training import TrainConfig
 from tests._helpers import PRE
 
 runner = CliRunner()
@@ -50,7 +52,8 @@ def _spread_table(model, x: torch.Tensor) -> list[list[float | None]]:
     """Thresholds that send samples to every exit; class 2 may never leave at branch 0."""
     feats, _ = model.features(x)
     outs = [b(f) for b, f in zip(model.branches, feats)]
-    s0, s1 = (model.exit_score(lg, c, k) for k, (lg, c) in enumerate(outs))
+    s0, s1 = (exit_score(model.score, lg, c, float(model.gamma[k]))
+              for k, (lg, c) in enumerate(outs))
     t0 = _gap_threshold(s0, 0.6)
     left = ~((s0 >= t0) & (outs[0][0].argmax(1) != 2))
     t1 = _gap_threshold(s1[left], 0.5)
@@ -154,18 +157,17 @@ def test_preprocess_resizes_and_crops_like_the_models_recipe(tmp_path):
     """An ImageNet model's manifest: shorter side to resize_size, centre crop, its filter."""
     from PIL import Image
 
-    from pteenet.backbone._preprocess import Preprocess
+    from pteenet.backbone import Preprocess
     from pteenet.data._items import to_tensor
 
     pre = Preprocess((224, 224), resize_size=235, interpolation="bicubic")
-    cascade = Cascade.__new__(Cascade)
-    cascade.manifest = {"input_size": [224, 224], "mean": list(pre.mean), "std": list(pre.std),
-                        "resize_size": 235, "interpolation": "bicubic"}
+    manifest = {"input_size": [224, 224], "mean": list(pre.mean), "std": list(pre.std),
+                "resize_size": 235, "interpolation": "bicubic"}
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, s, dtype=np.uint8))
               for s in ((300, 410, 3), (410, 300, 3))]
     want = np.stack([to_tensor(im, pre).numpy() for im in images])
-    np.testing.assert_allclose(cascade.preprocess(images), want, atol=1e-6)
+    np.testing.assert_allclose(preprocess(images, manifest, (224, 224)), want, atol=1e-6)
 
 
 def test_onnx_runtime_needs_neither_torch_nor_pteenet(onnx_export, bundle, reference, tmp_path):

@@ -14,9 +14,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import pteenet
-from pteenet.backbone._cifar_resnet import cifar_resnet
+from pteenet.backbone import cifar_resnet
 from pteenet.bundle import BRANCHES_FILE, read_info
-from pteenet.graph._tracing import trace_backbone
+from pteenet.graph import trace_backbone
 from tests._helpers import (
     reseal,
 )

@@ -8,8 +8,7 @@ from hypothesis import strategies as st
 
 from pteenet.choices import DEFAULT_BRANCHES, POLICIES
 from pteenet.errors import PlacementError, PteenetError
-from pteenet.graph._placement import TAIL, choose_cuts, target_fractions, useful_cuts
-from pteenet.graph._tracing import Cut, Trace
+from pteenet.graph import TAIL, Cut, Trace, choose_cuts, target_fractions, useful_cuts
 
 
 def _trace(fractions: list[float], total: int = 1000) -> Trace:

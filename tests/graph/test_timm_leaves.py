@@ -7,7 +7,7 @@ import torch
 from timm.layers import register_notrace_function, register_notrace_module
 from torch import nn
 
-from pteenet.graph._tracing import trace_backbone
+from pteenet.graph import trace_backbone
 
 
 @register_notrace_module

@@ -9,7 +9,7 @@ import torch
 import torchvision
 from torch import nn
 
-from pteenet.backbone._cifar_resnet import cifar_resnet
+from pteenet.backbone import cifar_resnet
 from pteenet.errors import PteenetError, TraceError
 from pteenet.graph import split_at, trace_backbone
 

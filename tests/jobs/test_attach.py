@@ -9,13 +9,12 @@ import torch
 from pteenet_cli.app import app
 from typer.testing import CliRunner
 
-from pteenet.backbone._registry import create_backbone
+from pteenet.backbone import create_backbone
 from pteenet.bundle import BRANCHES_FILE, THRESHOLDS_FILE, load, read_info
 from pteenet.data import open_data
 from pteenet.errors import BundleError, OptionError
-from pteenet.jobs._attach import attach
-from pteenet.training._config import TrainConfig
-from pteenet.training._losses import eenet_loss
+from pteenet.jobs import attach
+from pteenet.training import TrainConfig, eenet_loss
 
 runner = CliRunner()
 
@@ -128,7 +127,7 @@ def test_boosted_branch_k_trains_on_the_survivors(tiny, tmp_path):
     thr = res.report.thresholds
     # Count by hand who branch 0 takes, with its final weights and calibrated thresholds.
     from pteenet.thresholds import exit_index
-    from pteenet.training._features import branch_scores, compute_features
+    from pteenet.training import branch_scores, compute_features
 
     dataset = open_data(data, read_info(tmp_path).preprocess)
     info = read_info(tmp_path)
@@ -146,9 +145,8 @@ def test_boosted_branch_k_trains_on_the_survivors(tiny, tmp_path):
 
 def test_the_caching_pass_starts_on_a_small_batch_and_caches_every_image_in_order(tiny):
     from pteenet.cascade import build_early_exit
-    from pteenet.graph._placement import choose_cuts
-    from pteenet.graph._tracing import trace_backbone
-    from pteenet.training._features import compute_features
+    from pteenet.graph import choose_cuts, trace_backbone
+    from pteenet.training import compute_features
 
     data, ckpt = tiny
     bb = create_backbone("resnet20", checkpoint=ckpt, num_classes=3)
@@ -191,7 +189,7 @@ def test_resume_continues_to_the_same_bundle(tiny, tmp_path, monkeypatch):
     kw = dict(checkpoint=ckpt, num_classes=3, branches=2, branch="pool", progress=False)
     attach("resnet20", data, out=tmp_path / "full", config=TrainConfig(epochs=3, batch_size=16),
            **kw)
-    from pteenet.training._resume import Resume
+    from pteenet.training import Resume
 
     real_save = Resume.save
 
@@ -261,7 +259,7 @@ def test_cli_defaults_are_the_library_defaults():
     from pteenet_cli.app import app as cli_app
     from typer.main import get_command
 
-    from pteenet.jobs._attach import attach as lib_attach
+    from pteenet.jobs import attach as lib_attach
     command = get_command(cli_app).commands["attach"]
     lib = pyinspect.signature(lib_attach).parameters
     cli = {p.name: p.default for p in command.params

@@ -21,9 +21,9 @@ from tests._helpers import fails_cleanly, train_backbone, write_images
 @pytest.fixture(scope="module")
 def made(tmp_path_factory) -> tuple[Path, Path, Path]:
     """(images with one unreadable file, bundle, its ONNX export)."""
-    from pteenet.exporter._export import export
-    from pteenet.jobs._attach import attach
-    from pteenet.training._config import TrainConfig
+    from pteenet.exporter import export
+    from pteenet.jobs import attach
+    from pteenet.training import TrainConfig
 
     root = tmp_path_factory.mktemp("predict")
     data = write_images(root / "data", per_class=8)

@@ -61,7 +61,7 @@ def test_two_processes_resume_a_one_process_run(tiny, tmp_path, monkeypatch, ext
     from pteenet_cli.app import app
     from typer.testing import CliRunner
 
-    from pteenet.training._resume import Resume
+    from pteenet.training import Resume
 
     data, ckpt = tiny
     common = _common(data, ckpt, extra)

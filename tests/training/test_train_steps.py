@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pteenet.training._steps import adam
+from pteenet.training import adam
 
 
 def _three_steps(fused: bool) -> tuple[torch.optim.Adam, list[torch.Tensor]]:
