@@ -63,6 +63,18 @@ def comparison_rows(res: BenchResult) -> list[list[Any]]:
     rows.append([f"throughput vs fastest plain: {sp['fastest_throughput_runtime']}",
                  _num(t["throughput"]["early_exit"], ".1f"), _num(t["throughput"][most], ".1f"),
                  _times(sp["throughput_vs_fastest"])])
+    if "onnx_cascade_throughput_vs_fastest" in sp:  # the exported cascade, as deployed
+        if sp.get("onnx_cascade_latency_vs_fastest"):
+            rows.append([f"exported cascade (onnxruntime) vs fastest plain: "
+                         f"{sp['fastest_latency_runtime']}, batch-1 mean (ms)",
+                         _num(lat["early_exit_onnx"].get("mean_ms"), ".2f"),
+                         _num(lat[sp["fastest_latency"]].get("mean_ms"), ".2f"),
+                         _times(sp["onnx_cascade_latency_vs_fastest"])])
+        rows.append([f"exported cascade (onnxruntime) vs fastest plain: "
+                     f"{sp['fastest_throughput_runtime']}, throughput",
+                     _num(t["throughput"]["early_exit_onnx"], ".1f"),
+                     _num(t["throughput"][most], ".1f"),
+                     _times(sp["onnx_cascade_throughput_vs_fastest"])])
     if "ideal_latency" in sp:
         for key, label in (("latency", "batch-1"), ("throughput", "batched")):
             got = sp[f"{key}_of_ideal"]
@@ -171,9 +183,10 @@ def bench(
         help="Time every segment and branch (batch 1 and batched) and report the ideal speedup "
         "those times and the exit shares imply, beside the achieved one.")] = True,
     onnx_baseline: Annotated[bool, typer.Option(
-        help="Also time the plain backbone exported to ONNX on onnxruntime (CPU; needs "
-        "[onnx]), often the fastest way to run it, and hold early exit against the fastest "
-        "plain runtime timed.")] = True,
+        help="Also time on onnxruntime (CPU; needs [onnx]) the plain backbone exported to "
+        "ONNX, often the fastest way to run it, and the exported cascade, as `pteenet export` "
+        "writes it; hold both early-exit runtimes against the fastest plain runtime timed.")]
+    = True,
     json: Json = False,
     labels: Labels = None,
     quiet: Quiet = False,
@@ -199,8 +212,9 @@ def bench(
     so the median flatters it). FLOPs saved turn into time saved only
     when the skipped layers outweigh the branches and the bookkeeping: less so for small models
     and large GPU batches. On a CPU the plain backbone also runs on onnxruntime (the fastest
-    plain runtime there, often), and the "vs fastest plain runtime" rows hold early exit
-    against whichever of eager torch, the frozen segments in a row and onnxruntime was fastest.
+    plain runtime there, often), and the "vs fastest plain" rows hold early exit against
+    whichever of eager torch, the frozen segments in a row and onnxruntime was fastest; the
+    exported cascade (`pteenet export`, run by pteenet.runtime) is timed and held against it too.
 
     Data: the bundle's test split, else its held-out calibration samples (never the training
     ones). Results go to bench.json in the bundle; --sweep adds sweep.png and sweep.csv.

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1] / "pteenet"
 #: Lowest first. ``runtime`` is torch-free, so it may only use the leaves before it.
 ORDER = ["_face", "errors", "choices", "labels", "progress", "machine", "storage", "thresholds",
          "runtime", "backbone", "data", "graph", "cascade", "training", "bundle", "calibration",
-         "benchmark", "exporter", "jobs", "demo"]
+         "exporter", "benchmark", "jobs", "demo"]
 
 
 def _stage(module: str) -> str | None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from torch import nn
 from pteenet.benchmark._by_class import by_class
 from pteenet.benchmark._drift import drift_warning, promise_warning
 from pteenet.benchmark._eval_set import EvalSet, select_data
-from pteenet.benchmark._onnx_baseline import onnx_backbone
+from pteenet.benchmark._onnx_runs import onnx_backbone, onnx_cascade
 from pteenet.benchmark._quality import Pass, measure_pass, quality, simulation_check
 from pteenet.benchmark._result import BenchResult
 from pteenet.benchmark._sweep import plot_sweep, sweep_points, write_sweep_csv
@@ -125,7 +126,9 @@ def bench(
     ``threads`` sets the CPU threads for the whole run; ``profile`` times every segment and
     branch (:func:`time_profile`). ``model``: the backbone module of a bundle attached to the
     user's own (see :func:`pteenet.load`); ``labels`` "none" ignores the data's labels (default:
-    as the bundle was attached). Returns a :class:`BenchResult` (``to_json()`` is bench.json).
+    as the bundle was attached). ``onnx_baseline`` (a CPU, onnxruntime installed) also times
+    the plain backbone and the exported cascade on onnxruntime. Returns a
+    :class:`BenchResult` (``to_json()`` is bench.json).
     """
     _check_options(threshold, batch_size, latency_samples, repeats, max_samples)
     if sweep:
@@ -173,16 +176,21 @@ def _bench(bundle, data, split, threshold, batch_size, latency_samples, repeats,
         if line:
             result["warnings"].append(line)
     steady = dev.type == "cpu" and steady_allocator()  # both models alike: see its docstring
-    extra = {}
-    if onnx_baseline and dev.type == "cpu":  # on a CPU, often the fastest plain runtime
-        run, note = onnx_backbone(backbone, info.preprocess.input_size, torch.get_num_threads())
-        if run is not None:
-            extra["backbone_onnx"] = run
-        if note:
-            result["notes"].append(note)
-    result["timing"] = wall_clock(backbone, model, p.images, latency_samples=latency_samples,
-                                  batch_size=batch_size, repeats=repeats, device=dev,
-                                  extra=extra, progress=progress)
+    extra, tmp = {}, None
+    if onnx_baseline and dev.type == "cpu":  # on a CPU, often the fastest runtimes of both
+        threads = torch.get_num_threads()
+        run, note = onnx_backbone(backbone, info.preprocess.input_size, threads)
+        cascade, tmp, cascade_note = onnx_cascade(model, b, threads)
+        extra.update({k: v for k, v in (("backbone_onnx", run), ("early_exit_onnx", cascade))
+                      if v is not None})
+        result["notes"] += [n for n in (note, cascade_note) if n]
+    try:
+        result["timing"] = wall_clock(backbone, model, p.images, latency_samples=latency_samples,
+                                      batch_size=batch_size, repeats=repeats, device=dev,
+                                      extra=extra, progress=progress)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     result["timing"]["allocator"] = "steady (mallopt)" if steady else "default"
     result["speedup"] = speedups(result["timing"], result["early_exit"]["relative_flops"])
     result["profile"] = time_profile(model, p.images.to(dev), result["timing"]["batch_size"],

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pteenet.benchmark._onnx_baseline import PLAIN_RUNTIMES
+from pteenet.benchmark._onnx_runs import PLAIN_RUNTIMES
 from pteenet.bundle._schema import BundleInfo
 from pteenet.cascade._frozen import direct
 from pteenet.cascade._model import EarlyExitModel
@@ -206,25 +206,35 @@ def speedups(timing: dict[str, Any], flops: float) -> dict[str, float | None]:
     segments in a row over early exit (``latency_vs_segments``, ``throughput_vs_segments``:
     what is held against the ideal); and early exit against the fastest plain runtime timed
     (``fastest_latency`` / ``fastest_throughput`` name it, :data:`PLAIN_RUNTIMES`), the bar a
-    user who wants speed compares with."""
+    user who wants speed compares with; and where the exported cascade was timed
+    (``early_exit_onnx``), the same for it (``onnx_cascade_*``), with the share of the FLOPs
+    ideal it reaches against that bar (``onnx_cascade_*_of_flops_ideal``)."""
     lat, tput = timing["latency"], timing["throughput"]
 
-    def ratio(key: str, base: str = "backbone") -> float | None:
-        return None if lat is None else lat[base][key] / lat["early_exit"][key]
+    def ratio(key: str, base: str = "backbone", model: str = "early_exit") -> float | None:
+        return None if lat is None else lat[base][key] / lat[model][key]
 
     plain = [k for k in PLAIN_RUNTIMES if k in tput]
     quick = None if lat is None else min(plain, key=lambda k: lat[k]["mean_ms"])
     most = max(plain, key=lambda k: tput[k])
-    return {"flops": 1.0 / flops, "latency": ratio("mean_ms"),
-            "latency_median": ratio("median_ms"),
-            "throughput": tput["early_exit"] / tput["backbone"],
-            "latency_vs_segments": ratio("mean_ms", "segments"),
-            "throughput_vs_segments": tput["early_exit"] / tput["segments"],
-            "fastest_latency": quick, "fastest_throughput": most,
-            "fastest_latency_runtime": PLAIN_RUNTIMES.get(quick),
-            "fastest_throughput_runtime": PLAIN_RUNTIMES[most],
-            "latency_vs_fastest": None if quick is None else ratio("mean_ms", quick),
-            "throughput_vs_fastest": tput["early_exit"] / tput[most]}
+    out = {"flops": 1.0 / flops, "latency": ratio("mean_ms"),
+           "latency_median": ratio("median_ms"),
+           "throughput": tput["early_exit"] / tput["backbone"],
+           "latency_vs_segments": ratio("mean_ms", "segments"),
+           "throughput_vs_segments": tput["early_exit"] / tput["segments"],
+           "fastest_latency": quick, "fastest_throughput": most,
+           "fastest_latency_runtime": PLAIN_RUNTIMES.get(quick),
+           "fastest_throughput_runtime": PLAIN_RUNTIMES[most],
+           "latency_vs_fastest": None if quick is None else ratio("mean_ms", quick),
+           "throughput_vs_fastest": tput["early_exit"] / tput[most]}
+    if "early_exit_onnx" in tput:
+        on_lat = None if quick is None else ratio("mean_ms", quick, "early_exit_onnx")
+        on_tput = tput["early_exit_onnx"] / tput[most]
+        out.update(onnx_cascade_latency_vs_fastest=on_lat,
+                   onnx_cascade_throughput_vs_fastest=on_tput,
+                   onnx_cascade_latency_of_flops_ideal=None if on_lat is None else on_lat * flops,
+                   onnx_cascade_throughput_of_flops_ideal=on_tput * flops)
+    return out
 
 
 def time_profile(model: EarlyExitModel, images: Tensor, batch_size: int,

@@ -112,7 +112,8 @@ def _whole_cells(x: torch.Tensor, s: int) -> bool:
     fp16's would) that ``s`` x ``s`` equal cells tile. On small maps its extra ops cost more
     than the reads they save (see design-timings.md)."""
     if (x.dim() != 4 or x.dtype != torch.float32 or x.device.type != "cpu"
-            or not x.is_contiguous(memory_format=torch.channels_last)):
+            or not x.is_contiguous(memory_format=torch.channels_last)
+            or torch.onnx.is_in_onnx_export()):  # exported: grid_pool's pooling nodes
         return False
     c, h, w = x.shape[1:]
     return c * h * w >= CELL_POOL_MIN and h % s == 0 and w % s == 0

@@ -39,10 +39,17 @@ def sliced_pool(x: torch.Tensor, sh: int, sw: int, op: str) -> torch.Tensor:
 
 def grid_pool(x: torch.Tensor, sh: int, sw: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Average and max pooling of ``x`` [N, C, H, W] to ``sh`` x ``sw`` cells, as adaptive
-    pooling defines them; the fixed-slice form while exporting to ONNX (the exporter refuses
-    adaptive pooling where a size is not a multiple of its cells, and wherever the input's
-    size is lost to it, as after a reshape with a dynamic batch)."""
+    pooling defines them. While exporting to ONNX, where the exporter refuses adaptive pooling
+    (a size not a multiple of its cells, or the input's size lost, as after a reshape with a
+    dynamic batch): one fixed-kernel pooling node each where equal cells tile the map (exactly
+    adaptive pooling there; the slices cost a ReduceMean and a ReduceMax per cell row and
+    column, slower than the backbone's convolutions on a CIFAR map, design-timings.md), else
+    the fixed slices."""
     if torch.onnx.is_in_onnx_export():
+        h, w = int(x.shape[-2]), int(x.shape[-1])
+        if h % sh == 0 and w % sw == 0:
+            cell = (h // sh, w // sw)
+            return F.avg_pool2d(x, cell), F.max_pool2d(x, cell)
         return sliced_pool(x, sh, sw, "mean"), sliced_pool(x, sh, sw, "amax")
     return F.adaptive_avg_pool2d(x, (sh, sw)), F.adaptive_max_pool2d(x, (sh, sw))
 

@@ -6,6 +6,7 @@ _NAMES = {
     "MANIFEST": "_export",
     "MANIFEST_VERSION": "_export",
     "export": "_export",
+    "export_model": "_export",
     "manifest_for": "_export",
     "MIN_OPSET": "_single_graph",
     "single_graph": "_single_graph",

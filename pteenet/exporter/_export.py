@@ -53,7 +53,7 @@ from pteenet.backbone._registry import sha256_file
 from pteenet.bundle._derived import BUNDLE_HASH_KEY
 from pteenet.bundle._load import load
 from pteenet.bundle._read import read_bundle
-from pteenet.bundle._schema import BundleInfo
+from pteenet.bundle._schema import Bundle, BundleInfo
 from pteenet.cascade._model import EarlyExitModel
 from pteenet.cascade._onnx import save_onnx
 from pteenet.cascade._score import exit_score
@@ -64,7 +64,7 @@ from pteenet.runtime import MANIFEST, MANIFEST_VERSION
 from pteenet.storage import atomic_path, write_text, writer_lock
 from pteenet.thresholds import json_rows
 
-__all__ = ["MANIFEST", "MANIFEST_VERSION", "export", "manifest_for"]
+__all__ = ["MANIFEST", "MANIFEST_VERSION", "export", "export_model", "manifest_for"]
 
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
 SINGLE = "cascade_1.onnx"  # the batch-1 cascade as one graph (ONNX only)
@@ -111,19 +111,43 @@ def export(
     ``model``: the backbone module of a bundle attached to the user's own (see :func:`load`)."""
     _check_format(format, opset)
     b = read_bundle(bundle)  # fail fast on a bad bundle, before building the backbone
-    folder = Path(out) if out is not None else b.path / f"export-{format}"
+    folder = _folder(out, b.path / f"export-{format}")
+    with writer_lock(folder, create=True):  # also the writability check, before any work
+        ee = load(b, checkpoint=checkpoint, force=force, model=model)
+        return _export(ee, b, folder, format, opset)
+
+
+def export_model(model: EarlyExitModel, bundle: Bundle, out: str | os.PathLike, *,
+                 format: str = "onnx", opset: int = 17) -> Path:
+    """:func:`export` of a model already loaded from ``bundle`` (what :func:`pteenet.load`
+    returned for :func:`pteenet.bundle.read_bundle`'s value), under its current thresholds:
+    what ``bench`` times without reading, building and hashing the bundle a second time."""
+    _check_format(format, opset)
+    folder = _folder(out, None)
+    with writer_lock(folder, create=True):
+        return _export(model, bundle, folder, format, opset)
+
+
+def _folder(out: str | os.PathLike | None, default: Path | None) -> Path:
+    folder = Path(out) if out is not None else default
     if folder.exists() and not folder.is_dir():
         raise OptionError(f"`out` {folder} is a file; give a folder")
-    with writer_lock(folder, create=True):  # also the writability check, before any work
-        ee = load(b, checkpoint=checkpoint, force=force, model=model).eval()
+    return folder
+
+
+def _export(ee: EarlyExitModel, b: Bundle, folder: Path, format: str, opset: int) -> Path:
+    was = ee.training
+    ee.eval()
+    try:
         size = b.info.preprocess.input_size
         files = _write_graphs(ee, size, folder, format, opset)
         if format == "onnx":
             files.update(_write_single(ee, size, folder, files, opset))
-        manifest = manifest_for(ee, b.info, format, files, b.sha256)
-        manifest["sha256"] = {f: sha256_file(folder / f)
-                              for group in files.values() for f in group}
-        write_text(folder / MANIFEST, json.dumps(manifest, indent=1))
+    finally:
+        ee.train(was)
+    manifest = manifest_for(ee, b.info, format, files, b.sha256)
+    manifest["sha256"] = {f: sha256_file(folder / f) for group in files.values() for f in group}
+    write_text(folder / MANIFEST, json.dumps(manifest, indent=1))
     return folder
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import importlib.util
 import json
 from pathlib import Path
 
@@ -136,10 +137,12 @@ def test_sweep_writes_png_and_csv(bundle: Path) -> None:
 
 
 def test_human_output_shows_tables(bundle: Path) -> None:
-    res = CliRunner().invoke(app, ["bench", "-b", str(bundle), *FAST])
+    res = CliRunner(env={"COLUMNS": "240"}).invoke(app, ["bench", "-b", str(bundle), *FAST])
     assert res.exit_code == 0, res.output
     assert "early exit vs backbone" in res.stdout and "oracle" in res.stdout
     assert "bench.json" in res.stdout
+    if importlib.util.find_spec("onnxruntime"):
+        assert "exported cascade (onnxruntime) vs fastest plain" in res.stdout
 
 
 def test_calibration_samples_when_no_test_split(bundle: Path) -> None:
@@ -209,8 +212,19 @@ def test_the_plain_backbone_on_onnxruntime_is_the_bar_when_fastest(bundle: Path)
     assert sp["fastest_throughput"] == max(rates, key=rates.get)
     assert sp["fastest_throughput_runtime"] in ("eager torch", "TorchScript (frozen segments)",
                                                 "onnxruntime")
+    # the exported cascade, as a deployment runs it, held against the same bar
+    ee_lat = t["latency"]["early_exit_onnx"]["mean_ms"]
+    assert sp["onnx_cascade_latency_vs_fastest"] == pytest.approx(
+        plain[sp["fastest_latency"]] / ee_lat)
+    assert sp["onnx_cascade_throughput_vs_fastest"] == pytest.approx(
+        t["throughput"]["early_exit_onnx"] / rates[sp["fastest_throughput"]])
+    assert sp["onnx_cascade_throughput_of_flops_ideal"] == pytest.approx(
+        sp["onnx_cascade_throughput_vs_fastest"] * r["early_exit"]["relative_flops"])
+    assert not (bundle / "export-onnx").exists()  # exported aside: the bundle is as it was
     off = _bench(bundle, "--no-profile", "--no-onnx-baseline")
     assert "backbone_onnx" not in off["timing"]["throughput"]
+    assert "early_exit_onnx" not in off["timing"]["throughput"]
+    assert "onnx_cascade_throughput_vs_fastest" not in off["speedup"]
     assert off["speedup"]["fastest_throughput"] in ("backbone", "segments")
 
 
@@ -227,4 +241,5 @@ def test_without_onnxruntime_bench_says_so_and_times_the_rest(bundle, monkeypatc
     monkeypatch.setattr(builtins, "__import__", no_ort)
     r = _bench(bundle, "--no-profile")
     assert "backbone_onnx" not in r["timing"]["throughput"]
+    assert "early_exit_onnx" not in r["timing"]["throughput"]
     assert any("onnxruntime is not installed" in n for n in r["notes"])

@@ -402,3 +402,26 @@ def test_a_table_of_another_shape_is_one_line(onnx_export):
             cascade.thresholds = bad
     cascade.thresholds = [[0.5] * 3, [0.25] * 3]
     assert cascade.thresholds.dtype == np.float32
+
+
+def test_export_model_writes_the_model_as_it_is_without_reading_the_bundle_again(
+        bundle, tmp_path):
+    """``bench`` times the model it measures: exported from the loaded model and Bundle, under
+    the model's current table (not the one on disk), and the cascade answers as the model."""
+    pytest.importorskip("onnxruntime")
+    from pteenet.bundle import read_bundle
+    from pteenet.exporter import export_model
+
+    folder, x, _ = bundle
+    b = read_bundle(folder)
+    model = load(b)
+    model.set_thresholds(0.0)  # every sample leaves at the first exit
+    out = export_model(model, b, tmp_path / "export")
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["thresholds"] == [[0.0] * 3, [0.0] * 3]
+    cascade = Cascade.open(out)
+    preds, exits = cascade(x.numpy())
+    with torch.no_grad():
+        res = model(x)
+    assert (exits == 0).all() and np.array_equal(preds, res.preds.numpy())
+    assert not model.training
