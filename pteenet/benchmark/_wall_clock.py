@@ -41,6 +41,7 @@ WARMUP = 3
 LATENCY_REPEATS = 3  # batch-1 calls per image; its median is its time
 LATENCY_BLOCK = 50  # images one model runs in a row before the next takes its turn
 THROUGHPUT_BATCHES = 3
+SETTLE_S = 0.05  # pause before each model's turn: the last runtime's spinning threads go idle
 TIMING_BYTES = 1 << 30  # real images kept in memory for timing, at most
 
 
@@ -99,7 +100,11 @@ def batch1_latency(models: dict[str, Callable], images: Tensor, samples: int,
     every call found the caches full of another model's weights. Each image is timed
     LATENCY_REPEATS times, in separate sweeps, and its median is its time: a call the OS
     preempted is an outlier of that call, not a slow image, and one 20 ms stall among a few
-    hundred 3 ms calls would otherwise move the mean by several percent.
+    hundred 3 ms calls would otherwise move the mean by several percent. Each turn starts
+    after a pause of SETTLE_S: the workers of the runtime that ran before (onnxruntime's
+    spinning sessions, OpenMP's) spin on after their call and would take the cores from the
+    next (the exported cascade timed beside four other runtimes: 1.36x the ONNX backbone's
+    batch-1 speed without the pause, 1.65x with; 1.69x timed against it alone).
     """
     for _, fn in models.items():
         for i in range(min(WARMUP, len(images))):
@@ -110,6 +115,7 @@ def batch1_latency(models: dict[str, Callable], images: Tensor, samples: int,
         for b, start in enumerate(range(0, samples, LATENCY_BLOCK)):
             turn = (b + sweep) % len(order)
             for name, fn in order[turn:] + order[:turn]:
+                time.sleep(SETTLE_S)
                 fn(images[start % len(images)][None])  # untimed: the stream is under way
                 for i in range(start, min(start + LATENCY_BLOCK, samples)):
                     j = i % len(images)
@@ -125,12 +131,14 @@ def batch1_latency(models: dict[str, Callable], images: Tensor, samples: int,
 def _throughput(models: dict[str, Callable], batches: list[Tensor], repeats: int,
                 clock: Clock, tick: Callable[[int], None] | None = None
                 ) -> dict[str, list[float]]:
-    """Images per second over real batches: each repeat runs every batch; every repeat's rate."""
+    """Images per second over real batches: each repeat runs every batch, after a pause of
+    SETTLE_S (see :func:`batch1_latency`); every repeat's rate."""
     n = sum(len(b) for b in batches)
     for fn in models.values():
         fn(batches[0])
     rates: dict[str, list[float]] = {k: [] for k in models}
     for _, name, fn in _interleaved(models, repeats):
+        time.sleep(SETTLE_S)
         rates[name].append(n / sum(clock(fn, b) for b in batches))
         if tick:
             tick(n)

@@ -20,8 +20,9 @@ def gate(top: torch.Tensor, gamma: float) -> torch.Tensor:
     ``gamma`` is a Python number: one op instead of six, at batch 1 a large share of each
     exit's decision (see design-timings.md). The off case is ``top * 0``, not ``zeros_like``,
     which the ONNX exporter folds into a constant of the traced batch size (an exported branch
-    of an exit switched off then failed on any other batch size)."""
-    return top * 0 if math.isinf(gamma) else top.clamp_min(0) ** gamma
+    of an exit switched off then failed on any other batch size). ``top`` is a softmax
+    probability, never negative: no clamp (one op less per exit in every exported graph)."""
+    return top * 0 if math.isinf(gamma) else top ** gamma
 
 
 def gate_power(threshold: float) -> float:
