@@ -48,7 +48,7 @@ from pteenet.benchmark._wall_clock import (
 from pteenet.bundle._derived import BENCH_FILE, SWEEP_CSV, SWEEP_PNG
 from pteenet.bundle._load import load
 from pteenet.bundle._read import read_bundle
-from pteenet.bundle._schema import BundleInfo, ThresholdTable
+from pteenet.bundle._schema import Bundle, BundleInfo, ThresholdTable
 from pteenet.cascade._model import EarlyExitModel
 from pteenet.cascade._profile import device_name, steady_allocator
 from pteenet.errors import BundleError, OptionError, need_extra
@@ -159,52 +159,71 @@ def _bench(bundle, data, split, threshold, batch_size, latency_samples, repeats,
     model = load(b, checkpoint=checkpoint, force=force, device=dev, model=module)
     if threshold is not None:
         model.set_thresholds(float(threshold))
-    backbone = model.whole  # the eager backbone the segments were traced from (built once)
     keep = images_to_keep(info, latency_samples, batch_size)
     with single_bar(progress, "measuring", len(ev.indices)) as tick:
         p = measure_pass(model, ev, batch_size=batch_size, device=dev, keep=keep, progress=tick)
     result = _assemble(info, ev, table, threshold, model, p, b.sha256)
-    if threshold is None and table.method == "none":
-        result["warnings"].append("the bundle's thresholds were never calibrated (no "
-                                  "thresholds.json): every exit is off and this measures the "
-                                  "backbone; run `pteenet calibrate` or pass `threshold`")
-    elif threshold is None:
-        ee, bb = result["early_exit"], result["backbone"]
-        drop = None if ee.get("top1") is None else bb["top1"] - ee["top1"]
-        line = drift_warning(table.summary, ee["agreement"], len(p)) or \
-            promise_warning(table.params, ee["agreement"], drop, len(p))
-        if line:
-            result["warnings"].append(line)
+    line = _table_warning(result, table, threshold, len(p))
+    if line:
+        result["warnings"].append(line)
+    _time(result, model, b, p, dev, latency_samples, batch_size, repeats, progress,
+          onnx_baseline, profile)
+    costs = model.cost_in("flops").exits(model.active)
+    result["sweep"] = sweep_points(p, model.thresholds.cpu(), costs) if sweep else None
+    _write_outputs(info.path, result, sweep, out_json)
+    return BenchResult.from_json(result)
+
+
+def _table_warning(result: dict[str, Any], table: ThresholdTable, threshold: float | None,
+                   n: int) -> str | None:
+    """The one line a table in use deserves: never calibrated, or not holding on these images
+    (their exits moved from the calibration split's, or they lose more than it allows)."""
+    if threshold is not None:
+        return None
+    if table.method == "none":
+        return ("the bundle's thresholds were never calibrated (no thresholds.json): every exit "
+                "is off and this measures the backbone; run `pteenet calibrate` or pass "
+                "`threshold`")
+    ee, bb = result["early_exit"], result["backbone"]
+    drop = None if ee.get("top1") is None else bb["top1"] - ee["top1"]
+    return drift_warning(table.summary, ee["agreement"], n) or \
+        promise_warning(table.params, ee["agreement"], drop, n)
+
+
+def _time(result: dict[str, Any], model: EarlyExitModel, b: Bundle, p: Pass,
+          dev: torch.device, latency_samples: int, batch_size: int, repeats: int,
+          progress: bool, onnx_baseline: bool, profile: bool) -> None:
+    """Wall clock into ``result``: every runtime timed taking turns (on a CPU with
+    onnxruntime also the plain backbone and the exported cascade on it), the speedups, and
+    each piece's time beside its FLOPs with the ideal they imply (``profile``)."""
+    backbone = model.whole  # the eager backbone the segments were traced from (built once)
     steady = dev.type == "cpu" and steady_allocator()  # both models alike: see its docstring
     extra, tmp = {}, None
     if onnx_baseline and dev.type == "cpu":  # on a CPU, often the fastest runtimes of both
         threads = torch.get_num_threads()
-        run, note = onnx_backbone(backbone, info.preprocess.input_size, threads)
+        run, note = onnx_backbone(backbone, b.info.preprocess.input_size, threads)
         cascade, tmp, cascade_note = onnx_cascade(model, b, threads)
         extra.update({k: v for k, v in (("backbone_onnx", run), ("early_exit_onnx", cascade))
                       if v is not None})
         result["notes"] += [n for n in (note, cascade_note) if n]
     try:
-        result["timing"] = wall_clock(backbone, model, p.images, latency_samples=latency_samples,
-                                      batch_size=batch_size, repeats=repeats, device=dev,
-                                      extra=extra, progress=progress)
+        timing = wall_clock(backbone, model, p.images, latency_samples=latency_samples,
+                            batch_size=batch_size, repeats=repeats, device=dev, extra=extra,
+                            progress=progress)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    result["timing"]["allocator"] = "steady (mallopt)" if steady else "default"
-    result["speedup"] = speedups(result["timing"], result["early_exit"]["relative_flops"])
-    result["profile"] = time_profile(model, p.images.to(dev), result["timing"]["batch_size"],
-                                     _timed_shares(p, result["timing"], model.num_branches)) \
+    timing["allocator"] = "steady (mallopt)" if steady else "default"
+    result["timing"] = timing
+    result["speedup"] = speedups(timing, result["early_exit"]["relative_flops"])
+    result["profile"] = time_profile(model, p.images.to(dev), timing["batch_size"],
+                                     _timed_shares(p, timing, model.num_branches)) \
         if profile else None
     if result["profile"]:
         result["speedup"].update(efficiency(result["speedup"], result["profile"]))
-    for note in (busy_note(result["timing"]), profile_note(info, device_name(dev))):
+    for note in (busy_note(timing), profile_note(b.info, device_name(dev))):
         if note:
             result["notes"].append(note)
-    costs = model.cost_in("flops").exits(model.active)
-    result["sweep"] = sweep_points(p, model.thresholds.cpu(), costs) if sweep else None
-    _write_outputs(info.path, result, sweep, out_json)
-    return BenchResult.from_json(result)
 
 
 def _assemble(info: BundleInfo, ev: EvalSet, table: ThresholdTable, threshold: float | None,
