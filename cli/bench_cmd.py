@@ -65,13 +65,13 @@ def comparison_rows(res: BenchResult) -> list[list[Any]]:
                  _times(sp["throughput_vs_fastest"])])
     if "onnx_cascade_throughput_vs_fastest" in sp:  # the exported cascade, as deployed
         if sp.get("onnx_cascade_latency_vs_fastest"):
-            rows.append([f"exported cascade (onnxruntime) vs fastest plain: "
-                         f"{sp['fastest_latency_runtime']}, batch-1 mean (ms)",
+            rows.append([f"ONNX cascade, batch-1 mean vs fastest plain: "
+                         f"{sp['fastest_latency_runtime']} (ms)",
                          _num(lat["early_exit_onnx"].get("mean_ms"), ".2f"),
                          _num(lat[sp["fastest_latency"]].get("mean_ms"), ".2f"),
                          _times(sp["onnx_cascade_latency_vs_fastest"])])
-        rows.append([f"exported cascade (onnxruntime) vs fastest plain: "
-                     f"{sp['fastest_throughput_runtime']}, throughput",
+        rows.append([f"ONNX cascade, throughput vs fastest plain: "
+                     f"{sp['fastest_throughput_runtime']}",
                      _num(t["throughput"]["early_exit_onnx"], ".1f"),
                      _num(t["throughput"][most], ".1f"),
                      _times(sp["onnx_cascade_throughput_vs_fastest"])])

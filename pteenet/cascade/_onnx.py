@@ -10,6 +10,7 @@ computes the same attention.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -23,13 +24,17 @@ ONNX_OPSET = 17
 def save_onnx(module: nn.Module, example: tuple[torch.Tensor, ...], path: str | os.PathLike,
               inputs: Sequence[str], outputs: Sequence[str], opset: int = ONNX_OPSET) -> None:
     """Export ``module`` traced on ``example`` to ``path``, every input and output with a
-    dynamic batch axis."""
+    dynamic batch axis. The tracer's and exporter's warnings (constant folding skipped on a
+    strided slice, traced shapes taken as constants) concern no graph written here and would
+    reach a bench or export user as pages of torch internals: they are silenced."""
     axes = {name: {0: "batch"} for name in [*inputs, *outputs]}
     fast = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        torch.onnx.export(module, example, str(path), input_names=list(inputs),
-                          output_names=list(outputs), dynamic_axes=axes, opset_version=opset,
-                          dynamo=False, do_constant_folding=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, example, str(path), input_names=list(inputs),
+                              output_names=list(outputs), dynamic_axes=axes,
+                              opset_version=opset, dynamo=False, do_constant_folding=True)
     finally:
         torch.backends.mha.set_fastpath_enabled(fast)

@@ -142,7 +142,7 @@ def test_human_output_shows_tables(bundle: Path) -> None:
     assert "early exit vs backbone" in res.stdout and "oracle" in res.stdout
     assert "bench.json" in res.stdout
     if importlib.util.find_spec("onnxruntime"):
-        assert "exported cascade (onnxruntime) vs fastest plain" in res.stdout
+        assert "ONNX cascade, throughput vs fastest plain" in res.stdout
 
 
 def test_calibration_samples_when_no_test_split(bundle: Path) -> None:

@@ -4,6 +4,7 @@ and an export that fails is reported as an export error."""
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 import pytest
@@ -76,3 +77,25 @@ def test_an_export_failure_is_an_export_error(monkeypatch, tmp_path):
     line, code = describe(info.value)
     assert line.startswith("error (export): cannot export branch 0") and code == 6
     assert not (tmp_path / "branch_0.onnx").exists()
+
+
+def test_writing_onnx_shows_the_user_none_of_torchs_exporter_warnings(tmp_path):
+    """A strided slice (CIFAR ResNets' shortcut) makes torch's exporter warn about constant
+    folding at every bench; nothing of it concerns the graph written."""
+    from pteenet.cascade._onnx import save_onnx
+
+    class Strided(nn.Module):
+        def forward(self, x):
+            return x[:, :, ::2, ::2] * 2
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        save_onnx(Strided(), (torch.randn(1, 3, 8, 8),), tmp_path / "m.onnx", ["input"],
+                  ["output"])
+    assert [str(w.message)[:80] for w in seen] == []
+    assert _onnx_file(tmp_path / "m.onnx", np.ones((2, 3, 8, 8), np.float32)).shape == (2, 3, 4, 4)
+
+
+def _onnx_file(path, x: np.ndarray) -> np.ndarray:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"input": x})[0]
