@@ -102,6 +102,11 @@ def attach(
     amp: Annotated[bool, typer.Option(
         help="bf16 mixed precision for branch training (CUDA, or CPUs with bf16).")]
     = _CONFIG.amp,
+    flip: Annotated[bool, typer.Option(
+        help="Also train on each training image mirrored left-right, its target the "
+        "backbone's answer on the mirror: on CIFAR ResNet-44 0.03 less of the FLOPs at the "
+        "same drop, for a caching pass twice as long (photos only: not digits or text).")]
+    = _CONFIG.flip,
     resume: Annotated[bool, typer.Option(
         help="Save training state every epoch (every branch when boosted) and continue an "
         "interrupted attach from it; Ctrl-C prints the command that does.")] = False,
@@ -127,7 +132,7 @@ def attach(
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, lam=lam,
                          target=value(target), temperature=temperature, loss=value(loss),
                          boosted=value(boosted), margin=margin,
-                         seed=seed, device=device, cache=not no_cache, amp=amp)
+                         seed=seed, device=device, cache=not no_cache, amp=amp, flip=flip)
     res = run_attach(model, data, checkpoint=checkpoint, branches=branches,
                      placement=value(placement), at=floats(at, "--at"), cuts=names(cuts),
                      branch=value(branch),

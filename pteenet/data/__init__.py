@@ -7,6 +7,7 @@ _NAMES = {
     "available_splits": "_datasets",
     "open_data": "_datasets",
     "ImageData": "_items",
+    "Mirrored": "_items",
     "DATASET_NAMES": "_torchvision",
     "default_cache_dir": "_torchvision",
     "Batch": "_loading",

@@ -9,13 +9,13 @@ raising, because one bad JPEG in a folder of thousands should cost one sample, n
 from __future__ import annotations
 
 import torchvision.transforms.functional as TF
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from pteenet.backbone._preprocess import Preprocess
 
-__all__ = ["ImageData", "to_tensor"]
+__all__ = ["ImageData", "Mirrored", "to_tensor"]
 
 
 class ImageData(Dataset):
@@ -72,6 +72,25 @@ class ImageData(Dataset):
     def __repr__(self) -> str:
         n_cls = len(self.classes) if self.classes is not None else "unlabeled"
         return f"{type(self).__name__}(name={self.name!r}, images={len(self)}, classes={n_cls})"
+
+
+class Mirrored(ImageData):
+    """``base`` with every image mirrored left-right, labels and order kept: a second view of
+    each training image whose target is the backbone's own answer on it (``TrainConfig.flip``;
+    ``benchmarks/results/flip-views.md``)."""
+
+    def __init__(self, base: ImageData) -> None:
+        super().__init__(f"{base.name} (mirrored)", base.classes, base.preprocess)
+        self.base, self.from_files = base, base.from_files
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def _label(self, index: int) -> int:
+        return self.base._label(index)
+
+    def _image(self, index: int) -> Image.Image:
+        return ImageOps.mirror(self.base._image(index))
 
 
 def to_tensor(image: Image.Image, preprocess: Preprocess) -> Tensor:

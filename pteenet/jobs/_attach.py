@@ -31,6 +31,7 @@ from pteenet.cascade._model import EarlyExitModel
 from pteenet.cascade._profile import cut_time_fractions, probe_images
 from pteenet.choices import COSTS, DEFAULT_BRANCH, DEFAULT_BUDGET, DEFAULT_POLICY, ENSEMBLES
 from pteenet.data._datasets import available_splits, open_data
+from pteenet.data._items import Mirrored
 from pteenet.data._loading import split_indices
 from pteenet.errors import Interrupted, OptionError
 from pteenet.graph._head import find_head
@@ -220,21 +221,24 @@ def _train(ee: EarlyExitModel, dataset, train_idx: list[int], held_idx: list[int
     table was calibrated on and the ensemble's record for the bundle."""
     rank, world = rank_world()
     rounds = config.epochs * (ee.num_branches if config.boosted else 1)
+    views = 2 if config.flip else 1  # with flip, each training image and its mirror
     with contextlib.ExitStack() as stack, progress_bar(progress and rank == 0) as bar:
         mine = train_idx[rank::world]
-        task = bar.add_task("backbone features", total=(len(mine) if config.cache else 0)
-                            + len(held_idx))
+        task = bar.add_task("backbone features", total=(views * len(mine) if config.cache
+                                                         else 0) + len(held_idx))
         kw = dict(batch_size=256, device=config.device, num_workers=config.num_workers,
                   cache_limit=config.cache_limit, stack=stack, cache_dir=out,
                   progress=lambda m: bar.advance(task, m))
         train = compute_features(ee, dataset, mine, **kw) if config.cache else \
             LiveFeatures(ee, dataset, mine, config.device)
+        if config.flip:
+            train = train.joined(compute_features(ee, Mirrored(dataset), mine, **kw))
         held = compute_features(ee, dataset, held_idx, **kw)
-        etask = bar.add_task("training", total=rounds * len(train_idx))
+        etask = bar.add_task("training", total=rounds * views * len(train_idx))
 
         def on_epoch(epoch: int, loss: float, agree: list[float]) -> None:
             shown = " ".join(f"{a:.0%}" for a in agree)
-            bar.update(etask, completed=(epoch + 1) * len(train_idx),  # boosted: + non-survivors
+            bar.update(etask, completed=(epoch + 1) * views * len(train_idx),  # boosted: + rest
                        info=f"loss {loss:.3f}" + (f"  agree {shown}" if shown else ""))
 
         report = train_branches(ee, train, held, config, on_epoch, state,

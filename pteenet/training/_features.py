@@ -49,6 +49,15 @@ class FeatureSet:
                           self.final.index_select(0, pos).to(device), self.labels[pos].to(device),
                           self.indices[pos], pre=_rows(self.pre, pos, device))
 
+    def joined(self, other: FeatureSet) -> FeatureSet:
+        """These samples followed by ``other``'s (a second view of the same images: their
+        unreadable images are the same ones, counted once)."""
+        return FeatureSet([torch.cat([a, b]) for a, b in zip(self.feats, other.feats)],
+                          torch.cat([self.final, other.final]),
+                          torch.cat([self.labels, other.labels]),
+                          torch.cat([self.indices, other.indices]), self.skipped,
+                          None if self.pre is None else torch.cat([self.pre, other.pre]))
+
     def subset(self, pos: Sequence[int]) -> FeatureSet:
         """The samples at positions ``pos``, kept as stored (fp16, on the CPU)."""
         p = torch.as_tensor(list(pos), dtype=torch.long)
