@@ -255,10 +255,11 @@ class EarlyExitModel(nn.Module):
         :func:`pteenet.cascade.trace_exact`). The one way inference, the time profile and the
         exported graphs get a branch's answer."""
         head = self.score == "head"
-        both = (lambda run: run) if head else (lambda run: lambda h: (run(h), None))
-        if not (self.frozen and frozen_applies(x)):
-            return [both(Answer(b, head)) for b in self.branches]
-        return self._traced(x, ("answers", head), lambda k, b: Answer(b, head), both)
+        if not (self.frozen and frozen_applies(x)):  # eager: nothing built per call
+            return list(self.branches) if head else \
+                [lambda h, b=b: (b.classify(h), None) for b in self.branches]
+        return self._traced(x, ("answers", head), lambda k, b: Answer(b, head),
+                            (lambda run: run) if head else lambda run: lambda h: (run(h), None))
 
     def _scored(self, x: torch.Tensor, plan: Plan) -> Sequence[Callable] | None:
         """Each exit's logits, confidence logit (only where the score reads it) and score from

@@ -57,6 +57,7 @@ from pteenet.bundle._schema import Bundle, BundleInfo
 from pteenet.cascade._model import EarlyExitModel
 from pteenet.cascade._onnx import save_onnx
 from pteenet.cascade._score import exit_score
+from pteenet.cascade._traced import Answer
 from pteenet.choices import FORMATS
 from pteenet.errors import BundleError, ExportError, OptionError
 from pteenet.exporter._single_graph import MIN_OPSET, single_graph
@@ -84,13 +85,13 @@ class ScoredBranch(nn.Module):
     def __init__(self, model: EarlyExitModel, k: int) -> None:
         super().__init__()
         self.k = k
-        self.branch = model.branches[k]
+        self.answer = Answer(model.branches[k], model.score == "head")  # head only if read
         self.ensemble = model.ensemble
-        self.head = model.score == "head"  # without the head unless the score reads it
         self._score = functools.partial(exit_score, model.score, gamma=float(model.gamma[k]))
 
     def forward(self, x: torch.Tensor, *history: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        logits, confidence = self.branch(x) if self.head else (self.branch.classify(x), None)
+        out = self.answer(x)
+        logits, confidence = out if self.answer.head else (out, None)
         if self.ensemble is None:
             return logits, self._score(logits, confidence)
         logits, seen = self.ensemble.step(history[0] if history else None, logits, self.k)
