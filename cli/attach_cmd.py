@@ -102,11 +102,11 @@ def attach(
     amp: Annotated[bool, typer.Option(
         help="bf16 mixed precision for branch training (CUDA, or CPUs with bf16).")]
     = _CONFIG.amp,
-    flip: Annotated[bool, typer.Option(
-        help="Also train on each training image mirrored left-right, its target the "
-        "backbone's answer on the mirror: on CIFAR ResNet-44 0.03-0.07 less of the FLOPs "
-        "at <= 1 pt, for a caching pass twice as long (photos only: not digits or text).")]
-    = _CONFIG.flip,
+    views: Annotated[int, typer.Option(
+        help="Views of each training image the branches learn from, each with the backbone's "
+        "answer on it as the target: 1 the image, 2 also its mirror, each more a random shift "
+        "(pad-and-crop). Each view is one more caching pass; photos only (not digits or text).",
+        min=1)] = _CONFIG.views,
     resume: Annotated[bool, typer.Option(
         help="Save training state every epoch (every branch when boosted) and continue an "
         "interrupted attach from it; Ctrl-C prints the command that does.")] = False,
@@ -132,7 +132,7 @@ def attach(
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, lam=lam,
                          target=value(target), temperature=temperature, loss=value(loss),
                          boosted=value(boosted), margin=margin,
-                         seed=seed, device=device, cache=not no_cache, amp=amp, flip=flip)
+                         seed=seed, device=device, cache=not no_cache, amp=amp, views=views)
     res = run_attach(model, data, checkpoint=checkpoint, branches=branches,
                      placement=value(placement), at=floats(at, "--at"), cuts=names(cuts),
                      branch=value(branch),

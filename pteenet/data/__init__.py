@@ -8,6 +8,7 @@ _NAMES = {
     "open_data": "_datasets",
     "ImageData": "_items",
     "Mirrored": "_items",
+    "Shifted": "_items",
     "DATASET_NAMES": "_torchvision",
     "default_cache_dir": "_torchvision",
     "Batch": "_loading",

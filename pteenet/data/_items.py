@@ -8,6 +8,7 @@ raising, because one bad JPEG in a folder of thousands should cost one sample, n
 
 from __future__ import annotations
 
+import torch
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageOps
 from torch import Tensor
@@ -15,7 +16,7 @@ from torch.utils.data import Dataset
 
 from pteenet.backbone._preprocess import Preprocess
 
-__all__ = ["ImageData", "Mirrored", "to_tensor"]
+__all__ = ["ImageData", "Mirrored", "Shifted", "to_tensor"]
 
 
 class ImageData(Dataset):
@@ -76,8 +77,8 @@ class ImageData(Dataset):
 
 class Mirrored(ImageData):
     """``base`` with every image mirrored left-right, labels and order kept: a second view of
-    each training image whose target is the backbone's own answer on it (``TrainConfig.flip``;
-    ``benchmarks/results/flip-views.md``)."""
+    each training image whose target is the backbone's own answer on it (``TrainConfig.views``;
+    ``benchmarks/results/training-views.md``)."""
 
     def __init__(self, base: ImageData) -> None:
         super().__init__(f"{base.name} (mirrored)", base.classes, base.preprocess)
@@ -91,6 +92,33 @@ class Mirrored(ImageData):
 
     def _image(self, index: int) -> Image.Image:
         return ImageOps.mirror(self.base._image(index))
+
+
+class Shifted(ImageData):
+    """``base`` with each image moved by up to an eighth of its side each way (the gap black) and
+    mirrored at random, labels and order kept: CIFAR training's pad-and-crop as one more view of
+    each training image (``TrainConfig.views``). The moves are drawn once from ``seed``, so the
+    view is the same image every epoch and on every rank."""
+
+    def __init__(self, base: ImageData, seed: int) -> None:
+        super().__init__(f"{base.name} (shifted)", base.classes, base.preprocess)
+        self.base, self.from_files = base, base.from_files
+        g = torch.Generator().manual_seed(seed)
+        self.moves = (torch.rand(len(base), 2, generator=g) * 2 - 1) / 8
+        self.mirror = torch.rand(len(base), generator=g) < 0.5
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def _label(self, index: int) -> int:
+        return self.base._label(index)
+
+    def _image(self, index: int) -> Image.Image:
+        image = self.base._image(index).convert("RGB")
+        dx, dy = (round(float(m) * s) for m, s in zip(self.moves[index], image.size))
+        moved = Image.new("RGB", image.size)
+        moved.paste(image, (dx, dy))
+        return ImageOps.mirror(moved) if self.mirror[index] else moved
 
 
 def to_tensor(image: Image.Image, preprocess: Preprocess) -> Tensor:

@@ -31,7 +31,7 @@ from pteenet.cascade._model import EarlyExitModel
 from pteenet.cascade._profile import cut_time_fractions, probe_images
 from pteenet.choices import COSTS, DEFAULT_BRANCH, DEFAULT_BUDGET, DEFAULT_POLICY, ENSEMBLES
 from pteenet.data._datasets import available_splits, open_data
-from pteenet.data._items import Mirrored
+from pteenet.data._items import Mirrored, Shifted
 from pteenet.data._loading import split_indices
 from pteenet.errors import Interrupted, OptionError
 from pteenet.graph._head import find_head
@@ -221,7 +221,7 @@ def _train(ee: EarlyExitModel, dataset, train_idx: list[int], held_idx: list[int
     table was calibrated on and the ensemble's record for the bundle."""
     rank, world = rank_world()
     rounds = config.epochs * (ee.num_branches if config.boosted else 1)
-    views = 2 if config.flip else 1  # with flip, each training image and its mirror
+    views = config.views
     with contextlib.ExitStack() as stack, progress_bar(progress and rank == 0) as bar:
         mine = train_idx[rank::world]
         task = bar.add_task("backbone features", total=(views * len(mine) if config.cache
@@ -231,8 +231,8 @@ def _train(ee: EarlyExitModel, dataset, train_idx: list[int], held_idx: list[int
                   progress=lambda m: bar.advance(task, m))
         train = compute_features(ee, dataset, mine, **kw) if config.cache else \
             LiveFeatures(ee, dataset, mine, config.device)
-        if config.flip:
-            train = train.joined(compute_features(ee, Mirrored(dataset), mine, **kw))
+        for view in _views(dataset, views, config.seed):
+            train = train.joined(compute_features(ee, view, mine, **kw))
         held = compute_features(ee, dataset, held_idx, **kw)
         etask = bar.add_task("training", total=rounds * views * len(train_idx))
 
@@ -250,6 +250,14 @@ def _train(ee: EarlyExitModel, dataset, train_idx: list[int], held_idx: list[int
         if ensemble is not None:
             held, fitted = _fit_ensemble(ee, held, labeled, config)
         return report, held, _first_table(ee, held, report, config, labeled), fitted
+
+
+def _views(dataset, views: int, seed: int) -> list:
+    """The extra training views beyond the image itself: its mirror, then random shifts, each
+    drawn from its own seed (``TrainConfig.views``)."""
+    shifts = [Shifted(dataset, (seed * 1009 + v) % (1 << 64)) for v in range(2, views)]
+    extra = [Mirrored(dataset), *shifts]
+    return extra[:views - 1]
 
 
 def _fit_ensemble(ee: EarlyExitModel, held: FeatureSet, labeled: bool, config: TrainConfig

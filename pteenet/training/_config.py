@@ -36,10 +36,10 @@ class TrainConfig:
     cache_limit: int = 4 << 30
     num_workers: int | None = None  # loader processes for the caching pass; None: default_workers
     amp: bool = False  # bf16 autocast for the branches (CUDA, or CPUs with bf16 support)
-    # also train on each training image mirrored left-right, its target the backbone's answer
-    # on the mirror (benchmarks/results/flip-views.md); for images whose mirror is an image of
-    # the same kind (photos, not digits or text)
-    flip: bool = False
+    # views of each training image in the feature cache, each target the backbone's answer on
+    # that view: 1 the image, 2 also its mirror, each more one random shift (pad-and-crop, at
+    # random mirrored); for photos, not digits or text (benchmarks/results/training-views.md)
+    views: int = 1
 
     def validate(self, has_labels: bool) -> None:
         # Imported here, so the config (and the CLI's --help built from it) needs no torch.
@@ -68,8 +68,10 @@ class TrainConfig:
             raise OptionError(f"`loss` must be one of {', '.join(LOSSES)}, got {self.loss}")
         if self.boosted and not self.cache:
             raise OptionError("`boosted` needs the feature cache (`cache`)")
-        if self.flip and not self.cache:
-            raise OptionError("`flip` needs the feature cache (`cache`)")
+        if isinstance(self.views, bool) or not isinstance(self.views, int) or self.views < 1:
+            raise OptionError(f"`views` must be a whole number >= 1, got {self.views}")
+        if self.views > 1 and not self.cache:
+            raise OptionError("`views` above 1 needs the feature cache (`cache`)")
         if self.boosted not in BOOSTED:
             raise OptionError(f"`boosted` must be hard or soft, got {self.boosted}")
         if self.target in ("labels", "mixed") and not has_labels:
