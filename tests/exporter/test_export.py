@@ -425,3 +425,21 @@ def test_export_model_writes_the_model_as_it_is_without_reading_the_bundle_again
         res = model(x)
     assert (exits == 0).all() and np.array_equal(preds, res.preds.numpy())
     assert not model.training
+
+
+def test_a_switched_off_gate_exports_for_every_batch_size(bundle, tmp_path):
+    """An exit calibration switched off scores 0 for each sample of any batch: a score of the
+    traced batch's size (an exporter once folded ``zeros_like`` into one) fails here."""
+    folder = tmp_path / "off"
+    shutil.copytree(bundle[0], folder, ignore=shutil.ignore_patterns("export-*"))
+    inf = float("inf")
+    write_thresholds(folder, ThresholdTable(torch.tensor([[inf] * 3, [0.5] * 3]), score="gate",
+                                            gamma=[inf, 1.0]))
+    result = runner.invoke(app, ["export", "--bundle", str(folder), "--json"])
+    assert result.exit_code == 0, result.output
+    cascade = Cascade.open(Path(json.loads(result.stdout)["folder"]))
+    x = bundle[1].numpy()
+    for n in (1, 5, 9):
+        h = cascade.segments[0](x[:n])[0]
+        out, score, *_ = cascade.branches[0](h)
+        assert out.shape == (n, 3) and score.shape == (n,) and not score.any()
