@@ -8,9 +8,9 @@ For each backbone, in one run:
   by ``pteenet.bench`` (the real early-exit model, every evaluated branch counted). The default
   table is also benched with ``--threshold 0.5`` and timed against the backbone.
 * ``sdn-baseline`` -- the SDN recipe (Kaya et al. 2019) on the same cuts: ``sdn`` branches
-  trained on the labels, one global softmax threshold chosen on the held-out split for each
-  drop; and the same branches under pteenet's default calibration, to separate what the
-  branches and the calibration each bring.
+  trained on the labels (one view of each image), one global softmax threshold chosen on the
+  held-out split for each drop; and the same branches under pteenet's default calibration,
+  to separate what the branches and the calibration each bring.
 
 Branches train on ``train/`` (a seeded 45,000-image subset, 20 % of it held out for
 calibration); nothing is chosen on ``test/``, which is only scored.
@@ -124,7 +124,7 @@ def run_backbone(name: str, root: Path, work: Path, args) -> list[dict]:
     sdn = work / f"{name}-sdn"
     t = time.perf_counter()
     pteenet.attach(name, root, checkpoint=ckpt, out=sdn, max_samples=args.max_train,
-                   branch="sdn", config=pteenet.TrainConfig(target="labels"),
+                   branch="sdn", config=pteenet.TrainConfig(target="labels", views=1),
                    progress=args.progress)
     sdn_s = time.perf_counter() - t
     for d in DROPS:

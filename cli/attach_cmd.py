@@ -102,11 +102,13 @@ def attach(
     amp: Annotated[bool, typer.Option(
         help="bf16 mixed precision for branch training (CUDA, or CPUs with bf16).")]
     = _CONFIG.amp,
-    views: Annotated[int, typer.Option(
+    views: Annotated[int | None, typer.Option(
         help="Views of each training image the branches learn from, each with the backbone's "
         "answer on it as the target: 1 the image, 2 also its mirror, each more a random shift "
-        "(pad-and-crop). Each view is one more caching pass; photos only (not digits or text).",
-        min=1)] = _CONFIG.views,
+        "(pad-and-crop). Each view is one more caching pass; photos only (not digits or text). "
+        "Default: 4 on backbones of fewer than 100 classes (CIFAR ResNet-44: 0.45 -> 0.40 of "
+        "the FLOPs), 1 on ImageNet-size ones (no gain measured).",
+        min=1, show_default=False)] = _CONFIG.views,
     resume: Annotated[bool, typer.Option(
         help="Save training state every epoch (every branch when boosted) and continue an "
         "interrupted attach from it; Ctrl-C prints the command that does.")] = False,

@@ -32,7 +32,7 @@ def _attach(root: str, ckpt: str, out: Path, settings: DemoSettings, progress: b
     bb = create_backbone(MODEL, checkpoint=ckpt, num_classes=10,
                          input_size=settings.input_size)
     config = TrainConfig(epochs=settings.attach_epochs, batch_size=settings.attach_batch_size,
-                         seed=settings.seed)
+                         seed=settings.seed, views=1)  # digits: a mirror is not a digit
     return attach(bb, root, val_fraction=settings.val_fraction, out=out, config=config,
                   max_samples=settings.attach_samples, progress=progress)
 

@@ -161,7 +161,8 @@ def attach(
                           f"predicts {bb.num_classes}; `target` {config.target} needs them to "
                           f"match")
     # labels whose classes are not the backbone's cannot be targets: auto falls back to soft
-    config = replace(config, target=config.resolved_target(labeled))
+    config = replace(config, target=config.resolved_target(labeled),
+                     views=config.resolved_views(bb.num_classes))
     trace = trace_backbone(bb.model, bb.preprocess.input_size, cuts=cuts)
     probe = probe_images(bb.preprocess.input_size, config.device) if cost == "latency" else None
     fractions = None

@@ -41,7 +41,7 @@ def compat_row(model: str, data: str | os.PathLike, out: str | os.PathLike, *,
     start = time.perf_counter()
     try:
         res = attach(model, data, pretrained=False, branches=branches, out=out,
-                     input_size=input_size, config=TrainConfig(epochs=1, batch_size=8),
+                     input_size=input_size, config=TrainConfig(epochs=1, batch_size=8, views=1),
                      progress=False)
         trace, ee = res.trace, res.model
         row.update(stage="attach", cuts=len(useful_cuts(trace)), gflops=trace.total_flops / 1e9,

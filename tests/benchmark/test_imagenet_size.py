@@ -185,7 +185,7 @@ def test_every_image_is_decoded_once_however_many_epochs(tiny, tmp_path, monkeyp
     steady: list[bool] = []  # the caching pass fixes the allocator (page faults, not arithmetic)
     monkeypatch.setattr(feature_cache, "steady_allocator", lambda: steady.append(True) or True)
     attach("resnet20", data, checkpoint=ckpt, num_classes=3, branches=2, out=tmp_path / "b",
-           progress=False, config=TrainConfig(epochs=3, batch_size=16, num_workers=0))
+           progress=False, config=TrainConfig(epochs=3, batch_size=16, num_workers=0, views=1))
     assert sorted(decoded) == list(range(72))  # train and held-out, once each
     assert steady
 

@@ -293,7 +293,7 @@ def test_every_long_step_has_a_bar_with_rate_and_eta_advancing_per_batch(shared,
 
     data, ckpt, _ = shared  # 24 training images, 18 after the held-out quarter
     out = tmp_path / "out"
-    args = [a for a in _attach(data, ckpt, out, "--epochs", "2") if a != "--quiet"]
+    args = [a for a in _attach(data, ckpt, out, "--epochs", "2", "--views", "1") if a != "--quiet"]
     assert runner.invoke(app, args).exit_code == 0
     assert recorded_bars["backbone features"] == [8, 10, 6]  # one advance per (ramped) batch
     assert recorded_bars["training"] == [16, 2, 16, 2]  # batches of 16, two epochs

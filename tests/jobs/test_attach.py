@@ -121,7 +121,7 @@ def test_boosted_branch_k_trains_on_the_survivors(tiny, tmp_path):
     res = attach("resnet20", data, checkpoint=ckpt, num_classes=3, branches=2, branch="pool",
                  out=tmp_path, progress=False,
                  config=TrainConfig(epochs=3, batch_size=16, boosted="hard", margin=0.5,
-                                    min_support=2))
+                                    min_support=2, views=1))
     surv = res.report.survivors
     assert surv[0] == {"train": 58, "held_out": 14}  # everyone; 20 % of 72 held out by default
     thr = res.report.thresholds
@@ -178,7 +178,7 @@ def test_cache_and_no_cache_train_the_same_branches(tiny, tmp_path, branch):
     for cache in (True, False):
         res = attach("resnet20", data, checkpoint=ckpt, num_classes=3, branches=2, branch=branch,
                      out=tmp_path / str(cache), progress=False,
-                     config=TrainConfig(epochs=2, batch_size=16, cache=cache))
+                     config=TrainConfig(epochs=2, batch_size=16, cache=cache, views=1))
         models.append(res.model.branches.state_dict())
     for k, v in models[0].items():
         assert torch.allclose(v.float(), models[1][k].float(), rtol=1e-4, atol=1e-4), k

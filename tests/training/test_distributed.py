@@ -30,7 +30,7 @@ def _common(data, ckpt, extra: list[str]) -> list[str]:
     """The attach arguments both distributed tests run (one and two processes alike)."""
     return ["resnet20", "--data", str(data), "--checkpoint", str(ckpt), "--num-classes", "3",
             "--branches", "2", "--branch", "sdn", "--epochs", "2", "--batch-size", "16",
-            "--quiet", *extra]
+            "--views", "1", "--quiet", *extra]
 
 
 @pytest.mark.slow

@@ -65,7 +65,8 @@ def test_views_train_on_every_view_and_are_recorded(tiny, tmp_path, monkeypatch)
 
     monkeypatch.setattr(job, "train_branches", spy)
     kw = dict(checkpoint=ckpt, num_classes=3, branches=2, branch="pool", progress=False)
-    attach("resnet20", data, out=tmp_path / "plain", config=TrainConfig(epochs=1), **kw)
+    attach("resnet20", data, out=tmp_path / "plain", config=TrainConfig(epochs=1, views=1),
+           **kw)
     attach("resnet20", data, out=tmp_path / "views", config=TrainConfig(epochs=1, views=3),
            **kw)
     (n, held, _), (n3, held3, all3) = seen
@@ -77,6 +78,18 @@ def test_views_train_on_every_view_and_are_recorded(tiny, tmp_path, monkeypatch)
     assert read_info(tmp_path / "views").training["views"] == 3
     assert read_info(tmp_path / "plain").training["views"] == 1
     load(tmp_path / "views")
+
+
+def test_views_default_to_four_below_imagenet_size_heads(tiny, tmp_path):
+    """The measured default (pteenet.choices.AUTO_VIEWS): 4 views on a 3-class backbone, one
+    without the cache (views need it) and one on a 1,000-class head."""
+    data, ckpt = tiny
+    attach("resnet20", data, checkpoint=ckpt, num_classes=3, branches=2, branch="pool",
+           progress=False, out=tmp_path / "auto", config=TrainConfig(epochs=1))
+    assert read_info(tmp_path / "auto").training["views"] == 4
+    assert TrainConfig(cache=False).resolved_views(3) == 1
+    assert TrainConfig().resolved_views(1000) == 1
+    assert TrainConfig(views=2).resolved_views(1000) == 2
 
 
 @pytest.mark.parametrize(("config", "message"), [
