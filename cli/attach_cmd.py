@@ -7,7 +7,14 @@ from typing import Annotated
 
 import typer
 
-from pteenet.choices import DEFAULT_BRANCH, DEFAULT_BRANCHES, DEFAULT_BUDGET, DEFAULT_POLICY
+from pteenet.choices import (
+    AUTO_VIEWS,
+    DEFAULT_BRANCH,
+    DEFAULT_BRANCHES,
+    DEFAULT_BUDGET,
+    DEFAULT_POLICY,
+    DISTILL_MIN_CLASSES,
+)
 from pteenet.training._config import TrainConfig
 
 from . import _choices
@@ -106,8 +113,8 @@ def attach(
         help="Views of each training image the branches learn from, each with the backbone's "
         "answer on it as the target: 1 the image, 2 also its mirror, each more a random shift "
         "(pad-and-crop). Each view is one more caching pass; photos only (not digits or text). "
-        "Default: 4 on backbones of fewer than 100 classes (CIFAR ResNet-44: 0.45 -> 0.40 of "
-        "the FLOPs), 1 on ImageNet-size ones (no gain measured).",
+        f"Default: {AUTO_VIEWS} on backbones of fewer than {DISTILL_MIN_CLASSES} classes (CIFAR "
+        "ResNet-44: 0.45 -> 0.40 of the FLOPs), 1 on ImageNet-size ones (no gain measured).",
         min=1, show_default=False)] = _CONFIG.views,
     resume: Annotated[bool, typer.Option(
         help="Save training state every epoch (every branch when boosted) and continue an "

@@ -69,15 +69,18 @@ class TrainConfig:
             raise OptionError(f"`loss` must be one of {', '.join(LOSSES)}, got {self.loss}")
         if self.boosted and not self.cache:
             raise OptionError("`boosted` needs the feature cache (`cache`)")
-        if self.views is not None and (isinstance(self.views, bool) or
-                                       not isinstance(self.views, int) or self.views < 1):
-            raise OptionError(f"`views` must be a whole number >= 1, got {self.views}")
-        if self.views is not None and self.views > 1 and not self.cache:
-            raise OptionError("`views` above 1 needs the feature cache (`cache`)")
+        if self.views is not None:
+            self._check_views()
         if self.boosted not in BOOSTED:
             raise OptionError(f"`boosted` must be hard or soft, got {self.boosted}")
         if self.target in ("labels", "mixed") and not has_labels:
             raise OptionError(f"`target` {self.target} needs labeled data (class subfolders)")
+
+    def _check_views(self) -> None:
+        if isinstance(self.views, bool) or not isinstance(self.views, int) or self.views < 1:
+            raise OptionError(f"`views` must be a whole number >= 1, got {self.views}")
+        if self.views > 1 and not self.cache:
+            raise OptionError("`views` above 1 needs the feature cache (`cache`)")
 
     def resolved_target(self, has_labels: bool) -> str:
         """``auto`` made concrete: mixed targets with labels, the backbone's softmax without."""
